@@ -1,0 +1,106 @@
+"""`supervise node --rank R --nodes H:P,... [--policy FILE] -- COMMAND...`: one node agent."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``node`` command."""
+    node = commands.add_parser(
+        "node",
+        help="run this node's agent: supervise the training workers, keep their snapshots",
+        description="Run one node agent. Start one per node with the same --nodes list; each "
+        "starts its training workers (COMMAND, --nproc-per-node of them) once every node is up "
+        "and restarts all of them together, restored from RAM, when anything fails. Exit "
+        "status: 0 training finished, 3 recovery gave up, 2 bad usage, 1 internal error, "
+        "128+N stopped by signal N.",
+    )
+    node.add_argument("--rank", type=int, required=True, help="this node's index in --nodes")
+    node.add_argument(
+        "--nodes", required=True, metavar="H:P,H:P,...", help="every node agent's host:port"
+    )
+    node.add_argument("--policy", metavar="FILE", help="policy TOML (default: the built-in one)")
+    node.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N", help="workers per node (default 1)"
+    )
+    node.add_argument(
+        "--shm-dir",
+        default="/dev/shm",
+        metavar="DIR",
+        help="where snapshot arenas live (default /dev/shm; must be RAM-backed to be fast)",
+    )
+    node.add_argument(
+        "--worker-shutdown",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="grace between SIGTERM and SIGKILL when stopping workers (default 5)",
+    )
+    node.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
+    node.set_defaults(handler=_run)
+
+
+def _fail(message: str) -> int:
+    print(f"supervise node: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from supervise._validation import InvalidValue
+    from supervise.agents.node import NodeConfig, run_node
+    from supervise.cluster import CurveKeys
+    from supervise.cluster.errors import CurveKeyError
+    from supervise.policy import Policy, PolicyError
+    from supervise.telemetry import (
+        TelemetryError,
+        configure_logging,
+        setup_telemetry,
+        shutdown_telemetry,
+    )
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        return _fail("no training command: put it after '--', e.g. -- python train.py")
+    try:
+        policy = Policy.from_toml(args.policy) if args.policy else Policy.default()
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    try:
+        config = NodeConfig(
+            rank=args.rank,
+            nodes=nodes,
+            command=command,
+            policy=policy,
+            nproc_per_node=args.nproc_per_node,
+            shm_dir=args.shm_dir,
+            worker_shutdown=args.worker_shutdown,
+        )
+    except InvalidValue as exc:
+        return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
+    curve = None
+    if policy.replication.curve:
+        try:
+            curve = CurveKeys.for_node(policy.replication.curve_keys, config.rank)
+        except CurveKeyError as exc:
+            return _fail(str(exc))
+    configure_logging()
+    try:
+        setup_telemetry(rank=config.rank)
+    except TelemetryError as exc:
+        return _fail(str(exc))
+    try:
+        return trio.run(functools.partial(run_node, config, curve=curve))
+    finally:
+        shutdown_telemetry()

@@ -1,0 +1,24 @@
+"""The OTLP/HTTP receiver tests read spans from (it moved to `supervise._otlp_receiver` when
+`supervise demo` started using it; this name stays for tests built on it)."""
+
+from supervise._otlp_receiver import (
+    OtlpSink,
+    ReceivedEvent,
+    ReceivedMetric,
+    ReceivedPoint,
+    ReceivedSpan,
+    Value,
+    decode_attributes,
+    decode_value,
+)
+
+__all__ = [
+    "OtlpSink",
+    "ReceivedEvent",
+    "ReceivedMetric",
+    "ReceivedPoint",
+    "ReceivedSpan",
+    "Value",
+    "decode_attributes",
+    "decode_value",
+]

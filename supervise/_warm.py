@@ -1,0 +1,78 @@
+"""A spare worker process: ``python -m supervise._warm GO_FILE PRELOAD -- (-m MODULE | SCRIPT)
+ARGS...``.
+
+Imports the modules in PRELOAD (comma-separated; torch takes seconds) ahead of a restart, then
+waits for GO_FILE: a JSON object ``{"env": {...}}`` with the generation's variables (RANK,
+MASTER_PORT, SUPERVISE_GENERATION, ...). It then runs the training command in this process as
+``python -m MODULE`` or ``python SCRIPT`` would, so a restart skips the interpreter start and
+the heavy imports. This module uses the standard library only (it must configure nothing the
+job configures itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+_POLL = 0.005  # seconds between looks for GO_FILE (a stat call: nothing while training runs)
+
+
+def _usage(message: str) -> int:
+    print(f"supervise._warm: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _preload(modules: str) -> None:
+    for name in filter(None, modules.split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # the job imports it again and reports it in its own way
+            print(
+                f"supervise._warm: could not preload {name!r}: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _wait_for(go_file: str) -> dict[str, str]:
+    path = Path(go_file)
+    while not path.exists():
+        time.sleep(_POLL)
+    order = json.loads(path.read_text(encoding="utf-8"))
+    path.unlink()
+    env = order.get("env") if isinstance(order, dict) else None
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ValueError(f"{go_file}: expected {{'env': {{name: value, ...}}}}")
+    return env
+
+
+def main(argv: list[str]) -> int:
+    """Preload, wait for the go order, then become the training process."""
+    if len(argv) < 4 or argv[2] != "--":
+        return _usage("usage: GO_FILE PRELOAD -- (-m MODULE | SCRIPT) ARGS...")
+    go_file, preload, target = argv[0], argv[1], argv[3:]
+    if target[0] == "-m" and len(target) < 2:
+        return _usage("-m needs a module name")
+    _preload(preload)
+    os.environ.update(_wait_for(go_file))
+    if target[0] == "-m":
+        sys.argv = [target[1], *target[2:]]
+        sys.path[0] = str(Path.cwd())
+        runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+    else:
+        script = Path(target[0]).resolve()
+        sys.argv = [target[0], *target[1:]]
+        sys.path[0] = str(script.parent)
+        runpy.run_path(target[0], run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

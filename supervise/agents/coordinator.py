@@ -1,0 +1,562 @@
+"""Coordinator: the node that runs cluster-wide (re)starts, chosen without a server.
+
+The coordinator is the lowest live rank that is not joining (the lowest live rank when every
+node is joining). It starts the cluster once every node is up, and runs each recovery as one
+trace: detect -> select_checkpoint (stop every node's workers, gather what each holds, wait for
+lost nodes to be replaced, pick the version) -> every node fetches, restores and resumes.
+Attempts that fail are retried with the policy's backoff up to ``recovery.max_attempts``;
+then every node gives up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import structlog
+import trio
+
+from supervise.agents import messages as m
+from supervise.agents.selection import Held, Holdings, NoVersion, Selection, select
+from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
+from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Source, Trigger
+
+if TYPE_CHECKING:
+    from supervise.agents.executor import Executor
+    from supervise.agents.node import NodeRuntime
+
+log = structlog.get_logger("supervise.agents.coordinator")
+
+FRESH = -1
+EXIT_GAVE_UP = 3
+
+
+@attrs.frozen(slots=True)
+class _Manual:
+    version: int
+
+
+@attrs.frozen(slots=True)
+class _Tick:
+    pass
+
+
+class AttemptFailed(Exception):
+    """One restart attempt did not reach every node's first step (``failure``: the report
+    that ended it, if a node reported one)."""
+
+    def __init__(self, reason: str, failure: m.Failure | None = None) -> None:
+        super().__init__(reason)
+        self.failure = failure
+
+
+class Coordinator:
+    """Cluster-wide starts and recoveries, while this node is the coordinator."""
+
+    def __init__(self, rt: NodeRuntime, executor: Executor) -> None:
+        self.rt = rt
+        self.x = executor
+        self.rank = rt.config.rank
+        self._send, self._inbox = trio.open_memory_channel[tuple[object, dict[str, str]]](1024)
+        self._attempts = 0
+        self._stable_since: float | None = None
+        self.recoveries = 0
+        self._membership_changed = trio.Event()
+
+    # -- inputs (never block) --------------------------------------------------------------
+
+    def receive(self, message: object, trace: dict[str, str]) -> None:
+        """A Failure or Progress from a node (or from this node's executor)."""
+        try:
+            self._send.send_nowait((message, trace))
+        except trio.WouldBlock:
+            log.error("coordinator inbox full; message dropped", message=type(message).__name__)
+
+    def membership_event(self, event: Event) -> None:
+        self._membership_changed.set()
+        self.receive(event, {})
+
+    async def manual(self, version: int, trace: dict[str, str]) -> str:
+        """`supervise recover`: a recovery at ``version`` (-1: by the policy's rule).
+
+        A version that is not complete on the live nodes is refused before any worker is
+        stopped (raises `ValueError` with the reason); training goes on undisturbed.
+        """
+        if version >= 0:
+            holdings = await self._holdings_now()
+            try:
+                self._select(holdings, version, manual=True)
+            except NoVersion as exc:
+                raise ValueError(f"cannot recover to version {version}: {exc}") from None
+        self.receive(_Manual(version), trace)
+        which = "the policy's checkpoint rule" if version < 0 else f"version {version}"
+        return f"recovery requested at {which}; coordinator is node {self.rank}"
+
+    async def _holdings_now(self) -> dict[int, m.Holding]:
+        """What every live node holds right now, without stopping anything."""
+        out: dict[int, m.Holding] = {}
+        mine = self.x.status()
+        out[self.rank] = m.Holding(self.rank, mine.ram, mine.disk)
+        for node in self.rt.membership.live():
+            if node == self.rank:
+                continue
+            try:
+                reply = await self.rt.transport.request(
+                    node, m.StatusQuery(), timeout=5.0, expect=m.Status
+                )
+            except Exception as exc:
+                raise ValueError(f"node {node} did not answer: {exc}") from None
+            out[node] = m.Holding(node, reply.body.ram, reply.body.disk)
+        return out
+
+    # -- the loop --------------------------------------------------------------------------
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.x.coordinator_rank() == self.rank
+
+    @property
+    def n_nodes(self) -> int:
+        return self.rt.config.n_nodes
+
+    def _unheard(self) -> list[int]:
+        """Live peers this node has not heard from yet (their state and generation unknown:
+        one of them may be running the cluster)."""
+        ms = self.rt.membership
+        return [r for r in ms.live() if r != self.rank and ms.peer_info(r) is None]
+
+    def _missing(self) -> list[int]:
+        live = set(self.rt.membership.live())
+        return sorted(set(range(self.n_nodes)) - live - self.x.finished_nodes)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wait for triggers; act on them when this node is the coordinator."""
+        task_status.started()
+        tick = self.rt.policy.cluster.heartbeat_interval
+        while True:
+            item: tuple[object, dict[str, str]] = (_Tick(), {})
+            with trio.move_on_after(tick):
+                item = await self._inbox.receive()
+            message, trace = item
+            if not self.is_coordinator or self.x.state in ("finished", "gave_up"):
+                continue
+            if self.x.state == "joining" and self._unheard():
+                continue  # a new node leads nothing before it knows every live peer's state
+            started = self.x.known_generation() > 0
+            if not started:
+                if not self._missing():
+                    await self._start()
+                continue
+            trigger = self._trigger_of(message)
+            if trigger is None:
+                continue
+            kind, since, evidence, version = trigger
+            await self._recover(kind, since, evidence, version=version, parent=trace or None)
+
+    def _trigger_of(
+        self, message: object
+    ) -> tuple[Trigger, float, dict[str, Any], int | None] | None:
+        now = time.time()
+        if isinstance(message, m.Failure):
+            if message.generation < self.x.known_generation():
+                log.debug("stale failure ignored", node=message.node, gen=message.generation)
+                return None
+            evidence = {"node": message.node, **message.evidence}
+            if evidence.get("stop"):
+                self._stop(f"recovery.on_nan = stop: {_describe(message)}")
+                return None
+            return Trigger(message.trigger), message.since, evidence, None
+        if isinstance(message, PeerLost) and message.rank not in self.x.finished_nodes:
+            since = now - message.silence
+            return Trigger.PEER_LOST, since, {"peer": message.rank}, None
+        if isinstance(message, PeerBack) and message.restarted:
+            return Trigger.PEER_LOST, now, {"peer": message.rank, "restarted": True}, None
+        if isinstance(message, _Manual):
+            return Trigger.MANUAL, now, {"version": message.version}, message.version
+        return None
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        log.info("starting the cluster", nodes=self.n_nodes)
+        try:
+            await self._attempt(Trigger.MANUAL, None, attempt=1, version=None, start=True)
+        except AttemptFailed as exc:
+            log.error("cluster start failed", error=str(exc))
+            f = exc.failure
+            if f is None:
+                await self._recover(Trigger.WORKER_EXIT, time.time(), {"start": str(exc)})
+            else:
+                evidence = {"node": f.node, "during": "start", **f.evidence}
+                await self._recover(Trigger(f.trigger), f.since, evidence)
+        else:
+            self._stable_since = trio.current_time()
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def _recover(
+        self,
+        trigger: Trigger,
+        since: float,
+        evidence: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        parent: Mapping[str, str] | None = None,
+    ) -> None:
+        policy = self.rt.policy.recovery
+        self.recoveries += 1
+        reset_after = policy.backoff.reset_after
+        if (
+            self._stable_since is not None
+            and reset_after is not None
+            and trio.current_time() - self._stable_since >= reset_after
+        ):
+            self._attempts = 0
+        since_ns = int(min(since, time.time()) * 1e9)
+        recovery = RecoveryTrace.begin(
+            trigger,
+            rank=self.rank,
+            attempt=self._attempts + 1,
+            parent=parent,
+            start_time_ns=since_ns,
+        )
+        # The root is current for the whole recovery (its log lines carry the trace id);
+        # leaving by an exception (a bug, or cancelled: the node is stopping) ends it failed.
+        with recovery, recovery.activate():
+            log.warning("recovery", trigger=trigger.value, evidence=dict(evidence))
+            recovery.event(RecoveryEvent.DETECTED, reason=_short(evidence))
+            with recovery.phase(Phase.DETECT, start_time_ns=since_ns):
+                pass
+            recovery.event(RecoveryEvent.STARTED)
+            first = True
+            while True:
+                self._attempts += 1
+                if self._attempts > policy.max_attempts:
+                    reason = (
+                        f"recovery exhausted: {self._attempts - 1} attempt(s) failed "
+                        f"(recovery.max_attempts = {policy.max_attempts}); "
+                        f"last trigger {trigger.value}"
+                    )
+                    recovery.end(Outcome.EXHAUSTED, reason=reason)
+                    self._callback(policy.on_failure, trigger, Outcome.EXHAUSTED, reason)
+                    self._stop(reason)
+                    return
+                if not first:
+                    recovery.next_attempt()
+                first = False
+                delay = policy.backoff.delay(self._attempts, random.random())
+                if delay > 0:
+                    log.info("backing off before the restart", seconds=round(delay, 3))
+                    await trio.sleep(delay)
+                try:
+                    sel_step = await self._attempt(
+                        trigger, recovery, attempt=self._attempts, version=version
+                    )
+                except _GiveUp as exc:
+                    recovery.end(Outcome.FAILED, reason=str(exc))
+                    self._callback(policy.on_failure, trigger, Outcome.FAILED, str(exc))
+                    self._stop(str(exc))
+                    return
+                except AttemptFailed as exc:
+                    log.error("recovery attempt failed", attempt=self._attempts, error=str(exc))
+                    continue
+                recovery.end(Outcome.COMPLETED, snapshot_version=max(sel_step, 0))
+                self._stable_since = trio.current_time()
+                self._callback(policy.on_recovery, trigger, Outcome.COMPLETED, f"step {sel_step}")
+                return
+
+    async def _attempt(
+        self,
+        trigger: Trigger,
+        recovery: RecoveryTrace | None,
+        *,
+        attempt: int,
+        version: int | None,
+        start: bool = False,
+    ) -> int:
+        """One restart of every node's workers; returns the step restarted at."""
+        gen = self.x.known_generation() + 1
+        carrier = recovery.inject() if recovery is not None else {}
+        with _maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
+            while True:
+                await self._wait_for_nodes(recovery)
+                try:
+                    holdings = await self._prepare_all(gen, carrier)
+                except AttemptFailed:
+                    if self._missing():
+                        continue  # a node died meanwhile: wait for its replacement
+                    raise
+                break
+            selection = self._select(holdings, version)
+            step = FRESH if selection is None else selection.step
+            if ph is not None and selection is not None:
+                ph.set(
+                    snapshot_version=step,
+                    snapshot_step=step,
+                    snapshot_source=_source_summary(selection),
+                    bytes=selection.nbytes,
+                )
+        port = next((h.port for h in holdings.values() if h.port), 0)
+        if port == 0:
+            raise AttemptFailed("the node hosting rank 0 offered no rendezvous port")
+        if recovery is not None:
+            recovery.set(generation=gen)
+            if selection is None:
+                recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, reason="fresh start")
+            else:
+                chosen = {
+                    "snapshot_version": step,
+                    "snapshot_step": step,
+                    "snapshot_source": _source_summary(selection),
+                    "bytes": selection.nbytes,
+                }
+                recovery.set(**chosen)  # the root says where the recovery went, as a whole
+                recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, **chosen)
+        rewinds = list(self.x.rewinds)
+        if step != FRESH:
+            rewinds.append((gen, step))
+        nodes = [n for n in range(self.n_nodes) if n not in self.x.finished_nodes]
+        for node in nodes:
+            fetch: list[tuple[int, str, int]] = []
+            if selection is not None:
+                for rank, origin in selection.fetches_for(
+                    node, self.rt.config.ranks_of(node)
+                ).items():
+                    fetch.append((rank, origin.source.value, origin.node))
+            restart = m.Restart(
+                gen, step, port, attempt, "start" if start else trigger.value, fetch, rewinds
+            )
+            await self._deliver(node, restart, carrier)
+        log.info("restart sent", generation=gen, step=step, port=port, attempt=attempt)
+        await self._await_resumed(gen, nodes, recovery)
+        return step
+
+    async def _wait_for_nodes(self, recovery: RecoveryTrace | None) -> None:
+        missing = self._missing()
+        if not missing:
+            return
+        timeout = self.rt.policy.cluster.rejoin_timeout
+        log.warning("waiting for nodes to come back", missing=missing, timeout=timeout)
+        if recovery is not None:
+            recovery.event("waiting_for_nodes", reason=",".join(map(str, missing)))
+        with trio.move_on_after(timeout):
+            while self._missing():
+                self._membership_changed = trio.Event()
+                await self._membership_changed.wait()
+            return
+        raise _GiveUp(
+            f"node(s) {', '.join(map(str, self._missing()))} did not come back within "
+            f"{timeout:g} s (cluster.rejoin_timeout)"
+        )
+
+    async def _prepare_all(self, gen: int, carrier: dict[str, str]) -> dict[int, m.Holding]:
+        holdings: dict[int, m.Holding] = {}
+        errors: list[str] = []
+        # A live node answers once its workers stopped; a dead one is declared lost by then.
+        timeout = self.rt.config.worker_shutdown + self.rt.policy.cluster.peer_timeout + 5.0
+
+        async def one(node: int) -> None:
+            try:
+                if node == self.rank:
+                    holdings[node] = await self.x.prepare(gen)
+                    return
+                assert self.rt.transport is not None
+                reply = await self.rt.transport.request(
+                    node, m.Prepare(gen), trace=carrier, timeout=timeout, expect=m.Holding
+                )
+                holdings[node] = reply.body
+            except Exception as exc:
+                errors.append(f"node {node}: {type(exc).__name__}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for node in range(self.n_nodes):
+                if node not in self.x.finished_nodes:
+                    nursery.start_soon(one, node)
+        if errors:
+            raise AttemptFailed("prepare failed: " + "; ".join(errors))
+        return holdings
+
+    def _select(
+        self, holdings: Mapping[int, m.Holding], version: int | None, *, manual: bool = False
+    ) -> Selection | None:
+        policy = self.rt.policy
+        config = self.rt.config
+        owner = {r: r // config.nproc_per_node for r in range(config.world_size)}
+        views = {
+            node: Holdings(
+                node,
+                ram=tuple(_held(e) for e in h.ram),
+                disk=tuple(_held(e) for e in h.disk),
+            )
+            for node, h in holdings.items()
+        }
+        checkpoint = policy.recovery.checkpoint
+        wanted = policy.recovery.version if checkpoint == "specific" else None
+        if version is not None and version >= 0:
+            checkpoint, wanted = "specific", version
+        try:
+            return select(
+                views,
+                world_size=config.world_size,
+                owner=owner,
+                checkpoint=checkpoint,
+                version=wanted,
+                best_metric=policy.retention.best_metric,
+                best_mode=policy.retention.best_mode,
+                rewinds=self.x.rewinds,
+            )
+        except NoVersion as exc:
+            if manual:
+                raise
+            if version is not None and version >= 0:
+                # A manual request checked before the workers stopped, gone since (retention
+                # moved on meanwhile): restart by the policy's rule rather than not at all.
+                log.error(
+                    "requested version no longer held; restarting by the policy's rule",
+                    version=version,
+                    reason=str(exc),
+                )
+                return self._select(holdings, None)
+            if checkpoint == "specific":
+                raise _GiveUp(f"cannot restart at the requested version: {exc}") from None
+            if any(v.ram or v.disk for v in views.values()):
+                log.error("no usable snapshot: starting from scratch", reason=str(exc))
+            else:
+                log.info("no snapshot held anywhere: starting from scratch")
+            return None
+
+    async def _deliver(self, node: int, restart: m.Restart, carrier: dict[str, str]) -> None:
+        if node == self.rank:
+            self.x.accept_restart(restart, carrier)
+            return
+        assert self.rt.transport is not None
+        try:
+            await self.rt.transport.request(node, restart, trace=carrier, timeout=10.0)
+        except Exception as exc:
+            raise AttemptFailed(f"node {node} did not accept the restart: {exc}") from exc
+
+    async def _await_resumed(
+        self, gen: int, nodes: list[int], recovery: RecoveryTrace | None
+    ) -> None:
+        r = self.rt.policy.recovery
+        budget = 2 * r.startup_timeout + 60.0
+        restored: set[int] = set()
+        resumed: set[int] = set()
+        with trio.move_on_after(budget) as scope:
+            while resumed < set(nodes):
+                message, _trace = await self._inbox.receive()
+                if isinstance(message, m.Progress) and message.generation == gen:
+                    if message.phase == "failed":
+                        raise AttemptFailed(f"node {message.node}: {message.detail}")
+                    if message.phase == "restored":
+                        restored.add(message.node)
+                        if restored >= set(nodes) and recovery is not None:
+                            recovery.event(RecoveryEvent.RESTORED)
+                    elif message.phase == "resumed":
+                        resumed.add(message.node)
+                elif isinstance(message, m.Failure) and message.generation >= gen:
+                    if message.evidence.get("stop"):
+                        raise _GiveUp(f"recovery.on_nan = stop: {_describe(message)}")
+                    raise AttemptFailed(f"{message.trigger} on node {message.node}", message)
+                elif (
+                    isinstance(message, PeerLost)
+                    and message.rank in nodes
+                    and not self.rt.membership.is_alive(message.rank)  # not since replaced
+                ):
+                    raise AttemptFailed(f"node {message.rank} lost during the restart")
+                elif isinstance(message, _Manual):
+                    log.warning("manual recovery ignored: a restart is in progress")
+        if scope.cancelled_caught:
+            raise AttemptFailed(
+                f"nodes {sorted(set(nodes) - resumed)} did not resume within {budget:g} s"
+            )
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _stop(self, reason: str) -> None:
+        """Every node gives up (this one last)."""
+        assert self.rt.transport is not None
+        for node in range(self.n_nodes):
+            if node != self.rank and node not in self.x.finished_nodes:
+                try:
+                    self.rt.transport.try_send(node, m.GiveUp(reason, EXIT_GAVE_UP))
+                except Exception as exc:
+                    log.warning("give-up not delivered", node=node, error=str(exc))
+        self.x.give_up(reason, EXIT_GAVE_UP)
+
+    def _callback(self, path: str, trigger: Trigger, outcome: Outcome, detail: str) -> None:
+        """Run a policy callback (``on_recovery`` / ``on_failure``) off the hot path."""
+        if not path:
+            return
+        info = {
+            "node": self.rank,
+            "trigger": trigger.value,
+            "outcome": outcome.value,
+            "detail": detail,
+            "generation": self.x.known_generation(),
+        }
+        nursery = self.x._nursery
+        if nursery is None:
+            return
+        nursery.start_soon(_run_callback, path, info)
+
+
+class _GiveUp(Exception):
+    """Recovery cannot succeed whatever we retry."""
+
+
+async def _run_callback(path: str, info: dict[str, Any]) -> None:
+    try:
+        fn = _resolve(path)
+        await trio.to_thread.run_sync(fn, info)
+    except Exception:
+        log.exception("policy callback failed", callback=path)
+
+
+def _resolve(path: str) -> Callable[[dict[str, Any]], Any]:
+    module, _, name = path.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"{path} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _held(entry: Any) -> Held:
+    rank, step, generation, nbytes, metrics = entry
+    return Held(int(rank), int(step), int(generation), int(nbytes), dict(metrics))
+
+
+def _source_summary(selection: Selection) -> str:
+    sources = {o.source for o in selection.origins.values()}
+    for tier in (Source.DISK, Source.PEER):
+        if tier in sources:
+            return tier.value
+    return Source.LOCAL.value
+
+
+def _describe(failure: m.Failure) -> str:
+    return f"node {failure.node}: {failure.trigger} {_short(failure.evidence)}"
+
+
+def _short(evidence: Mapping[str, Any]) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in evidence.items())
+    return text[:300]
+
+
+class _maybe_phase:  # noqa: N801
+    """``recovery.phase(...)`` when traced, a no-op yielding None otherwise."""
+
+    def __init__(self, recovery: RecoveryTrace | None, phase: Phase) -> None:
+        self._cm = recovery.phase(phase) if recovery is not None else None
+
+    def __enter__(self) -> Any:
+        return self._cm.__enter__() if self._cm is not None else None
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc) if self._cm is not None else None

@@ -1,0 +1,164 @@
+"""The node agents' coordination messages (transport kinds ``agent.*``).
+
+The coordinator (the lowest live rank that is not joining) drives every restart; nodes report
+failures and progress to it. Every message that belongs to a recovery carries its W3C trace
+context in the transport header, so the whole recovery is one trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from supervise.cluster.messages import message_kind
+
+# Heartbeat info keys (membership's small info map): what peers need to know of each other.
+INFO_GENERATION = "gen"
+INFO_STATE = "state"
+
+
+@message_kind("agent.failure")
+@attrs.frozen(slots=True)
+class Failure:
+    """Node -> coordinator: something failed on ``node`` while running ``generation``.
+
+    ``since`` is when the failure probably began (wall clock: the last good heartbeat of a hung
+    worker, the exit of a crashed one); ``detected`` when the node noticed it.
+    """
+
+    node: int
+    generation: int
+    trigger: str
+    since: float
+    detected: float
+    evidence: dict[str, Any] = attrs.field(factory=dict)
+
+
+@message_kind("agent.prepare")
+@attrs.frozen(slots=True)
+class Prepare:
+    """Coordinator -> node: stop your workers (a restart at ``generation`` is coming) and say
+    what you hold."""
+
+    generation: int
+
+
+@message_kind("agent.holding")
+@attrs.frozen(slots=True)
+class Holding:
+    """Node -> coordinator, reply to Prepare: shard versions in RAM and on disk.
+
+    Each entry is ``(rank, step, generation, nbytes, metrics)``.
+    """
+
+    node: int
+    ram: list[tuple[int, int, int, int, dict[str, float]]]
+    disk: list[tuple[int, int, int, int, dict[str, float]]]
+    port: int = 0  # the node hosting rank 0 offers a free rendezvous port
+
+
+@message_kind("agent.restart")
+@attrs.frozen(slots=True)
+class Restart:
+    """Coordinator -> node: start your workers at ``generation`` restored to ``step`` (-1: a
+    fresh start), after fetching the shards listed in ``fetch`` (``(rank, source, node)``;
+    msgpack maps take string keys only, so rank-keyed data travels as lists)."""
+
+    generation: int
+    step: int
+    master_port: int
+    attempt: int
+    trigger: str
+    fetch: list[tuple[int, str, int]] = attrs.field(factory=list)
+    rewinds: list[tuple[int, int]] = attrs.field(factory=list)
+
+
+@message_kind("agent.progress")
+@attrs.frozen(slots=True)
+class Progress:
+    """Node -> coordinator: where the restart at ``generation`` stands on ``node``.
+
+    ``phase`` is ``started`` (workers spawned), ``restored`` (every local rank loaded its
+    shard), ``resumed`` (every local rank completed a step) or ``failed`` (``detail`` says why).
+    """
+
+    node: int
+    generation: int
+    phase: str
+    detail: str = ""
+    bytes: int = 0
+    source: str = ""
+
+
+@message_kind("agent.give_up")
+@attrs.frozen(slots=True)
+class GiveUp:
+    """Coordinator -> node: recovery is exhausted (or the policy says stop): shut down."""
+
+    reason: str
+    exit_code: int
+
+
+@message_kind("agent.finished")
+@attrs.frozen(slots=True)
+class Finished:
+    """Node -> everyone: my workers completed training; my leaving is not a failure."""
+
+    node: int
+    generation: int
+
+
+@message_kind("agent.recover")
+@attrs.frozen(slots=True)
+class Recover:
+    """CLI -> any node: recover now at ``version`` (-1: by the policy's checkpoint rule)."""
+
+    version: int = -1
+
+
+@message_kind("agent.recover_reply")
+@attrs.frozen(slots=True)
+class RecoverReply:
+    """Reply to Recover: whether the coordinator took the request, and why not."""
+
+    accepted: bool
+    detail: str
+
+
+@message_kind("agent.status_query")
+@attrs.frozen(slots=True)
+class StatusQuery:
+    """CLI -> any node: describe yourself."""
+
+
+@message_kind("agent.status")
+@attrs.frozen(slots=True)
+class Status:
+    """Reply to StatusQuery: a node's view of itself and the cluster."""
+
+    node: int
+    state: str
+    generation: int
+    coordinator: int
+    live: list[int]
+    ranks: list[int]
+    ram: list[tuple[int, int, int, int, dict[str, float]]]
+    disk: list[tuple[int, int, int, int, dict[str, float]]]
+    steps: list[tuple[int, int]] = attrs.field(factory=list)  # (rank, last step)
+    detail: str = ""
+
+
+ALL_KINDS = (
+    Failure,
+    Prepare,
+    Holding,
+    Restart,
+    Progress,
+    GiveUp,
+    Finished,
+    Recover,
+    RecoverReply,
+    StatusQuery,
+    Status,
+)

@@ -1,0 +1,349 @@
+"""A node's training processes for one generation: spawn them with torchrun's environment plus
+supervise's, report each exit, stop them all (SIGTERM, SIGCONT for a stopped one, SIGKILL).
+
+Workers are not restarted here: a worker's exit is a failure of the whole job (collectives
+break on every rank), so the executor restarts every node's workers together, at one version,
+with a new generation. For a Python command, spare processes that already imported the heavy
+modules (``recovery.preload``) wait for the next generation (:class:`SparePool`), so a restart
+skips the interpreter start and ``import torch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import attrs
+import structlog
+import trio
+import trio.lowlevel
+
+from supervise.runtime import ExitKind, ExitReason, OsProcess, OutputLine, ProcessHandle
+
+log = structlog.get_logger("supervise.agents.workers")
+
+AGENT_ENV = "SUPERVISE_AGENT"
+GENERATION_ENV = "SUPERVISE_GENERATION"
+NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
+
+
+@attrs.frozen(slots=True)
+class Launch:
+    """What one generation of a node's workers is started with."""
+
+    command: tuple[str, ...]
+    node_rank: int
+    nproc: int
+    n_nodes: int
+    generation: int
+    master_addr: str
+    master_port: int
+    agent: str
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    cwd: str | None = None
+
+    def ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.nproc, (self.node_rank + 1) * self.nproc)
+
+    def environment(self, local_rank: int) -> dict[str, str]:
+        """The variables a worker gets on top of the agent's own environment."""
+        return {
+            **self.env,
+            "RANK": str(self.node_rank * self.nproc + local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(self.n_nodes * self.nproc),
+            "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            AGENT_ENV: self.agent,
+            GENERATION_ENV: str(self.generation),
+            NODE_RANK_ENV: str(self.node_rank),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+
+ExitCallback = Callable[[int, int, ExitReason], None]  # (rank, pid, reason)
+
+
+class WorkerGroup:
+    """Run one generation's workers: ``await nursery.start(group.run)``; ``await group.stop()``."""
+
+    def __init__(
+        self,
+        launch: Launch,
+        *,
+        on_exit: ExitCallback,
+        on_output: Callable[[OutputLine], None] | None = None,
+        shutdown: float = 5.0,
+        spares: SparePool | None = None,
+    ) -> None:
+        self.launch = launch
+        self._on_exit = on_exit
+        self._on_output = on_output
+        self._shutdown = shutdown
+        self._spares = spares
+        self.warm: set[int] = set()  # ranks that run in a spare process
+        self.handles: dict[int, ProcessHandle] = {}
+        self.exits: dict[int, ExitReason] = {}
+        self._done = trio.Event()
+        self._stopping = False
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """Global rank -> PID of every worker spawned."""
+        return {rank: h.pid for rank, h in self.handles.items()}
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Spawn every worker (or wake a spare), report started, and return once all of them
+        exited."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for local_rank, rank in enumerate(self.launch.ranks()):
+                    label = f"worker rank {rank} gen {self.launch.generation}"
+                    spare = self._spares.take() if self._spares is not None else None
+                    if spare is not None:
+                        try:
+                            spare.wake(self.launch.environment(local_rank), label)
+                        except OSError as exc:
+                            log.warning("spare worker not used", pid=spare.pid, error=str(exc))
+                            spare.handle.signal(signal.SIGKILL)
+                        else:
+                            self.handles[rank] = spare.handle
+                            self.warm.add(rank)
+                            nursery.start_soon(self._adopted, spare.handle, rank)
+                            continue
+                    spec = OsProcess(
+                        list(self.launch.command),
+                        env=self.launch.environment(local_rank),
+                        cwd=self.launch.cwd,
+                        on_output=self._on_output,
+                    )
+                    self.handles[rank] = await nursery.start(
+                        functools.partial(self._watch, spec, rank, label=label)
+                    )
+                task_status.started(self)
+        finally:
+            self._done.set()
+
+    async def _watch(
+        self,
+        spec: OsProcess,
+        rank: int,
+        *,
+        label: str,
+        task_status: trio.TaskStatus[ProcessHandle] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        reason = await spec.run(shutdown=self._shutdown, label=label, task_status=task_status)
+        handle = self.handles.get(rank)
+        self.exits[rank] = reason
+        self._on_exit(rank, handle.pid if handle is not None else -1, reason)
+
+    async def wait(self) -> None:
+        """Return once every worker of this generation exited."""
+        await self._done.wait()
+
+    async def _adopted(self, handle: ProcessHandle, rank: int) -> None:
+        """Follow a spare that became this generation's worker (its process task belongs to
+        the pool; cancelling that task stops it)."""
+        reason = await handle.wait()
+        self.exits[rank] = reason
+        self._on_exit(rank, handle.pid, reason)
+
+    async def stop(self) -> None:
+        """Stop every worker still running, concurrently; returns once all have exited."""
+        self._stopping = True
+        async with trio.open_nursery() as nursery:
+            for rank, handle in self.handles.items():
+                if rank not in self.exits:
+                    nursery.start_soon(self._stop_one, handle)
+        await self._done.wait()
+
+    @staticmethod
+    async def _stop_one(handle: ProcessHandle) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle.stop)
+            await trio.lowlevel.checkpoint()  # let stop() send SIGTERM first
+            with contextlib.suppress(OSError):
+                handle.signal(
+                    signal.SIGCONT
+                )  # a stopped process acts on SIGTERM only once continued
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every running worker."""
+        for rank, handle in self.handles.items():
+            if rank not in self.exits:
+                with contextlib.suppress(OSError):
+                    handle.signal(signum)
+
+
+def warm_target(command: tuple[str, ...]) -> list[str] | None:
+    """What a spare runs after its go order, for ``python SCRIPT ...`` or ``python -m MODULE
+    ...`` (any interpreter named python*); None for any other command (started cold)."""
+    if len(command) < 2 or not Path(command[0]).name.startswith("python"):
+        return None
+    if command[1] == "-m":
+        return list(command[1:]) if len(command) >= 3 else None
+    if command[1].startswith("-"):
+        return None  # interpreter options: run it exactly as given
+    return list(command[1:])
+
+
+class Spare:
+    """A spare worker process waiting for its go order (a JSON file it polls for)."""
+
+    def __init__(self, handle: ProcessHandle, go_file: Path) -> None:
+        self.handle = handle
+        self.go_file = go_file
+        self.taken = False
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    def wake(self, env: Mapping[str, str], label: str) -> None:
+        """Hand over the generation's environment: the spare becomes that worker."""
+        tmp = self.go_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"env": dict(env)}), encoding="utf-8")
+        tmp.replace(self.go_file)
+        self.handle.label = label
+
+
+class SparePool:
+    """Spare worker processes started ahead of the next restart (one per local worker).
+
+    Only for Python commands and a non-empty ``preload``; every spare runs inside the
+    nursery given to :meth:`fill`, so cancelling it (the node stops) stops the spares too.
+    """
+
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        preload: tuple[str, ...],
+        run_dir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        on_output: Callable[[OutputLine], None] | None = None,
+        shutdown: float = 5.0,
+    ) -> None:
+        target = warm_target(command)
+        self.enabled = bool(preload) and target is not None
+        self._argv = [command[0] if target else sys.executable, "-m", "supervise._warm"]
+        self._target = target or []
+        self._preload = ",".join(preload)
+        self._run_dir = run_dir
+        self._env = dict(env or {})
+        self._cwd = cwd
+        self._on_output = on_output
+        self._shutdown = shutdown
+        self._ready: list[Spare] = []
+        self._ids = itertools.count()
+        self._prefix = f"spare-{os.getpid()}-{secrets.token_hex(3)}"
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def take(self) -> Spare | None:
+        """A live spare, or None (the caller starts the worker cold)."""
+        while self._ready:
+            spare = self._ready.pop(0)
+            if spare.handle.returncode is None and spare.handle.reason is None:
+                spare.taken = True
+                return spare
+        return None
+
+    async def fill(self, nursery: trio.Nursery, count: int) -> None:
+        """Start spares until ``count`` wait (a spawn failure is logged: cold starts then)."""
+        while self.enabled and len(self._ready) < count:
+            go_file = self._run_dir / f"{self._prefix}-{next(self._ids)}.go"
+            spec = OsProcess(
+                [*self._argv, str(go_file), self._preload, "--", *self._target],
+                env={**self._env, "PYTHONUNBUFFERED": "1"},
+                cwd=self._cwd,
+                on_output=self._on_output,
+            )
+            try:
+                handle = await nursery.start(
+                    functools.partial(spec.run, shutdown=self._shutdown, label="spare worker")
+                )
+            except OSError as exc:
+                log.warning("could not start a spare worker", error=str(exc))
+                return
+            self._ready.append(Spare(handle, go_file))
+            nursery.start_soon(self._forget_when_gone, self._ready[-1])
+
+    async def _forget_when_gone(self, spare: Spare) -> None:
+        try:
+            await spare.handle.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                spare.go_file.unlink(missing_ok=True)  # an order it never read
+        if spare in self._ready:  # died before it was used: the next restart starts cold
+            self._ready.remove(spare)
+            reason = spare.handle.reason
+            log.warning("spare worker exited before use", pid=spare.pid, reason=str(reason))
+            if reason is not None and reason.kind is not ExitKind.SHUTDOWN:
+                # e.g. this interpreter cannot import supervise: do not spawn one per restart
+                self.enabled = False
+                log.warning("spare workers disabled: workers start cold from now on")
+
+
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOW_PORTS = 20000  # the search starts here, below the usual ephemeral range (32768-60999)
+
+
+def _ephemeral_low(path: str = _EPHEMERAL_RANGE) -> int | None:
+    """The first port the kernel hands out to outgoing connections (None: unknown)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            s.listen(1)
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str, *, ephemeral_low: int | None = None) -> int:
+    """A TCP port free on ``host`` right now (for a fresh rendezvous each generation).
+
+    Chosen below the kernel's ephemeral range when there is room: the workers bind it seconds
+    later (after importing torch), and a port from the ephemeral range may meanwhile become
+    the local end of any outgoing connection on the machine (then: EADDRINUSE).
+    """
+    low = _ephemeral_low() if ephemeral_low is None else ephemeral_low
+    if low is not None and low - _LOW_PORTS >= 1000:
+        rng = random.Random()
+        for _ in range(64):
+            port = rng.randrange(_LOW_PORTS, low)
+            if _bindable(host, port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,210 @@
+"""Membership: heartbeats between node agents, peer_lost / peer_back, and the root.
+
+Every node sends a heartbeat to every peer each ``heartbeat_interval`` (best effort: a link that
+cannot take it right now skips it, so a dead peer never queues them). The failure detector
+(:mod:`supervise.cluster.failure_detector`) turns arrivals and silences into events, and every
+node knows the root: the lowest live rank (itself included). Heartbeats carry an incarnation
+number (new per process), so a peer that restarted is reported even if it came back before its
+timeout, and a small ``info`` map (for example the versions a node holds).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from supervise.cluster.failure_detector import (
+    DetectorConfig,
+    Event,
+    FailureDetector,
+    PeerBack,
+    PeerLost,
+    RootChanged,
+)
+from supervise.cluster.messages import message_kind
+from supervise.cluster.transport import Incoming
+
+log = structlog.get_logger("supervise.cluster.membership")
+
+__all__ = ["Heartbeat", "Membership", "PeerBack", "PeerLost", "RootChanged"]
+
+
+@message_kind("membership.heartbeat")
+@attrs.frozen(slots=True)
+class Heartbeat:
+    """I am alive: rank, process incarnation, sequence number, and a small info map."""
+
+    rank: int
+    incarnation: int
+    seq: int
+    info: dict[str, Any] = attrs.field(factory=dict)
+
+
+class HeartbeatLink(Protocol):
+    """What membership needs of a transport."""
+
+    @property
+    def rank(self) -> int | None: ...
+
+    def handle(
+        self, kind: type[Heartbeat], handler: Callable[[Incoming[Heartbeat]], Awaitable[object]]
+    ) -> None: ...
+
+    def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None: ...
+
+    def try_send(self, peer: int, message: object) -> bool: ...
+
+
+class Membership:
+    """Heartbeats and failure detection for one node; run it with :meth:`run`."""
+
+    def __init__(
+        self,
+        link: HeartbeatLink,
+        peers: Iterable[int],
+        config: DetectorConfig | None = None,
+        *,
+        info: Callable[[], Mapping[str, Any]] | None = None,
+        incarnation: int | None = None,
+    ) -> None:
+        if link.rank is None:
+            raise ValueError("membership needs a transport with a rank (not a client)")
+        self.rank: int = link.rank
+        self.config = config or DetectorConfig()
+        self.incarnation = incarnation if incarnation is not None else secrets.randbits(62)
+        self._link = link
+        self._peers = sorted({int(p) for p in peers} - {self.rank})
+        self._info = info
+        self._infos: dict[int, Mapping[str, Any]] = {}
+        self._detector: FailureDetector | None = None
+        self._root = min([self.rank, *self._peers])
+        self._subscribers: list[trio.MemorySendChannel[Event]] = []
+        self._seq = 0
+
+    @classmethod
+    def from_policy(cls, link: HeartbeatLink, peers: Iterable[int], policy: Any) -> Membership:
+        """Read ``policy.cluster.heartbeat_interval`` / ``peer_timeout``."""
+        cluster = policy.cluster
+        config = DetectorConfig(
+            interval=float(cluster.heartbeat_interval), timeout=float(cluster.peer_timeout)
+        )
+        return cls(link, peers, config)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def root(self) -> int:
+        """The lowest live rank, this node included."""
+        return self._root
+
+    @property
+    def is_root(self) -> bool:
+        return self._root == self.rank
+
+    @property
+    def peers(self) -> list[int]:
+        return list(self._peers)
+
+    def live(self) -> list[int]:
+        """Live ranks, this node included (peers not yet timed out count as live)."""
+        det = self._detector
+        others = self._peers if det is None else det.live()
+        return sorted([self.rank, *others])
+
+    def is_alive(self, rank: int) -> bool:
+        if rank == self.rank:
+            return True
+        det = self._detector
+        return rank in self._peers if det is None else det.is_alive(rank)
+
+    def peer_info(self, rank: int) -> Mapping[str, Any] | None:
+        """The info map from the peer's latest heartbeat."""
+        return self._infos.get(rank)
+
+    def phi(self, rank: int) -> float:
+        det = self._detector
+        return math.inf if det is None else det.phi(rank, trio.current_time())
+
+    def subscribe(self, buffer: int = 256) -> trio.MemoryReceiveChannel[Event]:
+        """A channel of every later event; close it to unsubscribe."""
+        send, recv = trio.open_memory_channel[Event](buffer)
+        self._subscribers.append(send)
+        return recv
+
+    # ---- running -------------------------------------------------------------------------
+
+    def _emit(self, events: list[Event]) -> None:
+        for ev in events:
+            fields = {k: v for k, v in attrs.asdict(ev).items() if k != "kind"}
+            log.info(ev.kind, node=self.rank, **fields)
+            for ch in list(self._subscribers):
+                try:
+                    ch.send_nowait(ev)
+                except trio.WouldBlock:
+                    log.warning("membership subscriber too slow; event dropped", kind=ev.kind)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._subscribers.remove(ch)
+
+    def _update_root(self) -> None:
+        root = min(self.live())
+        if root != self._root:
+            previous, self._root = self._root, root
+            self._emit([RootChanged(root, previous)])
+
+    async def _on_heartbeat(self, msg: Incoming[Heartbeat]) -> None:
+        hb = msg.body
+        det = self._detector
+        if det is None or hb.rank == self.rank or hb.rank not in self._peers:
+            return
+        if msg.sender is not None and msg.sender != hb.rank:
+            log.warning("heartbeat rank differs from its sender", sender=msg.sender, rank=hb.rank)
+            return
+        self._infos[hb.rank] = hb.info
+        events = det.heartbeat(hb.rank, hb.incarnation, trio.current_time())
+        if events:
+            self._emit(events)
+            self._update_root()
+
+    def _beat(self) -> None:
+        self._seq += 1
+        info = dict(self._info()) if self._info is not None else {}
+        hb = Heartbeat(self.rank, self.incarnation, self._seq, info)
+        for peer in self._peers:
+            try:
+                self._link.try_send(peer, hb)
+            except trio.ClosedResourceError:
+                return
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Membership] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send heartbeats and watch peers until cancelled."""
+        now = trio.current_time()
+        self._detector = FailureDetector(self.config, self._peers, now)
+        self._link.handle(Heartbeat, self._on_heartbeat)
+        try:
+            task_status.started(self)
+            next_beat = now
+            while True:
+                now = trio.current_time()
+                if now >= next_beat:
+                    self._beat()
+                    next_beat = now + self.config.interval
+                events = self._detector.check(now)
+                if events:
+                    self._emit(events)
+                    self._update_root()
+                wake_at = min(next_beat, self._detector.next_deadline(now))
+                await trio.sleep_until(wake_at)
+        finally:
+            self._link.unhandle(Heartbeat, self._on_heartbeat)
+            self._detector = None
+            for ch in self._subscribers:
+                ch.close()
+            self._subscribers.clear()

@@ -1,0 +1,392 @@
+"""Sans-IO store of peers' shards: receptions in progress, verified replicas, a memory budget.
+
+Rules (each one tested):
+
+- a reception becomes a servable :class:`Replica` only when every byte arrived in order and
+  every tensor matched its checksum; a partial or corrupt one is dropped, never served;
+- a newer version (by ``(generation, version)``) of a rank supersedes that rank's reception in
+  flight; an older one is refused as stale; one already held is not transferred again;
+- per rank the newest ``keep_last`` replicas are kept; the newest complete replica of a rank is
+  never evicted to make room for something that has not arrived yet;
+- every byte of every buffer (in use or kept for reuse) counts against ``budget``; a push that
+  cannot fit even after evicting older replicas is refused, and what is held stays intact;
+- with a ``shared`` :class:`MemoryBudget` (the node's, which its own arenas reserve from too)
+  the buffers are reserved there as well, and a local arena that does not fit may reclaim the
+  spare buffers and older replicas, never a rank's newest one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+
+import attrs
+
+from supervise.cluster._buffers import Slab, SlabPool, round_up
+from supervise.cluster.errors import ChecksumMismatch, ClusterError, ProtocolError
+from supervise.cluster.shard import ShardMeta, StreamVerifier
+from supervise.snapshot.budget import MemoryBudget
+
+
+class Refused(ClusterError):
+    """The store will not take a shard; ``reason`` is one of stale, budget, too_big."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@attrs.define(slots=True, eq=False)
+class Replica:
+    """A complete, verified shard of a peer, servable to fetchers."""
+
+    meta: ShardMeta
+    slab: Slab = attrs.field(repr=False)
+    source: int | None
+    completed_at: float
+    pins: int = 0
+    retired: bool = False  # evicted while pinned: released on the last unpin
+
+    def data(self) -> memoryview:
+        return self.slab.view[: self.meta.nbytes]
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Bytes ``[offset, offset+length)`` of the data region (zero-copy)."""
+        if offset < 0 or length < 0 or offset + length > self.meta.nbytes:
+            raise ValueError(
+                f"range {offset}+{length} outside {self.meta.label} ({self.meta.nbytes} bytes)"
+            )
+        return self.slab.view[offset : offset + length]
+
+
+@attrs.define(slots=True, eq=False)
+class Reception:
+    """A shard arriving in chunks, in order; verified as it arrives."""
+
+    id: int
+    meta: ShardMeta
+    slab: Slab = attrs.field(repr=False)
+    source: int | None
+    started_at: float
+    last_activity: float
+    verifier: StreamVerifier = attrs.field(repr=False)
+    chunks: int = 0
+
+    @property
+    def received(self) -> int:
+        return self.verifier.position
+
+    @property
+    def complete(self) -> bool:
+        return self.verifier.complete
+
+    def accept(self, offset: int, data: memoryview, now: float) -> None:
+        """Copy and verify the next chunk; ProtocolError / ChecksumMismatch on bad input."""
+        pos = self.verifier.position
+        if offset != pos:
+            raise ProtocolError(f"{self.meta.label}: chunk at {offset}, expected {pos}")
+        n = len(data)
+        if pos + n > self.meta.nbytes:
+            raise ProtocolError(f"{self.meta.label}: chunk runs past {self.meta.nbytes} bytes")
+        self.verifier.feed_into(data, self.slab.view[pos : pos + n])
+        self.chunks += 1
+        self.last_activity = now
+
+    def destination(self, offset: int, limit: int) -> memoryview | None:
+        """Where the chunk at ``offset`` (at most ``limit`` bytes) can be received in place;
+        None unless it is the next chunk expected.
+        """
+        pos = self.verifier.position
+        if offset != pos or pos >= self.meta.nbytes or limit <= 0:
+            return None
+        return self.slab.view[pos : min(self.meta.nbytes, pos + limit)]
+
+    def accept_placed(self, offset: int, nbytes: int, now: float) -> None:
+        """Verify the next ``nbytes``, already received in place (into :meth:`destination`)."""
+        pos = self.verifier.position
+        if offset != pos:
+            raise ProtocolError(f"{self.meta.label}: chunk at {offset}, expected {pos}")
+        if nbytes > self.meta.nbytes - pos:
+            raise ProtocolError(f"{self.meta.label}: chunk runs past {self.meta.nbytes} bytes")
+        self.verifier.feed(self.slab.view[pos : pos + nbytes])
+        self.chunks += 1
+        self.last_activity = now
+
+
+class ReplicaStore:
+    """Peers' shards held in this node's RAM within ``budget`` bytes (and within ``shared``,
+    the node's budget for arenas and replicas together, when given).
+
+    Not thread-safe: use it from one thread (the agent's trio thread); a reservation in the
+    shared budget from another thread never reclaims from this store.
+    """
+
+    def __init__(
+        self, budget: int, *, keep_last: int = 1, shared: MemoryBudget | None = None
+    ) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"budget = {budget!r}: must be an integer >= 0 (bytes)")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last = {keep_last!r}: must be an integer >= 1")
+        self.budget = budget if shared is None else min(budget, shared.limit)
+        self.shared = shared
+        self._thread = threading.get_ident()
+        if shared is not None:
+            shared.add_reclaimer(self.reclaim)
+        self.keep_last = keep_last
+        self._replicas: dict[int, list[Replica]] = {}  # rank -> newest first
+        self._receptions: dict[int, Reception] = {}
+        self._pool = SlabPool()
+        self._in_use = 0  # slab bytes of replicas (incl. retired but pinned) and receptions
+        self._ids = itertools.count(1)
+
+    # ---- accounting ----------------------------------------------------------------------
+
+    @property
+    def held_bytes(self) -> int:
+        """Every byte this store keeps mapped: replicas, receptions and reusable buffers."""
+        return self._in_use + self._pool.free_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes a new buffer may take now (less than ``budget - held_bytes`` when the shared
+        budget is the tighter one)."""
+        own = self.budget - self.held_bytes
+        return own if self.shared is None else min(own, self.shared.free)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def replicas(self, rank: int) -> list[Replica]:
+        """Complete replicas of a rank, newest first."""
+        return list(self._replicas.get(rank, ()))
+
+    def get(self, rank: int, version: int | None = None) -> Replica | None:
+        """The newest replica of ``rank`` (at ``version`` if given)."""
+        for r in self._replicas.get(rank, ()):
+            if version is None or r.meta.version == version:
+                return r
+        return None
+
+    def inventory(self) -> dict[int, list[tuple[int, int]]]:
+        """rank -> [(version, generation)] of complete replicas, newest first."""
+        return {
+            rank: [(r.meta.version, r.meta.generation) for r in reps]
+            for rank, reps in sorted(self._replicas.items())
+            if reps
+        }
+
+    def receptions(self) -> list[Reception]:
+        return list(self._receptions.values())
+
+    def reception(self, rid: int) -> Reception | None:
+        return self._receptions.get(rid)
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def _evictable(self, keep_rank_newest: bool = True) -> Iterator[Replica]:
+        """Replicas that may go to make room, oldest first; never a rank's newest one."""
+        cands: list[Replica] = []
+        for reps in self._replicas.values():
+            start = 1 if keep_rank_newest else 0
+            cands.extend(r for r in reps[start:] if r.pins == 0)
+        yield from sorted(cands, key=lambda r: r.completed_at)
+
+    def _drop_replica(self, rep: Replica) -> None:
+        reps = self._replicas.get(rep.meta.rank, [])
+        if rep in reps:
+            reps.remove(rep)
+            if not reps:
+                del self._replicas[rep.meta.rank]
+        if rep.pins:
+            rep.retired = True
+            return
+        self._in_use -= rep.slab.capacity
+        self._pool.give(rep.slab)
+
+    def _allocate(self, nbytes: int, label: str) -> Slab:
+        need = round_up(max(nbytes, 1))
+        if need > self.budget:
+            raise Refused(
+                "too_big", f"{label} needs {need} bytes, the replica budget is {self.budget}"
+            )
+        slab = self._pool.take(nbytes)
+        while slab is None and not self._room_for(need):
+            if self._pool.free_bytes:
+                self._shrink_pool(need - self.free_bytes)
+                continue
+            victim = next(self._evictable(), None)
+            if victim is None:
+                raise Refused(
+                    "budget",
+                    f"{label} needs {need} bytes; {max(self.free_bytes, 0)} of {self.budget} "
+                    "free and nothing older to evict",
+                )
+            self._drop_replica(victim)
+            slab = self._pool.take(nbytes)
+        if slab is None:
+            try:
+                slab = Slab(need)
+            except BaseException:
+                if self.shared is not None:
+                    self.shared.release(need)
+                raise
+        self._in_use += slab.capacity
+        return slab
+
+    def _room_for(self, need: int) -> bool:
+        """Whether a new buffer of ``need`` bytes fits; reserves it in the shared budget."""
+        if self.held_bytes + need > self.budget:
+            return False
+        return self.shared is None or self.shared.try_reserve(need)
+
+    def _shrink_pool(self, need: int) -> int:
+        freed = self._pool.shrink(max(need, 1))
+        if self.shared is not None and freed:
+            self.shared.release(freed)
+        return freed
+
+    def reclaim(self, need: int) -> int:
+        """Free up to ``need`` bytes for the node's own arenas (a :class:`MemoryBudget`
+        reclaimer): spare buffers first, then older replicas; never a rank's newest replica,
+        nothing pinned, and nothing when called from another thread."""
+        if threading.get_ident() != self._thread:
+            return 0
+        freed = self._shrink_pool(need)
+        while freed < need:
+            victim = next(self._evictable(), None)
+            if victim is None:
+                break
+            self._drop_replica(victim)
+            freed += self._shrink_pool(need - freed)
+        return freed
+
+    # ---- transfers -----------------------------------------------------------------------
+
+    def begin(self, meta: ShardMeta, source: int | None, now: float) -> Reception | None:
+        """Start receiving ``meta``; None when it is already held. Raises Refused."""
+        newest = self.get(meta.rank)
+        if newest is not None:
+            if newest.meta.order == meta.order:
+                return None
+            if newest.meta.order > meta.order:
+                raise Refused("stale", f"{meta.label} is older than the held {newest.meta.label}")
+        for rec in list(self._receptions.values()):
+            if rec.meta.rank != meta.rank:
+                continue
+            if rec.meta.order > meta.order:
+                raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
+            self.abort(rec.id)  # superseded (or the same version pushed again)
+        slab = self._allocate(meta.nbytes, meta.label)
+        try:
+            verifier = StreamVerifier(meta.checks, meta.nbytes)
+        except ChecksumMismatch:
+            self._in_use -= slab.capacity
+            self._pool.give(slab)
+            raise
+        rec = Reception(
+            id=next(self._ids),
+            meta=meta,
+            slab=slab,
+            source=source,
+            started_at=now,
+            last_activity=now,
+            verifier=verifier,
+        )
+        self._receptions[rec.id] = rec
+        return rec
+
+    def chunk(self, rid: int, offset: int, data: memoryview, now: float) -> Reception:
+        """Add a chunk to a reception; a bad chunk aborts the whole reception and raises."""
+        rec = self._receptions.get(rid)
+        if rec is None:
+            raise ProtocolError(f"no reception {rid} (superseded, expired or never begun)")
+        try:
+            rec.accept(offset, data, now)
+        except (ProtocolError, ChecksumMismatch):
+            self.abort(rid)
+            raise
+        return rec
+
+    def destination(self, rid: int, offset: int, limit: int) -> memoryview | None:
+        """Where reception ``rid``'s chunk at ``offset`` may be received in place (at most
+        ``limit`` bytes), or None (no such reception, or not the chunk expected next). The
+        bytes count only once :meth:`placed` verified them.
+        """
+        rec = self._receptions.get(rid)
+        return None if rec is None else rec.destination(offset, limit)
+
+    def placed(self, rid: int, offset: int, nbytes: int, now: float) -> Reception:
+        """Verify a chunk received into :meth:`destination`; a bad one aborts the reception."""
+        rec = self._receptions.get(rid)
+        if rec is None:
+            raise ProtocolError(f"no reception {rid} (superseded, expired or never begun)")
+        try:
+            rec.accept_placed(offset, nbytes, now)
+        except (ProtocolError, ChecksumMismatch):
+            self.abort(rid)
+            raise
+        return rec
+
+    def finish(self, rid: int, now: float) -> Replica:
+        """Make a complete reception servable; an incomplete one is aborted (ProtocolError)."""
+        rec = self._receptions.get(rid)
+        if rec is None:
+            raise ProtocolError(f"no reception {rid} (superseded, expired or never begun)")
+        if not rec.complete:
+            self.abort(rid)
+            raise ProtocolError(
+                f"{rec.meta.label}: finished after {rec.received} of {rec.meta.nbytes} bytes"
+            )
+        del self._receptions[rid]
+        rep = Replica(meta=rec.meta, slab=rec.slab, source=rec.source, completed_at=now)
+        reps = self._replicas.setdefault(rec.meta.rank, [])
+        reps.append(rep)
+        reps.sort(key=lambda r: r.meta.order, reverse=True)
+        for old in reps[self.keep_last :]:
+            self._drop_replica(old)
+        return rep
+
+    def abort(self, rid: int) -> Reception | None:
+        """Drop a reception and reuse its buffer; what it had received is never served."""
+        rec = self._receptions.pop(rid, None)
+        if rec is not None:
+            self._in_use -= rec.slab.capacity
+            self._pool.give(rec.slab)
+        return rec
+
+    def expire(self, now: float, idle: float) -> list[Reception]:
+        """Abort receptions that got nothing for ``idle`` seconds (their sender died)."""
+        stale = [r for r in self._receptions.values() if now - r.last_activity >= idle]
+        for r in stale:
+            self.abort(r.id)
+        return stale
+
+    # ---- fetches -------------------------------------------------------------------------
+
+    def pin(self, rank: int, version: int | None = None) -> Replica | None:
+        """Keep a replica from eviction while a fetch reads it."""
+        rep = self.get(rank, version)
+        if rep is not None:
+            rep.pins += 1
+        return rep
+
+    def unpin(self, rep: Replica) -> None:
+        rep.pins = max(0, rep.pins - 1)
+        if rep.pins == 0 and rep.retired:
+            rep.retired = False
+            self._in_use -= rep.slab.capacity
+            self._pool.give(rep.slab)
+
+    def close(self) -> None:
+        """Release every buffer (the store is unusable afterwards)."""
+        for rid in list(self._receptions):
+            self.abort(rid)
+        for reps in list(self._replicas.values()):
+            for r in list(reps):
+                r.pins = 0
+                self._drop_replica(r)
+        self._shrink_pool(self._pool.free_bytes + 1)
+        if self.shared is not None:
+            self.shared.remove_reclaimer(self.reclaim)
+            self.shared.release(self._in_use)  # buffers still lent out (pinned) go with them

@@ -1,0 +1,309 @@
+"""The node's replication engine: serve replicas, push local commits, fetch lost shards.
+
+- Serves its :class:`ReplicaStore` (pushes in, fetches out) on the node's transport.
+- Pushes every newly committed local shard to the rank's group peers (placement), one pusher
+  per (peer, rank) in the background: the local capture never waits for it. A newer commit
+  cancels the push of an older one in flight (supersede). Failed pushes are retried with
+  backoff; a peer that membership reports lost is skipped until it is back, and one that
+  restarted (new incarnation, RAM gone) gets the latest shard again.
+- :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
+  first live holder, verifies it, and hands it to :class:`LocalShards`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from supervise._validation import number
+from supervise.cluster.errors import ClusterError, RemoteError
+from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
+from supervise.cluster.local import LocalShards
+from supervise.cluster.placement import Placement
+from supervise.cluster.replica_store import Replica, ReplicaStore
+from supervise.cluster.replication import (
+    DEFAULT_CHUNK,
+    DEFAULT_WINDOW,
+    ReplicaEndpoint,
+    fetch_shard,
+    push_shard,
+)
+from supervise.cluster.shard import ShardMeta
+from supervise.cluster.transport import Transport
+from supervise.runtime import Backoff
+from supervise.telemetry import SnapshotOp, inject, snapshot_span
+
+log = structlog.get_logger("supervise.cluster.replicator")
+
+MiB = 1 << 20
+
+
+@attrs.frozen(slots=True)
+class ReplicationTuning:
+    """Transfer knobs (defaults suit loopback and datacenter links alike)."""
+
+    chunk_size: int = attrs.field(default=DEFAULT_CHUNK, validator=number(ge=4096, integer=True))
+    window: int = attrs.field(default=DEFAULT_WINDOW, validator=number(ge=1, le=64, integer=True))
+    message_timeout: float = attrs.field(default=30.0, validator=number(gt=0))
+    idle_timeout: float = attrs.field(default=60.0, validator=number(gt=0))
+    retry: Backoff = attrs.field(factory=lambda: Backoff(initial=0.5, max=10.0, jitter=0.2))
+
+
+class _Pusher:
+    """State of the pushes of one local rank to one peer."""
+
+    __slots__ = ("delivered", "failures", "inflight", "scope", "wake")
+
+    def __init__(self) -> None:
+        self.delivered: tuple[int, int] | None = None  # order the peer is known to hold
+        self.inflight: tuple[int, int] | None = None
+        self.scope: trio.CancelScope | None = None
+        self.wake = trio.Event()
+        self.failures = 0
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class ReplicationService:
+    """One node's replication: run it with :meth:`run` (while the transport serves)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        store: ReplicaStore,
+        local: LocalShards,
+        placement: Placement,
+        *,
+        node: int,
+        tuning: ReplicationTuning | None = None,
+    ) -> None:
+        if not 0 <= node < len(placement):
+            raise ValueError(f"node {node} is not in a placement of {len(placement)} nodes")
+        self.transport = transport
+        self.store = store
+        self.local = local
+        self.placement = placement
+        self.node = node
+        self.tuning = tuning or ReplicationTuning()
+        self.endpoint = ReplicaEndpoint(
+            transport, store, max_chunk=max(self.tuning.chunk_size, transport.limits.max_frame_size)
+        )
+        self._pushers: dict[tuple[int, int], _Pusher] = {}
+        self._down: set[int] = set()
+        self.pushed = 0  # completed pushes (for status and tests)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def targets(self, rank: int) -> tuple[int, ...]:
+        """The peers that hold ``rank``'s shards (the shard's holders other than this node)."""
+        if rank >= len(self.placement):
+            return ()
+        return tuple(n for n in self.placement[rank] if n != self.node)
+
+    def status(self) -> dict[str, Any]:
+        """Held replicas, local versions and pushes in flight (for `supervise status`)."""
+        local = {}
+        for r in self.local.ranks():
+            meta = self.local.latest(r)
+            if meta is not None:
+                local[r] = (meta.version, meta.generation)
+        return {
+            "node": self.node,
+            "local": local,
+            "replicas": self.store.inventory(),
+            "held_bytes": self.store.held_bytes,
+            "budget": self.store.budget,
+            "pushing": sorted(
+                (peer, rank, p.inflight[1])
+                for (peer, rank), p in self._pushers.items()
+                if p.inflight is not None
+            ),
+            "peers_down": sorted(self._down),
+        }
+
+    # ---- inputs --------------------------------------------------------------------------
+
+    def committed(self, rank: int) -> None:
+        """A local shard of ``rank`` was committed: push it, superseding older pushes."""
+        meta = self.local.latest(rank)
+        if meta is None:
+            return
+        for peer in self.targets(rank):
+            p = self._pushers.get((peer, rank))
+            if p is None:
+                continue
+            if p.inflight is not None and p.inflight < meta.order and p.scope is not None:
+                log.info("push superseded", peer=peer, rank=rank, by=meta.version)
+                p.scope.cancel()
+            p.poke()
+
+    def membership_event(self, event: Event) -> None:
+        """Feed peer_lost / peer_back from membership."""
+        if isinstance(event, PeerLost):
+            self._down.add(event.rank)
+            for (peer, _), p in self._pushers.items():
+                if peer == event.rank and p.scope is not None:
+                    p.scope.cancel()
+        elif isinstance(event, PeerBack):
+            self._down.discard(event.rank)
+            for (peer, _), p in self._pushers.items():
+                if peer == event.rank:
+                    if event.restarted:
+                        p.delivered = None  # its RAM is gone: push again
+                    p.failures = 0
+                    p.poke()
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        events: trio.MemoryReceiveChannel[Event] | None = None,
+        task_status: trio.TaskStatus[ReplicationService] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve and push until cancelled; ``events`` is a membership subscription."""
+        self.endpoint.install()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_loop)
+                if events is not None:
+                    nursery.start_soon(self._watch, events)
+                for rank in self.local.ranks():
+                    for peer in self.targets(rank):
+                        p = self._pushers[(peer, rank)] = _Pusher()
+                        p.poke()  # push what is already committed
+                        nursery.start_soon(self._push_loop, peer, rank, p)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self.endpoint.uninstall()
+            self._pushers.clear()
+
+    async def _watch(self, events: trio.MemoryReceiveChannel[Event]) -> None:
+        async with events:
+            async for ev in events:
+                self.membership_event(ev)
+
+    async def _expire_loop(self) -> None:
+        idle = self.tuning.idle_timeout
+        while True:
+            await trio.sleep(idle / 4)
+            self.endpoint.expire(idle)
+
+    async def _push_loop(self, peer: int, rank: int, p: _Pusher) -> None:
+        t = self.tuning
+        while True:
+            await p.wake.wait()
+            p.wake = trio.Event()
+            meta = self.local.latest(rank)
+            if meta is None or peer in self._down or p.delivered == meta.order:
+                continue
+            ok = await self._push_once(peer, meta, p)
+            if ok:
+                p.failures = 0
+                continue
+            if p.wake.is_set():  # superseded or the peer came back: go again at once
+                continue
+            p.failures += 1
+            with trio.move_on_after(t.retry.delay(p.failures, random.random())):
+                await p.wake.wait()
+            p.poke()
+
+    async def _push_once(self, peer: int, meta: ShardMeta, p: _Pusher) -> bool:
+        t = self.tuning
+        p.inflight = meta.order
+        try:
+            with trio.CancelScope() as scope:
+                p.scope = scope
+                with (
+                    snapshot_span(
+                        SnapshotOp.REPLICATE,
+                        node_rank=self.node,
+                        peer_rank=peer,
+                        snapshot_version=meta.version,
+                        generation=meta.generation,
+                    ) as span,
+                    self.local.open(meta.rank, meta.version) as data,
+                ):
+                    sent = await push_shard(
+                        self.transport,
+                        peer,
+                        meta,
+                        data,
+                        chunk_size=t.chunk_size,
+                        window=t.window,
+                        timeout=t.message_timeout,
+                        trace=inject(),
+                    )
+                    span.set(bytes=meta.nbytes if sent else 0)
+                p.delivered = meta.order
+                if sent:
+                    self.pushed += 1
+                    log.info("pushed", shard=meta.label, peer=peer, nbytes=meta.nbytes)
+                return True
+            return False  # cancelled: superseded or the peer was lost
+        except RemoteError as exc:
+            if exc.reason.startswith("Refused: stale"):
+                p.delivered = meta.order  # the peer already has something newer
+                return True
+            log.warning("push refused", shard=meta.label, peer=peer, reason=exc.reason)
+            return False
+        except (ClusterError, LookupError, trio.ClosedResourceError) as exc:
+            log.warning("push failed", shard=meta.label, peer=peer, error=str(exc))
+            return False
+        finally:
+            p.inflight = None
+            p.scope = None
+
+    # ---- fetching ------------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        rank: int,
+        version: int | None = None,
+        *,
+        holders: Sequence[int] | None = None,
+    ) -> ShardMeta:
+        """Pull ``rank``'s shard (newest, or ``version``) from the first holder that has it,
+        verify it, and ingest it into the local shards. Raises LookupError if none has it.
+        """
+        t = self.tuning
+        candidates = [n for n in (holders or self.targets(rank)) if n not in self._down]
+        reasons = []
+        for peer in candidates:
+            try:
+                with contextlib.ExitStack() as stack:
+
+                    def into(meta: ShardMeta, stack: contextlib.ExitStack = stack) -> memoryview:
+                        view: memoryview = stack.enter_context(self.local.ingest(meta))
+                        return view
+
+                    meta, _ = await fetch_shard(
+                        self.transport,
+                        peer,
+                        rank,
+                        version,
+                        into=into,
+                        chunk_size=t.chunk_size,
+                        window=t.window,
+                        timeout=t.message_timeout,
+                    )
+                log.info("fetched", shard=meta.label, peer=peer, nbytes=meta.nbytes)
+                return meta
+            except (ClusterError, LookupError) as exc:
+                reasons.append(f"node {peer}: {exc}")
+        what = "the newest version" if version is None else f"version {version}"
+        raise LookupError(
+            f"no live holder could provide {what} of rank {rank}"
+            + (f" ({'; '.join(reasons)})" if reasons else " (no live holder)")
+        )
+
+    def replica(self, rank: int, version: int | None = None) -> Replica | None:
+        return self.store.get(rank, version)

@@ -1,0 +1,50 @@
+"""Linux: have the kernel SIGKILL an OS-process child when its parent dies, even by kill -9.
+
+`prctl(PR_SET_PDEATHSIG)` must run in the child between fork and exec, so it is a
+``preexec_fn``. The signal fires when the *thread* that forked the child exits, so children
+are forked by `_spawn`'s one long-lived thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_prctl = _load_prctl()
+
+available = _prctl is not None
+
+
+def preexec_for(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` arming the parent-death signal, or None where the OS has none."""
+    prctl = _prctl
+    if prctl is None:
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def arm() -> None:
+        # Runs in the forked child: bound names only, no imports.
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os.kill(os.getpid(), sigkill)
+
+    return arm

@@ -1,0 +1,56 @@
+"""Torch-free snapshot storage: shared-memory arenas, manifests with xxhash64 checksums,
+retention, the safetensors persist tier, and the worker <-> agent local protocol."""
+
+from typing import Any
+
+from supervise.snapshot.arena import Arena, SlotState
+from supervise.snapshot.budget import MemoryBudget
+from supervise.snapshot.errors import (
+    AgentUnavailable,
+    CapacityError,
+    CorruptSnapshot,
+    ProtocolError,
+    SnapshotError,
+)
+from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
+from supervise.snapshot.persist import DiskEntry, Persister, PersistTier
+from supervise.snapshot.retention import RetentionRule, VersionInfo
+from supervise.snapshot.service import ArenaService, Candidate, CommitEvent, Shard
+
+_LAZY = {"AGENT_ENV", "AgentClient", "LocalOwner", "Owner"}  # the zmq client: import on use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from supervise.snapshot import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'supervise.snapshot' has no attribute {name!r}")
+
+
+__all__ = [
+    "AGENT_ENV",
+    "AgentClient",
+    "AgentUnavailable",
+    "Arena",
+    "ArenaService",
+    "Candidate",
+    "CapacityError",
+    "CommitEvent",
+    "CorruptSnapshot",
+    "DiskEntry",
+    "Layout",
+    "LocalOwner",
+    "Manifest",
+    "MemoryBudget",
+    "Owner",
+    "PersistTier",
+    "Persister",
+    "ProtocolError",
+    "RetentionRule",
+    "Shard",
+    "SlotState",
+    "SnapshotError",
+    "TensorEntry",
+    "VersionInfo",
+]

@@ -1,0 +1,23 @@
+"""Snapshot errors: one base class, one subclass per thing a caller may want to handle."""
+
+from __future__ import annotations
+
+
+class SnapshotError(Exception):
+    """Something about taking, keeping or loading a snapshot went wrong."""
+
+
+class CapacityError(SnapshotError):
+    """Not enough shared memory, RAM budget or disk for what was asked (checked up front)."""
+
+
+class CorruptSnapshot(SnapshotError):
+    """Stored bytes do not match their manifest (checksum, size or header)."""
+
+
+class ProtocolError(SnapshotError):
+    """A malformed or unexpected message between a worker and its agent."""
+
+
+class AgentUnavailable(SnapshotError):
+    """The node agent did not answer within the timeout."""

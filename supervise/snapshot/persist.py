@@ -1,0 +1,351 @@
+"""Persist tier: shards on disk as safetensors files, written atomically in the background.
+
+File format (standard safetensors, readable by ``safetensors.safe_open``): an 8-byte
+little-endian header length, a JSON header (per tensor: dtype, shape, data_offsets; plus
+``__metadata__``), then the data region exactly as it lies in the arena, so writing is one
+pass over the slot with no extra copy. The manifest (checksums, metrics, extra state) is
+stored inside the file, in ``__metadata__["supervise.manifest"]`` (base64 msgpack): one file
+is one atomic unit. Writes go to a temp file, are fsynced, renamed into place and the
+directory fsynced; a partial or corrupt file is skipped with a warning when listing or
+loading.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from supervise.snapshot._dtypes import DTYPES
+from supervise.snapshot.budget import check_free_space
+from supervise.snapshot.checksum import mismatches
+from supervise.snapshot.errors import CapacityError, CorruptSnapshot, SnapshotError
+from supervise.snapshot.manifest import Manifest
+from supervise.snapshot.retention import VersionInfo
+from supervise.telemetry import snapshot_span
+
+if TYPE_CHECKING:
+    from supervise.snapshot.service import ArenaService, CommitEvent, Shard
+
+log = logging.getLogger(__name__)
+
+_MAX_HEADER: Final = 100_000_000
+_CHUNK: Final = 64 << 20
+_NAME: Final = re.compile(r"^step-(\d{12})\.rank-(\d{5})\.safetensors$")
+META_KEY: Final = "supervise.manifest"
+
+
+@attrs.frozen(slots=True)
+class DiskEntry:
+    """A persisted shard found on disk (header checked; data verified only on load)."""
+
+    path: Path
+    manifest: Manifest
+    data_offset: int
+
+    @property
+    def info(self) -> VersionInfo:
+        """The version record of this file."""
+        m = self.manifest
+        return VersionInfo(m.step, m.generation, m.wall_time, m.nbytes, dict(m.metrics), "disk")
+
+
+def safetensors_header(manifest: Manifest) -> bytes:
+    """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region."""
+    header: dict[str, object] = {
+        "__metadata__": {
+            "format": "supervise.snapshot/1",
+            "step": str(manifest.step),
+            "rank": str(manifest.rank),
+            META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
+        }
+    }
+    for t in sorted(manifest.tensors, key=lambda t: t.offset):
+        header[t.name] = {
+            "dtype": DTYPES[t.dtype][1],
+            "shape": list(t.shape),
+            "data_offsets": [t.offset, t.offset + t.nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _check_contiguous(manifest: Manifest) -> None:
+    end = 0
+    for t in sorted(manifest.tensors, key=lambda t: t.offset):
+        if t.offset != end:
+            raise ValueError(f"tensor {t.name!r} leaves a gap: safetensors needs a packed region")
+        end += t.nbytes
+    if end != manifest.nbytes:
+        raise ValueError("the data region is larger than its tensors: safetensors needs it packed")
+
+
+class PersistTier:
+    """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, rank: int, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"persist.keep = {keep}: must be >= 1")
+        self.path = Path(path)
+        self.rank = rank
+        self.keep = keep
+        self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
+
+    def filename(self, step: int) -> Path:
+        """Where version ``step`` of this rank lives."""
+        return self.path / f"step-{step:012d}.rank-{self.rank:05d}.safetensors"
+
+    def write(self, manifest: Manifest, data: memoryview) -> Path:
+        """Write one shard atomically (temp file, fsync, rename, fsync dir); returns its path.
+
+        A full disk is a CapacityError and leaves no partial file behind.
+        """
+        if manifest.rank != self.rank:
+            raise ValueError(f"manifest of rank {manifest.rank} given to rank {self.rank}'s tier")
+        _check_contiguous(manifest)
+        self.path.mkdir(parents=True, exist_ok=True)
+        header = safetensors_header(manifest)
+        final = self.filename(manifest.step)
+        check_free_space(self.path, len(header) + manifest.nbytes, f"checkpoint {final.name}")
+        tmp = self.path / f".{final.name}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                _write_all(fd, memoryview(header))
+                region = data[: manifest.nbytes]
+                for start in range(0, manifest.nbytes, _CHUNK):
+                    _write_all(fd, region[start : start + _CHUNK])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise CapacityError(f"disk full while writing checkpoint {final}") from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path)
+        return final
+
+    def entries(self) -> list[DiskEntry]:
+        """This rank's readable files, oldest step first; bad ones are skipped with a warning."""
+        if not self.path.is_dir():
+            return []
+        out = []
+        for p in sorted(self.path.iterdir()):
+            m = _NAME.match(p.name)
+            if not m or int(m.group(2)) != self.rank:
+                continue
+            try:
+                entry = read_entry(p)
+            except (CorruptSnapshot, OSError) as exc:
+                log.warning("skipping unreadable checkpoint %s: %s", p, exc)
+                continue
+            if entry.manifest.step != int(m.group(1)) or entry.manifest.rank != self.rank:
+                log.warning("skipping checkpoint %s: its manifest names another step or rank", p)
+                continue
+            out.append(entry)
+        return out
+
+    def load(self, entry: DiskEntry, into: memoryview, *, threads: int = 1) -> None:
+        """Read a shard's data region into ``into`` and verify every checksum."""
+        n = entry.manifest.nbytes
+        if len(into) < n:
+            raise CapacityError(f"{entry.path} needs {n} bytes, the buffer has {len(into)}")
+        with open(entry.path, "rb", buffering=0) as f:
+            f.seek(entry.data_offset)
+            view = into[:n]
+            got = 0
+            while got < n:
+                r = f.readinto(view[got : got + _CHUNK])
+                if not r:
+                    raise CorruptSnapshot(f"{entry.path} is truncated")
+                got += r
+        bad = mismatches(entry.manifest, into, threads=threads)
+        if bad:
+            raise CorruptSnapshot(
+                f"{entry.path}: checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}"
+            )
+
+    def prune(self, head: int) -> list[Path]:
+        """Keep the ``keep`` newest files at or below ``head``; files above ``head`` belong to
+        a rolled-back future and go too. Returns the removed paths."""
+        removed = []
+        names = [
+            (int(m.group(1)), p)
+            for p in (self.path.iterdir() if self.path.is_dir() else ())
+            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
+        ]
+        below = sorted((s for s, _ in names if s <= head), reverse=True)
+        keep = set(below[: self.keep])
+        for step, p in names:
+            if step not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+        if removed:
+            _fsync_dir(self.path)
+        return removed
+
+    def clean_temporaries(self) -> None:
+        """Remove temp files a crashed write of this rank left behind."""
+        for p in self.path.glob(self._tmp_glob) if self.path.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def read_entry(path: Path) -> DiskEntry:
+    """Parse and check a file's header against its size and embedded manifest."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptSnapshot("file shorter than its length prefix")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER:
+            raise CorruptSnapshot(f"header length {hlen} is implausible")
+        raw = f.read(hlen)
+        size = os.fstat(f.fileno()).st_size
+    if len(raw) < hlen:
+        raise CorruptSnapshot("file ends inside its header")
+    try:
+        header = json.loads(raw)
+        meta = header["__metadata__"]
+        manifest = Manifest.from_bytes(base64.b64decode(meta[META_KEY], validate=True))
+    except CorruptSnapshot:
+        raise
+    except Exception as exc:
+        raise CorruptSnapshot(f"header is not a supervise safetensors header: {exc}") from None
+    data_offset = 8 + hlen
+    if size != data_offset + manifest.nbytes:
+        raise CorruptSnapshot(
+            f"file has {size} bytes, its header announces {data_offset + manifest.nbytes}"
+        )
+    for t in manifest.tensors:
+        h = header.get(t.name)
+        if (
+            not isinstance(h, dict)
+            or h.get("data_offsets") != [t.offset, t.offset + t.nbytes]
+            or h.get("shape") != list(t.shape)
+            or h.get("dtype") != DTYPES[t.dtype][1]
+        ):
+            raise CorruptSnapshot(f"tensor {t.name!r} disagrees between header and manifest")
+    return DiskEntry(path, manifest, data_offset)
+
+
+def _write_all(fd: int, buf: memoryview) -> None:
+    while len(buf):
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Persister:
+    """Writes every ``every``-th version captured on this node (source "local"; shards that
+    came from a peer or from disk are not written again) of each rank to its PersistTier in a
+    background thread (the slot stays pinned, so nothing is copied); a failed write is
+    logged and never disturbs training. Hook it up with
+    ``service.add_commit_hook(persister.on_commit)``."""
+
+    def __init__(
+        self,
+        service: ArenaService,
+        tiers: Callable[[int], PersistTier],
+        *,
+        every: int,
+        node_rank: int | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"persist.every_snapshots = {every}: must be >= 1 to persist")
+        self.service = service
+        self.every = every
+        self.node_rank = node_rank  # the node agent's rank for the spans (None: the shard's rank)
+        self._tiers = tiers
+        self._counts: dict[int, int] = {}
+        self._queue: queue.Queue[tuple[PersistTier, contextlib.ExitStack, Shard] | None] = (
+            queue.Queue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.written: list[Path] = []
+        self.last_error: BaseException | None = None
+
+    def on_commit(self, event: CommitEvent) -> None:
+        """Commit hook: pin the shard now and queue it for writing when it is due."""
+        if event.info.source != "local":
+            return
+        n = self._counts.get(event.rank, 0) + 1
+        self._counts[event.rank] = n
+        if n % self.every:
+            return
+        stack = contextlib.ExitStack()
+        try:
+            shard = stack.enter_context(self.service.shard(event.rank, event.info.step))
+        except SnapshotError:
+            stack.close()
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="supervise-persist", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((self._tiers(event.rank), stack, shard))
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            tier, stack, shard = job
+            m = shard.manifest
+            try:
+                with (
+                    stack,
+                    snapshot_span(
+                        "persist",
+                        node_rank=m.rank if self.node_rank is None else self.node_rank,
+                        rank=m.rank,
+                        snapshot_step=m.step,
+                        snapshot_version=m.step,
+                        bytes=m.nbytes,
+                    ),
+                ):
+                    path = tier.write(shard.manifest, shard.data)
+                tier.prune(shard.manifest.step)
+                self.written.append(path)
+            except Exception as exc:
+                self.last_error = exc
+                log.warning("could not persist version %d: %s", shard.manifest.step, exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write finished."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Finish queued writes and stop the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()

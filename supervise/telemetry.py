@@ -1,0 +1,72 @@
+"""OpenTelemetry traces and metrics, structured logs, and the telemetry names (a contract).
+
+Everything is off unless the standard ``OTEL_*`` variables ask for it (OTLP over
+HTTP/protobuf). The agent calls ``setup_telemetry(rank=...)`` and ``configure_logging()`` at
+start and ``shutdown_telemetry()`` at exit; one recovery is one ``RecoveryTrace``, joined on
+other nodes through the W3C carrier it ``inject``s into the transport's message header.
+"""
+
+from supervise._telemetry_attributes import attributes
+from supervise._telemetry_config import SignalConfig, TelemetryConfig, TelemetryError
+from supervise._telemetry_context import extract, inject, untraced
+from supervise._telemetry_logging import add_trace_context, configure_logging
+from supervise._telemetry_metrics import Instruments
+from supervise._telemetry_names import (
+    DURATION_BUCKETS_S,
+    RECOVERY_SPAN,
+    SCOPE,
+    SERVICE_NAME,
+    SHORT_ATTRIBUTES,
+    THROUGHPUT_BUCKETS,
+    Attr,
+    Instrument,
+    Metric,
+    Outcome,
+    Phase,
+    RecoveryEvent,
+    SnapshotOp,
+    Source,
+    Trigger,
+)
+from supervise._telemetry_setup import (
+    Telemetry,
+    get_telemetry,
+    setup_telemetry,
+    shutdown_telemetry,
+)
+from supervise._telemetry_trace import OperationSpan, RecoveryTrace, snapshot_span
+
+__all__ = [
+    "DURATION_BUCKETS_S",
+    "RECOVERY_SPAN",
+    "SCOPE",
+    "SERVICE_NAME",
+    "SHORT_ATTRIBUTES",
+    "THROUGHPUT_BUCKETS",
+    "Attr",
+    "Instrument",
+    "Instruments",
+    "Metric",
+    "OperationSpan",
+    "Outcome",
+    "Phase",
+    "RecoveryEvent",
+    "RecoveryTrace",
+    "SignalConfig",
+    "SnapshotOp",
+    "Source",
+    "Telemetry",
+    "TelemetryConfig",
+    "TelemetryError",
+    "Trigger",
+    "add_trace_context",
+    "attributes",
+    "configure_logging",
+    "extract",
+    "get_telemetry",
+    "inject",
+    "setup_telemetry",
+    "shutdown_telemetry",
+    "snapshot_span",
+    "untraced",
+]

@@ -1,0 +1,46 @@
+"""Agent messages with rank-keyed data cross the wire (the replacement node's Restart); msgpack
+maps take string keys only, so ranks travel in lists of tuples."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervise.agents import messages as m
+from supervise.cluster._wire import MESSAGE, decode_header, encode_header
+from supervise.cluster.errors import ProtocolError
+from supervise.cluster.messages import KindRegistry
+
+
+def roundtrip(message: object) -> object:
+    registry = KindRegistry()
+    for kind in m.ALL_KINDS:
+        registry.register(kind)
+    name, body = registry.encode(message)
+    frame = encode_header(
+        name, 0, 1, MESSAGE, body, 0, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    )
+    header = decode_header(frame, 1 << 20)
+    return registry.decode(header.kind, header.body)
+
+
+def test_restart_with_shards_to_fetch_roundtrips() -> None:
+    restart = m.Restart(5, 45, 40000, 1, "peer_lost", [(2, "peer", 0)], [(5, 45)])
+    assert roundtrip(restart) == restart
+
+
+def test_status_with_steps_per_rank_roundtrips() -> None:
+    status = m.Status(0, "running", 3, 0, [0, 1], [0], [], [], steps=[(0, 17)])
+    assert roundtrip(status) == status
+
+
+def test_a_rank_of_the_wrong_type_is_rejected() -> None:
+    registry = KindRegistry()
+    registry.register(m.Restart)
+    body = {
+        "generation": 5, "step": 45, "master_port": 1, "attempt": 1, "trigger": "x",
+        "fetch": [["two", "peer", 0]], "rewinds": [],
+    }  # fmt: skip
+    frame = encode_header("agent.restart", 0, 1, MESSAGE, body, 0, None)
+    header = decode_header(frame, 1 << 20)
+    with pytest.raises(ProtocolError, match=r"agent\.restart: bad body"):
+        registry.decode(header.kind, header.body)

@@ -1,0 +1,126 @@
+"""Spare workers: which commands get one, and a real spare that becomes a generation's worker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from supervise.agents.workers import Launch, SparePool, WorkerGroup, warm_target
+from supervise.runtime import ExitKind, ExitReason, OutputLine
+
+SCRIPT = """
+import os, sys
+print("ran", sys.argv[1:], os.environ["RANK"], os.environ["SUPERVISE_GENERATION"],
+      "json" in sys.modules, __name__, flush=True)
+sys.exit(int(os.environ.get("CODE", "0")))
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        (("python", "train.py", "--lr", "1"), ["train.py", "--lr", "1"]),
+        (("/usr/bin/python3.11", "-m", "pkg.train", "x"), ["-m", "pkg.train", "x"]),
+        ((sys.executable, "t.py"), ["t.py"]),
+        (("python", "-u", "train.py"), None),  # interpreter options: started cold, as given
+        (("python", "-m"), None),
+        (("python",), None),
+        (("torchrun", "train.py"), None),
+        (("bash", "-c", "python train.py"), None),
+    ],
+)
+def test_which_commands_get_spares(command: tuple[str, ...], target: list[str] | None) -> None:
+    assert warm_target(command) == target
+
+
+def test_no_preload_or_no_python_means_no_spares(tmp_path: Path) -> None:
+    assert not SparePool(("python", "t.py"), (), tmp_path).enabled
+    assert not SparePool(("./train.sh",), ("torch",), tmp_path).enabled
+    assert SparePool(("python", "t.py"), ("json",), tmp_path).enabled
+
+
+def launch(script: Path, generation: int) -> Launch:
+    return Launch(
+        command=(sys.executable, str(script), "a", "b"),
+        node_rank=1,
+        nproc=2,
+        n_nodes=2,
+        generation=generation,
+        master_addr="127.0.0.1",
+        master_port=29500,
+        agent="ipc:///nowhere",
+        env={"CODE": "3"},
+    )
+
+
+async def test_a_spare_becomes_the_worker_and_exits_like_one(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    lines: list[OutputLine] = []
+    exits: list[tuple[int, int, ExitReason]] = []
+    spec = launch(script, 4)
+    pool = SparePool(
+        spec.command, ("json",), tmp_path, env=spec.env, on_output=lines.append, shutdown=2.0
+    )
+    async with trio.open_nursery() as nursery:
+        await pool.fill(nursery, 1)  # one spare for two local workers: one starts cold
+        assert pool.ready == 1
+        spare_pid = pool._ready[0].pid
+        group = WorkerGroup(
+            spec,
+            on_exit=lambda r, p, why: exits.append((r, p, why)),
+            on_output=lines.append,
+            spares=pool,
+            shutdown=2.0,
+        )
+        await nursery.start(group.run)
+        assert group.warm == {2} and group.pids[2] == spare_pid and group.pids[3] != spare_pid
+        assert pool.ready == 0
+        with trio.fail_after(60):
+            await group.wait()
+    ran = sorted(line.text for line in lines if line.text.startswith("ran"))
+    assert ran == [
+        "ran ['a', 'b'] 2 4 True __main__",  # the spare: json preloaded, rank 2 of generation 4
+        "ran ['a', 'b'] 3 4 False __main__",  # the cold start
+    ]
+    assert {(r, why.kind, why.exit_code) for r, _, why in exits} == {
+        (2, ExitKind.ABNORMAL, 3),
+        (3, ExitKind.ABNORMAL, 3),
+    }
+    assert list(tmp_path.glob("*.go")) == []
+
+
+async def test_a_spare_that_dies_before_use_is_forgotten(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    pool = SparePool((sys.executable, str(script)), ("json",), tmp_path, shutdown=1.0)
+    async with trio.open_nursery() as nursery:
+        await pool.fill(nursery, 1)
+        spare = pool._ready[0]
+        os.kill(spare.pid, 9)
+        with trio.fail_after(30):
+            await spare.handle.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        assert pool.take() is None  # the next restart starts cold
+        assert not pool.enabled  # and no more spares: a spare that dies is not retried
+        await pool.fill(nursery, 1)
+        assert pool.ready == 0
+    assert spare.handle.reason is not None
+
+
+async def test_the_node_stopping_stops_its_spares(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    pool = SparePool((sys.executable, str(script)), ("json",), tmp_path, shutdown=1.0)
+    async with trio.open_nursery() as nursery:
+        await pool.fill(nursery, 2)
+        spares = list(pool._ready)
+        assert len(spares) == 2 and pool.enabled
+        nursery.cancel_scope.cancel()
+    assert all(s.handle.reason is not None for s in spares)
+    assert list(tmp_path.glob("*.go")) == []

@@ -1,0 +1,100 @@
+"""Keeps `benchmarks/recovery.py` from rotting: one worker crash per system on a tiny model,
+measured and analysed by the benchmark's own code, then rendered into its report.
+
+Real processes on loopback (two `supervise node` agents; a torchrun-style launcher); the
+benchmark stops every one of them by PID, also when a step fails. Nothing here asserts on
+speed: only that every phase was measured and both systems ended where a failure-free run
+ends, bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervise._testing import OtlpSink
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import recovery  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_parse_rejects_an_unknown_failure_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        recovery.parse(["--kinds", "crash,meteor"])
+    assert exc.value.code == 2
+    assert "--kinds: unknown kind 'meteor'" in capsys.readouterr().err
+
+
+def test_quick_flags_shrink_the_run() -> None:
+    cfg, _ = recovery.parse(["--quick"])
+    assert (cfg.reps, cfg.intervals, cfg.failures) == (1, (20.0,), 2)
+
+
+def test_a_crash_trial_per_system_is_measured_and_reported(tmp_path: Path) -> None:
+    cfg = recovery.Config(
+        hidden=64,
+        kinds=("crash",),
+        settle_steps=40,
+        sv_every=5,
+        bl_every=5,
+        reps=1,
+        step_delay=0.05,  # the crash lands while both systems are still training
+        workdir=tmp_path,
+    )
+    floors = recovery.Floors(recovery.state_bytes(cfg))
+    floors.sample(idle=True, reps=1)
+    rng = random.Random(0)
+    with OtlpSink() as sink:
+        sv = recovery.SuperviseRun(cfg, "sv", sink)
+        sv_trials = recovery.trial_run(cfg, sv, 0, ["crash"], floors, rng)
+    bl = recovery.BaselineRun(cfg, "bl", every=cfg.bl_every)
+    bl_trials = recovery.trial_run(cfg, bl, 1, ["crash"], floors, rng)
+
+    assert [t.system for t in sv_trials + bl_trials] == [recovery.SUPERVISE, recovery.BASELINE]
+    for t in sv_trials + bl_trials:
+        assert "error" not in t.detail, t.detail
+        assert t.detail["run_finished"], t
+        assert t.detail["orphans"] == [], t
+        assert t.gen_after > t.gen_before
+        assert t.total > 0
+        assert {"detect", "process_start", "restore", "resume"} <= t.phases.keys(), t.phases
+        assert t.restored_step is not None
+        assert 0 <= t.restored_step <= t.step_at_failure
+        assert {"imports", "rendezvous", "build"} <= t.process.keys(), t.process
+    sv_trial, bl_trial = sv_trials[0], bl_trials[0]
+    assert sv_trial.detail["trigger"] == "worker_exit"
+    assert sv_trial.detail["restore_source"] == "local"
+    assert sv_trial.detail["restore_bytes"] > 0
+    assert bl_trial.detail["failed_ranks"] == {str(bl_trial.rank): -9}
+    # Both survived a crash and end where the other did: the same deterministic training.
+    assert recovery.same_params(sv.out, bl.out)
+
+    refs = {
+        name: recovery.Reference(
+            name, recovery.trial_steps(cfg), recovery.step_time(run.progress, run.ranks), True, []
+        )
+        for name, run in (("bare", bl), (recovery.SUPERVISE, sv), (recovery.BASELINE, bl))
+    }
+    info = {
+        "machine": "test",
+        "load_start": recovery.load_average(),
+        "load_end": recovery.load_average(),
+        "date": "today",
+        "duration_min": 1.0,
+        "calibration": {"save_s": 0.01, "step_s": 0.05},
+        "refs_equal": True,
+        "exact": {"supervise": "1/1 runs", "status quo": "1/1 runs"},
+        "notes": recovery.notes(cfg, sv_trials + bl_trials, floors),
+        "argv": "",
+    }
+    text = recovery.report(cfg, info, refs, sv_trials + bl_trials, floors, [], cfg.bl_every)
+    assert text.startswith("## Recovery")
+    assert "| crash |" in text
+    assert "restore phase <= 1.5x a plain copy" in text

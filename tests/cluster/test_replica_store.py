@@ -1,0 +1,366 @@
+"""The sans-IO replica store: streaming verification, supersede, budget, retention, pins."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervise.cluster import ChecksumMismatch, ProtocolError
+from supervise.cluster.replica_store import Refused, ReplicaStore
+from supervise.cluster.shard import Check, ShardMeta, StreamVerifier
+from supervise.snapshot import CapacityError, MemoryBudget
+
+KiB = 1024
+
+
+def make_shard(
+    rank: int, version: int, sizes: list[int], generation: int = 0, seed: int | None = None
+) -> tuple[ShardMeta, bytes]:
+    rng = np.random.default_rng(seed if seed is not None else rank * 1000 + version)
+    data = rng.integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
+    checks, off = [], 0
+    for i, n in enumerate(sizes):
+        checks.append(Check(f"t{i}", off, n, xxhash.xxh64_intdigest(data[off : off + n])))
+        off += n
+    return ShardMeta(rank, version, generation, len(data), checks, b"manifest"), data
+
+
+_clock = itertools.count(1)
+
+
+def push(store: ReplicaStore, meta: ShardMeta, data: bytes, chunk: int = 7 * KiB) -> None:
+    now = float(next(_clock))
+    rec = store.begin(meta, source=meta.rank, now=now)
+    assert rec is not None
+    for off in range(0, len(data), chunk):
+        store.chunk(rec.id, off, memoryview(data)[off : off + chunk], now=now)
+    store.finish(rec.id, now=now)
+
+
+# ---- the verifier ------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=8),
+    chunk=st.integers(1, 6000),
+    flip=st.one_of(st.none(), st.integers(0, 10**9)),
+)
+def test_verifier_any_chunking(sizes: list[int], chunk: int, flip: int | None) -> None:
+    meta, data = make_shard(0, 1, sizes)
+    buf = bytearray(data)
+    if flip is not None and data:
+        buf[flip % len(buf)] ^= 0x40
+    v = StreamVerifier(meta.checks, meta.nbytes)
+    mv = memoryview(bytes(buf))
+    if flip is not None and data:
+        with pytest.raises(ChecksumMismatch, match=r"tensor 't\d+' \(bytes \d+\.\.\d+\)"):
+            for off in range(0, len(mv), chunk):
+                v.feed(mv[off : off + chunk])
+    else:
+        for off in range(0, len(mv), chunk):
+            v.feed(mv[off : off + chunk])
+        assert v.complete
+        assert v.verified == sum(1 for s in sizes if s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
+    chunk=st.integers(1, 6000),
+    block=st.integers(1, 3000),
+    flip=st.one_of(st.none(), st.integers(0, 10**9)),
+)
+def test_verifier_feed_into_hashes_and_copies_block_by_block(
+    sizes: list[int], chunk: int, block: int, flip: int | None
+) -> None:
+    meta, data = make_shard(0, 1, sizes)
+    buf = bytearray(data)
+    if flip is not None and data:
+        buf[flip % len(buf)] ^= 0x40
+    v = StreamVerifier(meta.checks, meta.nbytes)
+    mv, dest = memoryview(bytes(buf)), bytearray(len(buf))
+    out = memoryview(dest)
+    if flip is not None and data:
+        with pytest.raises(ChecksumMismatch, match=r"tensor 't\d+'"):
+            for off in range(0, len(mv), chunk):
+                v.feed_into(mv[off : off + chunk], out[off : off + chunk], block)
+    else:
+        for off in range(0, len(mv), chunk):
+            v.feed_into(mv[off : off + chunk], out[off : off + chunk], block)
+        assert v.complete and bytes(dest) == data
+
+
+def test_verifier_feed_into_needs_a_destination_of_the_same_size() -> None:
+    meta, data = make_shard(0, 1, [100])
+    v = StreamVerifier(meta.checks, meta.nbytes)
+    with pytest.raises(ValueError, match="destination of 99 bytes for 100 bytes"):
+        v.feed_into(memoryview(data), memoryview(bytearray(99)))
+    assert v.position == 0
+
+
+def test_shard_meta_validation() -> None:
+    with pytest.raises(ValueError, match="'b' overlaps"):
+        ShardMeta(0, 1, 0, 100, [Check("a", 0, 60, 0), Check("b", 50, 10, 0)])
+    with pytest.raises(ValueError, match="beyond the data region"):
+        ShardMeta(0, 1, 0, 100, [Check("a", 90, 20, 0)])
+    with pytest.raises(ValueError, match="version"):
+        ShardMeta(0, -1, 0, 100, [])
+
+
+def test_verifier_rejects_overrun() -> None:
+    meta, data = make_shard(0, 1, [100])
+    v = StreamVerifier(meta.checks, meta.nbytes)
+    with pytest.raises(ChecksumMismatch, match="beyond the data region"):
+        v.feed(memoryview(data + b"x"))
+
+
+# ---- the store ---------------------------------------------------------------------------
+
+
+def test_complete_and_verified_replica_is_servable() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(1, 10, [3000, 5000, 17])
+    rec = store.begin(meta, source=1, now=0.0)
+    assert rec is not None
+    store.chunk(rec.id, 0, memoryview(data)[:4000], now=0.0)
+    assert store.get(1) is None  # partial: not servable
+    with pytest.raises(ProtocolError, match="finished after 4000 of 8017 bytes"):
+        store.finish(rec.id, now=0.0)
+    assert store.get(1) is None and store.receptions() == []
+    push(store, meta, data)
+    rep = store.get(1)
+    assert rep is not None and bytes(rep.data()) == data
+    assert bytes(rep.view(3000, 10)) == data[3000:3010]
+    assert store.inventory() == {1: [(10, 0)]}
+    assert store.begin(meta, source=1, now=2.0) is None  # already held: no transfer
+
+
+def test_corrupt_chunk_aborts_and_nothing_is_served() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(2, 5, [4096, 4096])
+    bad = bytearray(data)
+    bad[5000] ^= 1
+    rec = store.begin(meta, source=2, now=0.0)
+    assert rec is not None
+    store.chunk(rec.id, 0, memoryview(bytes(bad))[:4096], now=0.0)
+    with pytest.raises(ChecksumMismatch, match="tensor 't1'"):
+        store.chunk(rec.id, 4096, memoryview(bytes(bad))[4096:], now=0.0)
+    assert store.get(2) is None and store.receptions() == []
+    with pytest.raises(ProtocolError, match="no reception"):
+        store.chunk(rec.id, 8192, memoryview(b"x"), now=0.0)
+
+
+def test_out_of_order_chunk_aborts() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(2, 5, [8192])
+    rec = store.begin(meta, source=2, now=0.0)
+    assert rec is not None
+    with pytest.raises(ProtocolError, match="chunk at 4096, expected 0"):
+        store.chunk(rec.id, 4096, memoryview(data)[4096:], now=0.0)
+    assert store.receptions() == []
+
+
+def test_chunks_received_in_place_are_verified_there() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(4, 7, [3000, 5000])
+    rec = store.begin(meta, source=4, now=0.0)
+    assert rec is not None
+    assert store.destination(rec.id, 1000, 4096) is None  # not the next chunk
+    assert store.destination(rec.id + 1, 0, 4096) is None  # no such reception
+    for off in range(0, meta.nbytes, 4096):
+        dest = store.destination(rec.id, off, 4096)
+        assert dest is not None and len(dest) == min(4096, meta.nbytes - off)
+        dest[:] = data[off : off + len(dest)]
+        assert store.get(4) is None  # nothing servable before the end
+        store.placed(rec.id, off, len(dest), now=1.0)
+    assert store.destination(rec.id, meta.nbytes, 4096) is None  # past the end
+    rep = store.finish(rec.id, now=2.0)
+    assert bytes(rep.data()) == data and rec.chunks == 2
+
+
+def test_a_corrupt_chunk_received_in_place_aborts_the_reception() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(4, 8, [4096, 4096])
+    rec = store.begin(meta, source=4, now=0.0)
+    assert rec is not None
+    dest = store.destination(rec.id, 0, 8192)
+    assert dest is not None
+    dest[:] = data
+    dest[6000] ^= 0x10
+    with pytest.raises(ChecksumMismatch, match="tensor 't1'"):
+        store.placed(rec.id, 0, 8192, now=1.0)
+    assert store.get(4) is None and store.receptions() == []
+    with pytest.raises(ProtocolError, match="no reception"):
+        store.placed(rec.id, 0, 8192, now=1.0)
+    rec = store.begin(meta, source=4, now=2.0)
+    assert rec is not None
+    with pytest.raises(ProtocolError, match="chunk at 4096, expected 0"):
+        store.placed(rec.id, 4096, 4096, now=2.0)
+    rec = store.begin(meta, source=4, now=3.0)
+    assert rec is not None
+    with pytest.raises(ProtocolError, match="runs past 8192 bytes"):
+        store.placed(rec.id, 0, 9000, now=3.0)
+    assert store.receptions() == []
+
+
+def test_newer_version_supersedes_in_flight_and_stale_is_refused() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    old, old_data = make_shard(3, 10, [20_000])
+    new, new_data = make_shard(3, 20, [20_000])
+    rec_old = store.begin(old, source=3, now=0.0)
+    assert rec_old is not None
+    store.chunk(rec_old.id, 0, memoryview(old_data)[:8192], now=0.0)
+    rec_new = store.begin(new, source=3, now=0.0)
+    assert rec_new is not None
+    assert store.reception(rec_old.id) is None  # superseded
+    with pytest.raises(ProtocolError):
+        store.chunk(rec_old.id, 8192, memoryview(old_data)[8192:], now=0.0)
+    with pytest.raises(Refused, match=r"stale: rank 3 v10 g0 is older than rank 3 v20 g0 in fl"):
+        store.begin(old, source=3, now=0.0)
+    store.chunk(rec_new.id, 0, memoryview(new_data), now=0.0)
+    store.finish(rec_new.id, now=1.0)
+    with pytest.raises(Refused, match="stale"):
+        store.begin(old, source=3, now=2.0)
+    # a later generation wins over any version of an older one (after a rollback)
+    rolled, rolled_data = make_shard(3, 15, [20_000], generation=1)
+    push(store, rolled, rolled_data)
+    assert store.get(3) is not None and store.get(3).meta.order == (1, 15)  # type: ignore[union-attr]
+
+
+def test_keep_last_and_budget_accounting() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=4 * size, keep_last=2)
+    for v in (1, 2, 3):
+        push(store, *make_shard(1, v, [size]))
+    assert [r.meta.version for r in store.replicas(1)] == [3, 2]
+    assert store.held_bytes <= store.budget
+    push(store, *make_shard(2, 1, [size]))  # reuses rank 1 v1's buffer
+    push(store, *make_shard(2, 2, [size]))
+    assert store.inventory() == {1: [(3, 0), (2, 0)], 2: [(2, 0), (1, 0)]}
+    assert store.held_bytes == store.budget
+    # full: rank 2 v3 needs room; the oldest replica that is not its rank's newest goes
+    push(store, *make_shard(2, 3, [size]))
+    assert store.inventory() == {1: [(3, 0)], 2: [(3, 0), (2, 0)]}
+    assert store.held_bytes <= store.budget
+
+
+def test_budget_never_evicts_a_ranks_newest_replica() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=2 * size)
+    push(store, *make_shard(1, 1, [size]))
+    push(store, *make_shard(2, 1, [size]))
+    meta, _ = make_shard(1, 2, [size])
+    with pytest.raises(Refused, match=r"budget: rank 1 v2 g0 needs 65536 bytes; 0 of 131072 free"):
+        store.begin(meta, source=1, now=0.0)
+    assert store.inventory() == {1: [(1, 0)], 2: [(1, 0)]}  # intact
+    with pytest.raises(Refused, match="too_big"):
+        store.begin(make_shard(4, 1, [3 * size])[0], source=4, now=0.0)
+
+
+def test_buffers_are_reused() -> None:
+    size = 256 * KiB
+    store = ReplicaStore(budget=8 * size)
+    push(store, *make_shard(1, 1, [size]))
+    slab = store.get(1).slab  # type: ignore[union-attr]
+    push(store, *make_shard(1, 2, [size]))
+    push(store, *make_shard(1, 3, [size]))  # v1's slab came back from the pool for v3
+    assert store.get(1).slab is slab  # type: ignore[union-attr]
+    assert store.held_bytes == 2 * size
+
+
+def test_pinned_replica_survives_eviction_until_unpinned() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=3 * size)
+    push(store, *make_shard(1, 1, [size]))
+    rep = store.pin(1)
+    assert rep is not None
+    meta2, data2 = make_shard(1, 2, [size])
+    push(store, meta2, data2)  # keep_last=1: v1 retired, but still readable while pinned
+    assert bytes(rep.data()) == make_shard(1, 1, [size])[1]
+    assert store.get(1, version=1) is None
+    store.unpin(rep)
+    assert store.held_bytes == 2 * size  # v1's buffer now waits in the pool
+
+
+def test_idle_receptions_expire() -> None:
+    store = ReplicaStore(budget=1 << 20)
+    meta, data = make_shard(1, 1, [10_000])
+    rec = store.begin(meta, source=1, now=0.0)
+    assert rec is not None
+    store.chunk(rec.id, 0, memoryview(data)[:100], now=5.0)
+    assert store.expire(now=10.0, idle=30.0) == []
+    assert [r.id for r in store.expire(now=35.0, idle=30.0)] == [rec.id]
+    assert store.receptions() == [] and store.get(1) is None
+
+
+def test_bad_constructor_args() -> None:
+    with pytest.raises(ValueError, match="budget = -1"):
+        ReplicaStore(budget=-1)
+    with pytest.raises(ValueError, match="keep_last = 0"):
+        ReplicaStore(budget=1, keep_last=0)
+
+
+# ---- one budget for the node's arenas and its peers' replicas ------------------------------
+
+
+def test_shared_budget_counts_replicas_and_arenas_together() -> None:
+    size = 64 * KiB
+    shared = MemoryBudget(4 * size)
+    store = ReplicaStore(budget=100 * size, shared=shared, keep_last=2)
+    assert store.budget == 4 * size  # the shared limit is the tighter one
+    shared.reserve(2 * size, "arena for rank 0")  # the local arenas come first
+    push(store, *make_shard(1, 1, [size]))
+    push(store, *make_shard(2, 1, [size]))
+    assert shared.held == 4 * size and store.held_bytes == 2 * size
+    meta, _ = make_shard(3, 1, [size])
+    with pytest.raises(Refused, match=r"budget: rank 3 v1 g0 needs 65536 bytes; 0 of"):
+        store.begin(meta, source=3, now=0.0)
+    assert store.inventory() == {1: [(1, 0)], 2: [(1, 0)]}  # intact
+    store.close()
+    assert shared.held == 2 * size  # the arena's share stays reserved
+
+
+def test_an_arena_reclaims_spare_buffers_and_older_replicas_never_a_newest() -> None:
+    size = 64 * KiB
+    shared = MemoryBudget(5 * size)
+    store = ReplicaStore(budget=5 * size, shared=shared, keep_last=2)
+    push(store, *make_shard(1, 1, [size]))
+    push(store, *make_shard(1, 2, [size]))
+    push(store, *make_shard(2, 1, [size]))
+    store.abort(store.begin(make_shard(2, 2, [size])[0], source=2, now=0.0).id)  # type: ignore[union-attr]
+    assert store.held_bytes == 4 * size  # three replicas and one spare buffer
+    shared.reserve(3 * size, "arena for rank 0")  # takes the spare buffer and rank 1's v1
+    assert store.inventory() == {1: [(2, 0)], 2: [(1, 0)]}
+    assert shared.held == 5 * size and store.held_bytes == 2 * size
+    shared.release(size)
+    with pytest.raises(CapacityError, match=r"arena for rank 1 needs 128\.0 KiB"):
+        shared.reserve(2 * size, "arena for rank 1")  # only the newest replicas are left
+    assert store.inventory() == {1: [(2, 0)], 2: [(1, 0)]}
+
+
+def test_reclaiming_from_another_thread_takes_nothing() -> None:
+    size = 64 * KiB
+    shared = MemoryBudget(2 * size)
+    store = ReplicaStore(budget=2 * size, shared=shared, keep_last=2)
+    push(store, *make_shard(1, 1, [size]))
+    push(store, *make_shard(1, 2, [size]))
+    errors: list[BaseException] = []
+
+    def arena() -> None:
+        try:
+            shared.reserve(size, "arena for rank 0")
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=arena)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], CapacityError)
+    assert store.inventory() == {1: [(2, 0), (1, 0)]}

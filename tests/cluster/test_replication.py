@@ -1,0 +1,173 @@
+"""Push and fetch over real zmq links in one process: acks, credits, verification, supersede."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from clusterkit import eventually
+from test_replica_store import make_shard
+
+from supervise.cluster import RemoteError, Transport
+from supervise.cluster.replica_store import ReplicaStore
+from supervise.cluster.replication import (
+    PushAck,
+    PushBegin,
+    PushChunk,
+    PushDone,
+    PushEnd,
+    PushReady,
+    ReplicaEndpoint,
+    fetch_shard,
+    inventory,
+    push_shard,
+)
+
+KiB = 1024
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Transport, Transport, ReplicaEndpoint]]:
+    holder = Transport(rank=1, endpoint="127.0.0.1:0")
+    owner = Transport(rank=0, endpoint="127.0.0.1:0")
+    async with holder.running(), owner.running():
+        assert holder.endpoint is not None
+        owner.set_peer(1, holder.endpoint)
+        endpoint = ReplicaEndpoint(holder, ReplicaStore(budget=64 * MiB))
+        endpoint.install()
+        yield owner, holder, endpoint
+
+
+async def test_push_then_fetch_byte_for_byte(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, _, endpoint = pair
+    meta, data = make_shard(0, 10, [3 * MiB, 1 * MiB + 5, 77])
+    assert await push_shard(owner, 1, meta, memoryview(data), chunk_size=256 * KiB, window=4)
+    assert endpoint.store.inventory() == {0: [(10, 0)]}
+    assert not await push_shard(owner, 1, meta, memoryview(data))  # held: nothing sent
+    got_meta, got = await fetch_shard(owner, 1, 0, chunk_size=300 * KiB, window=3)
+    assert got_meta == meta
+    assert bytes(got) == data
+    inv = await inventory(owner, 1)
+    assert inv.held == [(0, 10, 0)] and inv.held_bytes <= inv.budget
+    # ranged: into a caller-supplied destination
+    dest = bytearray(meta.nbytes + 100)
+    _, view = await fetch_shard(owner, 1, 0, version=10, into=lambda m: memoryview(dest))
+    assert bytes(view) == data
+    assert not endpoint._leases  # every lease closed
+
+
+async def test_corrupt_push_is_refused_and_never_served(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, _, endpoint = pair
+    meta, data = make_shard(0, 10, [MiB, MiB])
+    bad = bytearray(data)
+    bad[MiB + 12345] ^= 0xFF
+    with pytest.raises(RemoteError, match=r"tensor 't1'.*does not match its checksum"):
+        await push_shard(owner, 1, meta, memoryview(bytes(bad)), chunk_size=128 * KiB)
+    assert endpoint.store.inventory() == {}
+    assert endpoint.store.receptions() == []
+    with pytest.raises(RemoteError, match="LookupError: no replica of rank 0"):
+        await fetch_shard(owner, 1, 0)
+
+
+async def test_cancelled_push_aborts_at_the_receiver_and_newer_supersedes(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, holder, endpoint = pair
+    old, old_data = make_shard(0, 10, [4 * MiB])
+    new, new_data = make_shard(0, 20, [4 * MiB])
+    # slow the receiver down so the first push is surely mid-flight when cancelled
+    chunk_handler = holder._handlers["replica.push_chunk"]
+    seen = trio.Event()
+
+    async def slow_chunk(msg):  # type: ignore[no-untyped-def]
+        seen.set()
+        await trio.sleep(0.02)
+        return await chunk_handler(msg)
+
+    holder._handlers["replica.push_chunk"] = slow_chunk
+    async with trio.open_nursery() as n:
+        scope = trio.CancelScope()
+
+        async def first() -> None:
+            with scope:
+                await push_shard(owner, 1, old, memoryview(old_data), chunk_size=256 * KiB)
+
+        n.start_soon(first)
+        await seen.wait()
+        scope.cancel()  # a newer version was committed: supersede
+    await eventually(lambda: endpoint.store.receptions() == [])
+    assert endpoint.store.inventory() == {}
+    holder._handlers["replica.push_chunk"] = chunk_handler
+    assert await push_shard(owner, 1, new, memoryview(new_data))
+    with pytest.raises(RemoteError, match="stale"):
+        await push_shard(owner, 1, old, memoryview(old_data))
+    _, got = await fetch_shard(owner, 1, 0)
+    assert bytes(got) == new_data
+
+
+async def test_chunks_from_a_stranger_are_refused(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, holder, endpoint = pair
+    meta, data = make_shard(0, 10, [2 * MiB])
+    begin = PushBegin(
+        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+    )
+    ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
+    tid = ready.body.transfer
+    other = Transport(rank=2, peers={1: holder.endpoint or ""})
+    async with other.running():
+        with pytest.raises(RemoteError, match="not in flight from this sender"):
+            await other.request(1, PushChunk(tid, 0), [data[:100]])
+    # the owner's transfer is unharmed
+    await owner.request(1, PushChunk(tid, 0), [data], expect=PushAck)
+    await owner.request(1, PushEnd(tid), expect=PushDone)
+    assert endpoint.store.inventory() == {0: [(10, 0)]}
+
+
+async def test_budget_refusal_keeps_what_is_held(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, _, endpoint = pair
+    endpoint.store.budget = 3 * MiB
+    meta, data = make_shard(0, 10, [2 * MiB])
+    assert await push_shard(owner, 1, meta, memoryview(data))
+    newer, newer_data = make_shard(0, 11, [2 * MiB])
+    with pytest.raises(RemoteError, match="budget"):
+        await push_shard(owner, 1, newer, memoryview(newer_data))
+    _, got = await fetch_shard(owner, 1, 0)
+    assert bytes(got) == data
+
+
+async def test_chunks_arrive_as_one_frame_each_and_an_oversized_one_fails_the_push(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, holder, endpoint = pair
+    meta, data = make_shard(0, 10, [MiB, 300 * KiB])
+    seen: list[tuple[int, int]] = []
+    handler = holder._handlers["replica.push_chunk"]
+
+    async def spy(msg):  # type: ignore[no-untyped-def]
+        seen.append((len(msg.placed), len(msg.frames)))
+        return await handler(msg)
+
+    holder._handlers["replica.push_chunk"] = spy
+    assert await push_shard(owner, 1, meta, memoryview(data), chunk_size=256 * KiB, window=2)
+    # each chunk stays in libzmq's buffer: hashed there, then copied into place (one pass)
+    assert len(seen) == 6 and all(s == (0, 1) for s in seen)
+    holder._handlers["replica.push_chunk"] = handler
+    # a chunk larger than the holder accepts fails the push at once, and nothing of it is kept
+    endpoint.max_chunk = 128 * KiB
+    newer, newer_data = make_shard(0, 11, [MiB])
+    with pytest.raises(RemoteError, match="exceeds 131072"):
+        await push_shard(owner, 1, newer, memoryview(newer_data), chunk_size=256 * KiB, window=2)
+    await eventually(lambda: endpoint.store.receptions() == [])
+    assert endpoint.store.inventory() == {0: [(10, 0)]}  # what was held is intact
+    _, got = await fetch_shard(owner, 1, 0, chunk_size=100 * KiB)
+    assert bytes(got) == data

@@ -1,0 +1,241 @@
+from pathlib import Path
+
+import msgpack
+import pytest
+from snaphelp import ThreadedAgent, make_service
+from test_persist import shard
+
+from supervise.snapshot import (
+    AgentClient,
+    CapacityError,
+    CorruptSnapshot,
+    Manifest,
+    SnapshotError,
+)
+from supervise.snapshot import protocol as p
+from supervise.snapshot.client import LocalOwner
+from supervise.snapshot.service import FRESH
+
+
+def hello(rank: int = 0) -> p.Hello:
+    return p.Hello(rank=rank, local_rank=0, world_size=2, generation=0, pid=123)
+
+
+def commit_version(owner: LocalOwner | AgentClient, step: int) -> tuple[Manifest, bytearray]:
+    m, data = shard(step, rank=owner.rank)
+    owner.attach(m.nbytes, 1 << 16)
+    slot = owner.begin()
+    assert slot is not None
+    slot.arena.data(slot.slot, m.nbytes)[:] = data
+    owner.commit(slot, m.to_bytes())
+    return m, data
+
+
+def test_double_buffer_retention_and_restore_candidates(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1)
+    owner = LocalOwner(svc, 0)
+    owner.hello(hello())
+    for s in (2, 4, 6):
+        commit_version(owner, s)
+    assert [v.step for v in owner.versions()] == [6]
+    [cand] = owner.restore("latest")
+    assert cand.info.step == 6 and cand.manifest.step == 6
+    svc.close()
+
+
+def test_recapture_of_same_step_replaces_it(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=3)
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 4)
+    commit_version(owner, 4)
+    assert [v.step for v in owner.versions()] == [4]
+    svc.close()
+
+
+def test_pinned_slot_is_not_reused(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1)
+    owner = LocalOwner(svc, 0)
+    _m, data = commit_version(owner, 1)
+    with svc.shard(0, 1) as sh:
+        assert bytes(sh.data) == bytes(data)
+        commit_version(owner, 2)  # evicts 1 but its slot stays pinned
+        assert owner.begin() is None  # the only other slot holds version 2
+        assert bytes(sh.data) == bytes(data)
+    assert owner.begin() is not None
+    svc.close()
+
+
+def test_restore_target_overrides_which_and_is_used_up(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=3)
+    owner = LocalOwner(svc, 0)
+    for s in (1, 2, 3):
+        commit_version(owner, s)
+    svc.set_restore_target(0, 2)
+    # The cluster restores exactly the target: no per-rank fallback to an older version.
+    assert [c.info.step for c in owner.restore("latest")] == [2]
+    owner.restored(2)
+    # the timeline is at 2 now: 3 is a rolled-back future, not "latest"
+    assert [c.info.step for c in owner.restore("latest")] == [2, 1]
+    commit_version(owner, 3)
+    assert [v.step for v in owner.versions()] == [1, 2, 3]
+    svc.close()
+
+
+def test_restore_target_is_strict(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=2)
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 1)
+    svc.set_restore_target(0, FRESH)
+    assert owner.restore("latest") == []  # a fresh start, whatever is held
+    svc.set_restore_target(0, 7)
+    with pytest.raises(SnapshotError, match="restore target, version 7, is not held"):
+        owner.restore("latest")
+    svc.close()
+
+
+def test_request_hook_sees_every_decoded_request(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1)
+    seen: list[object] = []
+    svc.add_request_hook(seen.append)
+    svc.handle(p.encode_request(p.Heartbeat(0, 5, {"loss": 1.0}), 1))
+    assert [type(r).__name__ for r in seen] == ["Heartbeat"]
+    svc.close()
+
+
+def test_corrupt_report_drops_the_version_and_calls_hooks(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=2)
+    seen = []
+    svc.add_corrupt_hook(lambda r, s, why: seen.append((r, s, why)))
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 1)
+    commit_version(owner, 2)
+    owner.corrupt(2, "checksum mismatch in 'w'")
+    assert [v.step for v in owner.versions()] == [1]
+    assert seen == [(0, 2, "checksum mismatch in 'w'")]
+    svc.close()
+
+
+def test_commit_hooks_and_heartbeats(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    commits, beats = [], []
+    svc.add_commit_hook(lambda e: commits.append((e.rank, e.info.step)))
+    svc.add_heartbeat_hook(lambda r, s, m: beats.append((r, s, dict(m))))
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 5)
+    owner.heartbeat(6, {"loss": 0.5})
+    assert commits == [(0, 5)]
+    assert beats == [(0, 6, {"loss": 0.5})]
+    assert svc.last_heartbeat(0) is not None
+    svc.close()
+
+
+def test_agent_restart_adopts_committed_versions(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=2, node="n7")
+    owner = LocalOwner(svc, 1)
+    _, _data1 = commit_version(owner, 1)
+    _, data2 = commit_version(owner, 2)
+    half = owner.begin()  # a capture in flight when the agent dies
+    assert half is not None
+    svc.close(unlink=False)  # the agent process dies; the files stay in shared memory
+    again = make_service(tmp_path, keep_last=2, node="n7")
+    assert [v.step for v in again.versions(1)] == [1, 2]
+    with again.shard(1, 2) as sh:
+        assert bytes(sh.data) == bytes(data2)
+    assert again.budget.held > 0
+    other_node = make_service(tmp_path, node="n8")
+    assert other_node.versions(1) == []
+    again.close()
+    assert list(tmp_path.glob("*.arena")) == []
+
+
+def test_ingest_verifies_before_commit(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    m, data = shard(9)
+    info = svc.ingest(0, m, lambda view: view.__setitem__(slice(None), data), source="peer")
+    assert info.source == "peer" and [v.step for v in svc.versions(0)] == [9]
+    bad = bytearray(data)
+    bad[0] ^= 1
+    with pytest.raises(CorruptSnapshot, match="fails its checksum"):
+        svc.ingest(0, shard(11)[0], lambda view: view.__setitem__(slice(None), bad))
+    assert [v.step for v in svc.versions(0)] == [9]
+    svc.close()
+
+
+def test_budget_is_checked_before_allocating(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, budget=64 << 10)
+    with pytest.raises(CapacityError, match="RAM budget"):
+        svc.attach(0, 1 << 20)
+    assert list(tmp_path.iterdir()) == []
+    svc.close()
+
+
+def test_layout_growth_gets_a_new_arena_and_old_one_goes_when_unused(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1)
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 1)
+    small = svc.attach(0, 100)
+    big = svc.attach(0, 1 << 20)
+    assert big is not small and len(list(tmp_path.glob("*.arena"))) == 2
+    slot = owner.begin()
+    assert slot is not None and slot.arena is big
+    m, data = shard(2)
+    big.data(slot.slot, m.nbytes)[:] = data
+    owner.commit(slot, m.to_bytes())
+    assert len(list(tmp_path.glob("*.arena"))) == 1
+    svc.close()
+
+
+def test_wire_errors_are_one_line_replies(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    for frame, message in [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb([1, 2]), "not a map"),
+        (msgpack.packb({"op": "nope", "id": 1}), "unknown op 'nope'"),
+        (msgpack.packb({"op": "begin", "id": 1}), "missing field 'rank'"),
+        (msgpack.packb({"op": "begin", "id": 1, "rank": "0"}), "expected int"),
+        (msgpack.packb({"op": "begin", "id": 1, "rank": 0, "x": 1}), "unknown field"),
+        (msgpack.packb({"op": "begin", "id": 2, "rank": 0}), "no arena: attach first"),
+        (
+            msgpack.packb(
+                {"op": "commit", "id": 3, "rank": 0, "arena": "a", "slot": 0, "manifest": b""}
+            ),
+            "did not begin",
+        ),
+    ]:
+        reply = p.decode_reply(svc.handle(frame) or b"")
+        assert reply["ok"] is False
+        assert message in reply["error"] and "\n" not in reply["error"]
+    assert svc.handle(p.encode_request(p.Heartbeat(0, 1, {"loss": 1.0}), 0)) is None
+    svc.close()
+
+
+def test_agent_client_over_zmq(tmp_path: Path) -> None:
+    svc = make_service(tmp_path / "shm", keep_last=2)
+    svc.policy = {"snapshot": {"every_steps": 5}}
+    agent = ThreadedAgent(svc, f"ipc://{tmp_path}/agent.sock")
+    client = AgentClient(agent.endpoint, 0, timeout=5)
+    try:
+        greeting = client.hello(hello())
+        assert greeting.policy == {"snapshot": {"every_steps": 5}}
+        m, data = commit_version(client, 3)
+        client.heartbeat(4, {"loss": 0.1})
+        [cand] = client.restore("latest")
+        assert cand.manifest == m
+        assert bytes(cand.slot.arena.data(cand.slot.slot, m.nbytes)) == bytes(data)
+        assert [v.step for v in client.versions()] == [3]
+        with pytest.raises(SnapshotError, match="agent refused 'commit'"):
+            client.commit(cand.slot, m.to_bytes())
+    finally:
+        client.close()
+        agent.close()
+        svc.close()
+
+
+def test_agent_client_times_out_clearly(tmp_path: Path) -> None:
+    client = AgentClient(f"ipc://{tmp_path}/nobody.sock", 0, timeout=0.2)
+    with pytest.raises(SnapshotError, match=r"did not answer 'versions' within 0.2 s"):
+        client.versions()
+    client.heartbeat(1, {})  # never blocks, never raises
+    client.close()
+    with pytest.raises(SnapshotError, match="not a zmq endpoint"):
+        AgentClient("localhost:1234", 0)
