@@ -150,7 +150,8 @@ class Recovery:
 
     ``max_attempts`` consecutive recoveries are allowed; the count resets once training ran
     ``backoff.reset_after`` seconds without a failure. ``preload``: modules that spare worker
-    processes import ahead of a restart (Python commands only; [] = start workers cold).
+    processes import ahead of a restart (Python commands only; [] = start workers cold); the
+    default covers torch and the Snapshotter, what every supervised training script imports.
     """
 
     max_attempts: int = attrs.field(default=3, validator=integer(ge=0))
@@ -171,7 +172,7 @@ class Recovery:
     on_recovery: str = attrs.field(default="", validator=import_path)
     on_failure: str = attrs.field(default="", validator=import_path)
     preload: tuple[str, ...] = attrs.field(
-        default=("torch",), converter=to_names, validator=module_names
+        default=("torch", "supervise.torch.snapshotter"), converter=to_names, validator=module_names
     )
     backoff: Backoff = attrs.field(
         default=DEFAULT_BACKOFF, validator=policy_backoff, metadata={"table": Backoff}
