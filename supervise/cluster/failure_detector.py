@@ -125,10 +125,8 @@ class FailureDetector:
         if p is None:
             return []
         events: list[Event] = []
-        if p.incarnation is None:
-            restarted = not p.alive  # lost unheard: whichever process it was is unknown
-        else:
-            restarted = incarnation != p.incarnation
+        # lost before it was heard: which process that was is unknown, so its RAM is too
+        restarted = not p.alive if p.incarnation is None else incarnation != p.incarnation
         if restarted:
             p.intervals.clear()  # a new process: its history says nothing about it
         elif p.seen and p.alive:
