@@ -106,6 +106,7 @@ CASES: list[tuple[str, str, str]] = [
     ("[cluster]\nheartbeat_interval = 0", "cluster.heartbeat_interval", "duration > 0"),
     ("[cluster]\npeer_timeout = 1.0", "cluster.peer_timeout", "longer than heartbeat_interval"),
     ('[cluster]\npeer_timeout = "x"', "cluster.peer_timeout", "durations are"),
+    ("[cluster]\nrejoin_timeout = 0", "cluster.rejoin_timeout", "duration > 0"),
     (
         '[snapshot]\non_best = "accuracy"',
         "snapshot.on_best",
@@ -177,6 +178,14 @@ def test_python_construction_names_the_field(text: str, key: str, allowed: str) 
     expected = key if "retention." in allowed else field  # the cross-section rules
     assert info.value.field == expected
     assert allowed in info.value.allowed
+
+
+def test_a_lone_surrogate_in_python_is_refused_with_its_field() -> None:
+    # TOML files are checked as UTF-8 before parsing; Python strings can hold what no file can
+    with pytest.raises(sv.InvalidValue) as info:
+        sv.Persist(path="\ud800")
+    assert info.value.field == "path"
+    assert "valid Unicode" in info.value.allowed
 
 
 def test_backoff_in_python_names_its_field() -> None:

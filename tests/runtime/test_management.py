@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 from runtime_helpers import Journal, states
+from structlog.testing import capture_logs
 
 import supervise as sv
 
@@ -64,6 +65,56 @@ async def test_terminate_then_restart_then_delete(
         for op in (ref.terminate_child, ref.restart_child, ref.delete_child, ref.child_spec):
             with pytest.raises(sv.NotFound, match="no child with id 'a'"):
                 await op("a")
+        await ref.stop()
+
+
+async def test_restart_and_delete_refuse_a_child_waiting_out_its_backoff(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def crash() -> None:
+        await trio.sleep(1)
+        raise RuntimeError("boom")
+
+    sup = sv.Supervisor(
+        [sv.child(crash, id="c")],
+        max_restarts=10,
+        max_seconds=1000,
+        backoff=sv.Backoff(initial=30.0, max=30.0),
+    )
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(sup.run)
+        await trio.sleep(2)  # crashed after 1 s: now 30 s of backoff before its restart
+        assert await states(ref) == {"c": "restarting"}
+        with pytest.raises(sv.AlreadyRunning, match="'c' is already restarting"):
+            await ref.restart_child("c")
+        with pytest.raises(sv.StillRunning, match="'c' is still restarting: terminate_child"):
+            await ref.delete_child("c")
+        await ref.terminate_child("c")  # a restarting child can be terminated, then deleted
+        assert await states(ref) == {"c": "stopped"}
+        await ref.delete_child("c")
+        assert await states(ref) == {}
+        await ref.stop()
+
+
+async def test_a_child_that_shields_its_cleanup_past_shutdown_is_reported_overdue(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A trio task cannot be killed: the stop waits for it, and says so once `shutdown` is over.
+    async def stubborn() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(10)
+
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(sv.Supervisor([sv.child(stubborn, id="s", shutdown=2)]).run)
+        t0 = trio.current_time()
+        with capture_logs() as logs:
+            await ref.terminate_child("s")
+        assert trio.current_time() - t0 == pytest.approx(10.0)
+        overdue = [e for e in logs if e["event"] == "child_shutdown_overdue"]
+        assert overdue and overdue[0]["child"] == "s" and overdue[0]["shutdown"] == 2
         await ref.stop()
 
 

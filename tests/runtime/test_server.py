@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import pytest
@@ -243,6 +244,34 @@ async def test_terminate_runs_on_shutdown_within_the_shutdown_time(
         await sup.stop()
         assert trio.current_time() - t0 == pytest.approx(2.0)
     assert [r.kind for r in TERMINATED] == [sv.ExitKind.SHUTDOWN]
+
+
+def test_each_trio_run_has_its_own_registry() -> None:
+    """Two runs at once in two threads: a name registered in one is unknown in the other."""
+    registered, checked = threading.Event(), threading.Event()
+    seen: list[object] = []
+
+    async def holder() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sv.Supervisor([sv.child(Counter, id="c", name="counter")]).run)
+            assert sv.whereis("counter") is not None
+            registered.set()
+            await trio.to_thread.run_sync(checked.wait)
+            nursery.cancel_scope.cancel()
+
+    async def looker() -> None:
+        await trio.to_thread.run_sync(registered.wait)
+        seen.append(sv.whereis("counter"))
+        checked.set()
+
+    thread = threading.Thread(target=trio.run, args=(holder,))
+    thread.start()
+    try:
+        trio.run(looker)
+    finally:
+        checked.set()
+        thread.join(10)
+    assert seen == [None]
 
 
 async def test_registry_is_per_run_and_names_are_unique(autojump_clock: trio.abc.Clock) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from supervise.policy import Policy
 from supervise.snapshot import CapacityError, CorruptSnapshot, SnapshotError
+from supervise.snapshot.persist import PersistTier
 from supervise.torch import Snapshotter
 
 
@@ -154,6 +155,23 @@ def test_fresh_process_restores_from_disk_into_lazily_created_adam_state(tmp_pat
         assert snap2.restore() == 3
         assert snap2.last_restore is not None and snap2.last_restore.source == "disk"
         assert_same(saved, state(model2, opt2))
+
+
+def test_persist_tier_writes_every_nth_snapshot_and_keeps_persist_keep(tmp_path: Path) -> None:
+    policy = Policy.from_dict(
+        {
+            "snapshot": {"every_steps": 1},
+            "retention": {"keep_last": 2},
+            "persist": {"every_snapshots": 3, "path": str(tmp_path / "ckpt"), "keep": 2},
+        }
+    )
+    model = Net()
+    opt = make_opt("adamw", model)
+    with Snapshotter(model, opt, policy=policy, shm_dir=tmp_path) as snap:
+        train(model, opt, snap, range(10))  # snapshots of steps 0..9: the 3rd, 6th, 9th persist
+        snap.flush()
+    tier = PersistTier(tmp_path / "ckpt", rank=0, keep=2)
+    assert [e.manifest.step for e in tier.entries()] == [5, 8]
 
 
 def test_weights_only_restore_leaves_the_optimizer(tmp_path: Path) -> None:
@@ -361,12 +379,15 @@ def test_cuda_capture_and_restore(tmp_path: Path) -> None:
             opt.zero_grad()
             snap.step(step)
         snap.wait()
-        saved = state(model, opt)
-        x = torch.randn(5, 6, device="cuda")
+        assert snap._views and all(v.pinned for v in snap._views.values())  # cudaHostRegister
+        saved, cuda_rng = state(model, opt), torch.cuda.get_rng_state()
+        x = torch.randn(5, 6, device="cuda")  # moves the CUDA generator on
         model(x).pow(2).mean().backward()
         opt.step()
+        assert not torch.equal(torch.cuda.get_rng_state(), cuda_rng)
         assert snap.restore() == 2
         assert_same(saved, state(model, opt))
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
 
 
 def test_optimizer_step_helps_finish_the_copy(
