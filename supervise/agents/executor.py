@@ -92,7 +92,8 @@ class Executor:
         self.rewinds: list[tuple[int, int]] = []
         self._nursery: trio.Nursery | None = None
         self._restart_scope: trio.CancelScope | None = None
-        self._leader: tuple[int, int] = (-1, -1)  # (generation, node running its restart)
+        # (generation, node running its restart); node -1 once that node's process is gone
+        self._leader: tuple[int, int] = (-1, -1)
         self._reported: set[int] = set()
         self._done_ranks: set[int] = set()
         self._done = trio.Event()
@@ -205,6 +206,11 @@ class Executor:
 
     async def _membership_events(self, events: trio.MemoryReceiveChannel[Event]) -> None:
         async for ev in events:
+            gone = isinstance(ev, PeerLost) or (isinstance(ev, PeerBack) and ev.restarted)
+            if gone and self._leader[1] == ev.rank:
+                # The process that led this generation is gone (a replacement leads nothing
+                # before it joins): coordination and progress go by membership again.
+                self._leader = (self._leader[0], -1)
             if self.coordinator is not None:
                 self.coordinator.membership_event(ev)
             if isinstance(ev, PeerLost | PeerBack):
@@ -492,7 +498,7 @@ class Executor:
     ) -> None:
         progress = m.Progress(self.rank, generation, phase, detail, nbytes, source)
         gen, leader = self._leader
-        if gen != generation:
+        if gen != generation or leader < 0:
             self.send_to_coordinator(progress)
         elif leader == self.rank:
             if self.coordinator is not None:

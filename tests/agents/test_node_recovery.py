@@ -112,6 +112,27 @@ def test_lost_node_is_replaced_and_fetches_its_shard_from_a_peer(tmp_path: Path)
         assert c.orphans() == []
 
 
+def test_lost_coordinator_is_replaced_and_the_survivor_leads_the_recovery(
+    tmp_path: Path,
+) -> None:
+    # Node 0 led generation 1; its replacement (a new process, same rank) must not be taken
+    # for that leader, or each node would wait for the other to coordinate.
+    with nodes(tmp_path, 2, steps=LONG) as c:
+        c.start_all()
+        c.wait_resumed(1)
+        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        worker = c.worker_pid(0)
+        c.agents[0].proc.send_signal(signal.SIGKILL)
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.start(0)
+        c.wait_resumed(2, timeout=60)
+        assert c.recoveries(1), "the surviving node did not lead the recovery"
+        assert c.events(0, "shard fetched from a peer"), "the replacement did not fetch"
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+
+
 def test_recovery_gives_up_after_max_attempts(tmp_path: Path) -> None:
     policy = FAST_POLICY.replace("max_attempts = 4", "max_attempts = 2")
     with nodes(tmp_path, 2, policy=policy) as c:
