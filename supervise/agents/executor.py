@@ -206,8 +206,11 @@ class Executor:
 
     async def _membership_events(self, events: trio.MemoryReceiveChannel[Event]) -> None:
         async for ev in events:
-            gone = isinstance(ev, PeerLost) or (isinstance(ev, PeerBack) and ev.restarted)
-            if gone and self._leader[1] == ev.rank:
+            if (
+                isinstance(ev, PeerLost | PeerBack)
+                and ev.rank == self._leader[1]
+                and (isinstance(ev, PeerLost) or ev.restarted)
+            ):
                 # The process that led this generation is gone (a replacement leads nothing
                 # before it joins): coordination and progress go by membership again.
                 self._leader = (self._leader[0], -1)
