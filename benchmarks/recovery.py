@@ -224,6 +224,11 @@ class Run:
         """The PID of rank's newest worker process, whether it trains yet or not."""
         raise NotImplementedError
 
+    def spares_ready(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until a restart would find its processes warm; False if
+        they were not by then. The status quo keeps nothing warm: always True."""
+        return True
+
     # common
     def current_pid(self, rank: int) -> int:
         gen = max(e.gen for e in self.progress.of("step"))
@@ -322,6 +327,27 @@ class SuperviseRun(Run):
         if pid is None:
             raise LookupError(f"no worker of rank {rank} started yet")
         return pid
+
+    def spares_ready(self, timeout: float) -> bool:
+        """Every live agent's newest spare worker has its imports done (`spare worker ready`):
+        a trial measures a restart with warm spares, as a failure long after the last one
+        finds them (a failure seconds after a restart meets a spare still importing)."""
+        assert self.cluster is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            newest: dict[str, int] = {}
+            ready: set[int] = set()
+            for line in self.cluster.log_lines():
+                if line.get("event") == "process_started" and line.get("child") == "spare worker":
+                    newest[line["_log"]] = int(line["pid"])
+                elif line.get("event") == "spare worker ready":
+                    ready.add(int(line["pid"]))
+            live = {a.log.name for a in self.cluster.agents.values()}
+            if live <= newest.keys() and all(newest[log] in ready for log in live):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 class BaselineRun(Run):
@@ -569,6 +595,7 @@ def trial_run(
     with running(run, steps, out=True):
         for i, kind in enumerate(kinds):
             run.wait_step(warmup + i * cfg.settle_steps, timeout=300)
+            warm = run.spares_ready(60)
             step_s = step_time(run.progress, run.ranks)
             time.sleep(rng.uniform(0, step_s))
             rank = (rep + i) % cfg.nodes
@@ -582,6 +609,7 @@ def trial_run(
                 continue
             t_fail = run.inject(kind, rank)
             trial = Trial(run.system, kind, rep, rank, t_fail, gen0)
+            trial.detail["spares_ready"] = warm
             run.progress.wait(
                 functools.partial(_resumed, run, gen0),
                 180,
@@ -681,8 +709,9 @@ def warmup_steps(cfg: Config) -> int:
 
 
 def trial_steps(cfg: Config) -> int:
-    """Steps of every trial run (and of the failure-free references they are compared to)."""
-    return warmup_steps(cfg) + len(cfg.kinds) * cfg.settle_steps + 40
+    """Steps of every trial run (and of the failure-free references they are compared to);
+    the tail leaves room for trials that waited for supervise's spares to be ready."""
+    return warmup_steps(cfg) + len(cfg.kinds) * cfg.settle_steps + 120
 
 
 def step_time(progress: ProgressLog, ranks: Sequence[int], last: int = 20) -> float:

@@ -1,12 +1,12 @@
 """A spare worker process: ``python -m supervise._warm GO_FILE PRELOAD -- (-m MODULE | SCRIPT)
 ARGS...``.
 
-Imports the modules in PRELOAD (comma-separated; torch takes seconds) ahead of a restart, then
-waits for GO_FILE: a JSON object ``{"env": {...}}`` with the generation's variables (RANK,
-MASTER_PORT, SUPERVISE_GENERATION, ...). It then runs the training command in this process as
-``python -m MODULE`` or ``python SCRIPT`` would, so a restart skips the interpreter start and
-the heavy imports. This module uses the standard library only (it must configure nothing the
-job configures itself).
+Imports the modules in PRELOAD (comma-separated; torch takes seconds) ahead of a restart,
+creates GO_FILE with the suffix ``.warm`` to say so, then waits for GO_FILE: a JSON object
+``{"env": {...}}`` with the generation's variables (RANK, MASTER_PORT, SUPERVISE_GENERATION,
+...). It then runs the training command in this process as ``python -m MODULE`` or ``python
+SCRIPT`` would, so a restart skips the interpreter start and the heavy imports. This module
+uses the standard library only (it must configure nothing the job configures itself).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     if target[0] == "-m" and len(target) < 2:
         return _usage("-m needs a module name")
     _preload(preload)
+    Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports this spare ready
     os.environ.update(_wait_for(go_file))
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]

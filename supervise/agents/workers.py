@@ -35,6 +35,7 @@ log = structlog.get_logger("supervise.agents.workers")
 AGENT_ENV = "SUPERVISE_AGENT"
 GENERATION_ENV = "SUPERVISE_GENERATION"
 NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
+_PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
 
 
 @attrs.frozen(slots=True)
@@ -213,6 +214,13 @@ class Spare:
         self.handle = handle
         self.go_file = go_file
         self.taken = False
+        self.spawned = trio.current_time()
+
+    @property
+    def preloaded(self) -> bool:
+        """Whether it finished importing ``recovery.preload`` (a restart that takes it before
+        then waits for the rest of those imports)."""
+        return self.go_file.with_suffix(".warm").exists()
 
     @property
     def pid(self) -> int:
@@ -288,15 +296,28 @@ class SparePool:
             except OSError as exc:
                 log.warning("could not start a spare worker", error=str(exc))
                 return
-            self._ready.append(Spare(handle, go_file))
-            nursery.start_soon(self._forget_when_gone, self._ready[-1])
+            spare = Spare(handle, go_file)
+            self._ready.append(spare)
+            nursery.start_soon(self._forget_when_gone, spare)
+            nursery.start_soon(self._report_preloaded, spare)
+
+    @staticmethod
+    async def _report_preloaded(spare: Spare) -> None:
+        """Log when a spare has its imports done: from then on a restart skips them all."""
+        while spare.handle.returncode is None and spare.handle.reason is None:
+            if spare.preloaded:
+                seconds = round(trio.current_time() - spare.spawned, 3)
+                log.info("spare worker ready", pid=spare.pid, seconds=seconds, taken=spare.taken)
+                return
+            await trio.sleep(_PRELOAD_POLL)
 
     async def _forget_when_gone(self, spare: Spare) -> None:
         try:
             await spare.handle.wait()
         finally:
-            with contextlib.suppress(OSError):
-                spare.go_file.unlink(missing_ok=True)  # an order it never read
+            for leftover in (spare.go_file, spare.go_file.with_suffix(".warm")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)  # an order it never read, its marker
         if spare in self._ready:  # died before it was used: the next restart starts cold
             self._ready.remove(spare)
             reason = spare.handle.reason

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from supervise.agents.workers import Launch, SparePool, WorkerGroup, warm_target
 from supervise.runtime import ExitKind, ExitReason, OutputLine
@@ -93,6 +94,25 @@ async def test_a_spare_becomes_the_worker_and_exits_like_one(tmp_path: Path) -> 
         (3, ExitKind.ABNORMAL, 3),
     }
     assert list(tmp_path.glob("*.go")) == []
+
+
+async def test_a_spare_reports_when_its_preload_is_done(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    spec = launch(script, 1)
+    pool = SparePool(spec.command, ("json", "decimal"), tmp_path, env=spec.env, shutdown=2.0)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await pool.fill(nursery, 1)
+            spare = pool._ready[0]
+            with trio.fail_after(60):
+                while not [e for e in logs if e["event"] == "spare worker ready"]:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert spare.preloaded
+            nursery.cancel_scope.cancel()
+    (ready,) = [e for e in logs if e["event"] == "spare worker ready"]
+    assert ready["pid"] == spare.pid and ready["seconds"] > 0 and ready["taken"] is False
+    assert list(tmp_path.glob("*.warm")) == []  # its marker goes with it
 
 
 async def test_a_spare_that_dies_before_use_is_forgotten(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ DESIGN_DEFAULTS = {
         "on_nan": "rollback",
         "on_recovery": "",
         "on_failure": "",
-        "preload": ["torch", "supervise.torch.snapshotter"],
+        "preload": ["torch", "torch._dynamo", "supervise.torch.snapshotter"],
         "backoff": {
             "initial": 1.0,
             "max": 60.0,
