@@ -246,8 +246,24 @@ def cluster_factory(
 # ---- checking what arrived ----------------------------------------------------------------
 
 
+def _settle(collector: OtelCollector, quiet: float = 1.0, timeout: float = 30.0) -> None:
+    """Wait until nothing new arrived for ``quiet`` seconds: what the agents flushed as they
+    exited may still be on its way through rotel."""
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(collector.spans()) + len(collector.metrics())
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+
+
 def _the_recovery(collector: OtelCollector, triggers: set[str], outcome: str) -> ReceivedSpan:
+    """The one recovery root with this outcome (called once the agents exited)."""
     collector.wait_for_spans([RECOVERY], timeout_s=60)
+    _settle(collector)
     roots = [
         s
         for s in collector.spans(RECOVERY)
