@@ -453,7 +453,8 @@ class Trial:
 def worker_split(progress: ProgressLog, gen: int, rank: int, boundary: float) -> dict[str, float]:
     """Where a restarted worker's start went, from its own events: spawn latency (from
     ``boundary``, when the system decided to spawn), interpreter + imports, rendezvous,
-    building the model (+ Snapshotter / checkpoint lookup)."""
+    building the model (+ Snapshotter / checkpoint lookup). A spare worker, spawned before
+    the failure, counts only the imports it still had to do after ``boundary``."""
     ev = {e.ev: e for e in progress.events if e.gen == gen and e.rank == rank}
     out: dict[str, float] = {}
     main, rdv, ready = ev.get("main"), ev.get("rendezvous"), ev.get("ready")
@@ -462,7 +463,7 @@ def worker_split(progress: ProgressLog, gen: int, rank: int, boundary: float) ->
     started = main.fields.get("started")
     if isinstance(started, (int, float)):
         out["spawn"] = max(0.0, started - boundary)
-        out["imports"] = main.t - started
+        out["imports"] = main.t - max(started, boundary)
     else:
         out["spawn+imports"] = main.t - boundary
     out["rendezvous"] = rdv.t - main.t
@@ -811,7 +812,9 @@ def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
         run.progress.poll()
     ranks = run.ranks
     at = run.progress.step_at
-    gens = {e.gen for e in run.progress.of("step") if b <= e.t <= end}
+    steps = run.progress.of("step")
+    gens = {e.gen for e in steps if b <= e.t <= end}
+    before = max((e.gen for e in steps if e.t < b), default=None)  # training when they began
     return Goodput(
         run.system,
         interval,
@@ -820,7 +823,7 @@ def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
         ff_after=(at(c, ranks) - at(end, ranks)) / (c - end),
         useful_steps=at(end, ranks) - at(b, ranks),
         window=end - b,
-        recoveries=len(gens) - 1,
+        recoveries=len(gens - {before}),  # generations that trained in the window
         every=every,
     )
 
