@@ -133,6 +133,27 @@ def test_lost_coordinator_is_replaced_and_the_survivor_leads_the_recovery(
         assert c.orphans() == []
 
 
+def test_a_lost_group_falls_back_to_the_persist_tier(tmp_path: Path) -> None:
+    # No peer holds a copy (replicas = 1): the replacement node's shard comes from disk.
+    policy = (
+        FAST_POLICY + '[replication]\nreplicas = 1\n[persist]\nevery_snapshots = 1\npath = "ckpt"\n'
+    )
+    with nodes(tmp_path, 2, steps=LONG, policy=policy) as c:
+        c.start_all()
+        c.wait_resumed(1)
+        c.wait("rank 1 persisted", lambda: list((tmp_path / "ckpt").glob("*.rank-00001.*")))
+        worker = c.worker_pid(1)
+        c.agents[1].proc.send_signal(signal.SIGKILL)
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.start(1)  # the replacement: empty RAM, and no peer holds its shard
+        c.wait_resumed(2)
+        assert c.events(1, "shard loaded from disk"), "the replacement did not load from disk"
+        assert not c.events(1, "shard fetched from a peer")
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+
+
 def test_recovery_gives_up_after_max_attempts(tmp_path: Path) -> None:
     policy = FAST_POLICY.replace("max_attempts = 4", "max_attempts = 2")
     with nodes(tmp_path, 2, policy=policy) as c:
