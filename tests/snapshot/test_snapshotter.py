@@ -168,8 +168,9 @@ def test_persist_tier_writes_every_nth_snapshot_and_keeps_persist_keep(tmp_path:
     model = Net()
     opt = make_opt("adamw", model)
     with Snapshotter(model, opt, policy=policy, shm_dir=tmp_path) as snap:
-        train(model, opt, snap, range(10))  # snapshots of steps 0..9: the 3rd, 6th, 9th persist
-        snap.flush()
+        for step in range(10):  # snapshots of steps 0..9: the 3rd, 6th and 9th persist
+            train(model, opt, snap, range(step, step + 1))
+            snap.flush()  # a slot still being written to disk would make the next capture skip
     tier = PersistTier(tmp_path / "ckpt", rank=0, keep=2)
     assert [e.manifest.step for e in tier.entries()] == [5, 8]
 
