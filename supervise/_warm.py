@@ -11,6 +11,7 @@ uses the standard library only (it must configure nothing the job configures its
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -61,7 +62,8 @@ def main(argv: list[str]) -> int:
     if target[0] == "-m" and len(target) < 2:
         return _usage("-m needs a module name")
     _preload(preload)
-    Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports this spare ready
+    with contextlib.suppress(OSError):  # the marker only informs: a spare works without it
+        Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports it ready
     os.environ.update(_wait_for(go_file))
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
