@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 from runtime_helpers import Journal, states
 from structlog.testing import capture_logs
 
 import supervise as sv
+
+
+def shielded_cleanup(seconds: float) -> Callable[[], Awaitable[None]]:
+    """A child that runs until cancelled, then spends ``seconds`` in shielded cleanup."""
+
+    async def child() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(seconds)
+
+    return child
 
 
 async def test_which_and_count_children(journal: Journal, autojump_clock: trio.abc.Clock) -> None:
@@ -100,13 +115,7 @@ async def test_a_child_that_shields_its_cleanup_past_shutdown_is_reported_overdu
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # A trio task cannot be killed: the stop waits for it, and says so once `shutdown` is over.
-    async def stubborn() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.sleep(10)
-
+    stubborn = shielded_cleanup(10)
     async with trio.open_nursery() as nursery:
         ref = await nursery.start(sv.Supervisor([sv.child(stubborn, id="s", shutdown=2)]).run)
         t0 = trio.current_time()
@@ -295,13 +304,7 @@ async def test_dynamic_supervisor_rejects_significant_children(
 
 
 async def test_dynamic_children_stop_concurrently(autojump_clock: trio.abc.Clock) -> None:
-    async def slow_stopper() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.sleep(3)
-
+    slow_stopper = shielded_cleanup(3)
     async with trio.open_nursery() as nursery:
         ref = await nursery.start(sv.DynamicSupervisor().run)
         for i in range(5):
