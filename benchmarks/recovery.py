@@ -84,7 +84,7 @@ class Config:
     settle_steps: int = 40
     intervals: tuple[float, ...] = (20.0, 60.0)
     failures: int = 4
-    ff_window: float = 30.0
+    ff_window: float = 20.0
     ref_rounds: int = 2
     seed: int = 7
     step_delay: float = 0.0  # sleep per step in both training scripts (the smoke test paces)
@@ -774,56 +774,65 @@ class Goodput:
     system: str
     interval: float
     failures: int
-    ff_before: float
-    ff_after: float
-    useful_steps: int
-    window: float
+    ff_rates: list[float]  # steps/s in the failure-free windows around the intervals
+    interval_steps: list[int]  # steps gained in each failure interval
     recoveries: int
     every: int
 
     @property
-    def ff_rate(self) -> float:
-        """The failure-free step rate: the mean of the windows before and after the failures
-        (both, so that load from other work drifting over the run cancels out as far as it
-        can)."""
-        return (self.ff_before + self.ff_after) / 2
+    def useful_steps(self) -> int:
+        return sum(self.interval_steps)
+
+    @property
+    def window(self) -> float:
+        return self.interval * len(self.interval_steps)
+
+    @property
+    def expected_steps(self) -> list[float]:
+        """Steps each failure interval would have gained without its failure: the interval
+        times the mean rate of the failure-free windows just before and just after it."""
+        r = self.ff_rates
+        return [self.interval * (r[i] + r[i + 1]) / 2 for i in range(len(self.interval_steps))]
+
+    @property
+    def per_interval(self) -> list[float]:
+        return [s / e for s, e in zip(self.interval_steps, self.expected_steps, strict=True)]
 
     @property
     def goodput(self) -> float:
-        return self.useful_steps / (self.window * self.ff_rate)
+        return self.useful_steps / sum(self.expected_steps)
 
 
 def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
-    """Train; measure the failure-free rate for ``ff_window`` s, crash a worker every
-    ``interval`` s ``failures`` times (useful steps = progress over that window), then
-    measure the failure-free rate again for ``ff_window`` s."""
+    """Failure-free windows of ``ff_window`` s alternate with failure intervals of
+    ``interval`` s, each starting with a worker crash: F | crash, N | F | crash, N | ... | F.
+    Each interval is compared with the rate of the windows on either side of it, so that
+    load from other work drifting over the run (minutes) cancels out."""
+    f, n = cfg.ff_window, interval
     with running(run, 10**9, out=False):
         run.wait_step(5, timeout=300)
-        a = time.time() + 5.0
-        b = a + cfg.ff_window
-        end = b + cfg.failures * interval
-        c = end + cfg.ff_window
-        time.sleep(max(0.0, b - time.time()))
-        for i in range(cfg.failures):
-            time.sleep(max(0.0, b + i * interval - time.time()))
+        t0 = time.time() + 5.0
+        fails = [t0 + f + i * (n + f) for i in range(cfg.failures)]
+        end = fails[-1] + n + f
+        for i, t in enumerate(fails):
+            time.sleep(max(0.0, t - time.time()))
             # whatever runs now dies, recovered or not: failures do not wait for recoveries
             kill(run.live_worker_pid(i % cfg.nodes), signal.SIGKILL)
-        time.sleep(max(0.0, c - time.time()) + 0.5)
+        time.sleep(max(0.0, end - time.time()) + 0.5)
         run.progress.poll()
     ranks = run.ranks
     at = run.progress.step_at
     steps = run.progress.of("step")
-    gens = {e.gen for e in steps if b <= e.t <= end}
-    before = max((e.gen for e in steps if e.t < b), default=None)  # training when they began
+    ff = [(t0, t0 + f)] + [(t + n, t + n + f) for t in fails]
+    gens = {e.gen for e in steps if any(t <= e.t <= t + n for t in fails)}
+    before = max((e.gen for e in steps if e.t < fails[0]), default=None)  # training then
     return Goodput(
         run.system,
         interval,
         cfg.failures,
-        ff_before=(at(b, ranks) - at(a, ranks)) / (b - a),
-        ff_after=(at(c, ranks) - at(end, ranks)) / (c - end),
-        useful_steps=at(end, ranks) - at(b, ranks),
-        window=end - b,
-        recoveries=len(gens - {before}),  # generations that trained in the window
+        ff_rates=[(at(b, ranks) - at(a, ranks)) / (b - a) for a, b in ff],
+        interval_steps=[at(t + n, ranks) - at(t, ranks) for t in fails],
+        recoveries=len(gens - {before}),  # generations that trained in the intervals
         every=every,
     )
 
@@ -1028,27 +1037,30 @@ def report(
     add("### Goodput under a failure every N seconds")
     add("")
     add(
-        f"A worker crash (`kill -9`, ranks alternating) every N seconds, {cfg.failures} "
-        f"failures per window; goodput = training steps gained over the window / (window x "
-        f"the same run's failure-free step rate, the mean of {cfg.ff_window:g} s before the "
-        f"first failure and {cfg.ff_window:g} s after the window). The checkpointing "
-        "overhead is not in that figure; the last column charges it too: steps gained / "
-        "(window / the bare training's step time from the references above), which mixes "
+        f"{cfg.failures} failure intervals of N seconds, each starting with a worker crash "
+        f"(`kill -9`, ranks alternating), between failure-free windows of "
+        f"{cfg.ff_window:g} s (F | crash, N | F | crash, N | ... | F); goodput = steps "
+        "gained over the failure intervals / the steps they would have gained at the rate "
+        "of the failure-free windows on either side of each (so that load from other work "
+        "drifting over minutes cancels out). The checkpointing overhead is not in that "
+        "figure; the last column charges it too: steps gained / (time in the failure "
+        "intervals / the bare training's step time from the references above), which mixes "
         "two moments of a shared machine (noisier)."
     )
     add("")
     add(
-        "| N | system | checkpoint every | failure-free steps/s (before / after) | "
-        "recoveries | steps gained | window | goodput | vs bare training |"
+        "| N | system | checkpoint every | failure-free steps/s (range) | recoveries | "
+        "steps gained | in | per interval | goodput | vs bare training |"
     )
-    add("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    add("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for g in goodputs:
         vs_bare = g.useful_steps * bare.step_s / g.window
+        rates = f"{min(g.ff_rates):.2f}-{max(g.ff_rates):.2f}"
+        each = " ".join(f"{x:.0%}" for x in g.per_interval)
         add(
             f"| {g.interval:g} s | {'supervise' if g.system == SUPERVISE else 'status quo'} | "
-            f"{g.every} steps | {g.ff_rate:.2f} ({g.ff_before:.2f} / {g.ff_after:.2f}) | "
-            f"{g.recoveries} | {g.useful_steps} | {g.window:.0f} s | **{g.goodput:.1%}** | "
-            f"{vs_bare:.1%} |"
+            f"{g.every} steps | {rates} | {g.recoveries} | {g.useful_steps} | "
+            f"{g.window:.0f} s | {each} | **{g.goodput:.1%}** | {vs_bare:.1%} |"
         )
     add("")
     add("### Notes")
@@ -1128,8 +1140,10 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--reps", type=int, default=3, help="trials per failure kind and system")
     ap.add_argument("--kinds", default=",".join(KINDS), help="failure kinds to trial")
     ap.add_argument("--intervals", default="20,60", help="goodput: seconds between failures (list)")
-    ap.add_argument("--failures", type=int, default=4, help="goodput: failures per window")
-    ap.add_argument("--ff-window", type=float, default=30.0, help="goodput: failure-free lead")
+    ap.add_argument("--failures", type=int, default=4, help="goodput: failure intervals")
+    ap.add_argument(
+        "--ff-window", type=float, default=20.0, help="goodput: failure-free window (s)"
+    )
     ap.add_argument("--sv-every", type=int, default=5, help="supervise: snapshot every K steps")
     ap.add_argument(
         "--bl-every", type=int, default=0, help="status quo: checkpoint every K steps (0: Young)"
@@ -1317,7 +1331,10 @@ def measure(cfg: Config, args: argparse.Namespace, argv: Sequence[str] | None) -
                         "prealloc": floors.prealloc,
                         "fresh": floors.fresh,
                     },
-                    "goodput": [{**asdict(g), "goodput": g.goodput} for g in goodputs],
+                    "goodput": [
+                        {**asdict(g), "goodput": g.goodput, "per_interval": g.per_interval}
+                        for g in goodputs
+                    ],
                 },
                 indent=1,
                 default=str,

@@ -1,5 +1,6 @@
-"""A spare worker process: ``python -m supervise._warm GO_FILE PRELOAD -- (-m MODULE | SCRIPT)
-ARGS...``.
+"""A spare worker process: ``python .../supervise/_warm.py GO_FILE PRELOAD -- (-m MODULE |
+SCRIPT) ARGS...`` (run by its path, so that starting it imports nothing but the standard
+library; see ``supervise.agents.workers``).
 
 Imports the modules in PRELOAD (comma-separated; torch takes seconds) ahead of a restart,
 creates GO_FILE with the suffix ``.warm`` to say so, then waits for GO_FILE: a JSON object
@@ -7,6 +8,10 @@ creates GO_FILE with the suffix ``.warm`` to say so, then waits for GO_FILE: a J
 ...). It then runs the training command in this process as ``python -m MODULE`` or ``python
 SCRIPT`` would, so a restart skips the interpreter start and the heavy imports. This module
 uses the standard library only (it must configure nothing the job configures itself).
+
+The imports run in a thread of Linux's idle scheduling class (SCHED_IDLE, that thread only):
+the spare is started right after a restart, while training runs on every core, and must not
+take CPU from it. The training command runs in the main thread, at its normal priority.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +46,27 @@ def _preload(modules: str) -> None:
             )
 
 
+def _set_idle_class() -> None:
+    """Put the calling thread in the idle scheduling class (where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _set_normal_class(thread: threading.Thread) -> None:
+    """Move ``thread`` back to normal scheduling, where allowed (root, CAP_SYS_NICE)."""
+    tid = thread.native_id
+    if tid is not None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
+def _warm_up(modules: str, go_file: str) -> None:
+    _set_idle_class()
+    _preload(modules)
+    with contextlib.suppress(OSError):  # the marker only informs: a spare works without it
+        Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports it ready
+
+
 def _wait_for(go_file: str) -> dict[str, str]:
     path = Path(go_file)
     while not path.exists():
@@ -61,10 +88,13 @@ def main(argv: list[str]) -> int:
     go_file, preload, target = argv[0], argv[1], argv[3:]
     if target[0] == "-m" and len(target) < 2:
         return _usage("-m needs a module name")
-    _preload(preload)
-    with contextlib.suppress(OSError):  # the marker only informs: a spare works without it
-        Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports it ready
-    os.environ.update(_wait_for(go_file))
+    warm = threading.Thread(target=_warm_up, args=(preload, go_file), name="supervise-warm")
+    warm.start()
+    env = _wait_for(go_file)
+    if warm.is_alive():  # taken before its imports were done: finish them at full speed
+        _set_normal_class(warm)
+    warm.join()
+    os.environ.update(env)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         sys.path[0] = str(Path.cwd())

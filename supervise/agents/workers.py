@@ -36,6 +36,13 @@ AGENT_ENV = "SUPERVISE_AGENT"
 GENERATION_ENV = "SUPERVISE_GENERATION"
 NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
 _PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
+# A spare runs supervise/_warm.py by its path: ``-m supervise._warm`` would first import the
+# ``supervise`` package (0.4 s of CPU) in the main thread, at normal priority, while training
+# runs; the warm-up imports it later, in its idle-class thread.
+_WARM_FILE = str(Path(__file__).resolve().parent.parent / "_warm.py")
+_WARM_BOOT = (
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 @attrs.frozen(slots=True)
@@ -254,7 +261,7 @@ class SparePool:
     ) -> None:
         target = warm_target(command)
         self.enabled = bool(preload) and target is not None
-        self._argv = [command[0] if target else sys.executable, "-m", "supervise._warm"]
+        self._argv = [command[0] if target else sys.executable, "-c", _WARM_BOOT, _WARM_FILE]
         self._target = target or []
         self._preload = ",".join(preload)
         self._run_dir = run_dir

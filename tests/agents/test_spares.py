@@ -144,3 +144,39 @@ async def test_the_node_stopping_stops_its_spares(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert all(s.handle.reason is not None for s in spares)
     assert list(tmp_path.glob("*.go")) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
+async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: Path) -> None:
+    """The preload runs in an idle-class thread; the spare itself imports nothing else (not
+    even the supervise package, whose import would take normal-priority CPU)."""
+    (tmp_path / "schedprobe.py").write_text("import os\nPOLICY = os.sched_getscheduler(0)\n")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, sys\n"
+        "print('policies', sys.modules['schedprobe'].POLICY, os.sched_getscheduler(0),\n"
+        "      'supervise' in sys.modules, flush=True)\n"
+    )
+    lines: list[OutputLine] = []
+    spec = launch(script, 1)
+    pool = SparePool(
+        spec.command,
+        ("schedprobe",),
+        tmp_path,
+        env={**spec.env, "PYTHONPATH": str(tmp_path), "CODE": "0"},
+        on_output=lines.append,
+        shutdown=2.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await pool.fill(nursery, 1)
+        spare = pool.take()
+        assert spare is not None
+        with trio.fail_after(60):
+            while not spare.preloaded:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        spare.wake({"RANK": "0"}, "worker 0")
+        with trio.fail_after(60):
+            await spare.handle.wait()
+    assert [line.text for line in lines if line.text.startswith("policies")] == [
+        f"policies {os.SCHED_IDLE} {os.SCHED_OTHER} False"
+    ]
