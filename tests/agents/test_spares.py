@@ -180,3 +180,44 @@ async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: P
     assert [line.text for line in lines if line.text.startswith("policies")] == [
         f"policies {os.SCHED_IDLE} {os.SCHED_OTHER} False"
     ]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "SCHED_IDLE") or os.geteuid() != 0,
+    reason="leaving the idle scheduling class needs root (or CAP_SYS_NICE)",
+)
+async def test_a_spare_taken_while_importing_finishes_at_normal_priority(tmp_path: Path) -> None:
+    (tmp_path / "slowprobe.py").write_text(
+        "import os, time\n"
+        "BEFORE = os.sched_getscheduler(0)\n"
+        "time.sleep(1.5)  # the go order arrives meanwhile\n"
+        "AFTER = os.sched_getscheduler(0)\n"
+    )
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "m = sys.modules['slowprobe']\n"
+        "print('policies', m.BEFORE, m.AFTER, flush=True)\n"
+    )
+    lines: list[OutputLine] = []
+    spec = launch(script, 1)
+    pool = SparePool(
+        spec.command,
+        ("slowprobe",),
+        tmp_path,
+        env={**spec.env, "PYTHONPATH": str(tmp_path), "CODE": "0"},
+        on_output=lines.append,
+        shutdown=2.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await pool.fill(nursery, 1)
+        spare = pool.take()
+        assert spare is not None
+        await trio.sleep(0.5)  # it is in the middle of its preload
+        assert not spare.preloaded
+        spare.wake({"RANK": "0"}, "worker 0")
+        with trio.fail_after(60):
+            await spare.handle.wait()
+    assert [line.text for line in lines if line.text.startswith("policies")] == [
+        f"policies {os.SCHED_IDLE} {os.SCHED_OTHER}"
+    ]
