@@ -35,6 +35,7 @@ import mmap
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -74,6 +75,7 @@ class Config:
     batch: int = 64
     nodes: int = 2
     sv_every: int = 5
+    sv_preload: tuple[str, ...] | None = None  # None: the policy's default
     bl_every: int = 0  # 0: Young's interval from the measured save time, for N = 60 s
     hang_timeout: float = 10.0
     peer_timeout: float = 2.0
@@ -163,6 +165,12 @@ def train_args(cfg: Config, steps: int, progress: Path, out: Path | None) -> lis
     return args
 
 
+def preload_line(cfg: Config) -> str:
+    if cfg.sv_preload is None:
+        return ""
+    return "preload = [" + ", ".join(json.dumps(m) for m in cfg.sv_preload) + "]\n"
+
+
 def policy_text(cfg: Config) -> str:
     return f"""\
 [snapshot]
@@ -172,7 +180,7 @@ keep_last = 2
 [replication]
 replicas = 2
 [recovery]
-max_attempts = 10
+{preload_line(cfg)}max_attempts = 10
 heartbeat_timeout = {cfg.hang_timeout}
 startup_timeout = 120.0
 on_nan = "rollback"
@@ -1146,6 +1154,10 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     )
     ap.add_argument("--sv-every", type=int, default=5, help="supervise: snapshot every K steps")
     ap.add_argument(
+        "--sv-preload",
+        help="supervise: recovery.preload as a comma-separated list ('' = no spare workers)",
+    )
+    ap.add_argument(
         "--bl-every", type=int, default=0, help="status quo: checkpoint every K steps (0: Young)"
     )
     ap.add_argument("--hang-timeout", type=float, default=10.0)
@@ -1161,6 +1173,9 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     cfg = Config(
         hidden=args.hidden,
         sv_every=args.sv_every,
+        sv_preload=None
+        if args.sv_preload is None
+        else tuple(m.strip() for m in args.sv_preload.split(",") if m.strip()),
         bl_every=args.bl_every,
         hang_timeout=args.hang_timeout,
         peer_timeout=args.peer_timeout,
@@ -1203,7 +1218,7 @@ def measure(cfg: Config, args: argparse.Namespace, argv: Sequence[str] | None) -
         "machine": machine(),
         "load_start": load_average(),
         "date": time.strftime("%Y-%m-%d"),
-        "argv": " ".join(sys.argv[1:] if argv is None else argv),
+        "argv": shlex.join(sys.argv[1:] if argv is None else argv),
         "notes": [],
     }
     print(f"work directory {workdir}; {info['machine']}; load {info['load_start']}")

@@ -37,6 +37,18 @@ def test_quick_flags_shrink_the_run() -> None:
     assert (cfg.reps, cfg.intervals, cfg.failures) == (1, (20.0,), 2)
 
 
+def test_sv_preload_sets_the_policy_of_the_supervise_runs() -> None:
+    from supervise.policy import Policy
+
+    def preload(argv: list[str]) -> tuple[str, ...]:
+        cfg, _ = recovery.parse(argv)
+        return Policy.from_toml_text(recovery.policy_text(cfg)).recovery.preload
+
+    assert preload(["--sv-preload", ""]) == ()  # no spare workers: restarts start cold
+    assert preload(["--sv-preload", "torch, json"]) == ("torch", "json")
+    assert preload([]) == Policy().recovery.preload
+
+
 def test_goodput_compares_each_interval_with_the_windows_around_it() -> None:
     g = recovery.Goodput(
         recovery.SUPERVISE,
