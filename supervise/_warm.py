@@ -60,11 +60,30 @@ def _set_normal_class(thread: threading.Thread) -> None:
             os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
-def _warm_up(modules: str, go_file: str) -> None:
-    _set_idle_class()
-    _preload(modules)
-    with contextlib.suppress(OSError):  # the marker only informs: a spare works without it
-        Path(go_file).with_suffix(".warm").touch()  # preloaded: the agent reports it ready
+class _WarmUp(threading.Thread):
+    """Imports PRELOAD in the idle scheduling class, then marks the spare ready."""
+
+    def __init__(self, modules: str, go_file: str) -> None:
+        super().__init__(name="supervise-warm")
+        self._modules = modules
+        self._go_file = go_file
+        self._lock = threading.Lock()
+        self._urgent = False
+
+    def run(self) -> None:
+        with self._lock:
+            if not self._urgent:
+                _set_idle_class()
+        _preload(self._modules)
+        with contextlib.suppress(OSError):  # the marker only informs: a spare works without it
+            Path(self._go_file).with_suffix(".warm").touch()  # the agent reports it ready
+
+    def hurry(self) -> None:
+        """The go order came: finish the imports at normal priority (where allowed)."""
+        with self._lock:
+            self._urgent = True
+            if self.is_alive():
+                _set_normal_class(self)
 
 
 def _wait_for(go_file: str) -> dict[str, str]:
@@ -88,11 +107,10 @@ def main(argv: list[str]) -> int:
     go_file, preload, target = argv[0], argv[1], argv[3:]
     if target[0] == "-m" and len(target) < 2:
         return _usage("-m needs a module name")
-    warm = threading.Thread(target=_warm_up, args=(preload, go_file), name="supervise-warm")
+    warm = _WarmUp(preload, go_file)
     warm.start()
     env = _wait_for(go_file)
-    if warm.is_alive():  # taken before its imports were done: finish them at full speed
-        _set_normal_class(warm)
+    warm.hurry()  # taken before its imports were done: finish them at full speed
     warm.join()
     os.environ.update(env)
     if target[0] == "-m":

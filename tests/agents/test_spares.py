@@ -146,22 +146,22 @@ async def test_the_node_stopping_stops_its_spares(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.go")) == []
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
-async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: Path) -> None:
-    """The preload runs in an idle-class thread; the spare itself imports nothing else (not
-    even the supervise package, whose import would take normal-priority CPU)."""
-    (tmp_path / "schedprobe.py").write_text("import os\nPOLICY = os.sched_getscheduler(0)\n")
+async def policies_seen(tmp_path: Path, probe: str, *, wake_after: float | None) -> list[str]:
+    """Run a spare that preloads module ``probe`` (its source) and whose command prints
+    ``policies``, ``probe``'s ``REPORT`` and the command's own scheduling policy; wake it once
+    preloaded (``wake_after`` None) or that many seconds after it started. Returns the
+    ``policies`` lines it printed."""
+    (tmp_path / "probe.py").write_text(probe)
     script = tmp_path / "train.py"
     script.write_text(
         "import os, sys\n"
-        "print('policies', sys.modules['schedprobe'].POLICY, os.sched_getscheduler(0),\n"
-        "      'supervise' in sys.modules, flush=True)\n"
+        "print('policies', *sys.modules['probe'].REPORT, os.sched_getscheduler(0), flush=True)\n"
     )
     lines: list[OutputLine] = []
     spec = launch(script, 1)
     pool = SparePool(
         spec.command,
-        ("schedprobe",),
+        ("probe",),
         tmp_path,
         env={**spec.env, "PYTHONPATH": str(tmp_path), "CODE": "0"},
         on_output=lines.append,
@@ -172,14 +172,24 @@ async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: P
         spare = pool.take()
         assert spare is not None
         with trio.fail_after(60):
-            while not spare.preloaded:  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        spare.wake({"RANK": "0"}, "worker 0")
-        with trio.fail_after(60):
+            if wake_after is None:
+                while not spare.preloaded:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            else:
+                await trio.sleep(wake_after)
+                assert not spare.preloaded  # still importing
+            spare.wake({"RANK": "0"}, "worker 0")
             await spare.handle.wait()
-    assert [line.text for line in lines if line.text.startswith("policies")] == [
-        f"policies {os.SCHED_IDLE} {os.SCHED_OTHER} False"
-    ]
+    return [line.text for line in lines if line.text.startswith("policies")]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
+async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: Path) -> None:
+    """The preload runs in an idle-class thread; the spare itself imports nothing else (not
+    even the supervise package, whose import would take normal-priority CPU)."""
+    probe = "import os, sys\nREPORT = [os.sched_getscheduler(0), 'supervise' in sys.modules]\n"
+    seen = await policies_seen(tmp_path, probe, wake_after=None)
+    assert seen == [f"policies {os.SCHED_IDLE} False {os.SCHED_OTHER}"]
 
 
 @pytest.mark.skipif(
@@ -187,37 +197,11 @@ async def test_a_spare_imports_at_idle_priority_and_trains_at_normal(tmp_path: P
     reason="leaving the idle scheduling class needs root (or CAP_SYS_NICE)",
 )
 async def test_a_spare_taken_while_importing_finishes_at_normal_priority(tmp_path: Path) -> None:
-    (tmp_path / "slowprobe.py").write_text(
+    probe = (
         "import os, time\n"
-        "BEFORE = os.sched_getscheduler(0)\n"
+        "before = os.sched_getscheduler(0)\n"
         "time.sleep(1.5)  # the go order arrives meanwhile\n"
-        "AFTER = os.sched_getscheduler(0)\n"
+        "REPORT = [before, os.sched_getscheduler(0)]\n"
     )
-    script = tmp_path / "train.py"
-    script.write_text(
-        "import sys\n"
-        "m = sys.modules['slowprobe']\n"
-        "print('policies', m.BEFORE, m.AFTER, flush=True)\n"
-    )
-    lines: list[OutputLine] = []
-    spec = launch(script, 1)
-    pool = SparePool(
-        spec.command,
-        ("slowprobe",),
-        tmp_path,
-        env={**spec.env, "PYTHONPATH": str(tmp_path), "CODE": "0"},
-        on_output=lines.append,
-        shutdown=2.0,
-    )
-    async with trio.open_nursery() as nursery:
-        await pool.fill(nursery, 1)
-        spare = pool.take()
-        assert spare is not None
-        await trio.sleep(0.5)  # it is in the middle of its preload
-        assert not spare.preloaded
-        spare.wake({"RANK": "0"}, "worker 0")
-        with trio.fail_after(60):
-            await spare.handle.wait()
-    assert [line.text for line in lines if line.text.startswith("policies")] == [
-        f"policies {os.SCHED_IDLE} {os.SCHED_OTHER}"
-    ]
+    seen = await policies_seen(tmp_path, probe, wake_after=0.5)
+    assert seen == [f"policies {os.SCHED_IDLE} {os.SCHED_OTHER} {os.SCHED_OTHER}"]
