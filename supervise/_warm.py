@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     warm = _WarmUp(preload, go_file)
     warm.start()
     env = _wait_for(go_file)
-    warm.hurry()  # taken before its imports were done: finish them at full speed
+    warm.hurry()  # imports still running: finish them at full speed
     warm.join()
     os.environ.update(env)
     if target[0] == "-m":
