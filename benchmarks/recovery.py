@@ -781,7 +781,6 @@ def young_interval(save_s: float, mtbf_s: float, step_s: float) -> int:
 class Goodput:
     system: str
     interval: float
-    failures: int
     ff_rates: list[float]  # steps/s in the failure-free windows around the intervals
     interval_steps: list[int]  # steps gained in each failure interval
     recoveries: int
@@ -837,7 +836,6 @@ def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
     return Goodput(
         run.system,
         interval,
-        cfg.failures,
         ff_rates=[(at(b, ranks) - at(a, ranks)) / (b - a) for a, b in ff],
         interval_steps=[at(t + n, ranks) - at(t, ranks) for t in fails],
         recoveries=len(gens - {before}),  # generations that trained in the intervals

@@ -53,7 +53,6 @@ def test_goodput_compares_each_interval_with_the_windows_around_it() -> None:
     g = recovery.Goodput(
         recovery.SUPERVISE,
         60.0,
-        2,
         ff_rates=[10.0, 12.0, 14.0],
         interval_steps=[600, 650],
         recoveries=2,
@@ -122,7 +121,7 @@ def test_a_crash_trial_per_system_is_measured_and_reported(tmp_path: Path) -> No
         "notes": recovery.notes(cfg, sv_trials + bl_trials, floors),
         "argv": "",
     }
-    g = recovery.Goodput(recovery.SUPERVISE, 60.0, 1, [10.0, 10.0], [597], 1, 5)
+    g = recovery.Goodput(recovery.SUPERVISE, 60.0, [10.0, 10.0], [597], 1, 5)
     text = recovery.report(cfg, info, refs, sv_trials + bl_trials, floors, [g], cfg.bl_every)
     assert text.startswith("## Recovery")
     assert "| crash |" in text
