@@ -77,6 +77,9 @@ def train(
             extra.pos += 1
         if snap is not None:
             snap.step(step, {"loss": loss.item()})
+            # A version still being written to disk holds its slot, and the next capture is
+            # then skipped by design; waiting keeps every step captured on a slow disk.
+            snap.flush()
 
 
 def state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -168,11 +171,48 @@ def test_persist_tier_writes_every_nth_snapshot_and_keeps_persist_keep(tmp_path:
     model = Net()
     opt = make_opt("adamw", model)
     with Snapshotter(model, opt, policy=policy, shm_dir=tmp_path) as snap:
-        for step in range(10):  # snapshots of steps 0..9: the 3rd, 6th and 9th persist
-            train(model, opt, snap, range(step, step + 1))
-            snap.flush()  # a slot still being written to disk would make the next capture skip
+        train(model, opt, snap, range(10))  # snapshots of steps 0..9: the 3rd, 6th, 9th persist
     tier = PersistTier(tmp_path / "ckpt", rank=0, keep=2)
     assert [e.manifest.step for e in tier.entries()] == [5, 8]
+
+
+def test_capture_is_skipped_not_waited_for_while_the_disk_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    release = threading.Event()
+    real_write = PersistTier.write
+
+    def stuck_write(self: PersistTier, manifest: Any, data: memoryview) -> Path:
+        assert release.wait(30)
+        return real_write(self, manifest, data)
+
+    monkeypatch.setattr(PersistTier, "write", stuck_write)
+    model = Net()
+    opt = make_opt("sgd", model)
+    with Snapshotter(model, opt, policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
+        captured = []
+        with caplog.at_level(logging.WARNING):
+            for step in range(6):
+                captured.append(snap.capture(step))
+                snap.wait()
+        # keep_last=2 plus one slot in flight: every slot is pinned by a pending write
+        assert captured == [True, True, True, False, False, False]
+        assert "skipping the capture of step 3: no free arena slot" in caplog.text
+        assert [(v.step, v.source) for v in snap.versions()] == [(1, "local"), (2, "local")]
+        release.set()
+        snap.flush()
+        assert snap.capture(6)
+        snap.flush()
+        # RAM keeps the last 2; the disk keeps 3 (persist.keep), none of them lost
+        assert [(v.step, v.source) for v in snap.versions()] == [
+            (1, "disk"),
+            (2, "local"),
+            (6, "local"),
+        ]
+    tier = PersistTier(tmp_path / "ckpt", rank=0, keep=3)
+    assert [e.manifest.step for e in tier.entries()] == [1, 2, 6]
 
 
 def test_weights_only_restore_leaves_the_optimizer(tmp_path: Path) -> None:
