@@ -141,7 +141,9 @@ def test_a_lost_group_falls_back_to_the_persist_tier(tmp_path: Path) -> None:
     with nodes(tmp_path, 2, steps=LONG, policy=policy) as c:
         c.start_all()
         c.wait_resumed(1)
-        c.wait("rank 1 persisted", lambda: list((tmp_path / "ckpt").glob("*.rank-00001.*")))
+        # a committed file, not the temp file of a write still in progress
+        committed = "step-*.rank-00001.safetensors"
+        c.wait("rank 1 persisted", lambda: list((tmp_path / "ckpt").glob(committed)))
         worker = c.worker_pid(1)
         c.agents[1].proc.send_signal(signal.SIGKILL)
         c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
@@ -222,7 +224,11 @@ def test_corrupt_shard_is_refetched_from_a_peer(tmp_path: Path) -> None:
 
 
 def test_status_and_manual_recover_to_an_older_version(tmp_path: Path) -> None:
-    policy = FAST_POLICY.replace("keep_last = 2", "keep_last = 20")  # versions stay a while
+    # Versions stay 400 steps (8 s): the three CLI round trips below must not outlast the
+    # chosen version, even on a loaded machine where each takes seconds.
+    policy = FAST_POLICY.replace("keep_last = 2", "keep_last = 40").replace(
+        "every_steps = 5", "every_steps = 10"
+    )
     steps = 1000  # 20 s of training: the CLI round trips below must happen mid-run
     with nodes(tmp_path, 2, steps=steps, policy=policy) as c:
         c.start_all()

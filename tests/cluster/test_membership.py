@@ -215,6 +215,8 @@ async def test_membership_over_transport() -> None:
             events = ma.subscribe()
             await eventually(lambda: mb.peer_info(0) is not None)
             assert mb.peer_info(0) == {"v": [10]}
+            # a peer never heard from gets twice the timeout: wait until rank 0 heard rank 1
+            await eventually(lambda: ma.peer_info(1) is not None)
             mb_scope.cancel()  # rank 1 stops beating
             with trio.fail_after(20):
                 assert await events.receive() == PeerLost(1, pytest.approx(3.0, abs=2))
