@@ -1,4 +1,5 @@
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,6 @@ def test_persist_tier_writes_every_nth_snapshot_and_keeps_persist_keep(tmp_path:
 def test_capture_is_skipped_not_waited_for_while_the_disk_lags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import threading
-
     release = threading.Event()
     real_write = PersistTier.write
 
@@ -192,16 +191,18 @@ def test_capture_is_skipped_not_waited_for_while_the_disk_lags(
     model = Net()
     opt = make_opt("sgd", model)
     with Snapshotter(model, opt, policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
-        captured = []
-        with caplog.at_level(logging.WARNING):
-            for step in range(6):
-                captured.append(snap.capture(step))
-                snap.wait()
-        # keep_last=2 plus one slot in flight: every slot is pinned by a pending write
-        assert captured == [True, True, True, False, False, False]
-        assert "skipping the capture of step 3: no free arena slot" in caplog.text
-        assert [(v.step, v.source) for v in snap.versions()] == [(1, "local"), (2, "local")]
-        release.set()
+        try:
+            captured = []
+            with caplog.at_level(logging.WARNING):
+                for step in range(6):
+                    captured.append(snap.capture(step))
+                    snap.wait()
+            # keep_last=2 plus one slot in flight: every slot is pinned by a pending write
+            assert captured == [True, True, True, False, False, False]
+            assert "skipping the capture of step 3: no free arena slot" in caplog.text
+            assert [(v.step, v.source) for v in snap.versions()] == [(1, "local"), (2, "local")]
+        finally:
+            release.set()  # a failed check must not leave close() waiting for the disk
         snap.flush()
         assert snap.capture(6)
         snap.flush()
