@@ -42,24 +42,26 @@ policy = Policy.from_dict(
 )
 hang_step = int(os.environ.get("HANG_IN_CAPTURE", "-1"))
 if hang_step >= 0:
-    real = snapshotter_module.memcopy_into_arena
-    calls = {"n": 0}
-    calls_lock = threading.Lock()
+    real_run = snapshotter_module._CopyWork.run
+    hung = threading.Event()
 
-    def slow_copy(address: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def hanging_run(self: snapshotter_module._CopyWork, *, helper: bool) -> None:
+        # The first copy of that capture's deferred work never finishes, in whichever thread
+        # takes it: the background thread, or the training thread when it reaches the next
+        # optimizer step first (on a loaded machine it may do all the copies itself).
         job = snap._job
-        if job is not None and job.step == hang_step:
-            # The first background copy of that capture hangs, in whichever thread runs it (the
-            # training thread helps when it reaches the optimizer step first).
-            with calls_lock:
-                calls["n"] += 1
-                first = calls["n"] == 1
-            if first:  # buffers and RNG are in the slot, parameters not yet
+        if job is not None and job.step == hang_step and job.work is self:
+            with self._lock:
+                claim = not hung.is_set() and self._next < len(self.items)
+                if claim:
+                    hung.set()
+                    self._next += 1  # taken, never done: the version can never commit
+            if claim:  # buffers and RNG are in the slot, parameters not yet
                 out.with_suffix(".hang").write_text(str(os.getpid()))
                 time.sleep(600)
-        real(address, src, dst)
+        real_run(self, helper=helper)
 
-    snapshotter_module.memcopy_into_arena = slow_copy  # type: ignore[assignment]
+    snapshotter_module._CopyWork.run = hanging_run  # type: ignore[method-assign]
 
 snap = Snapshotter(model, opt, policy=policy, shm_dir=os.environ.get("SHM_DIR"))
 start = snap.restore()
