@@ -608,6 +608,7 @@ def trial_run(
             step_s = step_time(run.progress, run.ranks)
             time.sleep(rng.uniform(0, step_s))
             rank = (rep + i) % cfg.nodes
+            run.progress.poll()  # the wait for spares may have outlasted the rest of the run
             gen0 = run.progress.generation
             step0 = run.progress.current_step(run.ranks) or -1
             if step0 >= steps - 10:  # the previous trial's analysis outlasted the run

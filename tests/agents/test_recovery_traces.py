@@ -551,6 +551,14 @@ def test_node_loss_fetches_from_a_peer_and_sigterm_flushes(cluster_factory, otel
             for x in replacement.events("pushed")
         ),
     )
+    # and node 0's push to the replacement arrived, and its metrics reported holding it
+    cluster.wait_until(
+        "the replacement reporting a replica held",
+        lambda: any(
+            p.attributes.get(A + "memory.kind") == "replica" and p.value > 0
+            for p in _points(otel_collector, "supervise.memory.held", replacement.pid)
+        ),
+    )
     for agent in (agents[0], replacement):
         os.kill(agent.pid, signal.SIGTERM)
     codes = [cluster.wait_exit(a) for a in (agents[0], replacement)]

@@ -9,8 +9,10 @@ ends, bit for bit.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,49 @@ def test_goodput_compares_each_interval_with_the_windows_around_it() -> None:
     assert g.per_interval == pytest.approx([600 / 660, 650 / 780])
     assert g.goodput == pytest.approx(1250 / 1440)
     assert (g.useful_steps, g.window) == (1250, 120.0)
+
+
+class _EndsWhileSparesWarm(recovery.Run):
+    """A scripted run: it reaches the first trial's step, then trains to the end while the
+    harness waits for its spares (as idle-class spares starve on saturated cores)."""
+
+    system = recovery.SUPERVISE
+
+    def _write(self, gen: int, steps: range, *, done: bool = False) -> None:
+        with open(self.progress.path, "a") as f:
+            for step in steps:
+                for rank in self.ranks:
+                    row = {"ev": "step", "t": time.time(), "rank": rank, "gen": gen, "pid": 1}
+                    f.write(json.dumps({**row, "step": step}) + "\n")
+            for rank in self.ranks if done else ():
+                f.write(json.dumps({"ev": "done", "t": time.time(), "rank": rank, "gen": gen,
+                                    "pid": 1}) + "\n")  # fmt: skip
+
+    def start(self, steps: int, *, out: bool) -> None:
+        self.steps = steps
+        self._write(1, range(recovery.warmup_steps(self.cfg) + 1))
+
+    def spares_ready(self, timeout: float) -> bool:
+        self._write(1, range(recovery.warmup_steps(self.cfg) + 1, self.steps), done=True)
+        return False
+
+    def inject(self, kind: str, rank: int) -> float:
+        raise AssertionError("a failure was injected into a run that had ended")
+
+    def wait_finished(self, timeout: float) -> bool:
+        return True
+
+    def stop(self) -> dict[str, object]:
+        return {"orphans": []}
+
+
+def test_a_run_that_ended_during_the_wait_for_spares_is_not_injected(tmp_path: Path) -> None:
+    cfg = recovery.Config(kinds=("crash",), settle_steps=40, reps=1, workdir=tmp_path)
+    run = _EndsWhileSparesWarm(cfg, "sv")
+    floors = recovery.Floors(recovery.state_bytes(cfg))
+    [trial] = recovery.trial_run(cfg, run, 0, ["crash"], floors, random.Random(0))
+    steps = recovery.trial_steps(cfg)
+    assert trial.detail["error"] == f"not injected: the run was at step {steps - 1} of {steps}"
 
 
 def test_a_crash_trial_per_system_is_measured_and_reported(tmp_path: Path) -> None:
