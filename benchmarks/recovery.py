@@ -90,6 +90,7 @@ class Config:
     ref_rounds: int = 2
     seed: int = 7
     step_delay: float = 0.0  # sleep per step in both training scripts (the smoke test paces)
+    spares_wait: float = 60.0  # how long a trial waits for warm spares before it injects anyway
     workdir: Path = Path()
 
 
@@ -604,7 +605,7 @@ def trial_run(
     with running(run, steps, out=True):
         for i, kind in enumerate(kinds):
             run.wait_step(warmup + i * cfg.settle_steps, timeout=300)
-            warm = run.spares_ready(60)
+            warm = run.spares_ready(cfg.spares_wait)
             step_s = step_time(run.progress, run.ranks)
             time.sleep(rng.uniform(0, step_s))
             rank = (rep + i) % cfg.nodes
