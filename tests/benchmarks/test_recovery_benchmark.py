@@ -72,22 +72,20 @@ class _EndsWhileSparesWarm(recovery.Run):
 
     system = recovery.SUPERVISE
 
-    def _write(self, gen: int, steps: range, *, done: bool = False) -> None:
+    def _write(self, steps: range, *, done: bool = False) -> None:
+        rows = [("step", rank, {"step": step}) for step in steps for rank in self.ranks]
+        rows += [("done", rank, {}) for rank in self.ranks] if done else []
         with open(self.progress.path, "a") as f:
-            for step in steps:
-                for rank in self.ranks:
-                    row = {"ev": "step", "t": time.time(), "rank": rank, "gen": gen, "pid": 1}
-                    f.write(json.dumps({**row, "step": step}) + "\n")
-            for rank in self.ranks if done else ():
-                f.write(json.dumps({"ev": "done", "t": time.time(), "rank": rank, "gen": gen,
-                                    "pid": 1}) + "\n")  # fmt: skip
+            for ev, rank, fields in rows:
+                row = {"ev": ev, "t": time.time(), "rank": rank, "gen": 1, "pid": 1, **fields}
+                f.write(json.dumps(row) + "\n")
 
     def start(self, steps: int, *, out: bool) -> None:
         self.steps = steps
-        self._write(1, range(recovery.warmup_steps(self.cfg) + 1))
+        self._write(range(recovery.warmup_steps(self.cfg) + 1))
 
     def spares_ready(self, timeout: float) -> bool:
-        self._write(1, range(recovery.warmup_steps(self.cfg) + 1, self.steps), done=True)
+        self._write(range(recovery.warmup_steps(self.cfg) + 1, self.steps), done=True)
         return False
 
     def inject(self, kind: str, rank: int) -> float:
