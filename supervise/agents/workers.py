@@ -38,7 +38,8 @@ NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
 _PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
 # A spare runs supervise/_warm.py by its path: ``-m supervise._warm`` would first import the
 # ``supervise`` package (0.4 s of CPU) in the main thread, at normal priority, while training
-# runs; the warm-up imports it later, in its idle-class thread.
+# runs; the warm-up imports it later, in its idle-class thread. Through ``-c``, not ``python
+# _warm.py``: that would put supervise/ first on sys.path, where supervise/torch shadows torch.
 _WARM_FILE = str(Path(__file__).resolve().parent.parent / "_warm.py")
 _WARM_BOOT = (
     "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
