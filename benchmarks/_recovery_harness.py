@@ -26,7 +26,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Event:
-    """One line of the progress file (see ``supervise.torch.demo_train.Progress``)."""
+    """One line of the progress file (see ``supervise._demo.train.Progress``)."""
 
     ev: str
     t: float

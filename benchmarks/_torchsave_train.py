@@ -3,7 +3,7 @@ checkpointed the way users do it today, with ``torch.save`` to local disk every 
 ``torch.load`` at start (under a torchrun-style launcher that restarts every worker on any
 failure).
 
-The same computation as ``supervise.torch.demo_train`` (same model, data stream, optimizer and
+The same computation as ``supervise._demo.train`` (same model, data stream, optimizer and
 ``train_step``), so both end with the same parameters, bit for bit. Each rank saves its own
 state (the data stream's position differs per rank) as ``step-<N>.rank-<R>.pt``, written to a
 temporary file and renamed, keeping the newest two; at start the ranks agree (all-reduce MIN)
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from supervise.torch.demo_train import (
+from supervise._demo.train import (
     Progress,
     TeacherStream,
     build_model,

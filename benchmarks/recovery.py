@@ -1,7 +1,7 @@
 """Recovery benchmark: time from a failure to the next completed training step, per failure
 kind, and goodput under a failure every N seconds, for supervise and for the status quo.
 
-Both sides train the same model (``supervise.torch.demo_train``: an MLP, AdamW, gloo
+Both sides train the same model (``supervise._demo.train``: an MLP, AdamW, gloo
 all-reduce, deterministic) on the same machine in the same run, one worker per node:
 
 - supervise: one ``supervise node`` agent per node on loopback; snapshots in RAM every K
@@ -132,7 +132,7 @@ def state_bytes(cfg: Config) -> int:
     """Bytes of one rank's training state (parameters, buffers, AdamW state)."""
     import torch
 
-    from supervise.torch.demo_train import build_model
+    from supervise._demo.train import build_model
 
     model = build_model(cfg.width, cfg.hidden, 16, 1234)
     opt = torch.optim.AdamW(model.parameters())
@@ -284,7 +284,7 @@ class SuperviseRun(Run):
 
     def start(self, steps: int, *, out: bool) -> None:
         cmd = [
-            sys.executable, "-m", "supervise.torch.demo_train",
+            sys.executable, "-m", "supervise._demo.train",
             *train_args(self.cfg, steps, self.progress.path, self.out if out else None),
         ]  # fmt: skip
         env = {
@@ -886,7 +886,7 @@ def report(
         "goodput under a failure every N seconds; supervise vs the status quo (a "
         "torchrun-style launcher restarting every worker, the script checkpointing with "
         "`torch.save` to local disk and `torch.load`ing at start), side by side in one run, "
-        f"on the same model: `supervise.torch.demo_train --hidden {cfg.hidden}` (MLP + AdamW, "
+        f"on the same model: `supervise._demo.train --hidden {cfg.hidden}` (MLP + AdamW, "
         f"{floors.nbytes / 2**20:.1f} MiB of state per rank), {cfg.nodes} nodes x 1 worker, "
         "gloo on loopback."
     )

@@ -4,6 +4,7 @@ The public face: everything users import comes from here (private modules, thin 
 """
 
 from supervise._validation import InvalidValue
+from supervise._version import __version__
 
 # --- runtime ---
 from supervise.runtime import (
@@ -97,8 +98,6 @@ from supervise.telemetry import (
     setup_telemetry,
     shutdown_telemetry,
 )
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AlreadyPresent",

@@ -35,10 +35,10 @@ STATE_FILE = "rotel.json"
 def _rotel() -> ModuleType:
     """supervise's rotel module (imported lazily: `install` needs only pip)."""
     try:
-        from supervise import _telemetry_rotel
+        from supervise._testing import rotel as _rotel_mod
     except ImportError:
         sys.exit("supervise is not importable here: run this with the project's venv python")
-    return _telemetry_rotel
+    return _rotel_mod
 
 
 def cmd_install(_args: argparse.Namespace) -> int:

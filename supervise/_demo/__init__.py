@@ -2,7 +2,7 @@
 crash, a hang, a node loss and a NaN; it prints the recovery timeline (from the agents' spans),
 draws it, and checks the final parameters against a failure-free run, bit for bit.
 
-Private: the command line (`supervise._cli_demo`) is the interface. torch is imported only
+Private: the command line (`supervise.cli.demo`) is the interface. torch is imported only
 lazily, for the final comparison.
 """
 

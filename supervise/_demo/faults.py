@@ -13,7 +13,7 @@ from supervise._demo.cluster import DemoCluster, DemoFailure
 from supervise._demo.config import FaultKind
 from supervise.policy import Policy
 
-NAN_FILE = "nan-rank{rank}"  # supervise.torch.demo_train's fault file
+NAN_FILE = "nan-rank{rank}"  # supervise._demo.train's fault file
 
 
 @attrs.define(slots=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from supervise._telemetry_config import TelemetryConfig
+from supervise.telemetry.config import TelemetryConfig
 
-FAULTS_ENV = "SUPERVISE_DEMO_FAULTS"  # supervise.torch.demo_train's fault directory
+FAULTS_ENV = "SUPERVISE_DEMO_FAULTS"  # supervise._demo.train's fault directory
 # Inherited variables that would make the demo's agents or workers something else.
 _DROP_EXACT = frozenset(
     {

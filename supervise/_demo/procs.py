@@ -50,7 +50,7 @@ def _kind(pid: int) -> str:
         raw = (_PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return "process"
-    if b"demo_train" in raw:
+    if b"supervise._demo.train" in raw:
         return "worker"
     if b"os.killpg" in raw:  # the runtime's guard process (python -S -c ...)
         return "guard"

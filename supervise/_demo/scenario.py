@@ -28,11 +28,11 @@ from supervise._demo.reference import run_reference
 from supervise._demo.result import DemoResult, Narrator, match
 from supervise._demo.supervised import run_supervised
 from supervise._demo.timeline import RecoveryView, recoveries
-from supervise._otlp_forward import OtlpForwarder, forward_targets
-from supervise._otlp_receiver import OtlpSink, ReceivedSpan
-from supervise._telemetry_config import TelemetryConfig
 from supervise.agents.workers import free_port
 from supervise.policy import Policy
+from supervise.telemetry.config import TelemetryConfig
+from supervise.telemetry.forward import OtlpForwarder, forward_targets
+from supervise.telemetry.receiver import OtlpSink, ReceivedSpan
 
 MARKER = ".supervise-demo"  # a directory with this file is the demo's to clear
 
@@ -88,7 +88,7 @@ def train_command(
     return (
         sys.executable,
         "-m",
-        "supervise.torch.demo_train",
+        "supervise._demo.train",
         "--steps",
         str(config.steps),
         "--seed",

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from supervise._otlp_receiver import ReceivedSpan
 from supervise.telemetry import RECOVERY_SPAN, Attr, Outcome, Phase
+from supervise.telemetry.receiver import ReceivedSpan
 
 PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
 _PREFIX = RECOVERY_SPAN + "."

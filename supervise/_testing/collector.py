@@ -12,8 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from supervise._telemetry_rotel import Rotel
 from supervise._testing.otlp_sink import OtlpSink, ReceivedMetric, ReceivedSpan
+from supervise._testing.rotel import Rotel
 
 
 class OtelCollector:

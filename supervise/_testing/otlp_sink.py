@@ -1,7 +1,7 @@
-"""The OTLP/HTTP receiver tests read spans from (it moved to `supervise._otlp_receiver` when
+"""The OTLP/HTTP receiver tests read spans from (it moved to `supervise.telemetry.receiver` when
 `supervise demo` started using it; this name stays for tests built on it)."""
 
-from supervise._otlp_receiver import (
+from supervise.telemetry.receiver import (
     OtlpSink,
     ReceivedEvent,
     ReceivedMetric,

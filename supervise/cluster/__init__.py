@@ -12,13 +12,13 @@ from supervise.cluster.errors import (
 )
 from supervise.cluster.keys import CurveKeys, generate_keys
 from supervise.cluster.messages import KindRegistry, kind_of, message_kind
+from supervise.cluster.stats import TransportStats
 from supervise.cluster.transport import (
     DEFERRED,
     Incoming,
     Reply,
     Transport,
     TransportLimits,
-    TransportStats,
 )
 
 __all__ = [

@@ -15,7 +15,7 @@ from supervise.cluster._zsock import ZSocket
 from supervise.cluster.keys import CurveKeys
 
 if TYPE_CHECKING:
-    from supervise.cluster.transport import TransportStats
+    from supervise.cluster.stats import TransportStats
 
 log = structlog.get_logger("supervise.cluster.zap")
 

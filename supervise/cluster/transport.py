@@ -36,6 +36,7 @@ from supervise.cluster._zsock import ZSocket
 from supervise.cluster.errors import PeerUnknown, ProtocolError, RemoteError, RequestTimeout
 from supervise.cluster.keys import CurveKeys, node_key_name
 from supervise.cluster.messages import KindRegistry, frozen_map, kind_of
+from supervise.cluster.stats import TransportStats
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -106,17 +107,6 @@ DEFERRED: Any = _Deferred()
 Handler = Callable[[Incoming[Any]], Awaitable[object]]
 Placer = Callable[[Any, "int | None"], "memoryview | None"]
 """``into(body, sender)``: where the first payload frame of a message goes, or None (a frame)."""
-
-
-@attrs.define(slots=True)
-class TransportStats:
-    """Counters for health checks and tests."""
-
-    received: int = 0
-    sent: int = 0
-    dropped: Counter[str] = attrs.field(factory=Counter)
-    auth_refused: int = 0
-    handler_errors: int = 0
 
 
 class PendingReply:

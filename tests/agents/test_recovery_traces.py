@@ -151,7 +151,7 @@ class Cluster:
             "--",
             sys.executable,
             "-m",
-            "supervise.torch.demo_train",
+            "supervise._demo.train",
             "--steps",
             str(STEPS),
             "--step-delay",

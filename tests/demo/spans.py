@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 
-from supervise._otlp_receiver import ReceivedEvent, ReceivedSpan, Value
+from supervise.telemetry.receiver import ReceivedEvent, ReceivedSpan, Value
 
 _ids = itertools.count(1)
 NS = 1_000_000_000

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from supervise._demo.procs import PidBook
-from supervise._otlp_receiver import OtlpSink
 from supervise.telemetry import RECOVERY_SPAN
+from supervise.telemetry.receiver import OtlpSink
 
 DEMO_LIMIT_S = 420  # the quick demo takes about 1.5 min; generous for a loaded CI machine
 

@@ -6,9 +6,9 @@ import http.client
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from supervise._otlp_forward import ForwardTarget, OtlpForwarder, forward_targets
-from supervise._otlp_receiver import OtlpSink
-from supervise._telemetry_config import TelemetryConfig
+from supervise.telemetry.config import TelemetryConfig
+from supervise.telemetry.forward import ForwardTarget, OtlpForwarder, forward_targets
+from supervise.telemetry.receiver import OtlpSink
 
 
 def _export(name: str) -> bytes:

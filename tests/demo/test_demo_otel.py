@@ -6,7 +6,7 @@ from pathlib import Path
 
 from supervise._demo.otel import agent_env
 from supervise._demo.reference import reference_env
-from supervise._telemetry_config import TelemetryConfig
+from supervise.telemetry.config import TelemetryConfig
 
 
 def test_agents_export_to_the_demo_and_keep_the_users_settings(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-import supervise._telemetry_setup as setup
+import supervise.telemetry.lifecycle as setup
 from supervise.policy import Policy
 from supervise.telemetry import Telemetry, TelemetryConfig
 from supervise.torch import Snapshotter

@@ -15,8 +15,8 @@ import pytest
 import trio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from supervise._telemetry_rotel import ROTEL_AGENT_ENV, Rotel, RotelError, find_rotel_agent
 from supervise._testing import OtelCollector, OtlpSink
+from supervise._testing.rotel import ROTEL_AGENT_ENV, Rotel, RotelError, find_rotel_agent
 from supervise.telemetry import (
     RECOVERY_SPAN,
     Attr,
@@ -172,7 +172,7 @@ def test_an_interrupted_start_leaves_no_rotel_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C (or any error) while waiting for rotel to come up stops it by PID."""
-    from supervise import _telemetry_rotel
+    from supervise._testing import rotel as rotel_module
 
     rotel = Rotel(log_path=tmp_path / "rotel.log")
     started: list[int] = []
@@ -182,7 +182,7 @@ def test_an_interrupted_start_leaves_no_rotel_behind(
         started.append(rotel.pid)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_telemetry_rotel, "_otlp_http_ready", interrupted)
+    monkeypatch.setattr(rotel_module, "_otlp_http_ready", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             rotel.start(timeout_s=20)

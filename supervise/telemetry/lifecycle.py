@@ -18,9 +18,10 @@ import structlog
 from opentelemetry import metrics, trace
 from opentelemetry.util.types import AttributeValue
 
-from supervise._telemetry_config import TelemetryConfig, TelemetryError
-from supervise._telemetry_metrics import Instruments, MemorySource
-from supervise._telemetry_names import SCOPE, Attr
+from supervise._version import __version__
+from supervise.telemetry.config import TelemetryConfig, TelemetryError
+from supervise.telemetry.metrics import Instruments, MemorySource
+from supervise.telemetry.names import SCOPE, Attr
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -57,7 +58,7 @@ class Telemetry:
         self.resource = resource
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
-        version = _version()
+        version = __version__
         self.tracer: trace.Tracer = (
             trace.NoOpTracer()
             if tracer_provider is None
@@ -225,19 +226,13 @@ def _bounded(fn: Callable[[], None], timeout_s: float) -> bool:
     return not worker.is_alive()
 
 
-def _version() -> str:
-    from supervise import __version__  # lazy: the package imports this module
-
-    return __version__
-
-
 def _resource(
     config: TelemetryConfig, rank: int | None, extra: Mapping[str, AttributeValue] | None
 ) -> Resource:
     from opentelemetry.sdk.resources import Resource
 
     attributes: dict[str, AttributeValue] = {
-        "service.version": _version(),
+        "service.version": __version__,
         "host.name": socket.gethostname(),
         "process.pid": os.getpid(),
     }
@@ -258,7 +253,7 @@ def _tracer_provider(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    from supervise._telemetry_export import CountingSpanExporter, PrivateRandomIds
+    from supervise.telemetry._export import CountingSpanExporter, PrivateRandomIds
 
     provider = TracerProvider(
         resource=resource, shutdown_on_exit=False, id_generator=PrivateRandomIds()
@@ -290,7 +285,7 @@ def _meter_provider(
         PeriodicExportingMetricReader,
     )
 
-    from supervise._telemetry_export import CountingMetricExporter
+    from supervise.telemetry._export import CountingMetricExporter
 
     readers: list[MetricReader] = []
     for name in config.metrics.exporters:

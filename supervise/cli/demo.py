@@ -73,10 +73,10 @@ def _run(args: argparse.Namespace) -> int:
     from supervise._demo.picture import write_html
     from supervise._demo.report import render
     from supervise._demo.scenario import run_demo
-    from supervise._telemetry_config import TelemetryConfig, TelemetryError
-    from supervise._telemetry_logging import configure_logging
     from supervise._validation import InvalidValue
     from supervise.policy import Policy, PolicyError
+    from supervise.telemetry.config import TelemetryConfig, TelemetryError
+    from supervise.telemetry.logs import configure_logging
 
     try:
         base = DemoConfig.quick(args.out) if args.quick else DemoConfig(out_dir=args.out)

@@ -7,8 +7,8 @@ from typing import Any, Final
 
 from opentelemetry.util.types import AttributeValue
 
-from supervise._telemetry_config import TelemetryError
-from supervise._telemetry_names import SHORT_ATTRIBUTES, Attr, Source, Trigger
+from supervise.telemetry.config import TelemetryError
+from supervise.telemetry.names import SHORT_ATTRIBUTES, Attr, Source, Trigger
 
 _NON_NEGATIVE_INTS: Final = frozenset(
     {

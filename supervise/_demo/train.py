@@ -5,7 +5,7 @@ Deterministic by construction (seeded model, seeded data stream captured as ``ex
 fixed thread count), so a run that survived failures ends with the same parameters, bit for
 bit, as a run that had none. Run it under ``supervise node`` or standalone (one process)::
 
-    python -m supervise.torch.demo_train --steps 200 --out final.pt
+    python -m supervise._demo.train --steps 200 --out final.pt
 
 Fault injection for the demo: when ``SUPERVISE_DEMO_FAULTS`` names a directory, a file
 ``nan-rank<R>`` there makes rank R's next loss NaN once (the file is removed first).

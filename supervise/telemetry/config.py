@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from supervise._telemetry_names import SERVICE_NAME
+from supervise.telemetry.names import SERVICE_NAME
 
 Signal = Literal["traces", "metrics"]
 ExporterName = Literal["otlp", "console"]

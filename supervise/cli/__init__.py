@@ -1,6 +1,6 @@
 """The `supervise` command: a thin dispatcher; each subcommand lives in its own module.
 
-A subcommand module (``supervise._cli_<name>``) exposes ``register(commands)``, which adds its
+A subcommand module (``supervise/cli/<name>.py``) exposes ``register(commands)``, which adds its
 parser and sets ``handler`` (``args -> exit status``). Add new ones to `COMMANDS`; keep their
 heavy imports inside the handler so that ``supervise --help`` stays fast.
 """
@@ -8,35 +8,30 @@ heavy imports inside the handler so that ``supervise --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+from supervise._version import __version__
+from supervise.cli import demo, keys, node, policy, status
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[str, ...] = (
-    "supervise._cli_node",
-    "supervise._cli_demo",
-    "supervise._cli_status",
-    "supervise._cli_policy",
-    "supervise._cli_keys",
-)
+COMMANDS: tuple[ModuleType, ...] = (node, demo, status, policy, keys)
 """Modules that register a subcommand, in the order `--help` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    from supervise import __version__
-
     parser = argparse.ArgumentParser(
         prog="supervise",
         description="Erlang/OTP-style supervision for distributed PyTorch training.",
     )
     parser.add_argument("--version", action="version", version=f"supervise {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).register(commands)
+    for module in COMMANDS:
+        module.register(commands)
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Final
 
 import attrs
 
-from supervise._telemetry_config import TelemetryConfig
+from supervise.telemetry.config import TelemetryConfig
 
 _QUEUE_MAX: Final = 1024
 _TIMEOUT_S: Final = 10.0

@@ -32,7 +32,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from supervise._otlp_forward import OtlpForwarder
+from supervise.telemetry.forward import OtlpForwarder
 
 _ROUTES: Final[dict[str, tuple[type[Message], type[Message]]]] = {
     "/v1/traces": (ExportTraceServiceRequest, ExportTraceServiceResponse),

@@ -9,7 +9,7 @@ import structlog
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
-from supervise._telemetry_names import (
+from supervise.telemetry.names import (
     DURATION_BUCKETS_S,
     THROUGHPUT_BUCKETS,
     Attr,

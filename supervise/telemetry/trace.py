@@ -19,10 +19,11 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from supervise._telemetry_attributes import Attributes, attributes
-from supervise._telemetry_config import TelemetryError
-from supervise._telemetry_context import extract, inject, span_ids, using
-from supervise._telemetry_names import (
+from supervise.telemetry.attributes import Attributes, attributes
+from supervise.telemetry.config import TelemetryError
+from supervise.telemetry.context import extract, inject, span_ids, using
+from supervise.telemetry.lifecycle import Telemetry, get_telemetry
+from supervise.telemetry.names import (
     RECOVERY_SPAN,
     Attr,
     Outcome,
@@ -31,7 +32,6 @@ from supervise._telemetry_names import (
     SnapshotOp,
     Trigger,
 )
-from supervise._telemetry_setup import Telemetry, get_telemetry
 
 log = structlog.get_logger(__name__)
 

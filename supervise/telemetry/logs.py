@@ -18,7 +18,7 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from supervise._telemetry_config import TelemetryError
+from supervise.telemetry.config import TelemetryError
 
 _HANDLER_NAME: Final = "supervise"
 _lock = threading.Lock()

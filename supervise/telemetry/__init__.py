@@ -6,12 +6,18 @@ start and ``shutdown_telemetry()`` at exit; one recovery is one ``RecoveryTrace`
 other nodes through the W3C carrier it ``inject``s into the transport's message header.
 """
 
-from supervise._telemetry_attributes import attributes
-from supervise._telemetry_config import SignalConfig, TelemetryConfig, TelemetryError
-from supervise._telemetry_context import extract, inject, untraced
-from supervise._telemetry_logging import add_trace_context, configure_logging
-from supervise._telemetry_metrics import Instruments
-from supervise._telemetry_names import (
+from supervise.telemetry.attributes import attributes
+from supervise.telemetry.config import SignalConfig, TelemetryConfig, TelemetryError
+from supervise.telemetry.context import extract, inject, untraced
+from supervise.telemetry.lifecycle import (
+    Telemetry,
+    get_telemetry,
+    setup_telemetry,
+    shutdown_telemetry,
+)
+from supervise.telemetry.logs import add_trace_context, configure_logging
+from supervise.telemetry.metrics import Instruments
+from supervise.telemetry.names import (
     DURATION_BUCKETS_S,
     RECOVERY_SPAN,
     SCOPE,
@@ -28,13 +34,7 @@ from supervise._telemetry_names import (
     Source,
     Trigger,
 )
-from supervise._telemetry_setup import (
-    Telemetry,
-    get_telemetry,
-    setup_telemetry,
-    shutdown_telemetry,
-)
-from supervise._telemetry_trace import OperationSpan, RecoveryTrace, snapshot_span
+from supervise.telemetry.trace import OperationSpan, RecoveryTrace, snapshot_span
 
 __all__ = [
     "DURATION_BUCKETS_S",
