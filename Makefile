@@ -1,7 +1,8 @@
 # Two entry points, each self-contained on a fresh machine:
 #   make demo   -- build .venv, run the embedded showcase (`supervise demo`: node agents
 #                  on localhost survive a crash, a hang, a node loss and a NaN)
-#   make test   -- build .venv, run ruff, mypy (strict on supervise/) and pytest
+#   make test   -- build .venv, run ruff, the import layers check (tools/check_layers.py),
+#                  mypy (strict on supervise/) and pytest
 # and the benchmarks (minutes; each rewrites its section of benchmarks/RESULTS.md):
 #   make bench
 # and the recovery benchmark (about 40 min; `--quick` for a 10-minute run):
@@ -24,6 +25,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tools/check_layers.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

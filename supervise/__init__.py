@@ -1,12 +1,15 @@
 """supervise: Erlang/OTP-style supervision for distributed PyTorch training.
 
-The public face: everything users import comes from here (private modules, thin face).
+The public face: everything users import comes from here (private modules, thin face). The
+user API comes first — the OTP runtime, policies, snapshot errors, telemetry set-up; the
+training side is ``supervise.torch`` (``Snapshotter``). The node agent's building blocks follow
+separately: public for those who assemble their own node, but not what a training script needs.
 """
 
 from supervise._validation import InvalidValue
 from supervise._version import __version__
 
-# --- runtime ---
+# --- user API: the runtime (Erlang/OTP on trio) ---
 from supervise.runtime import (
     AlreadyPresent,
     AlreadyRegistered,
@@ -45,32 +48,8 @@ from supervise.runtime import (
     whereis,
 )
 
-# --- policy ---
+# --- user API: policies, snapshots, telemetry ---
 # isort: split
-# --- agents ---
-from supervise.agents.replica_holder import ReplicaHolder
-
-# --- snapshot ---
-# --- cluster ---
-from supervise.cluster import (
-    ClusterError,
-    CurveKeys,
-    Incoming,
-    ProtocolError,
-    RemoteError,
-    Reply,
-    RequestTimeout,
-    Transport,
-    TransportLimits,
-    generate_keys,
-    message_kind,
-)
-from supervise.cluster.failure_detector import DetectorConfig, PeerBack, PeerLost, RootChanged
-from supervise.cluster.membership import Membership
-from supervise.cluster.placement import place, recoverable_probability
-from supervise.cluster.replica_store import ReplicaStore
-from supervise.cluster.replicator import ReplicationService
-from supervise.cluster.shard import ShardMeta
 from supervise.policy import (
     Cluster,
     Persist,
@@ -90,8 +69,6 @@ from supervise.snapshot import (
     SnapshotError,
     VersionInfo,
 )
-
-# --- telemetry ---
 from supervise.telemetry import (
     TelemetryError,
     configure_logging,
@@ -99,83 +76,114 @@ from supervise.telemetry import (
     shutdown_telemetry,
 )
 
-__all__ = [
+# --- internals: the node agent's building blocks (data plane, membership, replicas) ---
+# isort: split
+from supervise.agents.replica_holder import ReplicaHolder
+from supervise.cluster import (
+    ClusterError,
+    CurveKeys,
+    Incoming,
+    ProtocolError,
+    RemoteError,
+    Reply,
+    RequestTimeout,
+    Transport,
+    TransportLimits,
+    generate_keys,
+    message_kind,
+)
+from supervise.cluster.failure_detector import DetectorConfig, PeerBack, PeerLost, RootChanged
+from supervise.cluster.membership import Membership
+from supervise.cluster.placement import place, recoverable_probability
+from supervise.cluster.replica_store import ReplicaStore
+from supervise.cluster.replicator import ReplicationService
+from supervise.cluster.shard import ShardMeta
+
+# The user API first (a training job, its policy, its supervision tree), then the internals
+# (the node agent's building blocks, public for those who assemble a node of their own).
+__all__ = [  # noqa: RUF022 -- grouped, not sorted
+    # --- user API ---
+    # runtime
     "AlreadyPresent",
     "AlreadyRegistered",
     "AlreadyRunning",
     "AutoShutdown",
     "Backoff",
     "CallTimeout",
-    "CapacityError",
     "ChildCounts",
     "ChildFailed",
     "ChildInfo",
     "ChildSpec",
     "ChildState",
-    "Cluster",
-    "ClusterError",
-    "CorruptSnapshot",
-    "CurveKeys",
-    "DetectorConfig",
     "DynamicSupervisor",
     "DynamicSupervisorRef",
     "ExitKind",
     "ExitReason",
     "GaveUp",
-    "Incoming",
-    "InvalidValue",
-    "Manifest",
-    "Membership",
     "NoProc",
     "NotFound",
     "OsProcess",
     "OutputLine",
-    "PeerBack",
-    "PeerLost",
-    "Persist",
-    "Policy",
-    "PolicyError",
     "ProcessHandle",
-    "ProtocolError",
-    "Recovery",
-    "RemoteError",
-    "ReplicaHolder",
-    "ReplicaStore",
-    "Replication",
-    "ReplicationService",
-    "Reply",
-    "RequestTimeout",
     "Restart",
-    "Retention",
-    "RootChanged",
     "Server",
     "ServerRef",
-    "ShardMeta",
     "Shutdown",
-    "Size",
-    "SnapshotError",
-    "SnapshotSchedule",
     "StartFailed",
     "StillRunning",
     "Strategy",
-    "Supervision",
     "Supervisor",
     "SupervisorError",
     "SupervisorRef",
-    "TelemetryError",
     "TooManyChildren",
+    "child",
+    "registered",
+    "whereis",
+    # policies
+    "Cluster",
+    "InvalidValue",
+    "Persist",
+    "Policy",
+    "PolicyError",
+    "Recovery",
+    "Replication",
+    "Retention",
+    "Size",
+    "SnapshotSchedule",
+    "Supervision",
+    # snapshots
+    "CapacityError",
+    "CorruptSnapshot",
+    "Manifest",
+    "SnapshotError",
+    "VersionInfo",
+    # telemetry
+    "TelemetryError",
+    "configure_logging",
+    "setup_telemetry",
+    "shutdown_telemetry",
+    "__version__",
+    # --- internals ---
+    "ClusterError",
+    "CurveKeys",
+    "DetectorConfig",
+    "Incoming",
+    "Membership",
+    "PeerBack",
+    "PeerLost",
+    "ProtocolError",
+    "RemoteError",
+    "ReplicaHolder",
+    "ReplicaStore",
+    "ReplicationService",
+    "Reply",
+    "RequestTimeout",
+    "RootChanged",
+    "ShardMeta",
     "Transport",
     "TransportLimits",
-    "VersionInfo",
-    "__version__",
-    "child",
-    "configure_logging",
     "generate_keys",
     "message_kind",
     "place",
     "recoverable_probability",
-    "registered",
-    "setup_telemetry",
-    "shutdown_telemetry",
-    "whereis",
 ]
