@@ -1,4 +1,4 @@
-"""The presets in policies/ load, say what they promise, and the README documents every key."""
+"""The presets in policies/ load, say what they promise, and docs/policy.md documents every key."""
 
 from __future__ import annotations
 
@@ -70,14 +70,14 @@ def test_single_node_preset() -> None:
     assert policy.persist.every_snapshots > 0
 
 
-def test_readme_documents_every_key_with_its_default() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_docs_document_every_key_with_its_default() -> None:
+    page = (ROOT / "docs" / "policy.md").read_text()
     rows = {
         m[1]: m[2]
         for m in re.finditer(
             # a policy key is section.key; other tables with a code first column are not keys
             r"^\| `([a-z_]+\.[a-z_.]+)` \| [^|]*(?:\\\|[^|]*)* \| `([^`]*)` \|",
-            readme,
+            page,
             re.M,
         )
     }
