@@ -1,6 +1,6 @@
 """The sections of a policy, one frozen class per TOML table, validated at construction.
 
-Field names are the TOML keys; the README's "Policies" table documents each one.
+Field names are the TOML keys; docs/policy.md ("Every key") documents each one.
 """
 
 from __future__ import annotations
