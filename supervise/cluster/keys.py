@@ -145,10 +145,3 @@ class CurveKeys:
         if key is None:
             raise CurveKeyError(f"no public key for {node_key_name(rank)} in the key directory")
         return key
-
-    def name_of(self, public_z85: bytes) -> str | None:
-        """The name owning a public key, or None for a stranger."""
-        for name, key in self.known.items():
-            if key == public_z85:
-                return name
-        return None

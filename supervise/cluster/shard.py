@@ -8,7 +8,7 @@ while the region arrives in order, so verification costs no second pass over the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import attrs
 import xxhash
@@ -63,8 +63,6 @@ class ShardMeta:
     def label(self) -> str:
         return f"rank {self.rank} v{self.version} g{self.generation}"
 
-
-ManifestParser = Callable[[bytes], ShardMeta]
 
 HASH_BLOCK = 1 << 20
 """Hash-and-copy block: fits in L2 with room to spare, large enough that the per-block Python

@@ -31,8 +31,6 @@ def _load_prctl() -> Any:
 
 _prctl = _load_prctl()
 
-available = _prctl is not None
-
 
 def preexec_for(parent_pid: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` arming the parent-death signal, or None where the OS has none."""

@@ -24,8 +24,6 @@ DTYPES: Final[dict[str, tuple[int, str]]] = {
     "bool": (1, "BOOL"),
 }
 
-SAFETENSORS_TO_NAME: Final[dict[str, str]] = {code: name for name, (_, code) in DTYPES.items()}
-
 
 def itemsize(dtype: str) -> int:
     """Bytes per element of a dtype name; ValueError names the unsupported type."""

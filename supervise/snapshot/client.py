@@ -8,7 +8,6 @@ slow the heartbeat is coalesced into the next one or dropped.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -143,7 +142,6 @@ class AgentClient:
         self._lock = threading.Lock()
         self._arenas: dict[str, Arena] = {}
         self._pending_beat: bytes | None = None
-        self._pid = os.getpid()
 
     def _call(self, req: p.Request) -> dict[str, Any]:
         with self._lock:

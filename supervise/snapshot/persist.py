@@ -289,7 +289,6 @@ class Persister:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.written: list[Path] = []
-        self.last_error: BaseException | None = None
 
     def on_commit(self, event: CommitEvent) -> None:
         """Commit hook: pin the shard now and queue it for writing when it is due."""
@@ -333,7 +332,6 @@ class Persister:
                 tier.prune(shard.manifest.step)
                 self.written.append(path)
             except Exception as exc:
-                self.last_error = exc
                 log.warning("could not persist version %d: %s", shard.manifest.step, exc)
             finally:
                 self._queue.task_done()

@@ -159,7 +159,6 @@ class OtlpSink:
         self._spans: list[ReceivedSpan] = []
         self._metrics: list[ReceivedMetric] = []
         self._log_records = 0
-        self._requests = 0
         self._errors: list[str] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -235,12 +234,6 @@ class OtlpSink:
             return self._log_records
 
     @property
-    def requests(self) -> int:
-        """How many export requests arrived (decoded or not)."""
-        with self._cond:
-            return self._requests
-
-    @property
     def errors(self) -> list[str]:
         """Requests that could not be decoded (a healthy run has none)."""
         with self._cond:
@@ -295,8 +288,6 @@ class OtlpSink:
 
     def _receive(self, path: str, body: bytes) -> tuple[int, bytes]:
         route = _ROUTES.get(path)
-        with self._cond:
-            self._requests += 1
         if route is None:
             return 404, b""
         request_type, response_type = route

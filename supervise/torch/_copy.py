@@ -9,6 +9,7 @@ parallel (hash a chunk, then copy it while it is still in cache).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from collections.abc import Sequence
@@ -81,6 +82,31 @@ class ArenaTensors:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.address)  # type: ignore[no-untyped-call]
             self.pinned = False
+
+
+class ArenaViews:
+    """The arena this process attached to last and one ArenaTensors per arena used: shared by
+    capture (which attaches as the layout grows) and restore (which attaches to load from disk).
+    """
+
+    def __init__(self) -> None:
+        self.arena: Arena | None = None
+        self.views: dict[str, ArenaTensors] = {}
+
+    def of(self, arena: Arena) -> ArenaTensors:
+        """The tensors over ``arena``, made once per mapping."""
+        key = str(arena.path)
+        views = self.views.get(key)
+        if views is None or views.arena is not arena:
+            views = self.views[key] = ArenaTensors(arena)
+        return views
+
+    def release(self) -> None:
+        """Unpin every mapping (best effort) and forget them."""
+        for v in self.views.values():
+            with contextlib.suppress(Exception):
+                v.unpin()
+        self.views.clear()
 
 
 def memcopy_into_arena(dst_address: int, src: torch.Tensor, dst_view: torch.Tensor) -> None:

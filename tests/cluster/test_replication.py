@@ -82,7 +82,7 @@ async def test_cancelled_push_aborts_at_the_receiver_and_newer_supersedes(
     old, old_data = make_shard(0, 10, [4 * MiB])
     new, new_data = make_shard(0, 20, [4 * MiB])
     # slow the receiver down so the first push is surely mid-flight when cancelled
-    chunk_handler = holder._handlers["replica.push_chunk"]
+    chunk_handler = holder._router._handlers["replica.push_chunk"]
     seen = trio.Event()
 
     async def slow_chunk(msg):  # type: ignore[no-untyped-def]
@@ -90,7 +90,7 @@ async def test_cancelled_push_aborts_at_the_receiver_and_newer_supersedes(
         await trio.sleep(0.02)
         return await chunk_handler(msg)
 
-    holder._handlers["replica.push_chunk"] = slow_chunk
+    holder._router._handlers["replica.push_chunk"] = slow_chunk
     async with trio.open_nursery() as n:
         scope = trio.CancelScope()
 
@@ -103,7 +103,7 @@ async def test_cancelled_push_aborts_at_the_receiver_and_newer_supersedes(
         scope.cancel()  # a newer version was committed: supersede
     await eventually(lambda: endpoint.store.receptions() == [])
     assert endpoint.store.inventory() == {}
-    holder._handlers["replica.push_chunk"] = chunk_handler
+    holder._router._handlers["replica.push_chunk"] = chunk_handler
     assert await push_shard(owner, 1, new, memoryview(new_data))
     with pytest.raises(RemoteError, match="stale"):
         await push_shard(owner, 1, old, memoryview(old_data))
@@ -151,17 +151,17 @@ async def test_chunks_arrive_as_one_frame_each_and_an_oversized_one_fails_the_pu
     owner, holder, endpoint = pair
     meta, data = make_shard(0, 10, [MiB, 300 * KiB])
     seen: list[tuple[int, int]] = []
-    handler = holder._handlers["replica.push_chunk"]
+    handler = holder._router._handlers["replica.push_chunk"]
 
     async def spy(msg):  # type: ignore[no-untyped-def]
         seen.append((len(msg.placed), len(msg.frames)))
         return await handler(msg)
 
-    holder._handlers["replica.push_chunk"] = spy
+    holder._router._handlers["replica.push_chunk"] = spy
     assert await push_shard(owner, 1, meta, memoryview(data), chunk_size=256 * KiB, window=2)
     # each chunk stays in libzmq's buffer: hashed there, then copied into place (one pass)
     assert len(seen) == 6 and all(s == (0, 1) for s in seen)
-    holder._handlers["replica.push_chunk"] = handler
+    holder._router._handlers["replica.push_chunk"] = handler
     # a chunk larger than the holder accepts fails the push at once, and nothing of it is kept
     endpoint.max_chunk = 128 * KiB
     newer, newer_data = make_shard(0, 11, [MiB])

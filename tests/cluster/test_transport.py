@@ -274,9 +274,9 @@ async def test_unhandle_leaves_a_newer_handler_alone(server: Transport, client: 
     server.handle(Note, old)
     server.handle(Note, new)  # a restarted service installs its own
     server.unhandle(Note, old)  # the old one's cleanup runs late
-    assert server._handlers["test.note"] is new
+    assert server._router._handlers["test.note"] is new
     server.unhandle(Note, new)
-    assert "test.note" not in server._handlers
+    assert "test.note" not in server._router._handlers
 
 
 # ---- payload received straight into place ------------------------------------------------
@@ -317,7 +317,7 @@ async def test_into_hook_receives_the_first_frame_in_place(
         await client.request(0, Blob(0), [b"x" * 17])
     assert server.stats.dropped["malformed"] == 1 and len(got) == 2
     server.unhandle(Blob)
-    assert "test.blob" not in server._placers
+    assert "test.blob" not in server._router._placers
 
 
 async def test_failing_into_hook_is_an_error_reply(server: Transport, client: Transport) -> None:

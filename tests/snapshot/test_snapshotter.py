@@ -421,7 +421,8 @@ def test_cuda_capture_and_restore(tmp_path: Path) -> None:
             opt.zero_grad()
             snap.step(step)
         snap.wait()
-        assert snap._views and all(v.pinned for v in snap._views.values())  # cudaHostRegister
+        views = snap._arenas.views
+        assert views and all(v.pinned for v in views.values())  # cudaHostRegister
         saved, cuda_rng = state(model, opt), torch.cuda.get_rng_state()
         x = torch.randn(5, 6, device="cuda")  # moves the CUDA generator on
         model(x).pow(2).mean().backward()
@@ -437,7 +438,7 @@ def test_optimizer_step_helps_finish_the_copy(
 ) -> None:
     import threading
 
-    import supervise.torch.snapshotter as mod
+    import supervise.torch._capture as mod
 
     model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
     opt = make_opt("adam", model)
@@ -462,7 +463,7 @@ def test_optimizer_step_helps_finish_the_copy(
     assert snap.capture(0)
     assert started.wait(30)
     captured = state(model, opt)
-    job = snap._job
+    job = snap._capture._job
     assert job is not None and not job.work.done.is_set()
 
     def release_when_all_taken() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import supervise.torch.snapshotter as snapshotter_module
+import supervise.torch._capture as capture_module
 from supervise.policy import Policy
 from supervise.torch import Snapshotter
 
@@ -42,14 +42,14 @@ policy = Policy.from_dict(
 )
 hang_step = int(os.environ.get("HANG_IN_CAPTURE", "-1"))
 if hang_step >= 0:
-    real_run = snapshotter_module._CopyWork.run
+    real_run = capture_module._CopyWork.run
     hung = threading.Event()
 
-    def hanging_run(self: snapshotter_module._CopyWork, *, helper: bool) -> None:
+    def hanging_run(self: capture_module._CopyWork, *, helper: bool) -> None:
         # The first copy of that capture's deferred work never finishes, in whichever thread
         # takes it: the background thread, or the training thread when it reaches the next
         # optimizer step first (on a loaded machine it may do all the copies itself).
-        job = snap._job
+        job = snap._capture._job
         if job is not None and job.step == hang_step and job.work is self:
             with self._lock:
                 claim = not hung.is_set() and self._next < len(self.items)
@@ -61,7 +61,7 @@ if hang_step >= 0:
                 time.sleep(600)
         real_run(self, helper=helper)
 
-    snapshotter_module._CopyWork.run = hanging_run  # type: ignore[method-assign]
+    capture_module._CopyWork.run = hanging_run  # type: ignore[method-assign]
 
 snap = Snapshotter(model, opt, policy=policy, shm_dir=os.environ.get("SHM_DIR"))
 start = snap.restore()

@@ -1,0 +1,248 @@
+"""A transport's router half: the bound ROUTER socket that serves peers' requests.
+
+Its one reader takes each message off the socket, routes it to the handler registered for its
+kind, and sends the handler's answer (or an error reply) back on the same connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+import structlog
+import trio
+import zmq
+
+from supervise.cluster import _wire
+from supervise.cluster._framing import (
+    DEFERRED,
+    Framing,
+    Handler,
+    Incoming,
+    Placer,
+    Reply,
+    destination,
+    send_within,
+)
+from supervise.cluster._zsock import ZSocket
+from supervise.cluster.errors import ProtocolError
+from supervise.cluster.messages import frozen_map, kind_of
+
+T = TypeVar("T")
+
+log = structlog.get_logger("supervise.cluster.transport")
+
+
+class Router:
+    """The handlers by kind and the bound ROUTER socket that runs them (while serving)."""
+
+    def __init__(self, framing: Framing) -> None:
+        self._f = framing
+        self._handlers: dict[str, Handler] = {}
+        self._placers: dict[str, Placer] = {}
+        self._sock: ZSocket | None = None
+        self.endpoint: str | None = None
+
+    # ---- handlers ------------------------------------------------------------------------
+
+    def handle(
+        self,
+        kind: type[T],
+        handler: Callable[[Incoming[T]], Awaitable[object]],
+        into: Callable[[T, int | None], memoryview | None] | None,
+    ) -> None:
+        """Route ``kind`` to ``handler`` (see :meth:`Transport.handle`)."""
+        self._f.kinds.register(kind)
+        name = kind_of(kind)
+        self._handlers[name] = cast("Handler", handler)
+        if into is None:
+            self._placers.pop(name, None)
+        else:
+            self._placers[name] = cast("Placer", into)
+
+    def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None) -> None:
+        """Stop routing ``kind`` (with ``handler``: only if it is still the one installed)."""
+        name = kind_of(kind)
+        if handler is None or self._handlers.get(name) == handler:
+            self._handlers.pop(name, None)
+            self._placers.pop(name, None)
+
+    # ---- the socket ----------------------------------------------------------------------
+
+    def open(self, ctx: zmq.Context[Any], endpoint: str) -> ZSocket:
+        """Bind the ROUTER socket (a CURVE server when the transport has keys)."""
+        curve = self._f.curve
+        sock = ctx.socket(zmq.ROUTER)
+        self._f.configure(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if curve is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.zap_domain = b"supervise"
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = ZSocket(sock)
+        return self._sock
+
+    def close(self) -> None:
+        """Close the socket (if open); the reader then returns."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.endpoint = None
+
+    async def reply(
+        self,
+        request: Incoming[Any],
+        message: object,
+        frames: Sequence[Any],
+        trace: Mapping[str, str] | None,
+    ) -> None:
+        """Answer a request later (see :meth:`Transport.reply`)."""
+        if request.request_id == 0 or request._route is None:
+            raise ValueError(f"{request.kind} was not a request: nothing to reply to")
+        parts = self._f.pack(message, request.request_id, _wire.REPLY, frames, trace)
+        await self._send_routed(request._route, request.kind, parts)
+
+    async def _send_routed(self, route: bytes, kind: str, parts: list[Any]) -> None:
+        router = self._sock
+        if router is None or router.closed:
+            return
+        parts = [route, *parts]
+        try:
+            sent = await send_within(router, parts, self._f.limits.reply_send_timeout)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the requester is gone
+            self._f.drop("reply_unroutable", f"reply to {kind}: {exc.strerror}")
+            return
+        if sent:
+            self._f.stats.sent += 1
+        else:
+            self._f.drop("reply_timeout", f"reply to {kind} not taken by the requester")
+
+    # ---- receiving -----------------------------------------------------------------------
+
+    async def read(self, sock: ZSocket) -> None:
+        """The socket's one reader: take, handle and answer messages until it is closed."""
+        while True:
+            try:
+                first = await sock.recv_first()
+            except trio.ClosedResourceError:
+                return
+            self._f.stats.received += 1
+            try:
+                handled = self._take_request(sock, first)
+            finally:
+                sock.received()
+            if handled is not None:  # at once: nothing runs between placement and handler
+                await self._dispatch(*handled)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _take_request(
+        self, sock: ZSocket, first: zmq.Frame
+    ) -> tuple[_wire.Header, Any, Incoming[Any] | None, bytes, str | None] | None:
+        """Receive the rest of one message from the router socket (never awaits, so nothing
+        runs between a placement hook and the message's handler). Returns what to dispatch:
+        (header, handler, message, route, None), or (header, None, None, route, why) for a
+        message with a sound header that cannot be handled (a request gets an error reply),
+        or None when the message was dropped.
+        """
+        f = self._f
+        if not first.more:
+            f.drop("malformed", "router message without a header frame")
+            return None
+        route = first.bytes
+        head = sock.recv_part()
+        try:
+            header = f.header(head)
+        except ProtocolError as exc:
+            sock.skip_rest(head.more)
+            f.drop("malformed", str(exc))
+            return None
+        if header.flag != _wire.MESSAGE:
+            sock.skip_rest(head.more)
+            f.drop("unexpected_reply", f"{header.kind}: reply sent to a server socket")
+            return None
+        handler = self._handlers.get(header.kind)
+        try:
+            if handler is None:
+                raise ProtocolError(f"no handler for message kind {header.kind!r}")
+            body = f.kinds.decode(header.kind, header.body)
+        except ProtocolError as exc:
+            sock.skip_rest(head.more)
+            f.drop("unhandled" if handler is None else "malformed", str(exc))
+            return header, None, None, route, str(exc)
+        dest = None
+        placer = self._placers.get(header.kind)
+        if placer is not None and head.more:
+            try:
+                found = placer(body, header.sender)
+                dest = None if found is None else destination(found)
+            except Exception as exc:
+                sock.skip_rest(head.more)
+                f.stats.handler_errors += 1
+                log.exception("placement hook failed", kind=header.kind, rank=f.rank)
+                return header, None, None, route, f"{type(exc).__name__}: {exc}"
+        try:
+            placed, payload = f.payload(sock, header, head.more, dest)
+        except ProtocolError as exc:  # a request learns at once (its header is sound)
+            f.drop("malformed", str(exc))
+            return header, None, None, route, str(exc)
+        msg: Incoming[Any] = Incoming(
+            body=body,
+            kind=header.kind,
+            sender=header.sender,
+            frames=payload,
+            trace=frozen_map(header.trace),
+            request_id=header.request_id,
+            route=route if header.request_id != 0 else None,
+            placed=placed,
+        )
+        return header, handler, msg, route, None
+
+    async def _dispatch(
+        self,
+        header: _wire.Header,
+        handler: Handler | None,
+        msg: Incoming[Any] | None,
+        route: bytes,
+        refused: str | None,
+    ) -> None:
+        is_request = header.request_id != 0
+        if handler is None or msg is None:
+            if is_request:
+                await self._error_reply(header, route, refused or "cannot be handled")
+            return
+        try:
+            result = await handler(msg)
+        except Exception as exc:
+            self._f.stats.handler_errors += 1
+            log.exception("message handler failed", kind=header.kind, rank=self._f.rank)
+            if is_request:
+                await self._error_reply(header, route, f"{type(exc).__name__}: {exc}")
+            return
+        if not is_request or result is DEFERRED:
+            return
+        if result is None:
+            await self._error_reply(header, route, "handler gave no reply")
+            return
+        reply = result if isinstance(result, Reply) else Reply(result)
+        try:
+            parts = self._f.pack(
+                reply.body, header.request_id, _wire.REPLY, reply.frames, reply.trace
+            )
+        except (TypeError, ValueError) as exc:
+            self._f.stats.handler_errors += 1
+            log.error("bad reply from handler", kind=header.kind, error=str(exc))
+            await self._error_reply(header, route, f"bad reply: {exc}")
+            return
+        await self._send_routed(route, header.kind, parts)
+
+    async def _error_reply(self, header: _wire.Header, route: bytes, reason: str) -> None:
+        body = {"reason": reason[:1000]}
+        parts = self._f.pack_raw(header.kind, body, header.request_id, _wire.ERROR, (), None)
+        await self._send_routed(route, header.kind, parts)
