@@ -120,7 +120,9 @@ def test_torch_outside_its_room_is_caught(tmp_path: Path) -> None:
 
 
 def test_a_module_in_no_room_is_named(tmp_path: Path) -> None:
-    root = _house(tmp_path, {"_cli_node.py": "from supervise.runtime import x\n", "runtime/x.py": ""})
+    root = _house(
+        tmp_path, {"_cli_node.py": "from supervise.runtime import x\n", "runtime/x.py": ""}
+    )
     found = layers.problems(root)
     assert any("supervise._cli_node is in no room" in line for line in found), found
 
