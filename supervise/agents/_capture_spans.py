@@ -12,7 +12,7 @@ import time
 
 from supervise.snapshot import protocol as p
 from supervise.snapshot.service import CommitEvent
-from supervise.telemetry import SnapshotOp, snapshot_span, untraced
+from supervise.telemetry import SnapshotOp, Source, snapshot_span, untraced
 
 
 class CaptureSpans:
@@ -31,7 +31,7 @@ class CaptureSpans:
 
     def on_commit(self, event: CommitEvent) -> None:
         """Commit hook: a worker's capture committed (shards from peers or disk are not)."""
-        if event.info.source != "local":
+        if event.info.source != Source.LOCAL:
             return
         m = event.manifest
         started = self._begun.pop(event.rank, None)

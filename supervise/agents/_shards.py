@@ -10,6 +10,7 @@ from supervise.cluster.shard import Check, ShardMeta
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.service import ArenaService
+from supervise.telemetry import Source
 
 
 def shard_meta(manifest: Manifest, raw: bytes | None = None) -> ShardMeta:
@@ -57,5 +58,5 @@ class ArenaShards:
         if meta.rank not in self._ranks:
             raise LookupError(f"rank {meta.rank} is not local to this node")
         manifest = Manifest.from_bytes(meta.manifest)
-        with self._service.ingesting(meta.rank, manifest, source="peer") as view:
+        with self._service.ingesting(meta.rank, manifest, source=Source.PEER.value) as view:
             yield view

@@ -14,25 +14,23 @@ import importlib
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import structlog
 import trio
 
 from supervise.agents import messages as m
-from supervise.agents.selection import Held, Holdings, NoVersion, Selection, select
+from supervise.agents._tracing import maybe_phase, slowest_source
+from supervise.agents.context import NodeContext
+from supervise.agents.lifecycle import CLUSTER_START, EXIT_GAVE_UP, ExecutorState, RestartProgress
+from supervise.agents.roles import Executing
+from supervise.agents.selection import Holdings, NoVersion, Selection, select
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
-from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Source, Trigger
-
-if TYPE_CHECKING:
-    from supervise.agents.executor import Executor
-    from supervise.agents.node import NodeRuntime
+from supervise.snapshot.service import FRESH
+from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
 
 log = structlog.get_logger("supervise.agents.coordinator")
-
-FRESH = -1
-EXIT_GAVE_UP = 3
 
 
 @attrs.frozen(slots=True)
@@ -57,15 +55,15 @@ class AttemptFailed(Exception):
 class Coordinator:
     """Cluster-wide starts and recoveries, while this node is the coordinator."""
 
-    def __init__(self, rt: NodeRuntime, executor: Executor) -> None:
-        self.rt = rt
-        self.x = executor
-        self.rank = rt.config.rank
+    def __init__(self, ctx: NodeContext, node: Executing) -> None:
+        self.ctx = ctx
+        self.node = node  # this node's executor
+        self.rank = ctx.config.rank
         self._send, self._inbox = trio.open_memory_channel[tuple[object, dict[str, str]]](1024)
         self._attempts = 0
         self._stable_since: float | None = None
-        self.recoveries = 0
         self._membership_changed = trio.Event()
+        self._callbacks: trio.Nursery | None = None  # the policy's callbacks run here
 
     # -- inputs (never block) --------------------------------------------------------------
 
@@ -96,57 +94,64 @@ class Coordinator:
         which = "the policy's checkpoint rule" if version < 0 else f"version {version}"
         return f"recovery requested at {which}; coordinator is node {self.rank}"
 
-    async def _holdings_now(self) -> dict[int, m.Holding]:
+    async def _holdings_now(self) -> dict[int, Holdings]:
         """What every live node holds right now, without stopping anything."""
-        out: dict[int, m.Holding] = {}
-        mine = self.x.status()
-        out[self.rank] = m.Holding(self.rank, mine.ram, mine.disk)
-        for node in self.rt.membership.live():
+        out: dict[int, Holdings] = {self.rank: self.ctx.holdings()}
+        for node in self.ctx.membership.live():
             if node == self.rank:
                 continue
             try:
-                reply = await self.rt.transport.request(
+                reply = await self.ctx.transport.request(
                     node, m.StatusQuery(), timeout=5.0, expect=m.Status
                 )
             except Exception as exc:
                 raise ValueError(f"node {node} did not answer: {exc}") from None
-            out[node] = m.Holding(node, reply.body.ram, reply.body.disk)
+            out[node] = reply.body.holdings()
         return out
 
     # -- the loop --------------------------------------------------------------------------
 
     @property
     def is_coordinator(self) -> bool:
-        return self.x.coordinator_rank() == self.rank
+        return self.node.coordinator_rank() == self.rank
 
     @property
     def n_nodes(self) -> int:
-        return self.rt.config.n_nodes
+        return self.ctx.config.n_nodes
 
     def _unheard(self) -> list[int]:
         """Live peers this node has not heard from yet (their state and generation unknown:
         one of them may be running the cluster)."""
-        ms = self.rt.membership
+        ms = self.ctx.membership
         return [r for r in ms.live() if r != self.rank and ms.peer_info(r) is None]
 
     def _missing(self) -> list[int]:
-        live = set(self.rt.membership.live())
-        return sorted(set(range(self.n_nodes)) - live - self.x.finished_nodes)
+        live = set(self.ctx.membership.live())
+        return sorted(set(range(self.n_nodes)) - live - self.node.finished_nodes)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Wait for triggers; act on them when this node is the coordinator."""
-        task_status.started()
-        tick = self.rt.policy.cluster.heartbeat_interval
+        try:
+            async with trio.open_nursery() as callbacks:
+                self._callbacks = callbacks
+                task_status.started()
+                await self._serve()
+        finally:
+            self._callbacks = None
+
+    async def _serve(self) -> None:
+        tick = self.ctx.policy.cluster.heartbeat_interval
         while True:
             item: tuple[object, dict[str, str]] = (_Tick(), {})
             with trio.move_on_after(tick):
                 item = await self._inbox.receive()
             message, trace = item
-            if not self.is_coordinator or self.x.state in ("finished", "gave_up"):
+            state = self.node.state
+            if not self.is_coordinator or state.ended:
                 continue
-            if self.x.state == "joining" and self._unheard():
+            if state is ExecutorState.JOINING and self._unheard():
                 continue  # a new node leads nothing before it knows every live peer's state
-            started = self.x.known_generation() > 0
+            started = self.node.known_generation() > 0
             if not started:
                 if not self._missing():
                     await self._start()
@@ -162,7 +167,7 @@ class Coordinator:
     ) -> tuple[Trigger, float, dict[str, Any], int | None] | None:
         now = time.time()
         if isinstance(message, m.Failure):
-            if message.generation < self.x.known_generation():
+            if message.generation < self.node.known_generation():
                 log.debug("stale failure ignored", node=message.node, gen=message.generation)
                 return None
             evidence = {"node": message.node, **message.evidence}
@@ -170,7 +175,7 @@ class Coordinator:
                 self._stop(f"recovery.on_nan = stop: {_describe(message)}")
                 return None
             return Trigger(message.trigger), message.since, evidence, None
-        if isinstance(message, PeerLost) and message.rank not in self.x.finished_nodes:
+        if isinstance(message, PeerLost) and message.rank not in self.node.finished_nodes:
             since = now - message.silence
             return Trigger.PEER_LOST, since, {"peer": message.rank}, None
         if isinstance(message, PeerBack) and message.restarted:
@@ -207,8 +212,7 @@ class Coordinator:
         version: int | None = None,
         parent: Mapping[str, str] | None = None,
     ) -> None:
-        policy = self.rt.policy.recovery
-        self.recoveries += 1
+        policy = self.ctx.policy.recovery
         reset_after = policy.backoff.reset_after
         if (
             self._stable_since is not None
@@ -279,18 +283,19 @@ class Coordinator:
         start: bool = False,
     ) -> int:
         """One restart of every node's workers; returns the step restarted at."""
-        gen = self.x.known_generation() + 1
+        gen = self.node.known_generation() + 1
         carrier = recovery.inject() if recovery is not None else {}
-        with _maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
+        with maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
             while True:
                 await self._wait_for_nodes(recovery)
                 try:
-                    holdings = await self._prepare_all(gen, carrier)
+                    replies = await self._prepare_all(gen, carrier)
                 except AttemptFailed:
                     if self._missing():
                         continue  # a node died meanwhile: wait for its replacement
                     raise
                 break
+            holdings = {node: reply.holdings() for node, reply in replies.items()}
             selection = self._select(holdings, version)
             step = FRESH if selection is None else selection.step
             if ph is not None and selection is not None:
@@ -300,7 +305,7 @@ class Coordinator:
                     snapshot_source=_source_summary(selection),
                     bytes=selection.nbytes,
                 )
-        port = next((h.port for h in holdings.values() if h.port), 0)
+        port = next((h.port for h in replies.values() if h.port), 0)
         if port == 0:
             raise AttemptFailed("the node hosting rank 0 offered no rendezvous port")
         if recovery is not None:
@@ -316,19 +321,19 @@ class Coordinator:
                 }
                 recovery.set(**chosen)  # the root says where the recovery went, as a whole
                 recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, **chosen)
-        rewinds = list(self.x.rewinds)
+        rewinds = list(self.node.rewinds)
         if step != FRESH:
             rewinds.append((gen, step))
-        nodes = [n for n in range(self.n_nodes) if n not in self.x.finished_nodes]
+        nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
                 for rank, origin in selection.fetches_for(
-                    node, self.rt.config.ranks_of(node)
+                    node, self.ctx.config.ranks_of(node)
                 ).items():
                     fetch.append((rank, origin.source.value, origin.node))
             restart = m.Restart(
-                gen, step, port, attempt, "start" if start else trigger.value, fetch, rewinds
+                gen, step, port, attempt, CLUSTER_START if start else trigger.value, fetch, rewinds
             )
             await self._deliver(node, restart, carrier)
         log.info("restart sent", generation=gen, step=step, port=port, attempt=attempt)
@@ -339,7 +344,7 @@ class Coordinator:
         missing = self._missing()
         if not missing:
             return
-        timeout = self.rt.policy.cluster.rejoin_timeout
+        timeout = self.ctx.policy.cluster.rejoin_timeout
         log.warning("waiting for nodes to come back", missing=missing, timeout=timeout)
         if recovery is not None:
             recovery.event("waiting_for_nodes", reason=",".join(map(str, missing)))
@@ -354,60 +359,51 @@ class Coordinator:
         )
 
     async def _prepare_all(self, gen: int, carrier: dict[str, str]) -> dict[int, m.Holding]:
-        holdings: dict[int, m.Holding] = {}
+        replies: dict[int, m.Holding] = {}
         errors: list[str] = []
         # A live node answers once its workers stopped; a dead one is declared lost by then.
-        timeout = self.rt.config.worker_shutdown + self.rt.policy.cluster.peer_timeout + 5.0
+        timeout = self.ctx.config.worker_shutdown + self.ctx.policy.cluster.peer_timeout + 5.0
 
         async def one(node: int) -> None:
             try:
                 if node == self.rank:
-                    holdings[node] = await self.x.prepare(gen)
+                    replies[node] = await self.node.prepare(gen)
                     return
-                assert self.rt.transport is not None
-                reply = await self.rt.transport.request(
+                reply = await self.ctx.transport.request(
                     node, m.Prepare(gen), trace=carrier, timeout=timeout, expect=m.Holding
                 )
-                holdings[node] = reply.body
+                replies[node] = reply.body
             except Exception as exc:
                 errors.append(f"node {node}: {type(exc).__name__}: {exc}")
 
         async with trio.open_nursery() as nursery:
             for node in range(self.n_nodes):
-                if node not in self.x.finished_nodes:
+                if node not in self.node.finished_nodes:
                     nursery.start_soon(one, node)
         if errors:
             raise AttemptFailed("prepare failed: " + "; ".join(errors))
-        return holdings
+        return replies
 
     def _select(
-        self, holdings: Mapping[int, m.Holding], version: int | None, *, manual: bool = False
+        self, holdings: Mapping[int, Holdings], version: int | None, *, manual: bool = False
     ) -> Selection | None:
-        policy = self.rt.policy
-        config = self.rt.config
+        policy = self.ctx.policy
+        config = self.ctx.config
         owner = {r: r // config.nproc_per_node for r in range(config.world_size)}
-        views = {
-            node: Holdings(
-                node,
-                ram=tuple(_held(e) for e in h.ram),
-                disk=tuple(_held(e) for e in h.disk),
-            )
-            for node, h in holdings.items()
-        }
         checkpoint = policy.recovery.checkpoint
         wanted = policy.recovery.version if checkpoint == "specific" else None
         if version is not None and version >= 0:
             checkpoint, wanted = "specific", version
         try:
             return select(
-                views,
+                holdings,
                 world_size=config.world_size,
                 owner=owner,
                 checkpoint=checkpoint,
                 version=wanted,
                 best_metric=policy.retention.best_metric,
                 best_mode=policy.retention.best_mode,
-                rewinds=self.x.rewinds,
+                rewinds=self.node.rewinds,
             )
         except NoVersion as exc:
             if manual:
@@ -423,7 +419,7 @@ class Coordinator:
                 return self._select(holdings, None)
             if checkpoint == "specific":
                 raise _GiveUp(f"cannot restart at the requested version: {exc}") from None
-            if any(v.ram or v.disk for v in views.values()):
+            if any(not h.empty for h in holdings.values()):
                 log.error("no usable snapshot: starting from scratch", reason=str(exc))
             else:
                 log.info("no snapshot held anywhere: starting from scratch")
@@ -431,18 +427,17 @@ class Coordinator:
 
     async def _deliver(self, node: int, restart: m.Restart, carrier: dict[str, str]) -> None:
         if node == self.rank:
-            self.x.accept_restart(restart, carrier)
+            self.node.accept_restart(restart, carrier)
             return
-        assert self.rt.transport is not None
         try:
-            await self.rt.transport.request(node, restart, trace=carrier, timeout=10.0)
+            await self.ctx.transport.request(node, restart, trace=carrier, timeout=10.0)
         except Exception as exc:
             raise AttemptFailed(f"node {node} did not accept the restart: {exc}") from exc
 
     async def _await_resumed(
         self, gen: int, nodes: list[int], recovery: RecoveryTrace | None
     ) -> None:
-        r = self.rt.policy.recovery
+        r = self.ctx.policy.recovery
         budget = 2 * r.startup_timeout + 60.0
         restored: set[int] = set()
         resumed: set[int] = set()
@@ -450,13 +445,13 @@ class Coordinator:
             while resumed < set(nodes):
                 message, _trace = await self._inbox.receive()
                 if isinstance(message, m.Progress) and message.generation == gen:
-                    if message.phase == "failed":
+                    if message.phase == RestartProgress.FAILED:
                         raise AttemptFailed(f"node {message.node}: {message.detail}")
-                    if message.phase == "restored":
+                    if message.phase == RestartProgress.RESTORED:
                         restored.add(message.node)
                         if restored >= set(nodes) and recovery is not None:
                             recovery.event(RecoveryEvent.RESTORED)
-                    elif message.phase == "resumed":
+                    elif message.phase == RestartProgress.RESUMED:
                         resumed.add(message.node)
                 elif isinstance(message, m.Failure) and message.generation >= gen:
                     if message.evidence.get("stop"):
@@ -465,7 +460,7 @@ class Coordinator:
                 elif (
                     isinstance(message, PeerLost)
                     and message.rank in nodes
-                    and not self.rt.membership.is_alive(message.rank)  # not since replaced
+                    and not self.ctx.membership.is_alive(message.rank)  # not since replaced
                 ):
                     raise AttemptFailed(f"node {message.rank} lost during the restart")
                 elif isinstance(message, _Manual):
@@ -479,14 +474,13 @@ class Coordinator:
 
     def _stop(self, reason: str) -> None:
         """Every node gives up (this one last)."""
-        assert self.rt.transport is not None
         for node in range(self.n_nodes):
-            if node != self.rank and node not in self.x.finished_nodes:
+            if node != self.rank and node not in self.node.finished_nodes:
                 try:
-                    self.rt.transport.try_send(node, m.GiveUp(reason, EXIT_GAVE_UP))
+                    self.ctx.transport.try_send(node, m.GiveUp(reason, EXIT_GAVE_UP))
                 except Exception as exc:
                     log.warning("give-up not delivered", node=node, error=str(exc))
-        self.x.give_up(reason, EXIT_GAVE_UP)
+        self.node.give_up(reason, EXIT_GAVE_UP)
 
     def _callback(self, path: str, trigger: Trigger, outcome: Outcome, detail: str) -> None:
         """Run a policy callback (``on_recovery`` / ``on_failure``) off the hot path."""
@@ -497,12 +491,10 @@ class Coordinator:
             "trigger": trigger.value,
             "outcome": outcome.value,
             "detail": detail,
-            "generation": self.x.known_generation(),
+            "generation": self.node.known_generation(),
         }
-        nursery = self.x._nursery
-        if nursery is None:
-            return
-        nursery.start_soon(_run_callback, path, info)
+        if self._callbacks is not None:
+            self._callbacks.start_soon(_run_callback, path, info)
 
 
 class _GiveUp(Exception):
@@ -527,17 +519,8 @@ def _resolve(path: str) -> Callable[[dict[str, Any]], Any]:
     return target  # type: ignore[no-any-return]
 
 
-def _held(entry: Any) -> Held:
-    rank, step, generation, nbytes, metrics = entry
-    return Held(int(rank), int(step), int(generation), int(nbytes), dict(metrics))
-
-
 def _source_summary(selection: Selection) -> str:
-    sources = {o.source for o in selection.origins.values()}
-    for tier in (Source.DISK, Source.PEER):
-        if tier in sources:
-            return tier.value
-    return Source.LOCAL.value
+    return slowest_source(o.source for o in selection.origins.values())
 
 
 def _describe(failure: m.Failure) -> str:
@@ -547,16 +530,3 @@ def _describe(failure: m.Failure) -> str:
 def _short(evidence: Mapping[str, Any]) -> str:
     text = ", ".join(f"{k}={v}" for k, v in evidence.items())
     return text[:300]
-
-
-class _maybe_phase:  # noqa: N801
-    """``recovery.phase(...)`` when traced, a no-op yielding None otherwise."""
-
-    def __init__(self, recovery: RecoveryTrace | None, phase: Phase) -> None:
-        self._cm = recovery.phase(phase) if recovery is not None else None
-
-    def __enter__(self) -> Any:
-        return self._cm.__enter__() if self._cm is not None else None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cm.__exit__(*exc) if self._cm is not None else None

@@ -7,15 +7,37 @@ context in the transport header, so the whole recovery is one trace.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
+from supervise.agents.selection import ByRank, Holdings, by_rank, pairs_of
 from supervise.cluster.messages import message_kind
+from supervise.snapshot.retention import VersionInfo
+from supervise.telemetry import Source
 
 # Heartbeat info keys (membership's small info map): what peers need to know of each other.
 INFO_GENERATION = "gen"
 INFO_STATE = "state"
+
+#: One held shard version on the wire: ``(rank, step, generation, nbytes, metrics)`` (msgpack
+#: maps take string keys only, so rank-keyed data travels as lists; `supervise status` reads
+#: these too). Code handles `VersionInfo` by rank; only this module sees the tuples.
+Entry = tuple[int, int, int, int, dict[str, float]]
+
+
+def entries(held: ByRank) -> list[Entry]:
+    """``held`` in its wire encoding."""
+    return [(r, v.step, v.generation, v.nbytes, dict(v.metrics)) for r, v in pairs_of(held)]
+
+
+def versions(wire: Iterable[Entry], source: Source) -> dict[int, tuple[VersionInfo, ...]]:
+    """Wire entries back as versions by rank (wall time does not travel: 0.0)."""
+    return by_rank(
+        (rank, VersionInfo(step, generation, 0.0, nbytes, dict(metrics), source.value))
+        for rank, step, generation, nbytes, metrics in wire
+    )
 
 
 @message_kind("agent.failure")
@@ -29,7 +51,7 @@ class Failure:
 
     node: int
     generation: int
-    trigger: str
+    trigger: str  # a `Trigger` value
     since: float
     detected: float
     evidence: dict[str, Any] = attrs.field(factory=dict)
@@ -47,29 +69,36 @@ class Prepare:
 @message_kind("agent.holding")
 @attrs.frozen(slots=True)
 class Holding:
-    """Node -> coordinator, reply to Prepare: shard versions in RAM and on disk.
-
-    Each entry is ``(rank, step, generation, nbytes, metrics)``.
-    """
+    """Node -> coordinator, reply to Prepare: shard versions in RAM and on disk (`Entry`)."""
 
     node: int
-    ram: list[tuple[int, int, int, int, dict[str, float]]]
-    disk: list[tuple[int, int, int, int, dict[str, float]]]
+    ram: list[Entry]
+    disk: list[Entry]
     port: int = 0  # the node hosting rank 0 offers a free rendezvous port
+
+    @classmethod
+    def of(cls, holdings: Holdings, port: int = 0) -> Holding:
+        return cls(holdings.node, entries(holdings.ram), entries(holdings.disk), port)
+
+    def holdings(self) -> Holdings:
+        """What the node holds, as versions by rank."""
+        return Holdings(
+            self.node, versions(self.ram, Source.LOCAL), versions(self.disk, Source.DISK)
+        )
 
 
 @message_kind("agent.restart")
 @attrs.frozen(slots=True)
 class Restart:
-    """Coordinator -> node: start your workers at ``generation`` restored to ``step`` (-1: a
-    fresh start), after fetching the shards listed in ``fetch`` (``(rank, source, node)``;
+    """Coordinator -> node: start your workers at ``generation`` restored to ``step`` (`FRESH`:
+    a fresh start), after fetching the shards listed in ``fetch`` (``(rank, source, node)``;
     msgpack maps take string keys only, so rank-keyed data travels as lists)."""
 
     generation: int
     step: int
     master_port: int
     attempt: int
-    trigger: str
+    trigger: str  # a `Trigger` value, or `CLUSTER_START`
     fetch: list[tuple[int, str, int]] = attrs.field(factory=list)
     rewinds: list[tuple[int, int]] = attrs.field(factory=list)
 
@@ -79,8 +108,8 @@ class Restart:
 class Progress:
     """Node -> coordinator: where the restart at ``generation`` stands on ``node``.
 
-    ``phase`` is ``started`` (workers spawned), ``restored`` (every local rank loaded its
-    shard), ``resumed`` (every local rank completed a step) or ``failed`` (``detail`` says why).
+    ``phase`` is a `RestartProgress` (its value on the wire); ``detail`` says why a restart
+    failed, ``bytes`` and ``source`` what the restore loaded and from where.
     """
 
     node: int
@@ -143,10 +172,16 @@ class Status:
     coordinator: int
     live: list[int]
     ranks: list[int]
-    ram: list[tuple[int, int, int, int, dict[str, float]]]
-    disk: list[tuple[int, int, int, int, dict[str, float]]]
+    ram: list[Entry]
+    disk: list[Entry]
     steps: list[tuple[int, int]] = attrs.field(factory=list)  # (rank, last step)
     detail: str = ""
+
+    def holdings(self) -> Holdings:
+        """What the node holds, as versions by rank."""
+        return Holdings(
+            self.node, versions(self.ram, Source.LOCAL), versions(self.disk, Source.DISK)
+        )
 
 
 ALL_KINDS = (

@@ -54,7 +54,6 @@ class Monitor:
         self._watches: dict[int, _Watch] = {}
         self._wakeup = trio.Event()
         self._nan_warned = False
-        self.heartbeats = 0
 
     # -- what the executor and the arena service tell us ----------------------------------
 
@@ -75,7 +74,6 @@ class Monitor:
         watch = self._watches.get(rank)
         if watch is None:
             return  # a late beat from a worker we already stopped
-        self.heartbeats += 1
         if watch.last_beat is None:
             # The deadline moves from the startup timeout to the (usually shorter) heartbeat
             # timeout: the watch loop must recompute it now, not at the old deadline.

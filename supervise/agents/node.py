@@ -6,8 +6,11 @@ detector), local (the workers' snapshot endpoint, ``SUPERVISE_AGENT``), replicas
 the replica store and the persist tiers belong to the node itself (`NodeRuntime`), not to a
 child, so a child's crash and restart loses no committed snapshot.
 
-Exit codes of `run_node`: 0 training finished, 1 the node's own tree gave up (internal
-failure), 3 recovery gave up (exhausted, or the policy said stop), 128 + N stopped by signal N.
+The executor and the coordinator get a `NodeContext` (the parts they use), not the runtime.
+
+Exit codes of `run_node`: 0 training finished, 1 (`EXIT_INTERNAL`) the node's own tree gave
+up, 3 (`EXIT_GAVE_UP`) recovery gave up (exhausted, or the policy said stop), 128 + N stopped
+by signal N.
 """
 
 from __future__ import annotations
@@ -15,119 +18,40 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import structlog
 import trio
 
-from supervise._validation import InvalidValue
 from supervise.agents._capture_spans import CaptureSpans
 from supervise.agents._shards import ArenaShards
+from supervise.agents.config import NodeConfig
+from supervise.agents.context import NodeContext
 from supervise.agents.coordinator import Coordinator
 from supervise.agents.executor import Executor
-from supervise.agents.messages import ALL_KINDS
+from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
+from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
-from supervise.agents.replica_holder import ReplicaHolder
+from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
-from supervise.policy import Policy
-from supervise.runtime import GaveUp, OutputLine, ServerRef, Supervisor, child, whereis
+from supervise.runtime import GaveUp, Supervisor, child, whereis
+from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier
 from supervise.snapshot.retention import RetentionRule
-from supervise.snapshot.service import ArenaService
-from supervise.telemetry import get_telemetry
+from supervise.snapshot.service import ArenaService, CommitEvent
+from supervise.telemetry import Source, get_telemetry
+
+__all__ = ["NodeConfig", "NodeRuntime", "run_node"]
 
 log = structlog.get_logger("supervise.agents.node")
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_GAVE_UP = 3
-
-
-def _nodes(value: Sequence[str]) -> tuple[str, ...]:
-    nodes = tuple(value)
-    if not nodes:
-        raise InvalidValue("nodes", value, "must list at least one host:port")
-    for ep in nodes:
-        try:
-            normalize_endpoint(ep)
-        except ValueError:
-            raise InvalidValue("nodes", ep, "each entry must be host:port") from None
-    if len(set(nodes)) != len(nodes):
-        raise InvalidValue("nodes", ",".join(nodes), "entries must be distinct")
-    return nodes
-
-
-def _command(value: Sequence[str]) -> tuple[str, ...]:
-    cmd = tuple(value)
-    if not cmd or not all(isinstance(a, str) and a for a in cmd):
-        raise InvalidValue("command", value, "must be a non-empty command, e.g. python train.py")
-    return cmd
-
-
-@attrs.frozen(slots=True)
-class NodeConfig:
-    """Everything one node agent is started with (``supervise node`` builds it)."""
-
-    rank: int = attrs.field()
-    nodes: tuple[str, ...] = attrs.field(converter=_nodes)
-    command: tuple[str, ...] = attrs.field(converter=_command)
-    policy: Policy = attrs.field(factory=Policy.default)
-    nproc_per_node: int = attrs.field(default=1)
-    shm_dir: str = "/dev/shm"
-    run_dir: str | None = None
-    worker_shutdown: float = 5.0
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    cwd: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise InvalidValue("rank", self.rank, "must be an integer")
-        if not 0 <= self.rank < len(self.nodes):
-            raise InvalidValue(
-                "rank", self.rank, f"must be in 0..{len(self.nodes) - 1} (one per --nodes entry)"
-            )
-        if isinstance(self.nproc_per_node, bool) or not isinstance(self.nproc_per_node, int):
-            raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
-        if self.nproc_per_node < 1:
-            raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
-
-    @property
-    def n_nodes(self) -> int:
-        return len(self.nodes)
-
-    @property
-    def world_size(self) -> int:
-        return self.n_nodes * self.nproc_per_node
-
-    def ranks_of(self, node: int) -> range:
-        """The global ranks node ``node`` runs."""
-        return range(node * self.nproc_per_node, (node + 1) * self.nproc_per_node)
-
-    @property
-    def ranks(self) -> range:
-        return self.ranks_of(self.rank)
-
-    @property
-    def master_addr(self) -> str:
-        """Where rank 0's rendezvous runs: the host of node 0."""
-        return normalize_endpoint(self.nodes[0]).removeprefix("tcp://").rpartition(":")[0]
-
-    @property
-    def hosts_rank_zero(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def endpoint(self) -> str:
-        return self.nodes[self.rank]
 
 
 class NodeRuntime:
@@ -136,13 +60,10 @@ class NodeRuntime:
     def __init__(self, config: NodeConfig, *, curve: CurveKeys | None = None) -> None:
         self.config = config
         self.policy = config.policy
-        self.exit_code: int | None = None
-        self.exit_reason = ""
+        self.exit_code: int | None = None  # how the executor ended (None: it did not)
         self.generation = 0
         self._tmp = Path(config.run_dir or tempfile.mkdtemp(prefix=f"supervise-n{config.rank}-"))
         self._own_tmp = config.run_dir is None
-        self.agent_endpoint = ipc_endpoint(self._tmp, "agent")
-        self.run_dir = self._tmp  # the agent's private files: sockets, spares' go orders
         r = self.policy.retention
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         ram = total_ram()
@@ -167,7 +88,7 @@ class NodeRuntime:
         if self.policy.persist.every_snapshots:
             self.persister = Persister(
                 self.arenas,
-                self.tier,
+                self._tiers.__getitem__,  # each local rank's tier
                 every=self.policy.persist.every_snapshots,
                 node_rank=config.rank,
             )
@@ -190,6 +111,17 @@ class NodeRuntime:
         )
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
+        self.context = NodeContext(
+            config=config,
+            transport=self.transport,
+            membership=self.membership,
+            arenas=self.arenas,
+            store=self.store,
+            tiers=self._tiers,
+            run_dir=self._tmp,
+            agent_endpoint=ipc_endpoint(self._tmp, "agent"),
+            monitor=lambda: self.monitor,
+        )
         self.arenas.add_heartbeat_hook(self._heartbeat)
         self.arenas.add_corrupt_hook(self._corrupt)
         self.arenas.add_request_hook(self._request)
@@ -215,39 +147,19 @@ class NodeRuntime:
         if self.executor is not None:
             self.executor.corrupt(rank, step, reason)
 
-    def _request(self, req: Any) -> None:
+    def _request(self, req: p.Request) -> None:
         if self.executor is not None:
             self.executor.local_request(req)
 
-    def _committed(self, event: Any) -> None:
-        ref = self.replicas
-        if ref is not None and event.info.source == "local":
-            from supervise.agents.replica_holder import LocalCommit
-
+    def _committed(self, event: CommitEvent) -> None:
+        ref = whereis(REPLICAS)
+        if ref is not None and event.info.source == Source.LOCAL:
             ref.cast(LocalCommit(event.rank))
 
-    def arenas_hooks(self, executor: Executor) -> None:
-        """Called by the executor when it starts: the hooks now reach it."""
-        self.executor = executor
-
-    @property
-    def replicas(self) -> ServerRef | None:
-        return whereis("replicas")
-
-    def tier(self, rank: int) -> PersistTier:
-        return self._tiers[rank]
-
-    def on_worker_output(self, line: OutputLine) -> None:
-        """Workers' output already goes to the log line by line; nothing more to do here."""
-
-    def load_from_disk(self, rank: int, step: int) -> int:
-        """Bring ``rank``'s persisted shard of ``step`` into its arena (runs in a thread)."""
-        tier = self._tiers[rank]
-        entry = next((e for e in tier.entries() if e.manifest.step == step), None)
-        if entry is None:
-            raise LookupError(f"rank {rank} step {step} is not on disk in {tier.path}")
-        self.arenas.ingest(rank, entry.manifest, lambda view: tier.load(entry, view), source="disk")
-        return entry.manifest.nbytes
+    def _info(self) -> Mapping[str, Any]:
+        if self.executor is None:
+            return {INFO_STATE: ExecutorState.JOINING.value}
+        return self.executor.info()
 
     # -- the tree's children ---------------------------------------------------------------
 
@@ -265,14 +177,11 @@ class NodeRuntime:
             await nursery.start(self.membership.run)
             task_status.started()
 
-    def _info(self) -> Mapping[str, Any]:
-        return self.executor.info() if self.executor is not None else {"state": "joining"}
-
     async def serve_local(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_requests, self.agent_endpoint, self.arenas.handle)
+            await nursery.start(serve_requests, self.context.agent_endpoint, self.arenas.handle)
             task_status.started()
 
     async def serve_monitor(
@@ -294,13 +203,12 @@ class NodeRuntime:
     async def serve_executor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        executor = Executor(self)
-        executor.coordinator = Coordinator(self, executor)
+        executor = Executor(self.context, generation=self.generation)
+        executor.coordinator = Coordinator(self.context, executor)
         self.executor = executor
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(executor.run)
-                task_status.started()
+            ended = await executor.run(task_status=task_status)
+            self.exit_code = ended.exit_code
         finally:
             self.generation = executor.generation
             self.executor = None
@@ -318,8 +226,8 @@ class NodeRuntime:
                     self.transport,
                     self.policy,
                     ArenaShards(self.arenas, self.config.ranks),
-                    id="replicas",
-                    name="replicas",
+                    id=REPLICAS,
+                    name=REPLICAS,
                     node=self.config.rank,
                     n_nodes=self.config.n_nodes,
                     membership=self.membership,
@@ -379,7 +287,6 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
             except GaveUp as exc:
                 log.error("the node's supervision tree gave up", error=str(exc))
                 rt.exit_code = EXIT_INTERNAL
-                rt.exit_reason = f"node supervision gave up: {exc}"
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

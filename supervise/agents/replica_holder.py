@@ -40,6 +40,8 @@ from supervise.runtime import ExitReason, Server
 log = structlog.get_logger("supervise.agents.replica_holder")
 
 STATUS = "status"
+#: The name a node registers its ReplicaHolder under (`whereis(REPLICAS)`).
+REPLICAS = "replicas"
 
 
 @attrs.frozen(slots=True)

@@ -14,32 +14,52 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
+from supervise.snapshot.retention import VersionInfo
 from supervise.telemetry import Source
 
+#: Shard versions by rank: what one node holds in one place (RAM or disk).
+ByRank = Mapping[int, tuple[VersionInfo, ...]]
 
-@attrs.frozen(slots=True)
-class Held:
-    """One shard version some node holds: for rank ``rank``, the state of step ``step``."""
 
-    rank: int
-    step: int
-    generation: int
-    nbytes: int
-    metrics: Mapping[str, float] = attrs.field(factory=dict)
+def by_rank(pairs: Iterable[tuple[int, VersionInfo]]) -> dict[int, tuple[VersionInfo, ...]]:
+    """``(rank, version)`` pairs grouped by rank, in their order."""
+    out: dict[int, list[VersionInfo]] = {}
+    for rank, info in pairs:
+        out.setdefault(rank, []).append(info)
+    return {rank: tuple(infos) for rank, infos in out.items()}
 
-    @property
-    def finite(self) -> bool:
-        return all(math.isfinite(v) for v in self.metrics.values())
+
+def pairs_of(held: ByRank) -> list[tuple[int, VersionInfo]]:
+    """The ``(rank, version)`` pairs of ``held``, rank by rank."""
+    return [(rank, info) for rank, infos in held.items() for info in infos]
+
+
+def _finite(info: VersionInfo) -> bool:
+    return all(math.isfinite(v) for v in info.metrics.values())
 
 
 @attrs.frozen(slots=True)
 class Holdings:
     """What one node reports: shards in its RAM (its own workers' arenas and the replicas it
-    holds for group peers) and shards it can read from the persist tier."""
+    holds for group peers) and shards it can read from the persist tier, by rank."""
 
     node: int
-    ram: tuple[Held, ...] = ()
-    disk: tuple[Held, ...] = ()
+    ram: ByRank = attrs.field(factory=dict)
+    disk: ByRank = attrs.field(factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        node: int,
+        ram: Iterable[tuple[int, VersionInfo]] = (),
+        disk: Iterable[tuple[int, VersionInfo]] = (),
+    ) -> Holdings:
+        """Holdings from ``(rank, version)`` pairs."""
+        return cls(node, by_rank(ram), by_rank(disk))
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.ram.values()) and not any(self.disk.values())
 
 
 @attrs.frozen(slots=True)
@@ -68,17 +88,23 @@ class NoVersion(Exception):
 
 
 def _current(h: Holdings, rewinds: Sequence[tuple[int, int]]) -> Holdings:
-    def ok(held: Held) -> bool:
-        return all(held.step <= step for gen, step in rewinds if gen > held.generation)
+    def ok(info: VersionInfo) -> bool:
+        return all(info.step <= step for gen, step in rewinds if gen > info.generation)
 
-    return Holdings(h.node, tuple(x for x in h.ram if ok(x)), tuple(x for x in h.disk if ok(x)))
+    def keep(held: ByRank) -> dict[int, tuple[VersionInfo, ...]]:
+        return {rank: tuple(v for v in infos if ok(v)) for rank, infos in held.items()}
+
+    return Holdings(h.node, keep(h.ram), keep(h.disk))
 
 
-def _ram_index(holdings: Mapping[int, Holdings]) -> dict[tuple[int, int], list[tuple[int, Held]]]:
-    ram: dict[tuple[int, int], list[tuple[int, Held]]] = {}
+_Found = tuple[int, VersionInfo]  # (node holding it, the version)
+
+
+def _ram_index(holdings: Mapping[int, Holdings]) -> dict[tuple[int, int], list[_Found]]:
+    ram: dict[tuple[int, int], list[_Found]] = {}
     for node, h in holdings.items():
-        for held in h.ram:
-            ram.setdefault((held.rank, held.step), []).append((node, held))
+        for rank, info in pairs_of(h.ram):
+            ram.setdefault((rank, info.step), []).append((node, info))
     return ram
 
 
@@ -102,25 +128,27 @@ def select(
     """
     holdings = {n: _current(h, rewinds) for n, h in holdings.items()} if rewinds else holdings
     ram = _ram_index(holdings)
-    steps = {step for (_rank, step) in ram} | {h.step for x in holdings.values() for h in x.disk}
+    steps = {step for (_rank, step) in ram} | {
+        v.step for x in holdings.values() for infos in x.disk.values() for v in infos
+    }
     complete: dict[int, dict[int, Origin]] = {}
-    shards: dict[int, list[Held]] = {}
+    shards: dict[int, list[VersionInfo]] = {}
     missing: dict[int, int] = {}
     for step in steps:
         origins: dict[int, Origin] = {}
-        chosen: list[Held] = []
+        chosen: list[VersionInfo] = []
         for rank in range(world_size):
             found = _origin(rank, step, owner[rank], ram, holdings)
             if found is None:
                 missing.setdefault(step, rank)
                 break
-            origins[rank], held = found
-            chosen.append(held)
+            origins[rank], info = found
+            chosen.append(info)
         else:
             complete[step] = origins
             shards[step] = chosen
 
-    usable = {s: o for s, o in complete.items() if all(h.finite for h in shards[s])}
+    usable = {s: o for s, o in complete.items() if all(_finite(v) for v in shards[s])}
     if checkpoint == "specific":
         if version is None:
             raise NoVersion("checkpoint 'specific' needs a version")
@@ -162,30 +190,30 @@ def _origin(
     rank: int,
     step: int,
     owner: int,
-    ram: Mapping[tuple[int, int], list[tuple[int, Held]]],
+    ram: Mapping[tuple[int, int], list[_Found]],
     holdings: Mapping[int, Holdings],
-) -> tuple[Origin, Held] | None:
+) -> tuple[Origin, VersionInfo] | None:
     holders = ram.get((rank, step), [])
-    for node, held in holders:
+    for node, info in holders:
         if node == owner:
-            return Origin(Source.LOCAL, owner), held
+            return Origin(Source.LOCAL, owner), info
     if holders:
         # Any live peer will do; the lowest rank keeps the choice deterministic.
-        node, held = min(holders, key=lambda nh: nh[0])
-        return Origin(Source.PEER, node), held
+        node, info = min(holders, key=lambda nh: nh[0])
+        return Origin(Source.PEER, node), info
     if owner in holdings:
-        for held in holdings[owner].disk:
-            if held.rank == rank and held.step == step:
-                return Origin(Source.DISK, owner), held
+        for info in holdings[owner].disk.get(rank, ()):
+            if info.step == step:
+                return Origin(Source.DISK, owner), info
     return None  # disk shards only other nodes can read do not help the owner
 
 
-def _mean_metric(shards: list[Held], name: str) -> float | None:
-    values = [h.metrics[name] for h in shards if name in h.metrics]
+def _mean_metric(shards: list[VersionInfo], name: str) -> float | None:
+    values = [v.metrics[name] for v in shards if name in v.metrics]
     return sum(values) / len(values) if values else None
 
 
 def _selection(
-    step: int, usable: Mapping[int, dict[int, Origin]], shards: Mapping[int, list[Held]]
+    step: int, usable: Mapping[int, dict[int, Origin]], shards: Mapping[int, list[VersionInfo]]
 ) -> Selection:
-    return Selection(step, usable[step], sum(h.nbytes for h in shards[step]))
+    return Selection(step, usable[step], sum(v.nbytes for v in shards[step]))

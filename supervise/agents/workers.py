@@ -195,13 +195,6 @@ class WorkerGroup:
                     signal.SIGCONT
                 )  # a stopped process acts on SIGTERM only once continued
 
-    def signal_all(self, signum: int) -> None:
-        """Send ``signum`` to every running worker."""
-        for rank, handle in self.handles.items():
-            if rank not in self.exits:
-                with contextlib.suppress(OSError):
-                    handle.signal(signum)
-
 
 def warm_target(command: tuple[str, ...]) -> list[str] | None:
     """What a spare runs after its go order, for ``python SCRIPT ...`` or ``python -m MODULE

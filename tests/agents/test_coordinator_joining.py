@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from supervise.agents.coordinator import Coordinator
+from supervise.agents.lifecycle import ExecutorState
 from supervise.policy import Policy
 
 
@@ -28,7 +29,7 @@ class _Executor:
     """The parts of an Executor the coordinator's loop reads."""
 
     def __init__(self, membership: _Membership) -> None:
-        self.state = "joining"
+        self.state = ExecutorState.JOINING
         self.finished_nodes: set[int] = set()
         self._ms = membership
 
@@ -46,10 +47,10 @@ def _node0() -> tuple[_Membership, Coordinator, list[float]]:
     """Rank 0 of two, joining; its cluster starts are recorded, not run."""
     membership = _Membership([0, 1])
     policy = Policy.from_dict({"cluster": {"heartbeat_interval": 0.1, "peer_timeout": 1.0}})
-    rt: Any = SimpleNamespace(
+    ctx: Any = SimpleNamespace(
         config=SimpleNamespace(rank=0, n_nodes=2), policy=policy, membership=membership
     )
-    coordinator = Coordinator(rt, _Executor(membership))  # type: ignore[arg-type]
+    coordinator = Coordinator(ctx, _Executor(membership))
     starts: list[float] = []
 
     async def start() -> None:

@@ -20,8 +20,8 @@ class _Coordinator:
 
 
 async def test_peer_lost_and_back_reach_the_coordinator() -> None:
-    rt: Any = SimpleNamespace(config=SimpleNamespace(rank=0), generation=0)
-    executor = Executor(rt)
+    ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0))
+    executor = Executor(ctx)
     coordinator = _Coordinator()
     executor.coordinator = coordinator
     send, receive = trio.open_memory_channel[Event](4)

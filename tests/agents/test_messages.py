@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from supervise.agents import messages as m
+from supervise.agents.selection import Holdings
 from supervise.cluster import ProtocolError, _wire
 from supervise.cluster.messages import KindRegistry
+from supervise.snapshot.retention import VersionInfo
 
 ENTRY = (3, 120, 2, 4096, {"loss": 0.5})
 
@@ -47,3 +49,13 @@ def test_a_field_of_the_wrong_type_is_a_clear_protocol_error() -> None:
     header = _wire.decode_header(memoryview(raw), 1 << 20)
     with pytest.raises(ProtocolError, match=r"agent\.restart: bad body"):
         kinds.decode(header.kind, header.body)
+
+
+def test_holdings_travel_as_entries_and_come_back_as_versions() -> None:
+    info = VersionInfo(120, 2, 0.0, 4096, {"loss": 0.5}, "local")
+    disk = VersionInfo(100, 1, 0.0, 2048, {}, "disk")
+    holdings = Holdings.of(1, ram=[(3, info)], disk=[(3, disk)])
+    holding = m.Holding.of(holdings, port=41234)
+    assert holding.ram == [(3, 120, 2, 4096, {"loss": 0.5})]
+    assert holding.port == 41234
+    assert holding.holdings() == holdings

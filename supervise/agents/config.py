@@ -1,0 +1,89 @@
+"""What one node agent is started with: `NodeConfig` (``supervise node`` builds it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from supervise._validation import InvalidValue
+from supervise.cluster.transport import normalize_endpoint
+from supervise.policy import Policy
+
+
+def _nodes(value: Sequence[str]) -> tuple[str, ...]:
+    nodes = tuple(value)
+    if not nodes:
+        raise InvalidValue("nodes", value, "must list at least one host:port")
+    for ep in nodes:
+        try:
+            normalize_endpoint(ep)
+        except ValueError:
+            raise InvalidValue("nodes", ep, "each entry must be host:port") from None
+    if len(set(nodes)) != len(nodes):
+        raise InvalidValue("nodes", ",".join(nodes), "entries must be distinct")
+    return nodes
+
+
+def _command(value: Sequence[str]) -> tuple[str, ...]:
+    cmd = tuple(value)
+    if not cmd or not all(isinstance(a, str) and a for a in cmd):
+        raise InvalidValue("command", value, "must be a non-empty command, e.g. python train.py")
+    return cmd
+
+
+@attrs.frozen(slots=True)
+class NodeConfig:
+    """Everything one node agent is started with (``supervise node`` builds it)."""
+
+    rank: int = attrs.field()
+    nodes: tuple[str, ...] = attrs.field(converter=_nodes)
+    command: tuple[str, ...] = attrs.field(converter=_command)
+    policy: Policy = attrs.field(factory=Policy.default)
+    nproc_per_node: int = attrs.field(default=1)
+    shm_dir: str = "/dev/shm"
+    run_dir: str | None = None
+    worker_shutdown: float = 5.0
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    cwd: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise InvalidValue("rank", self.rank, "must be an integer")
+        if not 0 <= self.rank < len(self.nodes):
+            raise InvalidValue(
+                "rank", self.rank, f"must be in 0..{len(self.nodes) - 1} (one per --nodes entry)"
+            )
+        if isinstance(self.nproc_per_node, bool) or not isinstance(self.nproc_per_node, int):
+            raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
+        if self.nproc_per_node < 1:
+            raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def world_size(self) -> int:
+        return self.n_nodes * self.nproc_per_node
+
+    def ranks_of(self, node: int) -> range:
+        """The global ranks node ``node`` runs."""
+        return range(node * self.nproc_per_node, (node + 1) * self.nproc_per_node)
+
+    @property
+    def ranks(self) -> range:
+        return self.ranks_of(self.rank)
+
+    @property
+    def master_addr(self) -> str:
+        """Where rank 0's rendezvous runs: the host of node 0."""
+        return normalize_endpoint(self.nodes[0]).removeprefix("tcp://").rpartition(":")[0]
+
+    @property
+    def hosts_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def endpoint(self) -> str:
+        return self.nodes[self.rank]
