@@ -1,5 +1,6 @@
-"""Processes for `recovery.py`: the training's progress file, a cluster of supervise node
-agents on loopback, and a torchrun-style launcher (the status quo).
+"""Processes for `recovery.py`: the training's progress file and a torchrun-style launcher
+(the status quo). The supervise side runs on the local-cluster harness
+(``supervise._testing.LocalCluster``), the waits on its polling helper.
 
 Every process started here is tracked by PID and ended by PID (SIGTERM, then SIGKILL), also
 when the benchmark fails; nothing is ever signalled by name.
@@ -7,19 +8,18 @@ when the benchmark fails; nothing is ever signalled by name.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from supervise._testing import free_port, send_signal, wait_until
 
 # -- the training side's events ------------------------------------------------------------
 
@@ -74,15 +74,14 @@ class ProgressLog:
         return new
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll until ``predicate()`` holds; TimeoutError naming ``what`` otherwise."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Poll until ``predicate()`` holds; TimeoutError (``WaitTimeout``) naming ``what``
+        otherwise."""
+
+        def check() -> bool:
             self.poll()
-            if predicate():
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not within {timeout:g} s")
-            time.sleep(0.02)
+            return predicate()
+
+        wait_until(check, what=what, timeout_s=timeout, interval_s=0.02)
 
     def of(self, ev: str, *, gen: int | None = None, after: float | None = None) -> list[Event]:
         return [
@@ -146,160 +145,6 @@ class ProgressLog:
 
     def all_pids(self) -> set[int]:
         return {e.pid for e in self.events}
-
-
-# -- process helpers -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def reap(proc: subprocess.Popen[bytes], grace: float) -> int:
-    """SIGTERM ``proc``, wait ``grace`` seconds, SIGKILL; returns its exit code."""
-    if proc.poll() is None:
-        kill(proc.pid, signal.SIGTERM)
-        kill(proc.pid, signal.SIGCONT)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return int(proc.returncode)
-
-
-def sweep(pids: set[int], grace: float = 5.0) -> list[int]:
-    """Wait for ``pids`` to be gone; SIGKILL those still there after ``grace`` seconds.
-    Returns the ones that had to be killed (orphans)."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    orphans = sorted(p for p in pids if alive(p))
-    for p in orphans:
-        kill(p)
-    return orphans
-
-
-# -- supervise: node agents on loopback ----------------------------------------------------
-
-
-@dataclass
-class Agent:
-    rank: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-    shm_dir: Path
-
-
-@dataclass
-class SuperviseCluster:
-    """``supervise node`` agents on loopback, one per rank, started and ended by PID."""
-
-    workdir: Path
-    n_nodes: int
-    policy: Path
-    command: Sequence[str]
-    env: Mapping[str, str]
-    shm_root: Path
-    worker_shutdown: float = 5.0
-    agents: dict[int, Agent] = field(default_factory=dict)
-    retired: list[Agent] = field(default_factory=list)
-    started: list[Agent] = field(default_factory=list)  # every incarnation, in start order
-    endpoints: list[str] = field(default_factory=list)
-    _incarnation: int = 0
-
-    def start(self) -> None:
-        self.endpoints = [f"127.0.0.1:{free_port()}" for _ in range(self.n_nodes)]
-        for rank in range(self.n_nodes):
-            self.start_agent(rank)
-
-    def start_agent(self, rank: int) -> Agent:
-        """Start rank's agent with an empty snapshot directory of its own."""
-        self._incarnation += 1
-        shm = self.shm_root / f"node{rank}-{self._incarnation}"
-        shm.mkdir(parents=True)
-        log = self.workdir / f"agent{rank}-{self._incarnation}.log"
-        argv = [
-            sys.executable, "-m", "supervise", "node",
-            "--rank", str(rank),
-            "--nodes", ",".join(self.endpoints),
-            "--policy", str(self.policy),
-            "--shm-dir", str(shm),
-            "--worker-shutdown", str(self.worker_shutdown),
-            "--", *self.command,
-        ]  # fmt: skip
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                cwd=self.workdir,
-            )
-        agent = Agent(rank, proc, log, shm)
-        self.agents[rank] = agent
-        self.started.append(agent)
-        return agent
-
-    def kill_agent(self, rank: int) -> None:
-        """``kill -9`` rank's agent (its guard then kills its workers)."""
-        agent = self.agents.pop(rank)
-        kill(agent.proc.pid)
-        agent.proc.wait()
-        self.retired.append(agent)
-
-    def pids(self) -> set[int]:
-        return {a.proc.pid for a in self.started}
-
-    def stop(self, grace: float = 30.0) -> dict[int, int]:
-        """SIGTERM every agent (they stop their workers in order), SIGKILL after ``grace``."""
-        for a in self.agents.values():
-            if a.proc.poll() is None:
-                kill(a.proc.pid, signal.SIGTERM)
-        codes = {}
-        for rank, a in self.agents.items():
-            try:
-                codes[rank] = a.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                kill(a.proc.pid)
-                codes[rank] = a.proc.wait()
-        return codes
-
-    def wait(self, timeout: float) -> dict[int, int]:
-        """Wait for every agent to exit on its own (training finished)."""
-        deadline = time.monotonic() + timeout
-        codes = {}
-        for rank, a in self.agents.items():
-            codes[rank] = a.proc.wait(max(0.1, deadline - time.monotonic()))
-        return codes
-
-    def log_lines(self) -> Iterator[dict[str, Any]]:
-        """Every JSON log line of every agent incarnation (non-JSON lines skipped)."""
-        for a in self.started:
-            with open(a.log, "rb") as f:
-                for raw in f:
-                    with contextlib.suppress(ValueError):
-                        d = json.loads(raw)
-                        if isinstance(d, dict):
-                            d.setdefault("_log", a.log.name)
-                            yield d
 
 
 # -- the status quo: a torchrun-style launcher ---------------------------------------------
@@ -424,14 +269,14 @@ class TorchrunLike:
             procs = list(self.procs.values())
         for p in procs:
             if p.poll() is None:
-                kill(p.pid, signal.SIGTERM)
-                kill(p.pid, signal.SIGCONT)
+                send_signal(p.pid, signal.SIGTERM)
+                send_signal(p.pid, signal.SIGCONT)
         deadline = time.monotonic() + self.grace
         for p in procs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                kill(p.pid)
+                send_signal(p.pid)
                 p.wait()
 
     def worker_pid(self, rank: int) -> int:

@@ -49,17 +49,12 @@ from typing import Any
 
 import numpy as np
 
+from supervise._testing import LocalCluster, WaitTimeout, send_signal, sweep, wait_until
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _recovery_harness import (  # noqa: E402
-    Event,
-    ProgressLog,
-    SuperviseCluster,
-    TorchrunLike,
-    kill,
-    sweep,
-)
+from _recovery_harness import Event, ProgressLog, TorchrunLike  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
@@ -254,9 +249,9 @@ class Run:
         pid = self.current_pid(rank)
         t = time.time()
         if kind == "crash":
-            kill(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
         elif kind == "hang":
-            kill(pid, signal.SIGSTOP)
+            send_signal(pid, signal.SIGSTOP)
         elif kind == "node_loss":
             self.node_loss(rank, pid)
         else:
@@ -280,7 +275,7 @@ class SuperviseRun(Run):
         self.policy = self.dir / "policy.toml"
         self.policy.write_text(policy_text(cfg))
         self.shm = Path(tempfile.mkdtemp(prefix="recbench-", dir="/dev/shm"))
-        self.cluster: SuperviseCluster | None = None
+        self.cluster: LocalCluster | None = None
 
     def start(self, steps: int, *, out: bool) -> None:
         cmd = [
@@ -293,33 +288,36 @@ class SuperviseRun(Run):
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             "SUPERVISE_DEMO_FAULTS": str(self.faults),
         }
-        self.cluster = SuperviseCluster(
-            workdir=self.dir,
-            n_nodes=self.cfg.nodes,
-            policy=self.policy,
+        self.cluster = LocalCluster(
+            self.dir,
+            self.cfg.nodes,
             command=cmd,
+            policy=self.policy,
             env=env,
-            shm_root=self.shm,
             worker_shutdown=self.cfg.worker_shutdown,
+            shm_root=self.shm,
         )
-        self.cluster.start()
+        self.cluster.start_all()
 
     def node_loss(self, rank: int, pid: int) -> None:
         assert self.cluster is not None
         self.cluster.kill_agent(rank)
-        kill(pid, signal.SIGKILL)
-        self.cluster.start_agent(rank)
+        send_signal(pid, signal.SIGKILL)
+        self.cluster.start(rank)
 
     def wait_finished(self, timeout: float) -> bool:
         assert self.cluster is not None
-        codes = self.cluster.wait(timeout)
+        codes = self.cluster.wait_all_exit(timeout)
         return all(c == 0 for c in codes.values())
 
     def stop(self) -> dict[str, Any]:
         codes: dict[int, int] = {}
+        orphans: list[int] = []
         if self.cluster is not None:
             codes = self.cluster.stop()
-        orphans = sweep(self.pids())
+            orphans = self.cluster.sweep(self.progress.all_pids())
+        else:
+            orphans = sweep(self.progress.all_pids())
         shutil.rmtree(self.shm, ignore_errors=True)
         return {"exit_codes": codes, "orphans": orphans}
 
@@ -330,8 +328,8 @@ class SuperviseRun(Run):
     def live_worker_pid(self, rank: int) -> int:
         assert self.cluster is not None
         pid = None
-        for line in self.cluster.log_lines():
-            if line.get("event") == "workers started" and str(rank) in line.get("pids", {}):
+        for _, line in self.cluster.all_events("workers started"):
+            if str(rank) in line.get("pids", {}):
                 pid = int(line["pids"][str(rank)])
         if pid is None:
             raise LookupError(f"no worker of rank {rank} started yet")
@@ -341,22 +339,25 @@ class SuperviseRun(Run):
         """Every live agent's newest spare worker has its imports done (`spare worker ready`):
         a trial measures a restart with warm spares, as a failure long after the last one
         finds them (a failure seconds after a restart meets a spare still importing)."""
-        assert self.cluster is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            newest: dict[str, int] = {}
-            ready: set[int] = set()
-            for line in self.cluster.log_lines():
+        cluster = self.cluster
+        assert cluster is not None
+
+        def ready() -> bool:
+            newest: dict[int, int] = {}  # agent pid -> its newest spare's pid
+            done: set[int] = set()
+            for agent, line in cluster.all_events():
                 if line.get("event") == "process_started" and line.get("child") == "spare worker":
-                    newest[line["_log"]] = int(line["pid"])
+                    newest[agent.pid] = int(line["pid"])
                 elif line.get("event") == "spare worker ready":
-                    ready.add(int(line["pid"]))
-            live = {a.log.name for a in self.cluster.agents.values()}
-            if live <= newest.keys() and all(newest[log] in ready for log in live):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
+                    done.add(int(line["pid"]))
+            live = {a.pid for a in cluster.agents.values()}
+            return live <= newest.keys() and all(newest[a] in done for a in live)
+
+        try:
+            wait_until(ready, what="warm spares on every node", timeout_s=timeout, interval_s=0.2)
+        except WaitTimeout:
+            return False
+        return True
 
 
 class BaselineRun(Run):
@@ -405,7 +406,7 @@ class BaselineRun(Run):
     def node_loss(self, rank: int, pid: int) -> None:
         # The replacement node reads the checkpoint from (shared) storage, not its page cache.
         self._cold_next = True
-        kill(pid, signal.SIGKILL)
+        send_signal(pid, signal.SIGKILL)
 
     def wait_finished(self, timeout: float) -> bool:
         assert self.launcher is not None
@@ -675,12 +676,17 @@ def recovery_root(sink: Any, trial: Trial, nodes: int) -> tuple[Any, int]:
     def candidates(s: Any) -> list[Any]:
         return [r for r in s.spans(ROOT_SPAN) if lo <= r.start_unix_nano <= hi]
 
-    sink.wait_for(lambda s: bool(candidates(s)), timeout_s=30.0)
+    wait_until(
+        lambda: candidates(sink),
+        what=f"a {ROOT_SPAN} span of the {trial.kind} trial at the collector",
+        timeout_s=30.0,
+    )
     # Every node exports its own phases, on its own schedule (a replacement agent's can
     # come last): wait for each node's restore and resume of one of them.
-    with contextlib.suppress(TimeoutError):
-        sink.wait_for(
-            lambda s: any(_phases_arrived(r.trace_id, nodes, s) for r in candidates(s)),
+    with contextlib.suppress(WaitTimeout):
+        wait_until(
+            lambda: any(_phases_arrived(r.trace_id, nodes, sink) for r in candidates(sink)),
+            what="every node's restore and resume spans",
             timeout_s=30.0,
         )
     roots = candidates(sink)
@@ -826,7 +832,7 @@ def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
         for i, t in enumerate(fails):
             time.sleep(max(0.0, t - time.time()))
             # whatever runs now dies, recovered or not: failures do not wait for recoveries
-            kill(run.live_worker_pid(i % cfg.nodes), signal.SIGKILL)
+            send_signal(run.live_worker_pid(i % cfg.nodes), signal.SIGKILL)
         time.sleep(max(0.0, end - time.time()) + 0.5)
         run.progress.poll()
     ranks = run.ranks

@@ -1,14 +1,13 @@
 """The demo's node agents: real ``supervise node`` processes on loopback, started, killed and
-replaced by PID, their logs kept on disk and read as they come."""
+replaced by PID, their logs kept on disk and read as they come.
+
+The agents run under the supervise runtime (their output is read line by line as it comes);
+their command line, the node loss, the PID book and the waiting are the local-cluster
+harness's (``supervise._testing``)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,9 @@ import attrs
 import trio
 
 from supervise._demo.agentlog import NodeLog
-from supervise._demo.procs import PidBook
+from supervise._testing.cluster import kill_node, node_argv
+from supervise._testing.poll import WaitTimeout, wait_until_async
+from supervise._testing.procs import PidBook
 from supervise.runtime import ExitReason, OsProcess, OutputLine, ProcessHandle
 
 AGENT_SHUTDOWN_S = 30.0  # SIGTERM -> SIGKILL grace for an agent: it stops its workers first
@@ -114,24 +115,14 @@ class DemoCluster:
         cwd.mkdir(parents=True)
         log_path = self.spec.run_dir / f"agent{rank}{suffix}.log"
         agent = AgentProcess(rank, incarnation, shm_dir, log_path, NodeLog(rank))
-        argv = [
-            sys.executable,
-            "-m",
-            "supervise",
-            "node",
-            "--rank",
-            str(rank),
-            "--nodes",
-            ",".join(self.spec.endpoints),
-            "--policy",
-            str(self.spec.policy),
-            "--shm-dir",
-            str(shm_dir),
-            "--worker-shutdown",
-            str(WORKER_SHUTDOWN_S),
-            "--",
-            *self.spec.command,
-        ]
+        argv = node_argv(
+            rank=rank,
+            endpoints=self.spec.endpoints,
+            policy=self.spec.policy,
+            shm_dir=shm_dir,
+            worker_shutdown=WORKER_SHUTDOWN_S,
+            command=self.spec.command,
+        )
         spec = OsProcess(
             argv,
             env=dict(self.spec.env),
@@ -192,10 +183,7 @@ class DemoCluster:
         gen = agent.log.generation
         workers = [] if gen is None else sorted(gen.pids.values())
         agent.killed = True
-        for pid in [agent.pid, *workers]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(agent.shm_dir, ignore_errors=True)
+        kill_node(agent.pid, workers, agent.shm_dir)
         return agent, workers
 
     # -- waiting ---------------------------------------------------------------------------
@@ -209,19 +197,30 @@ class DemoCluster:
         failed: Callable[[], str | None] | None = None,
     ) -> float:
         """Wait until ``done()``; DemoFailure after ``limit_s`` seconds or when ``failed()``
-        (or the cluster's own health check) names a problem. Returns the seconds waited."""
+        (or the cluster's own health check) names a problem. Returns the seconds waited.
+        Checks again whenever an agent's log changes (at least every half second)."""
+
+        def check() -> bool:
+            problem = self.problem() or (failed() if failed is not None else None)
+            if done():
+                return True
+            if problem:
+                raise DemoFailure(f"{problem} (while waiting for {what})")
+            return False
+
         started = time.monotonic()
-        with trio.move_on_after(limit_s):
-            while True:
-                problem = self.problem() or (failed() if failed is not None else None)
-                if done():
-                    return time.monotonic() - started
-                if problem:
-                    raise DemoFailure(f"{problem} (while waiting for {what})")
-                self._changed = trio.Event()
-                with trio.move_on_after(0.5):
-                    await self._changed.wait()
-        raise DemoFailure(f"{what}: not within {limit_s:.0f} s")
+        try:
+            await wait_until_async(
+                check, what=what, timeout_s=limit_s, interval_s=0.5, wake=self._fresh_change
+            )
+        except WaitTimeout:
+            raise DemoFailure(f"{what}: not within {limit_s:.0f} s") from None
+        return time.monotonic() - started
+
+    def _fresh_change(self) -> trio.Event:
+        """A new event, set at the next change to what the agents' logs say."""
+        self._changed = trio.Event()
+        return self._changed
 
     def problem(self) -> str | None:
         """A node that gave up, or an agent that exited when it should not have."""

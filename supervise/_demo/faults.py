@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -11,9 +10,9 @@ import attrs
 
 from supervise._demo.cluster import DemoCluster, DemoFailure
 from supervise._demo.config import FaultKind
+from supervise._testing.cluster import fault_file
+from supervise._testing.procs import send_signal
 from supervise.policy import Policy
-
-NAN_FILE = "nan-rank{rank}"  # supervise._demo.train's fault file
 
 
 @attrs.define(slots=True)
@@ -104,15 +103,12 @@ def inject(
             f" its RAM is gone ({lost.shm_dir.name} wiped)"
         )
     else:
-        marker = faults_dir / NAN_FILE.format(rank=node)
-        marker.touch()
+        marker = fault_file(faults_dir, "nan", node)  # supervise._demo.train's fault file
         pids = ()
         action = f"rank {node}'s next loss becomes NaN ({marker.name})"
     return Injection(index, kind, node, node, pids, now, step, gen.number, action, limit_s)
 
 
 def _signal(pid: int, signum: int, kind: FaultKind) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        raise DemoFailure(f"cannot inject the {kind.label}: worker pid {pid} is gone") from None
+    if not send_signal(pid, signum):
+        raise DemoFailure(f"cannot inject the {kind.label}: worker pid {pid} is gone")

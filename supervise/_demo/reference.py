@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from supervise._demo.cluster import DemoFailure
-from supervise._demo.procs import PidBook
+from supervise._testing.procs import PidBook
 from supervise.agents.workers import free_port
 from supervise.runtime import ExitReason, OsProcess, OutputLine, ProcessHandle
 

@@ -12,8 +12,8 @@ from supervise._demo.cluster import DemoCluster
 from supervise._demo.compare import Comparison
 from supervise._demo.config import DemoConfig
 from supervise._demo.faults import Injection
-from supervise._demo.procs import SeenProcess
 from supervise._demo.timeline import RecoveryView
+from supervise._testing.procs import SeenProcess
 from supervise.policy import Policy
 
 

@@ -23,11 +23,12 @@ from supervise._demo.cluster import ClusterSpec, DemoCluster, DemoFailure
 from supervise._demo.compare import compare_parameters
 from supervise._demo.config import DemoConfig
 from supervise._demo.otel import agent_env
-from supervise._demo.procs import PidBook, SeenProcess
 from supervise._demo.reference import run_reference
 from supervise._demo.result import DemoResult, Narrator, match
 from supervise._demo.supervised import run_supervised
 from supervise._demo.timeline import RecoveryView, recoveries
+from supervise._testing.poll import WaitTimeout, wait_until_async
+from supervise._testing.procs import PidBook, SeenProcess, send_signal
 from supervise.agents.workers import free_port
 from supervise.policy import Policy
 from supervise.telemetry.config import TelemetryConfig
@@ -328,16 +329,18 @@ async def _compare(run_dir: Path, reference: _Reference, result: DemoResult) -> 
 
 
 async def _survivors(book: PidBook) -> list[SeenProcess]:
-    """Processes seen that still run, after a short grace for exits already under way."""
-    for _ in range(50):
-        if not book.survivors():
-            break
-        await trio.sleep(0.1)
+    """Processes seen that still run, after a short grace (5 s) for exits already under way."""
+    with contextlib.suppress(WaitTimeout):
+        await wait_until_async(
+            lambda: not book.survivors(),
+            what="every process seen to exit",
+            timeout_s=5.0,
+            interval_s=0.1,
+        )
     return book.survivors()
 
 
 def _kill(survivors: list[SeenProcess]) -> None:
     """Leave the machine clean even when the check failed (by PID, as seen)."""
     for seen in survivors:
-        with contextlib.suppress(OSError):
-            os.kill(seen.pid, signal.SIGKILL)
+        send_signal(seen.pid, signal.SIGKILL)

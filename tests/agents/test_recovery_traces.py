@@ -13,23 +13,19 @@ of causally ordered events).
 
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nodekit import free_ports
 
-from supervise._testing import OtelCollector
-from supervise._testing.otlp_sink import ReceivedSpan
+from supervise._testing import Agent, LocalCluster, OtelCollector, ReceivedSpan, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -67,36 +63,9 @@ rejoin_timeout = 120.0
 """
 
 
-class Agent:
-    """One `supervise node` process and its log (JSON lines on stderr)."""
-
-    def __init__(self, rank: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.rank = rank
-        self.proc = proc
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [x for x in self.lines() if x.get("event") == name]
-
-    def tail(self, n: int = 60) -> str:
-        lines = [x for x in self.log.read_text(errors="replace").splitlines() if x.strip()]
-        return "\n".join(line[:400] for line in lines[-n:])
-
-
-class Cluster:
-    """Node agents of one test on loopback, all of them stopped by PID at the end."""
+class Cluster(LocalCluster):
+    """Node agents of one test on loopback, training ``supervise._demo.train``, exporting to
+    the test's collector; every process is stopped by PID at the end."""
 
     def __init__(
         self,
@@ -107,86 +76,37 @@ class Cluster:
         persist: int = 0,
         max_attempts: int = 3,
     ) -> None:
-        self.tmp = tmp
-        self.nodes = ",".join(f"127.0.0.1:{p}" for p in free_ports(n))
-        self.policy = tmp / "policy.toml"
-        self.policy.write_text(
-            POLICY.format(
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        super().__init__(
+            tmp,
+            n,
+            command=[
+                sys.executable,
+                "-m",
+                "supervise._demo.train",
+                "--steps",
+                str(STEPS),
+                "--step-delay",
+                "0.05",
+                "--hidden",
+                "256",
+            ],
+            policy=POLICY.format(
                 every=EVERY,
                 max_attempts=max_attempts,
                 persist=persist,
                 persist_path=tmp / "checkpoints",
-            )
+            ),
+            env={
+                **clean,
+                **collector.env(metric_export_interval_ms=1000),
+                "OTEL_BSP_SCHEDULE_DELAY": "3600000",  # spans leave only with the exit flush
+                "PYTHONUNBUFFERED": "1",
+            },
+            inherit_env=False,
+            worker_shutdown=3.0,
+            wait_s=WAIT,
         )
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        self.env = {
-            **clean,
-            **collector.env(metric_export_interval_ms=1000),
-            "OTEL_BSP_SCHEDULE_DELAY": "3600000",  # spans leave only with the exit flush
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.agents: list[Agent] = []
-
-    def start(self, rank: int) -> Agent:
-        """Start the agent of ``rank`` (again: a replacement, with RAM of its own)."""
-        incarnation = sum(1 for a in self.agents if a.rank == rank)
-        shm = self.tmp / f"shm-{rank}-{incarnation}"
-        shm.mkdir()
-        log = self.tmp / f"agent-{rank}-{incarnation}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "supervise",
-            "node",
-            "--rank",
-            str(rank),
-            "--nodes",
-            self.nodes,
-            "--policy",
-            str(self.policy),
-            "--shm-dir",
-            str(shm),
-            "--worker-shutdown",
-            "3",
-            "--",
-            sys.executable,
-            "-m",
-            "supervise._demo.train",
-            "--steps",
-            str(STEPS),
-            "--step-delay",
-            "0.05",
-            "--hidden",
-            "256",
-        ]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp
-            )
-        agent = Agent(rank, proc, log)
-        self.agents.append(agent)
-        return agent
-
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.tails()}")
-            time.sleep(0.1)
-
-    def worker_pid(self, agent: Agent, generation: int) -> int:
-        """The worker PID ``agent`` started for ``generation`` (waits for the line)."""
-        found: list[int] = []
-
-        def started() -> bool:
-            for line in agent.events("workers started"):
-                if line.get("generation") == generation:
-                    found.extend(int(p) for p in line["pids"].values())
-                    return True
-            return False
-
-        self.wait_until(f"node {agent.rank} to start generation {generation}", started)
-        return found[0]
 
     def replicated(self, holder: Agent, rank: int, at_least: int) -> bool:
         """``holder`` stored a replica of ``rank``'s shard at version >= ``at_least``."""
@@ -195,34 +115,6 @@ class Cluster:
             if m and int(m[1]) == rank and int(m[2]) >= at_least:
                 return True
         return False
-
-    def wait_exit(self, agent: Agent, timeout: float = WAIT) -> int:
-        try:
-            return agent.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"node {agent.rank} did not exit\n{self.tails()}") from None
-
-    def kill(self, agent: Agent) -> None:
-        """kill -9 of the agent (its guard takes its workers down with it), reaped."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(agent.pid, signal.SIGKILL)
-        agent.proc.wait(timeout=30)
-
-    def tails(self) -> str:
-        return "\n".join(
-            f"---- node {a.rank} (pid {a.pid}, {a.log.name}) ----\n{a.tail()}" for a in self.agents
-        )
-
-    def cleanup(self) -> None:
-        """SIGKILL every agent still running, then any worker they reported, all by PID."""
-        for agent in self.agents:
-            if agent.proc.poll() is None:
-                self.kill(agent)
-        for agent in self.agents:
-            for line in agent.events("workers started"):
-                for pid in line["pids"].values():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.fixture
@@ -241,36 +133,130 @@ def cluster_factory(
     finally:
         for cluster in made:
             cluster.cleanup()
-            print(cluster.tails())  # shown by pytest when the test failed
+            print(cluster.dump())  # shown by pytest when the test failed
 
 
 # ---- checking what arrived ----------------------------------------------------------------
 
 
-def _settle(collector: OtelCollector, quiet: float = 1.0, timeout: float = 30.0) -> None:
-    """Wait until nothing new arrived for ``quiet`` seconds: what the agents flushed as they
-    exited may still be on its way through rotel."""
-    deadline = time.monotonic() + timeout
-    seen, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = len(collector.spans()) + len(collector.metrics())
-        if now != seen:
-            seen, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-        time.sleep(0.1)
+def _arrived(collector: OtelCollector) -> str:
+    """What reached the collector: (node, pid, span name) -> how many, and the metric names."""
+    counts = Counter(
+        (s.resource.get(A + "node.rank"), s.resource.get("process.pid"), s.name)
+        for s in collector.spans()
+    )
+    spans = "\n".join(f"  {key}: {n}" for key, n in sorted(counts.items(), key=str))
+    metrics = sorted({m.name for m in collector.metrics()})
+    return f"spans that arrived (node, pid, name): count\n{spans}\nmetrics: {metrics}"
 
 
-def _the_recovery(collector: OtelCollector, triggers: set[str], outcome: str) -> ReceivedSpan:
-    """The one recovery root with this outcome (called once the agents exited)."""
-    collector.wait_for_spans([RECOVERY], timeout_s=60)
-    _settle(collector)
-    roots = [
+def _completed_ops(collector: OtelCollector, agent: Agent) -> set[str]:
+    """The snapshot operations of which ``agent`` sent a completed span that moved bytes."""
+    return {
+        s.name.removeprefix(SNAP)
+        for s in collector.spans()
+        if s.name.startswith(SNAP)
+        and s.resource.get("process.pid") == agent.pid
+        and s.status_code != STATUS_ERROR
+        and s.attributes.get(A + "bytes")
+    }
+
+
+def _recovery_roots(
+    collector: OtelCollector, triggers: set[str], outcome: str
+) -> list[ReceivedSpan]:
+    return [
         s
         for s in collector.spans(RECOVERY)
         if s.attributes.get(A + "trigger") in triggers
         and s.attributes.get(A + "recovery.outcome") == outcome
     ]
+
+
+def _flushed(
+    collector: OtelCollector,
+    *,
+    triggers: set[str],
+    outcome: str,
+    phases: dict[str, list[Agent] | None],
+    agents: list[Agent],
+    ops: tuple[str, ...],
+    metrics: bool = False,
+    memory: bool = False,
+) -> bool:
+    """Whether everything the checks read from the agents' exit flushes arrived: the recovery
+    root; each phase of its trace from each agent named (None: from any process); each
+    agent's completed snapshot spans of ``ops``; (``metrics``) each agent's steps, the
+    recovery's duration and (``memory``) the memory held of both kinds."""
+    roots = _recovery_roots(collector, triggers, outcome)
+    if not roots:
+        return False
+    in_trace = [s for r in roots for s in collector.spans(trace_id=r.trace_id)]
+    for phase, senders in phases.items():
+        pids = {s.resource.get("process.pid") for s in in_trace if s.name == PHASE[phase]}
+        if not pids or (senders is not None and not {a.pid for a in senders} <= pids):
+            return False
+    if not all(set(ops) <= _completed_ops(collector, a) for a in agents):
+        return False
+    if not metrics:
+        return True
+    if not any(
+        p.attributes.get(A + "recovery.outcome") == outcome
+        for p in _points(collector, "supervise.recovery.duration")
+    ):
+        return False
+    for agent in agents:
+        if not any(p.value > 0 for p in _points(collector, "supervise.training.steps", agent.pid)):
+            return False
+        held = {
+            p.attributes.get(A + "memory.kind")
+            for p in _points(collector, "supervise.memory.held", agent.pid)
+            if p.value > 0
+        }
+        if memory and not {"arena", "replica"} <= held:
+            return False
+    return True
+
+
+def _the_recovery(
+    collector: OtelCollector,
+    triggers: set[str],
+    outcome: str,
+    *,
+    phases: dict[str, list[Agent] | None],
+    agents: list[Agent],
+    ops: tuple[str, ...],
+    metrics: bool = False,
+    memory: bool = False,
+) -> ReceivedSpan:
+    """The one recovery root with this outcome (called once the agents exited). Waits for
+    what their exit flushes must have brought (see ``_flushed``), then stops rotel: it
+    flushes what it still holds, so nothing that arrives later can be missed below."""
+    wait_until(
+        functools.partial(
+            _flushed,
+            collector,
+            triggers=triggers,
+            outcome=outcome,
+            phases=phases,
+            agents=agents,
+            ops=ops,
+            metrics=metrics,
+            memory=memory,
+        ),
+        what=(
+            f"the {outcome} recovery ({', '.join(sorted(triggers))}), its phases"
+            f" {sorted(phases)}, the {ops} spans of nodes {[a.rank for a in agents]}"
+            + (" and their metrics" if metrics else "")
+            + " at the collector"
+        ),
+        timeout_s=60.0,
+        interval_s=0.1,
+        details=lambda: _arrived(collector),
+    )
+    assert collector.rotel is not None
+    collector.rotel.stop()  # SIGTERM: rotel exports what it still holds, then exits
+    roots = _recovery_roots(collector, triggers, outcome)
     seen = [
         (s.attributes.get(A + "trigger"), s.attributes.get(A + "recovery.outcome"))
         for s in collector.spans(RECOVERY)
@@ -497,15 +483,29 @@ def test_worker_crash_is_one_trace_across_nodes(cluster_factory, otel_collector)
     training finishes, both agents exit 0 and flush."""
     cluster = cluster_factory(2, persist=2)
     agents = [cluster.start(0), cluster.start(1)]
-    victim = cluster.worker_pid(agents[1], generation=1)
-    cluster.wait_until(
+    victim = cluster.worker_pid(1, generation=1)
+    cluster.wait(
         f"both shards replicated at version >= {EVERY}",
         lambda: cluster.replicated(agents[0], 1, EVERY) and cluster.replicated(agents[1], 0, EVERY),
     )
     os.kill(victim, signal.SIGKILL)
-    assert [cluster.wait_exit(a) for a in agents] == [0, 0], cluster.tails()
+    assert [cluster.wait_exit(a) for a in agents] == [0, 0], cluster.dump()
 
-    root = _the_recovery(otel_collector, {"worker_exit"}, "completed")
+    root = _the_recovery(
+        otel_collector,
+        {"worker_exit"},
+        "completed",
+        phases={
+            "detect": [agents[0]],
+            "select_checkpoint": [agents[0]],
+            "restore": agents,
+            "resume": agents,
+        },
+        agents=agents,
+        ops=("capture", "replicate", "persist"),
+        metrics=True,
+        memory=True,
+    )
     assert root.attributes[A + "snapshot.source"] == "local"
     detected = next(e for e in root.events if e.name == "detected")
     assert f"pid={victim}" in str(detected.attributes[A + "reason"])
@@ -537,14 +537,14 @@ def test_node_loss_fetches_from_a_peer_and_sigterm_flushes(cluster_factory, otel
     replacement process. Then SIGTERM ends both agents (143), and they flush."""
     cluster = cluster_factory(2)
     agents = [cluster.start(0), cluster.start(1)]
-    cluster.worker_pid(agents[1], generation=1)
-    cluster.wait_until(
+    cluster.worker_pid(1, generation=1)
+    cluster.wait(
         f"node 0 holding rank 1's shard at version >= {EVERY}",
         lambda: cluster.replicated(agents[0], 1, EVERY),
     )
-    cluster.kill(agents[1])
+    cluster.kill_agent(agents[1])
     replacement = cluster.start(1)
-    cluster.wait_until(
+    cluster.wait(
         "the replacement's first capture after the recovery, replicated",
         lambda: any(
             re.fullmatch(r"rank 1 v\d+ g2", str(x.get("shard")))
@@ -552,7 +552,7 @@ def test_node_loss_fetches_from_a_peer_and_sigterm_flushes(cluster_factory, otel
         ),
     )
     # and node 0's push to the replacement arrived, and its metrics reported holding it
-    cluster.wait_until(
+    cluster.wait(
         "the replacement reporting a replica held",
         lambda: any(
             p.attributes.get(A + "memory.kind") == "replica" and p.value > 0
@@ -562,10 +562,25 @@ def test_node_loss_fetches_from_a_peer_and_sigterm_flushes(cluster_factory, otel
     for agent in (agents[0], replacement):
         os.kill(agent.pid, signal.SIGTERM)
     codes = [cluster.wait_exit(a) for a in (agents[0], replacement)]
-    assert codes == [128 + signal.SIGTERM] * 2, cluster.tails()
+    assert codes == [128 + signal.SIGTERM] * 2, cluster.dump()
 
     # peer loss, or node 0's worker noticing its peer's death first: one recovery either way
-    root = _the_recovery(otel_collector, {"peer_lost", "worker_exit"}, "completed")
+    root = _the_recovery(
+        otel_collector,
+        {"peer_lost", "worker_exit"},
+        "completed",
+        phases={
+            "detect": [agents[0]],
+            "select_checkpoint": [agents[0]],
+            "fetch": [replacement],
+            "restore": [agents[0], replacement],
+            "resume": [agents[0], replacement],
+        },
+        agents=[agents[0], replacement],
+        ops=("capture", "replicate"),
+        metrics=True,
+        memory=True,
+    )
     assert root.attributes[A + "snapshot.source"] == "peer"
     check_recovery_trace(
         otel_collector,
@@ -594,17 +609,25 @@ def test_exhausted_recovery_is_traced_and_flushed_on_giving_up(
     -> the recovery is exhausted, every agent gives up (exit 3) and still flushes the trace."""
     cluster = cluster_factory(2, max_attempts=1)
     agents = [cluster.start(0), cluster.start(1)]
-    victim = cluster.worker_pid(agents[1], generation=1)
-    cluster.wait_until(
+    victim = cluster.worker_pid(1, generation=1)
+    cluster.wait(
         f"both shards replicated at version >= {EVERY}",
         lambda: cluster.replicated(agents[0], 1, EVERY) and cluster.replicated(agents[1], 0, EVERY),
     )
     os.kill(victim, signal.SIGKILL)
-    again = cluster.worker_pid(agents[1], generation=2)  # importing torch: seconds from a step
+    again = cluster.worker_pid(1, generation=2)  # importing torch: seconds from a step
     os.kill(again, signal.SIGKILL)
-    assert [cluster.wait_exit(a) for a in agents] == [3, 3], cluster.tails()
+    assert [cluster.wait_exit(a) for a in agents] == [3, 3], cluster.dump()
 
-    root = _the_recovery(otel_collector, {"worker_exit"}, "exhausted")
+    root = _the_recovery(
+        otel_collector,
+        {"worker_exit"},
+        "exhausted",
+        phases={"detect": None, "select_checkpoint": None},
+        agents=agents,
+        ops=("capture", "replicate"),
+        metrics=True,
+    )
     assert root.status_code == 2  # ERROR
     assert "exhausted" in root.status_message
     names = root.event_names
@@ -632,19 +655,26 @@ def test_sigterm_during_a_recovery_ends_it_failed_and_flushes(
     root is ended (failed, the stop recorded) and exported with its phases, not lost open."""
     cluster = cluster_factory(2)
     agents = [cluster.start(0), cluster.start(1)]
-    victim = cluster.worker_pid(agents[1], generation=1)
-    cluster.wait_until(
+    victim = cluster.worker_pid(1, generation=1)
+    cluster.wait(
         f"both shards replicated at version >= {EVERY}",
         lambda: cluster.replicated(agents[0], 1, EVERY) and cluster.replicated(agents[1], 0, EVERY),
     )
     os.kill(victim, signal.SIGKILL)
-    cluster.worker_pid(agents[1], generation=2)  # the restart is under way: importing torch
+    cluster.worker_pid(1, generation=2)  # the restart is under way: importing torch
     for agent in agents:
         os.kill(agent.pid, signal.SIGTERM)
     codes = [cluster.wait_exit(a) for a in agents]
-    assert codes == [128 + signal.SIGTERM] * 2, cluster.tails()
+    assert codes == [128 + signal.SIGTERM] * 2, cluster.dump()
 
-    root = _the_recovery(otel_collector, {"worker_exit"}, "failed")
+    root = _the_recovery(
+        otel_collector,
+        {"worker_exit"},
+        "failed",
+        phases={"detect": None, "select_checkpoint": None},
+        agents=agents,
+        ops=("capture", "replicate"),
+    )
     assert root.status_code == 2  # ERROR
     names = root.event_names
     assert names[:3] == ["detected", "started", "checkpoint_selected"], names

@@ -2,46 +2,50 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import trio
+from supervise._testing import free_ports, read_json_lines, send_signal, wait_until_async
+
+__all__ = ["NodeProcs", "eventually", "free_ports"]
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+def _describe(predicate: Callable[[], object]) -> str:
+    """The predicate's source line (a lambda) or its name, for a timeout's message."""
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return getattr(predicate, "__qualname__", repr(predicate))
+
+
+async def eventually(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,  # noqa: ASYNC109 (a deadline for polled state, not a cancel scope)
+    *,
+    what: str = "a condition",
+) -> None:
     """Wait until ``predicate()`` holds (for state another process or the zmq I/O thread
-    changes, where no trio event exists to wait on); fail after ``timeout`` seconds.
+    changes, where no trio event exists to wait on); ``WaitTimeout`` after ``timeout``
+    seconds, naming ``what`` and quoting the predicate's source.
     """
-    with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 (no event to wait on: polled state)
-            await trio.sleep(0.005)
+    await wait_until_async(
+        predicate,
+        what=what,
+        timeout_s=timeout,
+        interval_s=0.005,
+        details=lambda: f"the condition: {_describe(predicate)}",
+    )
 
 
 # ---- real node processes on loopback ---------------------------------------------------
 
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
 NODE_MAIN = Path(__file__).with_name("node_main.py")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (bound and released: a tiny race is possible)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 class NodeProcs:
@@ -77,19 +81,14 @@ class NodeProcs:
         """SIGKILL by PID, then reap."""
         proc = self.procs.pop(rank)
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
+            send_signal(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
     def alive(self, rank: int) -> bool:
         return rank in self.procs and self.procs[rank].poll() is None
 
     def lines(self, rank: int) -> list[dict[str, Any]]:
-        out = []
-        for line in self.logs[rank].read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
-        return out
+        return read_json_lines(self.logs[rank])
 
     def output(self, rank: int) -> str:
         return self.logs[rank].read_text(errors="replace")
@@ -103,7 +102,7 @@ class NodeProcs:
             found[:] = [x for x in self.lines(rank) if x.get("kind") == kind]
             return bool(found)
 
-        await eventually(check, timeout)
+        await eventually(check, timeout, what=f"node {rank} to log {kind!r}")
         return found[0]
 
     def cleanup(self) -> None:

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
-import socket
-import time
+import select
 from typing import Any
 
 import trio
+import trio.testing
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from supervise._testing import free_port, wait_until
 from supervise.cluster._zsock import ZSocket
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _block_until_connected(client: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    """Block the thread (and so trio) until ``client``'s connection completed (its monitor
+    reports the handshake) and its FD turned readable; reads nothing from ``client`` itself,
+    so the edge on its FD stays for the reader to consume."""
+
+    def handshake() -> bool:
+        while monitor.poll(0):
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+        return False
+
+    wait_until(handshake, what="the DEALER's handshake with the ROUTER", timeout_s=10)
+    wait_until(
+        lambda: select.select([client.FD], [], [], 0)[0],
+        what="the DEALER's FD to turn readable",
+        timeout_s=10,
+    )
 
 
 async def test_reader_consuming_the_edge_still_wakes_the_sender() -> None:
@@ -25,11 +39,12 @@ async def test_reader_consuming_the_edge_still_wakes_the_sender() -> None:
     The sender must still be woken: the reader sees POLLOUT and wakes it.
     """
     ctx: zmq.Context[Any] = zmq.Context()
-    port = _free_port()
+    port = free_port()
     client = ctx.socket(zmq.DEALER)
     client.linger = 0
     client.setsockopt(zmq.IMMEDIATE, 1)
     client.setsockopt(zmq.RECONNECT_IVL, 20)
+    monitor = client.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     client.connect(f"tcp://127.0.0.1:{port}")
     zc = ZSocket(client)
     server = ctx.socket(zmq.ROUTER)
@@ -44,9 +59,9 @@ async def test_reader_consuming_the_edge_still_wakes_the_sender() -> None:
                     sent.set()
 
                 n.start_soon(send)
-                await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()  # the sender waits on the FD
                 server.bind(f"tcp://127.0.0.1:{port}")
-                time.sleep(0.5)  # block trio: the connection completes, the FD turns readable
+                _block_until_connected(client, monitor)  # trio blocked: it does not poll
 
                 async def read() -> None:
                     await zc.recv_multipart()  # its EVENTS check runs before trio polls
@@ -57,6 +72,8 @@ async def test_reader_consuming_the_edge_still_wakes_the_sender() -> None:
         assert server.poll(5000)
         assert server.recv_multipart()[1] == b"hello"
     finally:
+        client.disable_monitor()
+        monitor.close()
         zc.close()
         server.close()
         ctx.term()
@@ -117,7 +134,7 @@ async def test_close_wakes_waiters() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(wait)
             n.start_soon(wait)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # both wait on the socket
             z.close()
     assert errors == [trio.ClosedResourceError, trio.ClosedResourceError]
     ctx.term()

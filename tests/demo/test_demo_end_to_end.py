@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervise._demo.procs import PidBook
+from supervise._testing import PidBook, wait_until
 from supervise.telemetry import RECOVERY_SPAN
 from supervise.telemetry.receiver import OtlpSink
 
@@ -53,9 +52,7 @@ class Watched:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for seen in self.book.survivors():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(seen.pid, signal.SIGKILL)
+        self.book.kill_survivors()
 
 
 @contextlib.contextmanager
@@ -170,11 +167,18 @@ def test_sigterm_stops_every_agent_and_worker_and_reports(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     argv = ["--quick", "--out", str(tmp_path / "demo")]
     with demo(argv, env=env, output=output) as watched:
-        deadline = time.monotonic() + DEMO_LIMIT_S
-        while "training started" not in output.read_text():
+
+        def started() -> bool:
             assert watched.proc.poll() is None, output.read_text()
-            assert time.monotonic() < deadline, output.read_text()
-            time.sleep(0.2)
+            return "training started" in output.read_text()
+
+        wait_until(
+            started,
+            what="the demo to report training started",
+            timeout_s=DEMO_LIMIT_S,
+            interval_s=0.2,
+            details=output.read_text,
+        )
         watched.proc.send_signal(signal.SIGTERM)
         code = watched.proc.wait(120)
         watched.stop_watching()

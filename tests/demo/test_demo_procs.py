@@ -6,9 +6,9 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 
-from supervise._demo.procs import PidBook, SeenProcess, _stat
+from supervise._testing.poll import wait_until
+from supervise._testing.procs import PidBook, SeenProcess, pid_alive, proc_stat
 
 
 def test_a_process_is_a_survivor_until_it_exits() -> None:
@@ -47,16 +47,13 @@ def test_descendants_are_found_with_their_kind() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         parent.wait()
-    deadline = time.monotonic() + 10
-    while _stat(grandchild) is not None and _stat(grandchild)[0] not in "ZX":  # type: ignore[index]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not pid_alive(grandchild), what=f"pid {grandchild} to be gone", timeout_s=10)
     assert [s for s in book.survivors() if s.pid in (parent.pid, grandchild)] == []
 
 
 def test_a_reused_pid_is_not_the_process_seen() -> None:
     book = PidBook()
-    me = _stat(os.getpid())
+    me = proc_stat(os.getpid())
     assert me is not None
     book._seen[(os.getpid(), me[2] + 1)] = SeenProcess(os.getpid(), me[2] + 1, "an older one")
     assert book.survivors() == []

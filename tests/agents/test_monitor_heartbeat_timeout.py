@@ -1,28 +1,14 @@
-"""Regressions found while building the demo: a membership change must not crash the
-executor, and a hang right after a worker's first heartbeat is seen at heartbeat_timeout."""
+"""The monitor's deadlines: once a worker has sent a heartbeat, its silence is a hang after
+``heartbeat_timeout``, not after the (much longer) ``startup_timeout``."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
-
 import trio
+import trio.testing
 
-from supervise.agents.executor import Executor
 from supervise.agents.monitor import Detection, Monitor
-from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.policy import Policy
 from supervise.telemetry import Trigger
-
-
-async def test_membership_changes_are_logged_without_crashing_the_executor() -> None:
-    rt: Any = SimpleNamespace(config=SimpleNamespace(rank=0), generation=0)
-    executor = Executor(rt)
-    send, receive = trio.open_memory_channel[Event](4)
-    await send.send(PeerLost(rank=2, silence=2.0))
-    await send.send(PeerBack(rank=2, incarnation=7, restarted=True))
-    await send.aclose()
-    await executor._membership_events(receive)  # raised TypeError before the fix
 
 
 async def test_hang_after_the_first_heartbeat_is_detected_at_heartbeat_timeout(
