@@ -11,6 +11,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from supervise._testing.poll import wait_until_async
 from supervise.agents.workers import Launch, SparePool, WorkerGroup, warm_target
 from supervise.runtime import ExitKind, ExitReason, OutputLine
 
@@ -105,9 +106,11 @@ async def test_a_spare_reports_when_its_preload_is_done(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             await pool.fill(nursery, 1)
             spare = pool._ready[0]
-            with trio.fail_after(60):
-                while not [e for e in logs if e["event"] == "spare worker ready"]:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await wait_until_async(
+                lambda: any(e["event"] == "spare worker ready" for e in logs),
+                what="the spare's 'spare worker ready' log event",
+                timeout_s=60,
+            )
             assert spare.preloaded
             nursery.cancel_scope.cancel()
     (ready,) = [e for e in logs if e["event"] == "spare worker ready"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from snaphelp import Proc, ThreadedAgent, make_service
 
+from supervise._testing.poll import wait_until
 from supervise.snapshot.checksum import mismatches
 
 HERE = Path(__file__).parent
@@ -92,11 +92,12 @@ def test_kill_during_capture_keeps_the_committed_version(tmp_path: Path) -> None
         {"SUPERVISE_AGENT": agent.endpoint, "HANG_IN_CAPTURE": "6"},
     )
     try:
-        deadline = time.monotonic() + 120
-        while not out.with_suffix(".hang").exists():
+
+        def hung() -> bool:
             assert proc.popen.poll() is None, proc.wait()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            return out.with_suffix(".hang").exists()
+
+        wait_until(hung, what="the worker to hang mid-capture of version 6", timeout_s=120)
         proc.kill()  # SIGKILL by PID, mid-copy of version 6
         assert [v.step for v in svc.versions(0)] == [4]
         with svc.shard(0, 4) as sh:

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from supervise._testing import OtlpSink
+from supervise._testing.poll import wait_until
 from supervise.telemetry import Telemetry, TelemetryConfig, snapshot_span
 
 OTEL_DIR = Path(__file__).parents[2] / "integrations" / "otel"
@@ -106,13 +106,6 @@ def _send_capture_span(endpoint: str) -> None:
     assert tel.shutdown(timeout_s=30)
 
 
-def _wait(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _gone(pid: int) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     stat = Path(f"/proc/{pid}/stat")
@@ -132,7 +125,11 @@ def test_rotelctl_start_logs_what_arrives_then_stops(state_dir: Path) -> None:
 
     _send_capture_span(state["http_endpoint"])
     log = Path(state["log"])
-    _wait(lambda: "supervise.snapshot.capture" in log.read_text(errors="replace"))
+    wait_until(
+        lambda: "supervise.snapshot.capture" in log.read_text(errors="replace"),
+        what="the capture span in rotel's log",
+        timeout_s=30,
+    )
 
     assert f"rotel stopped (pid {state['pid']})" in _ctl(state_dir, "stop").stdout
     assert _gone(state["pid"])
