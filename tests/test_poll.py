@@ -69,3 +69,26 @@ async def test_async_wait_is_woken_by_its_event(autojump_clock: trio.testing.Moc
 async def test_async_timeout(autojump_clock: trio.testing.MockClock) -> None:
     with pytest.raises(WaitTimeout, match="waiting for the spans"):
         await wait_until_async(lambda: [], what="the spans", timeout_s=3)
+
+
+async def test_an_async_condition_is_awaited(autojump_clock: trio.testing.MockClock) -> None:
+    asked = itertools.count(1)
+
+    async def ask() -> str | None:
+        await trio.sleep(0.5)  # a request to another process
+        return "ok" if next(asked) >= 3 else None
+
+    assert await wait_until_async(ask, what="x", timeout_s=10, interval_s=1) == "ok"
+
+
+async def test_a_hanging_async_condition_still_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def never() -> bool:
+        await trio.sleep_forever()
+        return True
+
+    start = trio.current_time()
+    with pytest.raises(WaitTimeout, match="waiting for the reply"):
+        await wait_until_async(never, what="the reply", timeout_s=3)
+    assert trio.current_time() - start == pytest.approx(3.0)

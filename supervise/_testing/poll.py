@@ -10,9 +10,10 @@ deadline they raise ``WaitTimeout``, whose message says what was awaited, for ho
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
 
 import trio
 
@@ -63,20 +64,49 @@ def wait_until(
         time.sleep(min(interval_s, left))
 
 
+@overload
+async def wait_until_async(
+    condition: Callable[[], Awaitable[T | None]],
+    *,
+    what: str,
+    timeout_s: float,
+    interval_s: float = ...,
+    details: Callable[[], str] | None = ...,
+    wake: Callable[[], trio.Event] | None = ...,
+) -> T: ...
+
+
+@overload
 async def wait_until_async(
     condition: Callable[[], T | None],
+    *,
+    what: str,
+    timeout_s: float,
+    interval_s: float = ...,
+    details: Callable[[], str] | None = ...,
+    wake: Callable[[], trio.Event] | None = ...,
+) -> T: ...
+
+
+async def wait_until_async(
+    condition: Callable[[], object],
     *,
     what: str,
     timeout_s: float,
     interval_s: float = DEFAULT_INTERVAL_S,
     details: Callable[[], str] | None = None,
     wake: Callable[[], trio.Event] | None = None,
-) -> T:
+) -> Any:
     """``wait_until`` from a trio task: checks again after ``interval_s``, or as soon as the
-    event ``wake()`` returns (a fresh one each round) is set, whichever comes first."""
+    event ``wake()`` returns (a fresh one each round) is set, whichever comes first. The
+    condition may be async (a request to another process); the deadline bounds it too."""
     deadline = trio.current_time() + timeout_s
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            pending, value = value, None
+            with trio.move_on_at(deadline):
+                value = await pending
         if value:
             return value
         left = deadline - trio.current_time()

@@ -8,11 +8,11 @@ from typing import Any
 
 import msgpack
 import pytest
-import trio
 import zmq
 from clusterkit import NodeProcs
 from node_main import Commit, Ok, Status, StatusReply, shard_bytes
 
+from supervise._testing.poll import wait_until_async
 from supervise.cluster import CurveKeys, RequestTimeout, Transport, generate_keys
 from supervise.cluster.replication import fetch_shard
 
@@ -55,23 +55,20 @@ async def wait_status(
 ) -> StatusReply:
     last: list[StatusReply] = []
 
-    async def poll() -> None:
-        while True:
-            try:
-                st = await status(client, rank)
-            except RequestTimeout:
-                continue
-            last[:] = [st]
-            if pred(st):
-                return
-            await trio.sleep(0.05)
+    async def check() -> StatusReply | None:
+        try:
+            st = await status(client, rank)
+        except RequestTimeout:
+            return None
+        last[:] = [st]
+        return st if pred(st) else None
 
-    try:
-        with trio.fail_after(timeout):
-            await poll()
-    except trio.TooSlowError:
-        raise AssertionError(f"node {rank}: condition not met; last status {last}") from None
-    return last[0]
+    return await wait_until_async(
+        check,
+        what=f"node {rank}'s status to meet the condition",
+        timeout_s=timeout,
+        details=lambda: f"last status {last}",
+    )
 
 
 async def test_replicate_kill_root_and_replace_it(procs_factory: Any) -> None:
