@@ -174,7 +174,7 @@ class RankView:
     newest: int | None  # the owner's newest version in its RAM
     newest_replica: int | None  # the newest version a peer holds in RAM
     replica_nodes: tuple[int, ...]  # the peers holding newest_replica
-    newest_on_disk: int | None  # the newest version persisted (by the owner)
+    newest_on_disk: int | None  # the newest version in the persist tier
     lag_versions: int | None  # the owner's versions newer than newest_replica
 
     @property
