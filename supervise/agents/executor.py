@@ -14,6 +14,7 @@ restart itself is `restart.LocalRestart`; the coordinator is reached through `ro
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +32,7 @@ from supervise.agents.roles import Coordinating
 from supervise.agents.workers import SparePool, free_port
 from supervise.cluster import DEFERRED, Incoming
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
-from supervise.runtime import ExitKind, ExitReason
+from supervise.runtime import ExitKind, ExitReason, guard_pid
 from supervise.snapshot import protocol as p
 from supervise.telemetry import Trigger
 
@@ -100,8 +101,7 @@ class Executor:
     def status(self) -> m.Status:
         held = self.ctx.holdings()
         live = self.ctx.membership.live()
-        monitor = self.ctx.monitor()
-        steps = sorted(monitor.last_steps().items()) if monitor is not None else []
+        local = self._local
         return m.Status(
             node=self.rank,
             state=self.state.value,
@@ -111,8 +111,33 @@ class Executor:
             ranks=list(self.ctx.config.ranks),
             ram=m.entries(held.ram),
             disk=m.entries(held.disk),
-            steps=steps,
+            workers=self._worker_status(),
+            spares=local.spare_pids if local is not None else [],
+            pid=os.getpid(),
+            guard=guard_pid() or 0,
         )
+
+    def _worker_status(self) -> list[m.WorkerStatus]:
+        """Each local rank's worker process (this generation's) and its progress."""
+        group = self._local.workers if self._local is not None else None
+        monitor = self.ctx.monitor()
+        progress = monitor.progress() if monitor is not None else {}
+        out = []
+        for rank in self.ctx.config.ranks:
+            handle = group.handles.get(rank) if group is not None else None
+            seen = progress.get(rank)
+            out.append(
+                m.WorkerStatus(
+                    rank=rank,
+                    pid=handle.pid if handle is not None else 0,
+                    spare=group is not None and rank in group.warm,
+                    alive=handle is not None and group is not None and rank not in group.exits,
+                    last_step=seen.step if seen is not None else None,
+                    step_age=seen.step_age if seen is not None else None,
+                    running_for=seen.running_for if seen is not None else None,
+                )
+            )
+        return out
 
     # -- running ---------------------------------------------------------------------------
 

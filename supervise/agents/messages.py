@@ -161,10 +161,39 @@ class StatusQuery:
     """CLI -> any node: describe yourself."""
 
 
+def _non_negative(_obj: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} = {value!r}: must be >= 0")
+
+
+@attrs.frozen(slots=True)
+class WorkerStatus:
+    """One local rank's worker in a `Status`: its process and its progress.
+
+    ``pid`` 0: no worker was started for the rank in this generation. ``spare``: the worker
+    runs in a spare process (its command line is the spare's, not the training command's).
+    ``last_step``: the last step the rank completed (None: none yet), ``step_age`` the seconds
+    since (on the node's clock); ``running_for`` the seconds since this worker started.
+    """
+
+    rank: int = attrs.field(validator=attrs.validators.ge(0))
+    pid: int = attrs.field(validator=attrs.validators.ge(0))
+    spare: bool = False
+    alive: bool = False
+    last_step: int | None = None
+    step_age: float | None = attrs.field(default=None, validator=_non_negative)
+    running_for: float | None = attrs.field(default=None, validator=_non_negative)
+
+
 @message_kind("agent.status")
 @attrs.frozen(slots=True)
 class Status:
-    """Reply to StatusQuery: a node's view of itself and the cluster."""
+    """Reply to StatusQuery: a node's view of itself and the cluster.
+
+    ``workers``: one entry per local rank; ``spares``: the PIDs of spare processes waiting for
+    the next restart; ``pid`` / ``guard``: the agent's PID and its process guard's (0: none),
+    the other children of the agent a process listing shows.
+    """
 
     node: int
     state: str
@@ -174,7 +203,10 @@ class Status:
     ranks: list[int]
     ram: list[Entry]
     disk: list[Entry]
-    steps: list[tuple[int, int]] = attrs.field(factory=list)  # (rank, last step)
+    workers: list[WorkerStatus] = attrs.field(factory=list)
+    spares: list[int] = attrs.field(factory=list)
+    pid: int = 0
+    guard: int = 0
     detail: str = ""
 
     def holdings(self) -> Holdings:

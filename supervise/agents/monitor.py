@@ -34,6 +34,16 @@ class Detection:
     stop: bool = False  # the policy says stop training rather than recover (on_nan = "stop")
 
 
+@attrs.frozen(slots=True)
+class RankProgress:
+    """How far one rank got, for `supervise status`: its last completed step (None: none yet)
+    and the seconds since; the seconds its current worker has run (None: none watched)."""
+
+    step: int | None
+    step_age: float | None
+    running_for: float | None
+
+
 @attrs.define(slots=True)
 class _Watch:
     pid: int
@@ -52,6 +62,9 @@ class Monitor:
         self._policy = policy
         self._report = report
         self._watches: dict[int, _Watch] = {}
+        # rank -> (last step, trio time of its beat): kept across a worker's exit, so a
+        # status during a recovery still says where each rank stopped.
+        self._last: dict[int, tuple[int, float]] = {}
         self._wakeup = trio.Event()
         self._nan_warned = False
 
@@ -81,14 +94,25 @@ class Monitor:
         watch.last_beat = trio.current_time()
         watch.last_beat_wall = time.time()
         watch.last_step = step
+        self._last[rank] = (step, watch.last_beat)
         get_telemetry().metrics.training_steps.add(1)
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         if bad and not watch.reported:
             self._non_finite(rank, step, bad, watch)
 
-    def last_steps(self) -> dict[int, int]:
-        """The last step each watched rank reported."""
-        return {r: w.last_step for r, w in self._watches.items() if w.last_step is not None}
+    def progress(self) -> dict[int, RankProgress]:
+        """Every rank seen so far: its last step and how long ago (trio clock, now)."""
+        now = trio.current_time()
+        out: dict[int, RankProgress] = {}
+        for rank in sorted({*self._last, *self._watches}):
+            last = self._last.get(rank)
+            watch = self._watches.get(rank)
+            out[rank] = RankProgress(
+                step=None if last is None else last[0],
+                step_age=None if last is None else max(0.0, now - last[1]),
+                running_for=None if watch is None else max(0.0, now - watch.spawned),
+            )
+        return out
 
     # -- detections ------------------------------------------------------------------------
 

@@ -161,6 +161,11 @@ class LocalRestart:
             self._report(msg.generation, RestartProgress.RESUMED)
             log.info("training resumed", generation=msg.generation, step=msg.step)
 
+    @property
+    def spare_pids(self) -> list[int]:
+        """The PIDs of the spares waiting for the next restart."""
+        return self._spares.pids if self._spares is not None else []
+
     async def fill_spares(self, nursery: trio.Nursery) -> None:
         """Keep one spare per local worker waiting (off the restart's critical path)."""
         if self._spares is not None:

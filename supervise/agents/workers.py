@@ -271,6 +271,11 @@ class SparePool:
     def ready(self) -> int:
         return len(self._ready)
 
+    @property
+    def pids(self) -> list[int]:
+        """The PIDs of the spares waiting for a restart (`supervise status` lists them)."""
+        return [spare.pid for spare in self._ready]
+
     def take(self) -> Spare | None:
         """A live spare, or None (the caller starts the worker cold)."""
         while self._ready:

@@ -8,8 +8,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 if TYPE_CHECKING:
-    from supervise.agents.messages import Status
+    from supervise.agents.messages import Entry, Status, WorkerStatus
 
 __all__ = ["register"]
 
@@ -32,13 +34,18 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add the ``status`` and ``recover`` commands."""
     status = commands.add_parser(
         "status",
-        help="show every node: state, generation, coordinator, snapshot versions held where",
-        description="Ask every node agent for its state and the snapshot versions it holds (its "
-        "own ranks in RAM, its peers' replicas, and on disk). Exit status 0 when every node "
+        help="show every node and rank: state, generation, worker PIDs, last step and its age, "
+        "replica lag, snapshot versions held where",
+        description="Ask every node agent for its state, its workers (PIDs, spares, each rank's "
+        "last step and the seconds since) and the snapshot versions it holds (its own ranks in "
+        "RAM, its peers' replicas, and on disk); each rank's replica lag is computed from those "
+        "holdings. --json: the layout documented in docs/node.md. Exit status 0 when every node "
         "answered, 1 when some did not, 2 on bad usage.",
     )
     _common(status)
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--json", action="store_true", help="print JSON (schema: docs/node.md) instead of a table"
+    )
     status.set_defaults(handler=_status)
     recover = commands.add_parser(
         "recover",
@@ -113,7 +120,7 @@ def _status(args: argparse.Namespace) -> int:
         return _fail("status", peers)
     answers = trio.run(_ask, peers, args.curve_keys, args.timeout, m.StatusQuery(), list(peers))
     if args.json:
-        print(json.dumps({str(n): _as_json(a) for n, a in sorted(answers.items())}, indent=2))
+        print(json.dumps(as_json(peers, answers), indent=2))
     else:
         print(_table(answers))
     return 0 if all(not isinstance(a, Exception) for a in answers.values()) else 1
@@ -147,29 +154,252 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _as_json(a: Status | Exception) -> Any:
-    import attrs
+#: The version of the ``--json`` document's layout (docs/node.md, "status --json").
+SCHEMA = 1
+_AGE_DIGITS = 3  # seconds, to the millisecond
 
-    return {"error": _one_line(a)} if isinstance(a, Exception) else attrs.asdict(a)
+
+def _age(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, _AGE_DIGITS)
+
+
+@attrs.frozen(slots=True)
+class RankView:
+    """One rank across the cluster: its worker, its progress, and how far the newest replica
+    held by a group peer trails the owner's newest version (from every node's holdings)."""
+
+    rank: int
+    node: int | None  # its owner (None: the owner did not answer)
+    worker: WorkerStatus | None
+    newest: int | None  # the owner's newest version in its RAM
+    newest_replica: int | None  # the newest version a peer holds in RAM
+    replica_nodes: tuple[int, ...]  # the peers holding newest_replica
+    newest_on_disk: int | None  # the newest version in the persist tier
+    lag_versions: int | None  # the owner's versions newer than newest_replica
+
+    @property
+    def lag_steps(self) -> int | None:
+        """How many steps the newest replica is behind the owner's newest (0: caught up)."""
+        if self.newest is None or self.newest_replica is None:
+            return None
+        return max(0, self.newest - self.newest_replica)
+
+
+def rank_views(statuses: Sequence[Status]) -> list[RankView]:
+    """Every rank some answering node runs or holds, with its replica lag."""
+    owner = {rank: st.node for st in statuses for rank in st.ranks}
+    workers = {w.rank: w for st in statuses for w in st.workers}
+    own: dict[int, set[int]] = {}
+    replicas: dict[int, dict[int, set[int]]] = {}  # rank -> step -> peers holding it
+    disk: dict[int, set[int]] = {}
+    for st in statuses:
+        for rank, step, *_ in st.ram:
+            if owner.get(rank) == st.node:
+                own.setdefault(rank, set()).add(step)
+            else:
+                replicas.setdefault(rank, {}).setdefault(step, set()).add(st.node)
+        for rank, step, *_ in st.disk:
+            disk.setdefault(rank, set()).add(step)
+    views = []
+    for rank in sorted({*owner, *own, *replicas, *disk}):
+        mine = own.get(rank, set())
+        held = replicas.get(rank, {})
+        newest = max(mine, default=None)
+        newest_replica = max(held, default=None)
+        lag = None
+        if newest is not None and newest_replica is not None:
+            lag = sum(1 for step in mine if step > newest_replica)
+        views.append(
+            RankView(
+                rank=rank,
+                node=owner.get(rank),
+                worker=workers.get(rank),
+                newest=newest,
+                newest_replica=newest_replica,
+                replica_nodes=tuple(sorted(held.get(newest_replica, ())))
+                if newest_replica is not None
+                else (),
+                newest_on_disk=max(disk.get(rank, ()), default=None),
+                lag_versions=lag,
+            )
+        )
+    return views
+
+
+def _entry_json(entry: Entry, *, ranks: Sequence[int] | None) -> dict[str, Any]:
+    rank, step, generation, nbytes, metrics = entry
+    out: dict[str, Any] = {
+        "rank": rank,
+        "step": step,
+        "generation": generation,
+        "nbytes": nbytes,
+        "metrics": dict(metrics),
+    }
+    if ranks is not None:  # RAM: this node's own rank, or a replica it keeps for a peer
+        out["held_as"] = "own" if rank in ranks else "replica"
+    return out
+
+
+def _worker_json(w: WorkerStatus) -> dict[str, Any]:
+    return {
+        "rank": w.rank,
+        "pid": w.pid or None,
+        "spare": w.spare,
+        "alive": w.alive,
+        "last_step": w.last_step,
+        "last_step_age_s": _age(w.step_age),
+        "running_s": _age(w.running_for),
+    }
+
+
+def _node_json(node: int, endpoint: str, a: Status | Exception) -> dict[str, Any]:
+    if isinstance(a, Exception):
+        return {
+            "node": node,
+            "endpoint": endpoint,
+            "reachable": False,
+            "error": _one_line(a),
+            "state": None,
+            "generation": None,
+            "coordinator": None,
+            "live": [],
+            "ranks": [],
+            "agent_pid": None,
+            "guard_pid": None,
+            "spare_pids": [],
+            "workers": [],
+            "ram": [],
+            "disk": [],
+        }
+    return {
+        "node": node,
+        "endpoint": endpoint,
+        "reachable": True,
+        "error": None,
+        "state": a.state,
+        "generation": a.generation,
+        "coordinator": a.coordinator,
+        "live": list(a.live),
+        "ranks": list(a.ranks),
+        "agent_pid": a.pid or None,
+        "guard_pid": a.guard or None,
+        "spare_pids": list(a.spares),
+        "workers": [_worker_json(w) for w in a.workers],
+        "ram": [_entry_json(e, ranks=a.ranks) for e in a.ram],
+        "disk": [_entry_json(e, ranks=None) for e in a.disk],
+    }
+
+
+def _rank_json(v: RankView) -> dict[str, Any]:
+    w = v.worker
+    return {
+        "rank": v.rank,
+        "node": v.node,
+        "pid": (w.pid or None) if w is not None else None,
+        "spare": w.spare if w is not None else None,
+        "last_step": w.last_step if w is not None else None,
+        "last_step_age_s": _age(w.step_age) if w is not None else None,
+        "newest": v.newest,
+        "newest_replica": v.newest_replica,
+        "replica_nodes": list(v.replica_nodes),
+        "newest_on_disk": v.newest_on_disk,
+        "lag_steps": v.lag_steps,
+        "lag_versions": v.lag_versions,
+    }
+
+
+def as_json(peers: dict[int, str], answers: dict[int, Status | Exception]) -> dict[str, Any]:
+    """The ``status --json`` document (its layout: docs/node.md, versioned by `SCHEMA`)."""
+    statuses = [a for _, a in sorted(answers.items()) if not isinstance(a, Exception)]
+    return {
+        "schema": SCHEMA,
+        "nodes": [_node_json(n, peers[n], a) for n, a in sorted(answers.items())],
+        "ranks": [_rank_json(v) for v in rank_views(statuses)],
+    }
+
+
+def _seconds(age: float | None) -> str:
+    """An age for people: 0.4s, 12s, 3m05s, 2h10m."""
+    if age is None:
+        return "-"
+    if age < 10:
+        return f"{age:.1f}s"
+    if age < 60:
+        return f"{age:.0f}s"
+    if age < 3600:
+        return f"{int(age // 60)}m{int(age % 60):02d}s"
+    return f"{int(age // 3600)}h{int(age % 3600 // 60):02d}m"
+
+
+def _worker_cell(w: WorkerStatus | None) -> str:
+    if w is None or not w.pid:
+        return "-"
+    flags = [f for f, on in (("spare", w.spare), ("exited", not w.alive)) if on]
+    return f"{w.pid} ({', '.join(flags)})" if flags else str(w.pid)
+
+
+def _lag_cell(v: RankView) -> str:
+    if v.newest_replica is None:
+        return "no replica"
+    if v.lag_steps is None:
+        return "-"
+    if v.lag_steps == 0:
+        return "0"
+    versions = f"{v.lag_versions} version{'s' if v.lag_versions != 1 else ''}"
+    return f"{v.lag_steps} steps ({versions})"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows as left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return out
 
 
 def _table(answers: dict[int, Status | Exception]) -> str:
     lines = []
     held: dict[int, dict[int, list[str]]] = {}
+    statuses = []
     for node, a in sorted(answers.items()):
         if isinstance(a, Exception):
             lines.append(f"node {node}: unreachable ({_one_line(a)})")
             continue
-        steps = ", ".join(f"rank {r} at step {s}" for r, s in a.steps) or "no steps yet"
+        statuses.append(a)
+        pids = f"agent pid {a.pid}" + (f", guard pid {a.guard}" if a.guard else "")
+        spares = ", ".join(map(str, a.spares)) or "none"
         lines.append(
             f"node {node}: {a.state}, generation {a.generation}, coordinator {a.coordinator}, "
-            f"live {a.live}, ranks {a.ranks}; {steps}"
+            f"live {a.live}, ranks {a.ranks}; {pids}; spares waiting: {spares}"
         )
-        for rank, step, _gen, _nbytes, _metrics in a.ram:
+        for rank, step, *_ in a.ram:
             where = "local" if rank in a.ranks else "replica"
             held.setdefault(rank, {}).setdefault(step, []).append(f"node {node} RAM ({where})")
-        for rank, step, _gen, _nbytes, _metrics in a.disk:
+        for rank, step, *_ in a.disk:
             held.setdefault(rank, {}).setdefault(step, []).append(f"node {node} disk")
+    views = rank_views(statuses)
+    if views:
+        rows = [["rank", "node", "worker pid", "last step", "age", "newest", "replica", "lag"]]
+        for v in views:
+            w = v.worker
+            replica = "-"
+            if v.newest_replica is not None:
+                on = ",".join(map(str, v.replica_nodes))
+                replica = f"v{v.newest_replica} on node {on}"
+            rows.append(
+                [
+                    str(v.rank),
+                    "-" if v.node is None else str(v.node),
+                    _worker_cell(w),
+                    "-" if w is None or w.last_step is None else str(w.last_step),
+                    _seconds(w.step_age if w is not None else None),
+                    "-" if v.newest is None else f"v{v.newest}",
+                    replica,
+                    _lag_cell(v),
+                ]
+            )
+        lines += _columns(rows)
     if held:
         lines.append("versions held, per rank:")
         for rank in sorted(held):

@@ -21,7 +21,7 @@ from supervise.runtime.errors import (
     TooManyChildren,
 )
 from supervise.runtime.exit import ExitKind, ExitReason
-from supervise.runtime.osprocess import OsProcess, OutputLine, ProcessHandle
+from supervise.runtime.osprocess import OsProcess, OutputLine, ProcessHandle, guard_pid
 from supervise.runtime.registry import registered, whereis
 from supervise.runtime.server import Server, ServerRef
 from supervise.runtime.spec import (
@@ -70,6 +70,7 @@ __all__ = [
     "SupervisorRef",
     "TooManyChildren",
     "child",
+    "guard_pid",
     "registered",
     "whereis",
 ]

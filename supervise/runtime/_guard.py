@@ -46,6 +46,12 @@ class _Guard:
         self._proc: subprocess.Popen[bytes] | None = None  # kept: no "still running" warning
         self._broken = False
 
+    @property
+    def pid(self) -> int | None:
+        """The guard process's PID (None: none started by this process yet)."""
+        proc = self._proc
+        return proc.pid if proc is not None and self._owner == os.getpid() else None
+
     def watch(self, pgid: int) -> None:
         """Register a process group to kill if we die."""
         self._send(b"+%d\n" % pgid)

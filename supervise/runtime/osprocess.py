@@ -31,6 +31,12 @@ _DRAIN_GRACE = 1.0  # seconds to read what is left in the pipes after the proces
 _POLL = 0.05  # exit polling interval where there is no pidfd (not Linux >= 5.3)
 
 
+def guard_pid() -> int | None:
+    """The PID of this process's guard (started with its first OS-process child; None before):
+    a child of this process too, which a process listing shows next to the others."""
+    return guard.pid
+
+
 @attrs.frozen(slots=True)
 class OutputLine:
     """One line a process wrote, as handed to an ``on_output`` sink."""

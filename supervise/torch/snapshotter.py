@@ -27,9 +27,9 @@ from supervise.policy import CaptureSchedule, Policy
 from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.retention import RetentionRule, VersionInfo, ranked_best
-from supervise.torch import _state
 from supervise.torch._capture import Capturer, CaptureStats, any_rank
 from supervise.torch._copy import ArenaViews
+from supervise.torch._extra import Extra, adapt
 from supervise.torch._owner import connect, env_int, rank_world
 from supervise.torch._restore import Restorer, RestoreStats
 
@@ -58,6 +58,11 @@ def _close_quietly(ref: weakref.ref[Snapshotter]) -> None:
 class Snapshotter:
     """Snapshots a model, its optimizer, RNG states and ``extra`` objects into RAM.
 
+    ``extra`` maps names to objects with ``state_dict()``/``load_state_dict()``, torch's
+    ``DistributedSampler`` (its epoch) or dicts of plain values (restored in place). Give
+    the model itself, not its ``DistributedDataParallel`` wrapper: the snapshot's names then
+    carry no ``module.`` prefix and load with or without the wrapper.
+
     Without ``SUPERVISE_AGENT`` in the environment it runs standalone: the arena lives in this
     process (shared memory, unlinked at once) and the persist tier writes to disk, so a fresh
     process restores from disk; with ``policy=None`` it then persists every snapshot, as it has
@@ -71,7 +76,7 @@ class Snapshotter:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         policy: Policy | None = None,
-        extra: Mapping[str, _state.Stateful] | None = None,
+        extra: Mapping[str, Extra] | None = None,
         total_steps: int | None = None,
         shm_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -85,17 +90,13 @@ class Snapshotter:
             raise TypeError(
                 f"policy must be a supervise.Policy or None, got {type(policy).__name__}"
             )
-        extra = dict(extra or {})
-        for name, obj in extra.items():
+        for name in extra or {}:
             if not isinstance(name, str) or "/" in name or not name:
                 raise ValueError(f"extra name {name!r} must be a non-empty string without '/'")
-            if not callable(getattr(obj, "state_dict", None)) or not callable(
-                getattr(obj, "load_state_dict", None)
-            ):
-                raise TypeError(f"extra[{name!r}] has no state_dict()/load_state_dict()")
+        self.extra: dict[str, Extra] = dict(extra or {})
+        stateful = {name: adapt(name, obj) for name, obj in self.extra.items()}
         self.model = model
         self.optimizer = optimizer
-        self.extra: dict[str, _state.Stateful] = extra
         self.rank, self.world_size = rank_world()
         self.local_rank = env_int("LOCAL_RANK", 0)
         self.generation = env_int("SUPERVISE_GENERATION", 0)
@@ -114,7 +115,7 @@ class Snapshotter:
         self._capture = Capturer(
             model,
             optimizer,
-            extra,
+            stateful,
             self._owner,
             self._arenas,
             self.policy.snapshot,
@@ -126,7 +127,7 @@ class Snapshotter:
         self._restore = Restorer(
             model,
             optimizer,
-            extra,
+            stateful,
             self._owner,
             self._arenas,
             tier=self._tier,

@@ -28,9 +28,15 @@ def test_restart_with_shards_to_fetch_roundtrips() -> None:
     assert roundtrip(restart) == restart
 
 
-def test_status_with_steps_per_rank_roundtrips() -> None:
-    status = m.Status(0, "running", 3, 0, [0, 1], [0], [], [], steps=[(0, 17)])
+def test_status_with_workers_per_rank_roundtrips() -> None:
+    worker = m.WorkerStatus(0, 4321, spare=True, alive=True, last_step=17, step_age=0.5)
+    status = m.Status(0, "running", 3, 0, [0, 1], [0], [], [], workers=[worker], spares=[9])
     assert roundtrip(status) == status
+
+
+def test_a_negative_step_age_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"step_age = -1\.0: must be >= 0"):
+        m.WorkerStatus(0, 1, step_age=-1.0)
 
 
 def test_a_rank_of_the_wrong_type_is_rejected() -> None:

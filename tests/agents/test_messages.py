@@ -24,7 +24,21 @@ SAMPLES = [
     m.Recover(120),
     m.RecoverReply(False, "cannot recover to version 7: version 7 is held nowhere"),
     m.StatusQuery(),
-    m.Status(0, "running", 3, 0, [0, 1], [0], [ENTRY], [ENTRY], [(0, 121)], "ok"),
+    m.Status(
+        0,
+        "running",
+        3,
+        0,
+        [0, 1],
+        [0],
+        [ENTRY],
+        [ENTRY],
+        [m.WorkerStatus(0, 4321, True, True, 121, 0.25, 30.5), m.WorkerStatus(1, 0)],
+        [4322],
+        4300,
+        4301,
+        "ok",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from supervise.snapshot.arena import Arena
 pytestmark = pytest.mark.slow
 
 STEPS = 120
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "node.md"
 LONG = 200
 
 
@@ -240,8 +242,8 @@ def test_status_and_manual_recover_to_an_older_version(tmp_path: Path) -> None:
         status = cli("status", "--nodes", c.nodes, "--json")
         assert status.returncode == 0, status.stderr
         seen = json.loads(status.stdout)
-        assert {n["state"] for n in seen.values()} == {"running"}
-        held = {(e[0], e[1]) for n in seen.values() for e in n["ram"]}
+        assert {n["state"] for n in seen["nodes"]} == {"running"}
+        held = {(e["rank"], e["step"]) for n in seen["nodes"] for e in n["ram"]}
         common = {s for r, s in held if r == 1 and (0, s) in held}
         version = max(common)  # complete on both ranks, and older than the training by now
         table = cli("status", "--nodes", c.nodes)
@@ -258,11 +260,131 @@ def test_status_and_manual_recover_to_an_older_version(tmp_path: Path) -> None:
         assert_exact(c.out, 2, steps)  # replaying from an older version changes nothing
 
 
+def documented_status_fields() -> dict[str, set[str]]:
+    """docs/node.md's table of `status --json` fields: path -> its types (``int``, ``float``,
+    ``str``, ``bool``, ``null``, ``list``, ``list of int``, ``object``)."""
+    text = DOCS.read_text().split("<!-- status-json-fields", 1)[1]
+    fields: dict[str, set[str]] = {}
+    for line in text.splitlines()[1:]:
+        row = re.match(r"\| `([^`]+)` \| ([^|]+) \|", line)
+        if row:
+            fields[row[1]] = {t.strip() for t in row[2].split(" or ")}
+        elif fields and not line.startswith("|"):
+            break
+    assert fields, "docs/node.md: no status-json-fields table"
+    return fields
+
+
+SCALAR_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _is(value: object, kind: str) -> bool:
+    if kind == "null":
+        return value is None
+    if kind in SCALAR_TYPES:
+        return type(value) is SCALAR_TYPES[kind]  # exactly: True is no int, 1 no float
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list) and all(isinstance(x, dict) for x in value)
+    if kind == "list of int":
+        return isinstance(value, list) and all(type(x) is int for x in value)
+    raise AssertionError(f"docs/node.md: unknown type {kind!r}")
+
+
+def check_documented(obj: dict[str, object], fields: dict[str, set[str]], prefix: str = "") -> int:
+    """Every key of ``obj`` (at ``prefix``) is documented, with a documented type, and every
+    documented key is there; nested objects likewise. Returns the number of fields checked."""
+    base = f"{prefix}." if prefix else ""
+    want = {p[len(base) :] for p in fields if p.startswith(base) and "." not in p[len(base) :]}
+    assert set(obj) == want, f"{prefix or 'top'}: {sorted(set(obj) ^ want)} differ from the docs"
+    checked = 0
+    for key, value in obj.items():
+        path = base + key
+        assert any(_is(value, k) for k in fields[path]), f"{path} = {value!r}: not {fields[path]}"
+        checked += 1
+        if "list" in fields[path] and isinstance(value, list):
+            for item in value:
+                assert isinstance(item, dict)
+                checked += check_documented(item, fields, f"{path}[]")
+    return checked
+
+
+def test_status_json_has_the_documented_fields_and_shows_workers_progress_and_lag(
+    tmp_path: Path,
+) -> None:
+    fields = documented_status_fields()
+    with nodes(tmp_path, 2, steps=1000) as c:  # 20 s of training: status runs mid-run
+        c.start_all()
+        c.wait_resumed(1)
+        for holder in (0, 1):
+            c.wait("replicas", lambda h=holder: len(c.events(h, "replica stored")) >= 2)
+
+        def answered() -> dict[str, Any] | None:
+            run = cli("status", "--nodes", c.nodes, "--json")
+            assert run.returncode == 0, run.stderr
+            doc: dict[str, Any] = json.loads(run.stdout)
+            refilled = all(n["spare_pids"] for n in doc["nodes"])  # after the first start
+            return doc if refilled else None
+
+        doc = c.wait("spares waiting on every node", answered, interval_s=0.5)
+        assert check_documented(doc, fields) > 40
+        assert doc["schema"] == 1
+        for node in doc["nodes"]:
+            n = node["node"]
+            agent = c.agents[n]
+            assert node["reachable"] and node["error"] is None and node["state"] == "running"
+            assert node["agent_pid"] == agent.pid and node["ranks"] == [n]
+            assert node["guard_pid"] in children_of(agent.pid)
+            assert set(node["spare_pids"]) <= children_of(agent.pid)
+            started = c.events(n, "workers started")[-1]
+            (worker,) = node["workers"]
+            assert worker["pid"] == started["pids"][str(n)]
+            assert worker["pid"] not in node["spare_pids"]
+            assert worker["spare"] == (n in started["warm"]) and worker["alive"]
+            assert worker["last_step"] >= 0 and worker["last_step_age_s"] >= 0.0
+            assert {e["held_as"] for e in node["ram"] if e["rank"] == n} == {"own"}
+            assert {e["held_as"] for e in node["ram"] if e["rank"] != n} == {"replica"}
+        for rank in doc["ranks"]:
+            assert rank["node"] == rank["rank"]
+            assert rank["replica_nodes"] == [1 - rank["rank"]]
+            assert rank["newest"] >= rank["newest_replica"] >= 0
+            assert rank["lag_steps"] == rank["newest"] - rank["newest_replica"]
+            assert rank["lag_versions"] >= 0
+        table = cli("status", "--nodes", c.nodes).stdout
+        assert re.search(
+            r"^rank +node +worker pid +last step +age +newest +replica +lag$", table, re.M
+        ), table
+        assert re.search(r"^0 +0 +\d+ \(spare\) +\d+ +[\d.]+s +v\d+ +v\d+ on node 1 ", table, re.M)
+        assert "guard pid" in table and "spares waiting" in table
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+
+
+def children_of(pid: int) -> set[int]:
+    """The PIDs whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
 def test_status_reports_an_unreachable_node(tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_ports(1)[0]}"
     status = cli("status", "--nodes", dead, "--timeout", "0.5")
     assert status.returncode == 1
     assert "node 0: unreachable" in status.stdout
+    as_json = cli("status", "--nodes", dead, "--timeout", "0.5", "--json")
+    assert as_json.returncode == 1
+    doc = json.loads(as_json.stdout)
+    check_documented(doc, documented_status_fields())  # the same fields, null where unknown
+    (node,) = doc["nodes"]
+    assert node["reachable"] is False and node["error"] and node["state"] is None
+    assert node["endpoint"] == dead and doc["ranks"] == []
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

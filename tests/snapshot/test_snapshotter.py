@@ -499,3 +499,28 @@ def test_torch_and_manifest_dtypes_agree() -> None:
     assert set(_DTYPES) == set(DTYPES)
     for name, dtype in _DTYPES.items():
         assert torch.empty((), dtype=dtype).element_size() == DTYPES[name][0]
+
+
+def test_extra_takes_a_distributed_sampler_and_a_plain_dict(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(8))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1)
+    progress: dict[str, Any] = {"epoch": 0, "seen": [1, 2]}
+    extra = {"sampler": sampler, "progress": progress}
+    with Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path, extra=extra) as snap:
+        sampler.set_epoch(3)
+        progress.update(epoch=3, seen=[1, 2, 3])
+        order = list(sampler)
+        snap.capture(7)
+        snap.flush()
+        sampler.set_epoch(9)
+        progress.update(epoch=9, late=True)
+        assert snap.restore() == 7
+    assert sampler.epoch == 3 and list(sampler) == order
+    assert progress == {"epoch": 3, "seen": [1, 2, 3]}  # the same dict, its contents restored
+
+
+def test_extra_refuses_what_cannot_go_back(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"extra\['n'\] \(int\) has no state_dict\(\)"):
+        Snapshotter(Net(), extra={"n": 3})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"extra\['d'\]: dict key 1 must be a string"):
+        Snapshotter(Net(), extra={"d": {1: 2}})
