@@ -15,10 +15,10 @@ by signal N.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
+from supervise.agents.rundir import claim_run_dir
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
@@ -53,6 +54,9 @@ __all__ = ["NodeConfig", "NodeRuntime", "run_node"]
 
 log = structlog.get_logger("supervise.agents.node")
 
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop the agent in order (workers stopped, arenas and run dir removed)."""
+
 
 class NodeRuntime:
     """What a node owns across its children's restarts, and the references between them."""
@@ -62,8 +66,20 @@ class NodeRuntime:
         self.policy = config.policy
         self.exit_code: int | None = None  # how the executor ended (None: it did not)
         self.generation = 0
-        self._tmp = Path(config.run_dir or tempfile.mkdtemp(prefix=f"supervise-n{config.rank}-"))
+        # Hooks may fire off the trio thread (a shard loaded from disk commits on the loader's
+        # thread); what needs the trio run (the registry) is handed over with this token.
+        self._token: trio.lowlevel.TrioToken | None = None
+        with contextlib.suppress(RuntimeError):
+            self._token = trio.lowlevel.current_trio_token()
         self._own_tmp = config.run_dir is None
+        self._tmp = Path(config.run_dir) if config.run_dir else claim_run_dir(config.rank)
+        try:
+            self._build(config, curve)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _build(self, config: NodeConfig, curve: CurveKeys | None) -> None:
         r = self.policy.retention
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         ram = total_ram()
@@ -152,9 +168,28 @@ class NodeRuntime:
             self.executor.local_request(req)
 
     def _committed(self, event: CommitEvent) -> None:
+        if event.info.source != Source.LOCAL:
+            return  # a shard from a peer or from disk is not pushed again
+        self._on_trio(self._push, event.rank)
+
+    def _push(self, rank: int) -> None:
         ref = whereis(REPLICAS)
-        if ref is not None and event.info.source == Source.LOCAL:
-            ref.cast(LocalCommit(event.rank))
+        if ref is not None:
+            ref.cast(LocalCommit(rank))
+
+    def _on_trio(self, fn: Callable[[int], None], arg: int) -> None:
+        """Run ``fn(arg)`` on the trio thread: at once when called there, else handed over
+        (it runs soon after; never waited for, so a hook on another thread cannot block)."""
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            if self._token is None:
+                log.warning("hook called off the trio thread, with no trio run to hand it to")
+                return
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_logged, fn, arg)
+            return
+        fn(arg)
 
     def _info(self) -> Mapping[str, Any]:
         if self.executor is None:
@@ -256,8 +291,19 @@ class NodeRuntime:
             self.persister.close()
         self.store.close()
         self.arenas.close()
+        self._release_run_dir()
+
+    def _release_run_dir(self) -> None:
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _logged(fn: Callable[[int], None], arg: int) -> None:
+    """``fn(arg)`` with any exception logged (a callback handed to trio must not raise)."""
+    try:
+        fn(arg)
+    except Exception:
+        log.exception("node hook failed", hook=getattr(fn, "__name__", repr(fn)))
 
 
 def _port_of(endpoint: str) -> str:
@@ -274,7 +320,7 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
 
             async def signals() -> None:
                 nonlocal stopped_by
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                with trio.open_signal_receiver(*STOP_SIGNALS) as received:
                     async for signum in received:
                         stopped_by = signum
                         log.warning("stopping on signal", signal=signal.Signals(signum).name)

@@ -1,0 +1,96 @@
+"""The agent's private run directory (ipc sockets, spares' go orders), owned by PID and start
+time, so that one left by an agent killed with ``kill -9`` is removed by the next agent start.
+
+``$TMPDIR/supervise-n<rank>-<random>/`` holds an ``owner`` file: the agent's PID and its start
+time (clock ticks after boot, from ``/proc/<pid>/stat``). A PID alone is no identity (the
+kernel reuses them), so a directory is stale only when its owner PID is gone or now belongs
+to a process started at another time. A directory without a readable owner file is never
+removed (it may be one being created right now, or not ours): nothing goes by name alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+__all__ = ["OWNER_FILE", "claim_run_dir", "process_start_ticks", "remove_stale_run_dirs"]
+
+log = structlog.get_logger("supervise.agents.rundir")
+
+OWNER_FILE: Final = "owner"
+_PREFIX: Final = "supervise-n"
+_RUN_DIR: Final = re.compile(rf"^{_PREFIX}\d+-[A-Za-z0-9_]+$")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot), None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    if fields[0] in "ZX":  # a zombie runs no code: its owner is gone
+        return None
+    return int(fields[19])
+
+
+def _owner(run_dir: Path) -> tuple[int, int] | None:
+    """(pid, start ticks) from a run dir's owner file, None if it has none readable."""
+    try:
+        pid, ticks = (run_dir / OWNER_FILE).read_text().split()
+        return int(pid), int(ticks)
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_alive(pid: int, ticks: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if ticks < 0:  # no start time where it was written (no /proc): the PID must be gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return process_start_ticks(pid) == ticks
+
+
+def remove_stale_run_dirs(base: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove the run dirs in ``base`` (default: the temp dir) whose owner agent is dead, of
+    any rank; returns them."""
+    root = Path(base if base is not None else tempfile.gettempdir())
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if not _RUN_DIR.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+                continue
+            owner = _owner(Path(entry.path))
+            if owner is None or _owner_alive(*owner):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.lexists(entry.path):
+                removed.append(Path(entry.path))
+    if removed:
+        log.info("removed run dirs of dead agents", dirs=[str(p) for p in removed])
+    return removed
+
+
+def claim_run_dir(rank: int, base: str | os.PathLike[str] | None = None) -> Path:
+    """A fresh run dir for node ``rank``'s agent, owned by this process (stale ones of dead
+    agents are removed first)."""
+    remove_stale_run_dirs(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{rank}-", dir=base))
+    ticks = process_start_ticks(os.getpid())
+    tmp = path / f".{OWNER_FILE}.tmp"
+    tmp.write_text(f"{os.getpid()} {ticks if ticks is not None else -1}\n")
+    tmp.replace(path / OWNER_FILE)
+    return path
