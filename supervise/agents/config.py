@@ -71,7 +71,9 @@ class NodeConfig:
             or not math.isfinite(shutdown)
             or shutdown < 0
         ):
-            raise InvalidValue("worker_shutdown", shutdown, "must be a finite number of seconds >= 0")
+            raise InvalidValue(
+                "worker_shutdown", shutdown, "must be a finite number of seconds >= 0"
+            )
         if not isinstance(self.shm_dir, str) or not self.shm_dir:
             raise InvalidValue("shm_dir", self.shm_dir, "must be a directory")
 
