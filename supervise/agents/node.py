@@ -16,6 +16,7 @@ by signal N.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import signal
 from collections.abc import Callable, Mapping
@@ -34,15 +35,16 @@ from supervise.agents.executor import Executor
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
+from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
-from supervise.agents.rundir import claim_run_dir
+from supervise.agents.rundir import NodeLock, claim_run_dir
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
-from supervise.runtime import GaveUp, Supervisor, child, whereis
+from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier
@@ -73,13 +75,16 @@ class NodeRuntime:
             self._token = trio.lowlevel.current_trio_token()
         self._own_tmp = config.run_dir is None
         self._tmp = Path(config.run_dir) if config.run_dir else claim_run_dir(config.rank)
+        node = f"node{config.rank}-{_port_of(config.endpoint)}"
+        self._lock: NodeLock | None = None
         try:
-            self._build(config, curve)
+            self._lock = NodeLock(config.shm_dir, node)  # before adopting the node's arenas
+            self._build(config, curve, node)
         except BaseException:
-            self._release_run_dir()
+            self._release()
             raise
 
-    def _build(self, config: NodeConfig, curve: CurveKeys | None) -> None:
+    def _build(self, config: NodeConfig, curve: CurveKeys | None, node: str) -> None:
         r = self.policy.retention
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         ram = total_ram()
@@ -88,7 +93,7 @@ class NodeRuntime:
             config.shm_dir,
             rule=rule,
             budget=MemoryBudget(budget),
-            node=f"node{config.rank}-{_port_of(config.endpoint)}",
+            node=node,
             policy=self.policy.to_dict(),
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
@@ -283,17 +288,21 @@ class NodeRuntime:
             auto_shutdown="any_significant",
         )
 
-    def close(self) -> None:
-        """Release what the node owns: persist queue drained, arenas unmapped and removed."""
+    def close(self, *, keep_arenas: bool = False) -> None:
+        """Release what the node owns: persist queue drained, arenas unmapped and removed
+        (``keep_arenas``: left for the next agent of this node to adopt), run dir removed."""
         for unregister in self._unregister:
             unregister()
         if self.persister is not None:
             self.persister.close()
         self.store.close()
-        self.arenas.close()
-        self._release_run_dir()
+        self.arenas.close(unlink=not keep_arenas)
+        self._release()
 
-    def _release_run_dir(self) -> None:
+    def _release(self) -> None:
+        """The node lock and the run dir (also when building the node failed halfway)."""
+        if self._lock is not None:
+            self._lock.release()
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -306,6 +315,23 @@ def _logged(fn: Callable[[int], None], arg: int) -> None:
         log.exception("node hook failed", hook=getattr(fn, "__name__", repr(fn)))
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (a bind that failed...) somewhere in an exception's causes and groups."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
+
+
 def _port_of(endpoint: str) -> str:
     return normalize_endpoint(endpoint).rpartition(":")[2]
 
@@ -315,6 +341,7 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
     the process exit code."""
     rt = NodeRuntime(config, curve=curve)
     stopped_by: int | None = None
+    unusable: OSError | None = None
     try:
         async with trio.open_nursery() as nursery:
 
@@ -330,13 +357,21 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
             nursery.start_soon(signals)
             try:
                 await rt.tree().run()
+            except StartFailed as exc:
+                unusable = _os_error(exc)  # e.g. the port taken since the start-up checks
+                if unusable is None:
+                    raise
             except GaveUp as exc:
                 log.error("the node's supervision tree gave up", error=str(exc))
                 rt.exit_code = EXIT_INTERNAL
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(rt.close)
+            await trio.to_thread.run_sync(
+                functools.partial(rt.close, keep_arenas=unusable is not None)
+            )
+    if unusable is not None:
+        raise StartupError(f"node {config.rank} ({config.endpoint})", unusable.strerror or "")
     if stopped_by is not None:
         return 128 + stopped_by
     if rt.exit_code is None:

@@ -1,5 +1,6 @@
 """The agent's private run directory (ipc sockets, spares' go orders), owned by PID and start
-time, so that one left by an agent killed with ``kill -9`` is removed by the next agent start.
+time, so that one left by an agent killed with ``kill -9`` is removed by the next agent start;
+and `NodeLock`, which makes one agent at a time the owner of a node's arenas in ``--shm-dir``.
 
 ``$TMPDIR/supervise-n<rank>-<random>/`` holds an ``owner`` file: the agent's PID and its start
 time (clock ticks after boot, from ``/proc/<pid>/stat``). A PID alone is no identity (the
@@ -11,6 +12,7 @@ removed (it may be one being created right now, or not ours): nothing goes by na
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -20,7 +22,15 @@ from typing import Final
 
 import structlog
 
-__all__ = ["OWNER_FILE", "claim_run_dir", "process_start_ticks", "remove_stale_run_dirs"]
+from supervise.agents.preflight import StartupError
+
+__all__ = [
+    "OWNER_FILE",
+    "NodeLock",
+    "claim_run_dir",
+    "process_start_ticks",
+    "remove_stale_run_dirs",
+]
 
 log = structlog.get_logger("supervise.agents.rundir")
 
@@ -94,3 +104,38 @@ def claim_run_dir(rank: int, base: str | os.PathLike[str] | None = None) -> Path
     tmp.write_text(f"{os.getpid()} {ticks if ticks is not None else -1}\n")
     tmp.replace(path / OWNER_FILE)
     return path
+
+
+class NodeLock:
+    """An exclusive ``flock`` on ``<shm dir>/supervise-<node>.lock`` for the agent's life: only
+    one agent at a time adopts and owns a node's arenas (a second one started by mistake would
+    take over and then remove a running agent's snapshots). The kernel drops the lock when its
+    holder dies, even by ``kill -9``; the next holder reuses the file, a clean stop removes it.
+    """
+
+    def __init__(self, shm_dir: str | os.PathLike[str], node: str) -> None:
+        self.path = Path(shm_dir) / f"supervise-{node}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                "--shm-dir",
+                f"another agent of {node} (pid {holder}) is running on {str(shm_dir)!r}",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(fd)

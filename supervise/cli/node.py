@@ -107,5 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         return trio.run(functools.partial(run_node, config, curve=curve))
+    except StartupError as exc:  # a resource taken between the checks and its use
+        return _fail(str(exc))
     finally:
         shutdown_telemetry()

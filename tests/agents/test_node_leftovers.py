@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from nodekit import nodes
 
+from supervise.agents.preflight import StartupError
 from supervise.agents.rundir import (
     OWNER_FILE,
+    NodeLock,
     claim_run_dir,
     process_start_ticks,
     remove_stale_run_dirs,
@@ -51,10 +53,11 @@ def test_kill_9_leaves_nothing_that_the_next_start_does_not_clear(
         [first] = run_dirs(short_tmp)
         assert (first / OWNER_FILE).read_text().split()[0] == str(c.agents[0].pid)
         c.kill_node(0, wipe_ram=False)
-        # what kill -9 leaves: the run dir (its owner dead) and the arenas (kept to be adopted)
+        # what kill -9 leaves: the run dir (its owner dead), the arenas (kept to be adopted)
+        # and the node's lock file (its lock gone with the process)
         assert first.exists()
-        arenas = _arenas(c.shm(0))
-        assert arenas
+        assert _arenas(c.shm(0))
+        assert list(c.shm(0).glob("supervise-node0-*.lock"))
 
         c.start(0, keep_ram=True)  # the same node restarted in place: same port, same RAM
         c.wait_resumed(1)
@@ -65,7 +68,7 @@ def test_kill_9_leaves_nothing_that_the_next_start_does_not_clear(
         c.send(0, signal.SIGTERM)
         assert c.wait_exit(0) == 128 + signal.SIGTERM
         assert run_dirs(short_tmp) == [], "a clean stop left its run dir"
-        assert _arenas(c.shm(0)) == [], "a clean stop left its arenas"
+        assert list(c.shm(0).iterdir()) == [], "a clean stop left arenas or its lock"
         assert c.orphans() == []
 
 
@@ -142,3 +145,28 @@ def test_an_arena_left_half_created_is_removed_when_its_node_adopts(tmp_path: Pa
         assert foreign.exists()
     finally:
         svc.close()
+
+
+def test_one_agent_at_a_time_owns_a_node_and_kill_9_frees_it(tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from supervise.agents.rundir import NodeLock\n"
+        f"NodeLock({str(tmp_path)!r}, 'node0-7000')\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(
+            StartupError, match=f"another agent of node0-7000 \\(pid {holder.pid}\\)"
+        ):
+            NodeLock(tmp_path, "node0-7000")
+        NodeLock(tmp_path, "node1-7000").release()  # another node: its own lock
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = NodeLock(tmp_path, "node0-7000")  # the kernel dropped the dead holder's lock
+    lock.release()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []

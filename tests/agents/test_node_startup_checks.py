@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervise._testing import free_ports
 from supervise.agents import preflight
 from supervise.agents.config import NodeConfig
+from supervise.agents.node import run_node
 from supervise.agents.preflight import StartupError, check_startup
 from supervise.cli import main
 from supervise.policy import Policy
 from supervise.snapshot import Layout, Manifest, PersistTier, TensorEntry
+from supervise.snapshot.arena import Arena
 
 
 @pytest.fixture
@@ -216,3 +219,18 @@ def test_the_real_cli_exits_2_at_once_for_a_missing_command() -> None:
     assert r.stderr.strip() == (
         "supervise node: command: 'no-such-program-h14' is not found on PATH or not executable"
     )
+
+
+def test_a_port_taken_after_the_checks_is_one_line_and_keeps_the_arenas(
+    busy_port: int, tmp_path: Path
+) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    left = shm / f"supervise-node0-{busy_port}-r00000-0000.arena"  # a previous agent's
+    Arena.create(left, data_capacity=4096, n_slots=2).close()
+    config = NodeConfig(
+        rank=0, nodes=[f"127.0.0.1:{busy_port}"], command=["true"], shm_dir=str(shm)
+    )
+    with pytest.raises(StartupError, match=f"127.0.0.1:{busy_port}.*Address already in use"):
+        trio.run(run_node, config)
+    assert [p.name for p in shm.iterdir()] == [left.name]  # kept for the next try; no lock
