@@ -57,7 +57,16 @@ __all__ = ["NodeConfig", "NodeRuntime", "run_node"]
 log = structlog.get_logger("supervise.agents.node")
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""Signals that stop the agent in order (workers stopped, arenas and run dir removed)."""
+"""Signals that stop the agent in order (workers stopped, arenas and run dir removed); SIGHUP
+only when it is not ignored (``nohup supervise node ...`` keeps running after a hang-up)."""
+
+
+def _stop_signals() -> list[signal.Signals]:
+    return [
+        s
+        for s in STOP_SIGNALS
+        if s is not signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN
+    ]
 
 
 class NodeRuntime:
@@ -347,7 +356,7 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
 
             async def signals() -> None:
                 nonlocal stopped_by
-                with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+                with trio.open_signal_receiver(*_stop_signals()) as received:
                     async for signum in received:
                         stopped_by = signum
                         log.warning("stopping on signal", signal=signal.Signals(signum).name)

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,8 +223,11 @@ def test_the_real_cli_exits_2_at_once_for_a_missing_command() -> None:
 
 
 def test_a_port_taken_after_the_checks_is_one_line_and_keeps_the_arenas(
-    busy_port: int, tmp_path: Path
+    busy_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(runs))  # where the run dir goes
     shm = tmp_path / "shm"
     shm.mkdir()
     left = shm / f"supervise-node0-{busy_port}-r00000-0000.arena"  # a previous agent's
@@ -234,3 +238,4 @@ def test_a_port_taken_after_the_checks_is_one_line_and_keeps_the_arenas(
     with pytest.raises(StartupError, match=f"127.0.0.1:{busy_port}.*Address already in use"):
         trio.run(run_node, config)
     assert [p.name for p in shm.iterdir()] == [left.name]  # kept for the next try; no lock
+    assert list(runs.iterdir()) == []  # the run dir went
