@@ -325,7 +325,8 @@ def _logged(fn: Callable[[int], None], arg: int) -> None:
 
 
 def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError (a bind that failed...) somewhere in an exception's causes and groups."""
+    """The OSError (a bind that failed...) among an exception's causes and groups (not its
+    context: an error handled on the way is not why it failed)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -337,7 +338,8 @@ def _os_error(exc: BaseException) -> OSError | None:
             return e
         if isinstance(e, BaseExceptionGroup):
             todo.extend(e.exceptions)
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
     return None
 
 
