@@ -37,7 +37,7 @@ from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
 from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
-from supervise.agents.rundir import NodeLock, claim_run_dir
+from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
@@ -88,6 +88,7 @@ class NodeRuntime:
         self._lock: NodeLock | None = None
         try:
             self._lock = NodeLock(config.shm_dir, node)  # before adopting the node's arenas
+            _warn_dead_nodes(config.shm_dir, node)
             self._build(config, curve, node)
         except BaseException:
             self._release()
@@ -314,6 +315,19 @@ class NodeRuntime:
             self._lock.release()
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _warn_dead_nodes(shm_dir: str, own: str) -> None:
+    """Say which dead agents' arenas sit in ``shm_dir`` (RAM nobody frees unless that node's
+    agent is started again with the same rank, port and dir); they are not ours to remove."""
+    for node, arenas in dead_nodes_arenas(shm_dir, own).items():
+        log.warning(
+            "arenas of a dead agent in the shm dir: its next start adopts them; remove them "
+            "if it will not be started again",
+            node=node,
+            files=[str(a) for a in arenas],
+            bytes=sum(a.stat().st_size for a in arenas if a.exists()),
+        )
 
 
 def _logged(fn: Callable[[int], None], arg: int) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "OWNER_FILE",
     "NodeLock",
     "claim_run_dir",
+    "dead_nodes_arenas",
     "process_start_ticks",
     "remove_stale_run_dirs",
 ]
@@ -51,10 +52,12 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _owner(run_dir: Path) -> tuple[int, int] | None:
-    """(pid, start ticks) from a run dir's owner file, None if it has none readable."""
+def _owner(path: Path) -> tuple[int, int] | None:
+    """(pid, start ticks) from a run dir's owner file (or a lock file), None if unreadable."""
+    if path.is_dir():
+        path = path / OWNER_FILE
     try:
-        pid, ticks = (run_dir / OWNER_FILE).read_text().split()
+        pid, ticks = path.read_text().split()
         return int(pid), int(ticks)
     except (OSError, ValueError):
         return None
@@ -99,11 +102,16 @@ def claim_run_dir(rank: int, base: str | os.PathLike[str] | None = None) -> Path
     agents are removed first)."""
     remove_stale_run_dirs(base)
     path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{rank}-", dir=base))
-    ticks = process_start_ticks(os.getpid())
     tmp = path / f".{OWNER_FILE}.tmp"
-    tmp.write_text(f"{os.getpid()} {ticks if ticks is not None else -1}\n")
+    tmp.write_text(_owner_line())
     tmp.replace(path / OWNER_FILE)
     return path
+
+
+def _owner_line() -> str:
+    """``<pid> <start ticks>`` of this process, one line (ticks -1 where there is no /proc)."""
+    ticks = process_start_ticks(os.getpid())
+    return f"{os.getpid()} {ticks if ticks is not None else -1}\n"
 
 
 class NodeLock:
@@ -120,7 +128,7 @@ class NodeLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = (os.pread(fd, 64, 0).decode(errors="replace").split() or ["?"])[0]
             os.close(fd)
             raise StartupError(
                 "--shm-dir",
@@ -130,7 +138,7 @@ class NodeLock:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, _owner_line().encode(), 0)
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -139,3 +147,22 @@ class NodeLock:
         if fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(fd)
+
+
+def dead_nodes_arenas(shm_dir: str | os.PathLike[str], own: str) -> dict[str, list[Path]]:
+    """Arenas in ``shm_dir`` of other nodes whose agent is dead (its lock file's owner PID
+    gone or reused): only that node's next agent (same rank, port, dir) would adopt them.
+    Read from the lock files, never by taking a lock (that could refuse a starting agent)."""
+    out: dict[str, list[Path]] = {}
+    root = Path(shm_dir)
+    for lock in sorted(root.glob("supervise-*.lock")) if root.is_dir() else ():
+        node = lock.name.removeprefix("supervise-").removesuffix(".lock")
+        if node == own:
+            continue
+        owner = _owner(lock)
+        if owner is None or _owner_alive(*owner):
+            continue
+        arenas = sorted(root.glob(f"supervise-{node}-r[0-9]*.arena"))
+        if arenas:
+            out[node] = arenas
+    return out

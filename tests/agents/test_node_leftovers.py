@@ -21,6 +21,7 @@ from supervise.agents.rundir import (
     OWNER_FILE,
     NodeLock,
     claim_run_dir,
+    dead_nodes_arenas,
     process_start_ticks,
     remove_stale_run_dirs,
 )
@@ -170,3 +171,22 @@ def test_one_agent_at_a_time_owns_a_node_and_kill_9_frees_it(tmp_path: Path) -> 
     lock.release()
     lock.release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dead_agents_arenas_of_another_node_are_reported_not_removed(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for node, owner in {
+            "node1-7001": f"{_dead_pid()} 1",  # killed with -9: its lock file stayed
+            "node2-7002": f"{sleeper.pid} {process_start_ticks(sleeper.pid)}",  # alive
+        }.items():
+            (tmp_path / f"supervise-{node}.lock").write_text(owner)
+            (tmp_path / f"supervise-{node}-r00001-0000.arena").write_bytes(b"x")
+        (tmp_path / "supervise-node0-7000-r00000-0000.arena").write_bytes(b"x")  # our own
+        assert dead_nodes_arenas(tmp_path, "node0-7000") == {
+            "node1-7001": [tmp_path / "supervise-node1-7001-r00001-0000.arena"]
+        }
+        assert len(list(tmp_path.iterdir())) == 5  # nothing removed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
