@@ -190,11 +190,15 @@ class LocalCluster:
         """The shm dir (RAM) of ``rank``'s newest agent."""
         return self.agents[rank].shm_dir
 
-    def start(self, rank: int) -> Agent:
-        """Start ``rank``'s agent (a replacement, with a fresh shm dir, if one ran before)."""
+    def start(self, rank: int, *, keep_ram: bool = False) -> Agent:
+        """Start ``rank``'s agent (a replacement, with a fresh shm dir, if one ran before;
+        ``keep_ram``: the previous incarnation's shm dir, as an agent restarted in place)."""
         incarnation = sum(1 for a in self.started if a.rank == rank)
-        shm_dir = self.shm_root / f"node{rank}-{incarnation}"
-        shm_dir.mkdir(parents=True)
+        if keep_ram and rank in self.agents:
+            shm_dir = self.agents[rank].shm_dir
+        else:
+            shm_dir = self.shm_root / f"node{rank}-{incarnation}"
+            shm_dir.mkdir(parents=True)
         log = self.workdir / f"agent{rank}-{incarnation}.log"
         argv = node_argv(
             rank=rank,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import attrs
 
 from supervise._validation import InvalidValue
-from supervise.cluster.transport import normalize_endpoint
+from supervise.cluster.transport import MAX_PORT, normalize_endpoint
 from supervise.policy import Policy
 
 
@@ -16,10 +17,15 @@ def _nodes(value: Sequence[str]) -> tuple[str, ...]:
     if not nodes:
         raise InvalidValue("nodes", value, "must list at least one host:port")
     for ep in nodes:
+        port = ep.rpartition(":")[2] if isinstance(ep, str) else ""
+        if port.isdigit() and not 1 <= int(port) <= MAX_PORT:
+            raise InvalidValue("nodes", ep, f"port {port} is out of range 1..{MAX_PORT}")
         try:
-            normalize_endpoint(ep)
+            address = normalize_endpoint(ep)
         except ValueError:
             raise InvalidValue("nodes", ep, "each entry must be host:port") from None
+        if not address.startswith("tcp://") or not address.rpartition(":")[2].isdigit():
+            raise InvalidValue("nodes", ep, "each entry must be host:port (TCP, a fixed port)")
     if len(set(nodes)) != len(nodes):
         raise InvalidValue("nodes", ",".join(nodes), "entries must be distinct")
     return nodes
@@ -58,6 +64,18 @@ class NodeConfig:
             raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
         if self.nproc_per_node < 1:
             raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
+        shutdown = self.worker_shutdown
+        if (
+            isinstance(shutdown, bool)
+            or not isinstance(shutdown, int | float)
+            or not math.isfinite(shutdown)
+            or shutdown < 0
+        ):
+            raise InvalidValue(
+                "worker_shutdown", shutdown, "must be a finite number of seconds >= 0"
+            )
+        if not isinstance(self.shm_dir, str) or not self.shm_dir:
+            raise InvalidValue("shm_dir", self.shm_dir, "must be a directory")
 
     @property
     def n_nodes(self) -> int:

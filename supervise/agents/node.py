@@ -15,10 +15,11 @@ by signal N.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import signal
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,16 @@ from supervise.agents.executor import Executor
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
+from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
+from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
-from supervise.runtime import GaveUp, Supervisor, child, whereis
+from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier
@@ -53,6 +56,18 @@ __all__ = ["NodeConfig", "NodeRuntime", "run_node"]
 
 log = structlog.get_logger("supervise.agents.node")
 
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop the agent in order (workers stopped, arenas and run dir removed); SIGHUP
+only when it is not ignored (``nohup supervise node ...`` keeps running after a hang-up)."""
+
+
+def _stop_signals() -> list[signal.Signals]:
+    return [
+        s
+        for s in STOP_SIGNALS
+        if s is not signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN
+    ]
+
 
 class NodeRuntime:
     """What a node owns across its children's restarts, and the references between them."""
@@ -62,8 +77,24 @@ class NodeRuntime:
         self.policy = config.policy
         self.exit_code: int | None = None  # how the executor ended (None: it did not)
         self.generation = 0
-        self._tmp = Path(config.run_dir or tempfile.mkdtemp(prefix=f"supervise-n{config.rank}-"))
+        # Hooks may fire off the trio thread (a shard loaded from disk commits on the loader's
+        # thread); what needs the trio run (the registry) is handed over with this token.
+        self._token: trio.lowlevel.TrioToken | None = None
+        with contextlib.suppress(RuntimeError):
+            self._token = trio.lowlevel.current_trio_token()
         self._own_tmp = config.run_dir is None
+        self._tmp = Path(config.run_dir) if config.run_dir else claim_run_dir(config.rank)
+        node = f"node{config.rank}-{_port_of(config.endpoint)}"
+        self._lock: NodeLock | None = None
+        try:
+            self._lock = NodeLock(config.shm_dir, node)  # before adopting the node's arenas
+            _warn_dead_nodes(config.shm_dir, node)
+            self._build(config, curve, node)
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self, config: NodeConfig, curve: CurveKeys | None, node: str) -> None:
         r = self.policy.retention
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         ram = total_ram()
@@ -72,7 +103,7 @@ class NodeRuntime:
             config.shm_dir,
             rule=rule,
             budget=MemoryBudget(budget),
-            node=f"node{config.rank}-{_port_of(config.endpoint)}",
+            node=node,
             policy=self.policy.to_dict(),
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
@@ -152,9 +183,28 @@ class NodeRuntime:
             self.executor.local_request(req)
 
     def _committed(self, event: CommitEvent) -> None:
+        if event.info.source != Source.LOCAL:
+            return  # a shard from a peer or from disk is not pushed again
+        self._on_trio(self._push, event.rank)
+
+    def _push(self, rank: int) -> None:
         ref = whereis(REPLICAS)
-        if ref is not None and event.info.source == Source.LOCAL:
-            ref.cast(LocalCommit(event.rank))
+        if ref is not None:
+            ref.cast(LocalCommit(rank))
+
+    def _on_trio(self, fn: Callable[[int], None], arg: int) -> None:
+        """Run ``fn(arg)`` on the trio thread: at once when called there, else handed over
+        (it runs soon after; never waited for, so a hook on another thread cannot block)."""
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            if self._token is None:
+                log.warning("hook called off the trio thread, with no trio run to hand it to")
+                return
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_logged, fn, arg)
+            return
+        fn(arg)
 
     def _info(self) -> Mapping[str, Any]:
         if self.executor is None:
@@ -248,16 +298,63 @@ class NodeRuntime:
             auto_shutdown="any_significant",
         )
 
-    def close(self) -> None:
-        """Release what the node owns: persist queue drained, arenas unmapped and removed."""
+    def close(self, *, keep_arenas: bool = False) -> None:
+        """Release what the node owns: persist queue drained, arenas unmapped and removed
+        (``keep_arenas``: left for the next agent of this node to adopt), run dir removed."""
         for unregister in self._unregister:
             unregister()
         if self.persister is not None:
             self.persister.close()
         self.store.close()
-        self.arenas.close()
+        self.arenas.close(unlink=not keep_arenas)
+        self._release()
+
+    def _release(self) -> None:
+        """The node lock and the run dir (also when building the node failed halfway)."""
+        if self._lock is not None:
+            self._lock.release()
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _warn_dead_nodes(shm_dir: str, own: str) -> None:
+    """Say which dead agents' arenas sit in ``shm_dir`` (RAM nobody frees unless that node's
+    agent is started again with the same rank, port and dir); they are not ours to remove."""
+    for node, arenas in dead_nodes_arenas(shm_dir, own).items():
+        log.warning(
+            "arenas of a dead agent in the shm dir: its next start adopts them; remove them "
+            "if it will not be started again",
+            node=node,
+            files=[str(a) for a in arenas],
+            bytes=sum(a.stat().st_size for a in arenas if a.exists()),
+        )
+
+
+def _logged(fn: Callable[[int], None], arg: int) -> None:
+    """``fn(arg)`` with any exception logged (a callback handed to trio must not raise)."""
+    try:
+        fn(arg)
+    except Exception:
+        log.exception("node hook failed", hook=getattr(fn, "__name__", repr(fn)))
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (a bind that failed...) among an exception's causes and groups (not its
+    context: an error handled on the way is not why it failed)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        if e.__cause__ is not None:
+            todo.append(e.__cause__)
+    return None
 
 
 def _port_of(endpoint: str) -> str:
@@ -269,12 +366,13 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
     the process exit code."""
     rt = NodeRuntime(config, curve=curve)
     stopped_by: int | None = None
+    unusable: OSError | None = None
     try:
         async with trio.open_nursery() as nursery:
 
             async def signals() -> None:
                 nonlocal stopped_by
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                with trio.open_signal_receiver(*_stop_signals()) as received:
                     async for signum in received:
                         stopped_by = signum
                         log.warning("stopping on signal", signal=signal.Signals(signum).name)
@@ -284,13 +382,21 @@ async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int
             nursery.start_soon(signals)
             try:
                 await rt.tree().run()
+            except StartFailed as exc:
+                unusable = _os_error(exc)  # e.g. the port taken since the start-up checks
+                if unusable is None:
+                    raise
             except GaveUp as exc:
                 log.error("the node's supervision tree gave up", error=str(exc))
                 rt.exit_code = EXIT_INTERNAL
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(rt.close)
+            await trio.to_thread.run_sync(
+                functools.partial(rt.close, keep_arenas=unusable is not None)
+            )
+    if unusable is not None:
+        raise StartupError(f"node {config.rank} ({config.endpoint})", unusable.strerror or "")
     if stopped_by is not None:
         return 128 + stopped_by
     if rt.exit_code is None:

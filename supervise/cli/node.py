@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from supervise._validation import InvalidValue
     from supervise.agents.node import NodeConfig, run_node
+    from supervise.agents.preflight import StartupError, check_startup
     from supervise.cluster import CurveKeys
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
@@ -89,6 +90,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
+    try:
+        check_startup(config)
+    except StartupError as exc:
+        return _fail(str(exc))
     curve = None
     if policy.replication.curve:
         try:
@@ -102,5 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         return trio.run(functools.partial(run_node, config, curve=curve))
+    except StartupError as exc:  # a resource taken between the checks and its use
+        return _fail(str(exc))
     finally:
         shutdown_telemetry()

@@ -89,6 +89,9 @@ class _Deferred:
 DEFERRED: Any = _Deferred()
 """Returned by a request handler that will answer later with :meth:`Transport.reply`."""
 
+MAX_PORT = 65535
+"""The highest TCP port (zmq takes a larger one modulo 65536 without a word)."""
+
 Handler = Callable[[Incoming[Any]], Awaitable[object]]
 Placer = Callable[[Any, "int | None"], "memoryview | None"]
 """``into(body, sender)``: where the first payload frame of a message goes, or None (a frame)."""
@@ -103,6 +106,8 @@ def normalize_endpoint(endpoint: str) -> str:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host or not (port.isdigit() or port == "*"):
         raise ValueError(f"endpoint {endpoint!r}: expected 'host:port' or a zmq endpoint")
+    if port.isdigit() and int(port) > MAX_PORT:  # zmq would silently take it modulo 65536
+        raise ValueError(f"endpoint {endpoint!r}: port {port} is out of range 0..{MAX_PORT}")
     if port == "0":
         port = "*"
     return f"tcp://{host}:{port}"

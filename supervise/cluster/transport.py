@@ -32,6 +32,7 @@ import zmq
 from supervise.cluster._dealer import Dealers, PendingReply
 from supervise.cluster._framing import (
     DEFERRED,
+    MAX_PORT,
     Framing,
     Handler,
     Incoming,
@@ -48,6 +49,7 @@ from supervise.cluster.stats import TransportStats
 
 __all__ = [
     "DEFERRED",
+    "MAX_PORT",
     "Handler",
     "Incoming",
     "PendingReply",

@@ -202,6 +202,38 @@ class PersistTier:
             _fsync_dir(self.path)
         return removed
 
+    def make_room(self, step: int) -> list[Path]:
+        """Before writing ``step`` to a full disk: remove now what its write's ``prune`` would
+        remove right after (files above ``step``, all but the ``keep - 1`` newest below it),
+        never the newest one below it, so one version stays on disk while ``step`` is
+        written; and temp files of writes that crashed. Returns the removed paths."""
+        self.clean_temporaries()
+        names = [
+            (int(m.group(1)), p)
+            for p in (self.path.iterdir() if self.path.is_dir() else ())
+            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
+        ]
+        below = sorted((s for s, _ in names if s < step), reverse=True)
+        keep = set(below[: max(self.keep - 1, 1)])
+        removed = []
+        for s, p in names:
+            if s != step and s not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+        if removed:
+            _fsync_dir(self.path)
+        return removed
+
+    def newest_step(self) -> int | None:
+        """The newest step of this rank on disk (by file name), None if none."""
+        steps = [
+            int(m.group(1))
+            for p in (self.path.iterdir() if self.path.is_dir() else ())
+            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
+        ]
+        return max(steps, default=None)
+
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed write of this rank left behind."""
         for p in self.path.glob(self._tmp_glob) if self.path.is_dir() else ():
@@ -289,6 +321,7 @@ class Persister:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.written: list[Path] = []
+        self.behind: dict[int, int] = {}  # rank -> first step that could not be persisted
 
     def on_commit(self, event: CommitEvent) -> None:
         """Commit hook: pin the shard now and queue it for writing when it is due."""
@@ -328,13 +361,52 @@ class Persister:
                         bytes=m.nbytes,
                     ),
                 ):
-                    path = tier.write(shard.manifest, shard.data)
+                    path = self._write(tier, shard)
                 tier.prune(shard.manifest.step)
                 self.written.append(path)
+                self._caught_up(tier, m.step)
             except Exception as exc:
-                log.warning("could not persist version %d: %s", shard.manifest.step, exc)
+                self._fell_behind(tier, m.step, exc)
             finally:
                 self._queue.task_done()
+
+    @staticmethod
+    def _write(tier: PersistTier, shard: Shard) -> Path:
+        """Write a shard; on a full disk, free what retention allows and try once more."""
+        try:
+            return tier.write(shard.manifest, shard.data)
+        except CapacityError:
+            if not tier.make_room(shard.manifest.step):
+                raise
+            log.info("persist tier %s was full: removed older versions to make room", tier.path)
+            return tier.write(shard.manifest, shard.data)
+
+    def _fell_behind(self, tier: PersistTier, step: int, exc: Exception) -> None:
+        """Say once (not per snapshot) that the persist tier stopped keeping up, since when."""
+        if tier.rank in self.behind:
+            log.debug("still could not persist rank %d version %d: %s", tier.rank, step, exc)
+            return
+        self.behind[tier.rank] = step
+        newest = tier.newest_step()
+        on_disk = "nothing" if newest is None else f"version {newest}"
+        log.error(
+            "persist tier is behind for rank %d since step %d (%s): a restart from disk would "
+            "go back to %s; said once, until a write succeeds again",
+            tier.rank,
+            step,
+            exc,
+            on_disk,
+        )
+
+    def _caught_up(self, tier: PersistTier, step: int) -> None:
+        since = self.behind.pop(tier.rank, None)
+        if since is not None:
+            log.warning(
+                "persist tier caught up for rank %d at step %d (behind since step %d)",
+                tier.rank,
+                step,
+                since,
+            )
 
     def flush(self) -> None:
         """Wait until every queued write finished."""

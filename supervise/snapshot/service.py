@@ -565,7 +565,13 @@ class ArenaService:
                 continue
             try:
                 arena = Arena.open(path)
-            except (CorruptSnapshot, OSError) as exc:
+            except CorruptSnapshot as exc:
+                # this node's, unreadable (e.g. its agent was killed while creating it): it
+                # holds nothing to adopt, and nobody else would ever remove it
+                log.warning("removing unreadable arena %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            except OSError as exc:
                 log.warning("not adopting %s: %s", path, exc)
                 continue
             try:

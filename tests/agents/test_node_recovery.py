@@ -152,6 +152,9 @@ def test_a_lost_group_falls_back_to_the_persist_tier(tmp_path: Path) -> None:
         c.start(1)  # the replacement: empty RAM, and no peer holds its shard
         c.wait_resumed(2)
         assert c.events(1, "shard loaded from disk"), "the replacement did not load from disk"
+        # its commit hooks ran on the loader's thread, without reaching for the trio registry
+        hooks = [x for x in c.events(1) if "hook" in str(x.get("event"))]
+        assert hooks == [], hooks
         assert not c.events(1, "shard fetched from a peer")
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, LONG)
