@@ -9,6 +9,7 @@ import attrs
 from supervise._validation import InvalidValue
 from supervise.cluster.transport import normalize_endpoint
 from supervise.policy import Policy
+from supervise.snapshot.persist import check_job, job_fingerprint
 
 
 def _nodes(value: Sequence[str]) -> tuple[str, ...]:
@@ -46,6 +47,8 @@ class NodeConfig:
     worker_shutdown: float = 5.0
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
+    job: str | None = None  # the run's identity on disk (None: a fingerprint, see job_id)
+    resume_finished: bool = False  # resume a job whose training finished before
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
@@ -58,6 +61,19 @@ class NodeConfig:
             raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
         if self.nproc_per_node < 1:
             raise InvalidValue("nproc_per_node", self.nproc_per_node, "must be an integer >= 1")
+        if self.job is not None:
+            try:
+                check_job(self.job)
+            except ValueError:
+                raise InvalidValue(
+                    "job", self.job, "use letters, digits, '.', '_' or '-' (1-128 characters)"
+                ) from None
+
+    @property
+    def job_id(self) -> str:
+        """The job's identity in its persisted files: ``job``, else a fingerprint of the
+        command and the world size (the same command restarted is the same job)."""
+        return self.job if self.job is not None else job_fingerprint(self.command, self.world_size)
 
     @property
     def n_nodes(self) -> int:

@@ -44,7 +44,7 @@ from supervise.cluster.transport import normalize_endpoint
 from supervise.runtime import GaveUp, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
-from supervise.snapshot.persist import Persister, PersistTier
+from supervise.snapshot.persist import Persister, PersistTier, check_resumable
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.telemetry import Source, get_telemetry
@@ -62,6 +62,17 @@ class NodeRuntime:
         self.policy = config.policy
         self.exit_code: int | None = None  # how the executor ended (None: it did not)
         self.generation = 0
+        persist = self.policy.persist
+        self._tiers = {
+            rank: PersistTier(persist.path, rank=rank, keep=persist.keep, job=config.job_id)
+            for rank in config.ranks
+        }
+        # Before anything is allocated: a finished job is not resumed unless asked.
+        check_resumable(
+            self._tiers.values(),
+            resume_finished=config.resume_finished,
+            hint="pass --resume-finished to resume it, or --job NAME to start another job",
+        )
         self._tmp = Path(config.run_dir or tempfile.mkdtemp(prefix=f"supervise-n{config.rank}-"))
         self._own_tmp = config.run_dir is None
         r = self.policy.retention
@@ -78,10 +89,6 @@ class NodeRuntime:
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
         self.store = ReplicaStore(budget, keep_last=r.keep_last, shared=self.arenas.budget)
-        self._tiers = {
-            rank: PersistTier(self.policy.persist.path, rank=rank, keep=self.policy.persist.keep)
-            for rank in config.ranks
-        }
         for tier in self._tiers.values():
             tier.clean_temporaries()
         self.persister: Persister | None = None
@@ -254,6 +261,10 @@ class NodeRuntime:
             unregister()
         if self.persister is not None:
             self.persister.close()
+        if self.exit_code == 0:  # every local worker finished: the job is done here
+            marked = [str(m) for t in self._tiers.values() if (m := t.mark_finished())]
+            if marked:
+                log.info("job finished: marked", job=self.config.job_id, markers=marked)
         self.store.close()
         self.arenas.close()
         if self._own_tmp:

@@ -42,6 +42,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="SECONDS",
         help="grace between SIGTERM and SIGKILL when stopping workers (default 5)",
     )
+    node.add_argument(
+        "--job",
+        metavar="NAME",
+        help="this run's identity in its persisted snapshots (default: a fingerprint of the "
+        "command and the world size); another job's files are never restored",
+    )
+    node.add_argument(
+        "--resume-finished",
+        action="store_true",
+        help="resume this job from its persisted snapshots even though its training finished",
+    )
     node.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     node.set_defaults(handler=_run)
 
@@ -59,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     from supervise.cluster import CurveKeys
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
+    from supervise.snapshot.errors import FinishedJob
     from supervise.telemetry import (
         TelemetryError,
         configure_logging,
@@ -86,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             nproc_per_node=args.nproc_per_node,
             shm_dir=args.shm_dir,
             worker_shutdown=args.worker_shutdown,
+            job=args.job,
+            resume_finished=args.resume_finished,
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
@@ -102,5 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         return trio.run(functools.partial(run_node, config, curve=curve))
+    except FinishedJob as exc:
+        return _fail(str(exc))
     finally:
         shutdown_telemetry()

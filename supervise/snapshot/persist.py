@@ -6,14 +6,22 @@ little-endian header length, a JSON header (per tensor: dtype, shape, data_offse
 pass over the slot with no extra copy. The manifest (checksums, metrics, extra state) is
 stored inside the file, in ``__metadata__["supervise.manifest"]`` (base64 msgpack): one file
 is one atomic unit. Writes go to a temp file, are fsynced, renamed into place and the
-directory fsynced; a partial or corrupt file is skipped with a warning when listing or
-loading.
+directory fsynced. A file that fails verification (when listing: its header, size or name;
+when loading: its checksums) is renamed aside to ``<name>.corrupt`` with one warning line, so no
+later listing offers it again and a restart falls back to an older version.
+
+Run identity: a tier created with a ``job`` writes it into every file
+(``__metadata__["supervise.job"]``) and lists only that job's files (another job's are skipped
+with one line naming them; files without an identity, from before job identities, are accepted
+with one warning line). ``mark_finished`` leaves a ``finished.<job>.rank-<5 digits>.json``
+marker after a clean finish; `check_resumable` refuses to resume a finished job unless asked.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +29,8 @@ import queue
 import re
 import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -30,7 +39,7 @@ import attrs
 from supervise.snapshot._dtypes import DTYPES
 from supervise.snapshot.budget import check_free_space
 from supervise.snapshot.checksum import mismatches
-from supervise.snapshot.errors import CapacityError, CorruptSnapshot, SnapshotError
+from supervise.snapshot.errors import CapacityError, CorruptSnapshot, FinishedJob, SnapshotError
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.retention import VersionInfo
 from supervise.telemetry import snapshot_span
@@ -44,15 +53,43 @@ _MAX_HEADER: Final = 100_000_000
 _CHUNK: Final = 64 << 20
 _NAME: Final = re.compile(r"^step-(\d{12})\.rank-(\d{5})\.safetensors$")
 META_KEY: Final = "supervise.manifest"
+JOB_KEY: Final = "supervise.job"
+#: What a file that failed verification is renamed to (its name + this suffix).
+CORRUPT_SUFFIX: Final = ".corrupt"
+#: The environment variable naming a job (the standalone Snapshotter; the agent sets it for
+#: its workers).
+JOB_ENV: Final = "SUPERVISE_JOB"
+#: ``1`` lets a standalone Snapshotter resume a job that finished (``--resume-finished``).
+RESUME_FINISHED_ENV: Final = "SUPERVISE_RESUME_FINISHED"
+_JOB: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_job(job: str) -> str:
+    """``job`` if it is a valid job name, else a one-line ValueError."""
+    if not isinstance(job, str) or not _JOB.match(job):
+        raise ValueError(
+            f"job {job!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit"
+        )
+    return job
+
+
+def job_fingerprint(argv: Sequence[str], world_size: int) -> str:
+    """The default job name: a fingerprint of the command line and the world size, so the
+    same command restarted resumes its own checkpoints and another one does not."""
+    text = "\0".join([*argv, f"world_size={world_size}"])
+    return "cmd-" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @attrs.frozen(slots=True)
 class DiskEntry:
-    """A persisted shard found on disk (header checked; data verified only on load)."""
+    """A persisted shard found on disk (header checked; data verified only on load).
+    ``job``: the job that wrote it (None: a file without identity)."""
 
     path: Path
     manifest: Manifest
     data_offset: int
+    job: str | None = None
 
     @property
     def info(self) -> VersionInfo:
@@ -61,16 +98,18 @@ class DiskEntry:
         return VersionInfo(m.step, m.generation, m.wall_time, m.nbytes, dict(m.metrics), "disk")
 
 
-def safetensors_header(manifest: Manifest) -> bytes:
-    """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region."""
-    header: dict[str, object] = {
-        "__metadata__": {
-            "format": "supervise.snapshot/1",
-            "step": str(manifest.step),
-            "rank": str(manifest.rank),
-            META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
-        }
+def safetensors_header(manifest: Manifest, job: str | None = None) -> bytes:
+    """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region,
+    naming ``job`` when given."""
+    meta = {
+        "format": "supervise.snapshot/1",
+        "step": str(manifest.step),
+        "rank": str(manifest.rank),
+        META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
     }
+    if job is not None:
+        meta[JOB_KEY] = job
+    header: dict[str, object] = {"__metadata__": meta}
     for t in sorted(manifest.tensors, key=lambda t: t.offset):
         header[t.name] = {
             "dtype": DTYPES[t.dtype][1],
@@ -93,15 +132,23 @@ def _check_contiguous(manifest: Manifest) -> None:
 
 
 class PersistTier:
-    """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``."""
+    """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``.
 
-    def __init__(self, path: str | os.PathLike[str], *, rank: int, keep: int) -> None:
+    ``job`` names the run writing them (see the module docstring); None: no identity, every
+    file is this tier's (direct users of the tier, tools).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, rank: int, keep: int, job: str | None = None
+    ) -> None:
         if keep < 1:
             raise ValueError(f"persist.keep = {keep}: must be >= 1")
         self.path = Path(path)
         self.rank = rank
         self.keep = keep
+        self.job = None if job is None else check_job(job)
         self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
+        self._told: set[Path] = set()  # files already named in a skipped/accepted line
 
     def filename(self, step: int) -> Path:
         """Where version ``step`` of this rank lives."""
@@ -116,7 +163,7 @@ class PersistTier:
             raise ValueError(f"manifest of rank {manifest.rank} given to rank {self.rank}'s tier")
         _check_contiguous(manifest)
         self.path.mkdir(parents=True, exist_ok=True)
-        header = safetensors_header(manifest)
+        header = safetensors_header(manifest, self.job)
         final = self.filename(manifest.step)
         check_free_space(self.path, len(header) + manifest.nbytes, f"checkpoint {final.name}")
         tmp = self.path / f".{final.name}.tmp{os.getpid()}"
@@ -142,55 +189,127 @@ class PersistTier:
         _fsync_dir(self.path)
         return final
 
-    def entries(self) -> list[DiskEntry]:
-        """This rank's readable files, oldest step first; bad ones are skipped with a warning."""
+    def _files(self) -> list[tuple[int, Path]]:
+        """(step, path) of this rank's files by name, sorted by name (= by step)."""
         if not self.path.is_dir():
             return []
+        return [
+            (int(m.group(1)), p)
+            for p in sorted(self.path.iterdir())
+            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
+        ]
+
+    def entries(self) -> list[DiskEntry]:
+        """This job's readable files of this rank, oldest step first.
+
+        A file that fails its header checks is quarantined (renamed aside); another job's
+        files are skipped and files without identity accepted, each named once in one line.
+        """
         out = []
-        for p in sorted(self.path.iterdir()):
-            m = _NAME.match(p.name)
-            if not m or int(m.group(2)) != self.rank:
-                continue
+        foreign: list[DiskEntry] = []
+        unknown: list[DiskEntry] = []
+        for step, p in self._files():
             try:
                 entry = read_entry(p)
-            except (CorruptSnapshot, OSError) as exc:
+            except CorruptSnapshot as exc:
+                self.quarantine(p, str(exc))
+                continue
+            except OSError as exc:
                 log.warning("skipping unreadable checkpoint %s: %s", p, exc)
                 continue
-            if entry.manifest.step != int(m.group(1)) or entry.manifest.rank != self.rank:
-                log.warning("skipping checkpoint %s: its manifest names another step or rank", p)
+            if entry.manifest.step != step or entry.manifest.rank != self.rank:
+                self.quarantine(p, "its manifest names another step or rank than its file name")
                 continue
+            if self.job is not None and entry.job != self.job:
+                if entry.job is not None:
+                    foreign.append(entry)
+                    continue
+                unknown.append(entry)
             out.append(entry)
+        self._tell(foreign, unknown)
         return out
 
+    def _tell(self, foreign: list[DiskEntry], unknown: list[DiskEntry]) -> None:
+        """One line for another job's files skipped, one for files without identity accepted
+        (each file named once per tier)."""
+        new_foreign = [e for e in foreign if e.path not in self._told]
+        if new_foreign:
+            jobs = ", ".join(sorted({repr(e.job) for e in new_foreign}))
+            log.warning(
+                "not restoring %d checkpoint file(s) of another job in %s (written by job %s; "
+                "this job is %r): %s",
+                len(new_foreign),
+                self.path,
+                jobs,
+                self.job,
+                _names(new_foreign),
+            )
+        new_unknown = [e for e in unknown if e.path not in self._told]
+        if new_unknown:
+            log.warning(
+                "accepting %d checkpoint file(s) without a job identity in %s as job %r's "
+                "(written before job identities): %s",
+                len(new_unknown),
+                self.path,
+                self.job,
+                _names(new_unknown),
+            )
+        self._told.update(e.path for e in (*new_foreign, *new_unknown))
+
     def load(self, entry: DiskEntry, into: memoryview, *, threads: int = 1) -> None:
-        """Read a shard's data region into ``into`` and verify every checksum."""
+        """Read a shard's data region into ``into`` and verify every checksum; a file that
+        fails (truncated, checksum mismatch) is quarantined and CorruptSnapshot raised."""
         n = entry.manifest.nbytes
         if len(into) < n:
             raise CapacityError(f"{entry.path} needs {n} bytes, the buffer has {len(into)}")
-        with open(entry.path, "rb", buffering=0) as f:
-            f.seek(entry.data_offset)
-            view = into[:n]
-            got = 0
-            while got < n:
-                r = f.readinto(view[got : got + _CHUNK])
-                if not r:
-                    raise CorruptSnapshot(f"{entry.path} is truncated")
-                got += r
-        bad = mismatches(entry.manifest, into, threads=threads)
-        if bad:
-            raise CorruptSnapshot(
-                f"{entry.path}: checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}"
+        try:
+            with open(entry.path, "rb", buffering=0) as f:
+                f.seek(entry.data_offset)
+                view = into[:n]
+                got = 0
+                while got < n:
+                    r = f.readinto(view[got : got + _CHUNK])
+                    if not r:
+                        raise CorruptSnapshot(f"{entry.path} is truncated")
+                    got += r
+            bad = mismatches(entry.manifest, into, threads=threads)
+            if bad:
+                raise CorruptSnapshot(
+                    f"{entry.path}: checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}"
+                )
+        except CorruptSnapshot as exc:
+            self.quarantine(entry.path, str(exc))
+            raise
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        """Rename a file that failed verification to ``<name>.corrupt`` (kept for a look, never
+        listed again); returns the new path (None if the file was gone already)."""
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        try:
+            path.replace(aside)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning(
+                "checkpoint %s is corrupt (%s) and cannot be renamed: %s", path, reason, exc
             )
+            return None
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.path)
+        log.warning(
+            "checkpoint %s fails verification (%s): renamed to %s, it is not offered again",
+            path,
+            reason,
+            aside.name,
+        )
+        return aside
 
     def prune(self, head: int) -> list[Path]:
         """Keep the ``keep`` newest files at or below ``head``; files above ``head`` belong to
-        a rolled-back future and go too. Returns the removed paths."""
+        a rolled-back future and go too. Another job's files are left alone. Returns the
+        removed paths."""
         removed = []
-        names = [
-            (int(m.group(1)), p)
-            for p in (self.path.iterdir() if self.path.is_dir() else ())
-            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
-        ]
+        names = [(s, p) for s, p in self._files() if not self._foreign(p)]
         below = sorted((s for s, _ in names if s <= head), reverse=True)
         keep = set(below[: self.keep])
         for step, p in names:
@@ -202,11 +321,73 @@ class PersistTier:
             _fsync_dir(self.path)
         return removed
 
+    def _foreign(self, path: Path) -> bool:
+        """Whether ``path`` was written by another job (an unreadable file is not)."""
+        if self.job is None:
+            return False
+        try:
+            job = read_entry(path).job
+        except (CorruptSnapshot, OSError):
+            return False
+        return job is not None and job != self.job
+
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed write of this rank left behind."""
         for p in self.path.glob(self._tmp_glob) if self.path.is_dir() else ():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+    # -- the finished marker ---------------------------------------------------------------
+
+    @property
+    def marker(self) -> Path | None:
+        """Where this job's "finished" marker of this rank lives (None: a tier without job)."""
+        if self.job is None:
+            return None
+        return self.path / f"finished.{self.job}.rank-{self.rank:05d}.json"
+
+    def finished(self) -> bool:
+        """Whether this job's training finished here (its marker exists)."""
+        return self.marker is not None and self.marker.exists()
+
+    def mark_finished(self) -> Path | None:
+        """Record that this job's training of this rank completed (where the directory exists:
+        a run that never persisted leaves nothing). Returns the marker's path."""
+        marker = self.marker
+        if marker is None or not self.path.is_dir():
+            return None
+        tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"job": self.job, "rank": self.rank, "time": time.time()}))
+        tmp.replace(marker)
+        _fsync_dir(self.path)
+        return marker
+
+    def clear_finished(self) -> None:
+        """Forget this job's "finished" marker (it runs again)."""
+        if self.marker is not None:
+            self.marker.unlink(missing_ok=True)
+
+
+def check_resumable(tiers: Iterable[PersistTier], *, resume_finished: bool, hint: str) -> None:
+    """Refuse to resume a job that finished (`FinishedJob`, one line ending with ``hint``)
+    unless ``resume_finished``; then its markers are removed, as it runs again. A marker
+    with no checkpoint file of the job left means nothing to resume: it is removed."""
+    for tier in tiers:
+        if not tier.finished():
+            continue
+        if resume_finished or not tier.entries():
+            tier.clear_finished()
+            continue
+        marker = tier.marker
+        assert marker is not None
+        raise FinishedJob(
+            f"job {tier.job!r} already finished in {tier.path} (marker {marker.name}): its "
+            f"checkpoints are not resumed unless asked; {hint}"
+        )
+
+
+def _names(entries: Iterable[DiskEntry]) -> str:
+    return ", ".join(e.path.name for e in entries)
 
 
 def read_entry(path: Path) -> DiskEntry:
@@ -230,6 +411,9 @@ def read_entry(path: Path) -> DiskEntry:
         raise
     except Exception as exc:
         raise CorruptSnapshot(f"header is not a supervise safetensors header: {exc}") from None
+    job = meta.get(JOB_KEY)
+    if job is not None and not isinstance(job, str):
+        raise CorruptSnapshot(f"header names job {job!r}, not a string")
     data_offset = 8 + hlen
     if size != data_offset + manifest.nbytes:
         raise CorruptSnapshot(
@@ -244,7 +428,7 @@ def read_entry(path: Path) -> DiskEntry:
             or h.get("dtype") != DTYPES[t.dtype][1]
         ):
             raise CorruptSnapshot(f"tensor {t.name!r} disagrees between header and manifest")
-    return DiskEntry(path, manifest, data_offset)
+    return DiskEntry(path, manifest, data_offset, job)
 
 
 def _write_all(fd: int, buf: memoryview) -> None:
