@@ -159,8 +159,10 @@ class NodeRuntime:
             self.executor.local_request(req)
 
     def _committed(self, event: CommitEvent) -> None:
+        if event.info.source != Source.LOCAL:
+            return  # a shard brought from a peer or disk (maybe in a thread) is not pushed
         ref = whereis(REPLICAS)
-        if ref is not None and event.info.source == Source.LOCAL:
+        if ref is not None:
             ref.cast(LocalCommit(event.rank))
 
     def _info(self) -> Mapping[str, Any]:

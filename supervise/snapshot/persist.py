@@ -10,11 +10,13 @@ directory fsynced. A file that fails verification (when listing: its header, siz
 when loading: its checksums) is renamed aside to ``<name>.corrupt`` with one warning line, so no
 later listing offers it again and a restart falls back to an older version.
 
-Run identity: a tier created with a ``job`` writes it into every file
-(``__metadata__["supervise.job"]``) and lists only that job's files (another job's are skipped
-with one line naming them; files without an identity, from before job identities, are accepted
-with one warning line). ``mark_finished`` leaves a ``finished.<job>.rank-<5 digits>.json``
-marker after a clean finish; `check_resumable` refuses to resume a finished job unless asked.
+Run identity: a tier created with a ``job`` keeps its files in ``<path>/<job>/`` and names the
+job in each (``__metadata__["supervise.job"]``), so two jobs sharing a directory never touch
+each other's files. It lists only its job's files: another job's are skipped with one line
+naming them; files directly in ``<path>`` (the layout before job identities, no identity in
+them) are accepted as this job's with one warning line. ``mark_finished`` leaves
+``<path>/<job>/finished.rank-<5 digits>.json`` after a clean finish; `check_resumable` refuses
+to resume a finished job unless asked.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ def _check_contiguous(manifest: Manifest) -> None:
 class PersistTier:
     """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``.
 
-    ``job`` names the run writing them (see the module docstring); None: no identity, every
-    file is this tier's (direct users of the tier, tools).
+    ``job`` names the run writing them: its files live in ``<path>/<job>/`` (see the module
+    docstring). None: no identity, the files live in ``path`` itself (tools, direct users).
     """
 
     def __init__(
@@ -143,10 +145,11 @@ class PersistTier:
     ) -> None:
         if keep < 1:
             raise ValueError(f"persist.keep = {keep}: must be >= 1")
-        self.path = Path(path)
+        self.root = Path(path)
+        self.job = None if job is None else check_job(job)
+        self.path = self.root if self.job is None else self.root / self.job
         self.rank = rank
         self.keep = keep
-        self.job = None if job is None else check_job(job)
         self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
         self._told: set[Path] = set()  # files already named in a skipped/accepted line
 
@@ -189,15 +192,19 @@ class PersistTier:
         _fsync_dir(self.path)
         return final
 
-    def _files(self) -> list[tuple[int, Path]]:
-        """(step, path) of this rank's files by name, sorted by name (= by step)."""
-        if not self.path.is_dir():
+    def _files(self, directory: Path) -> list[tuple[int, Path]]:
+        """(step, path) of this rank's files in ``directory``, by step."""
+        if not directory.is_dir():
             return []
         return [
             (int(m.group(1)), p)
-            for p in sorted(self.path.iterdir())
+            for p in sorted(directory.iterdir())
             if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
         ]
+
+    def _legacy(self) -> list[tuple[int, Path]]:
+        """This rank's files directly in ``root`` (the layout before job identities)."""
+        return [] if self.job is None else self._files(self.root)
 
     def entries(self) -> list[DiskEntry]:
         """This job's readable files of this rank, oldest step first.
@@ -205,10 +212,10 @@ class PersistTier:
         A file that fails its header checks is quarantined (renamed aside); another job's
         files are skipped and files without identity accepted, each named once in one line.
         """
-        out = []
-        foreign: list[DiskEntry] = []
+        found: dict[int, DiskEntry] = {}
+        foreign: list[DiskEntry | Path] = []
         unknown: list[DiskEntry] = []
-        for step, p in self._files():
+        for step, p in [*self._legacy(), *self._files(self.path)]:  # own files win a tie
             try:
                 entry = read_entry(p)
             except CorruptSnapshot as exc:
@@ -225,24 +232,26 @@ class PersistTier:
                     foreign.append(entry)
                     continue
                 unknown.append(entry)
-            out.append(entry)
+            found[step] = entry
+        if self.job is not None and self.root.is_dir():
+            for d in sorted(self.root.iterdir()):
+                if d != self.path and d.is_dir():
+                    foreign += [p for _, p in self._files(d)]
         self._tell(foreign, unknown)
-        return out
+        return [found[s] for s in sorted(found)]
 
-    def _tell(self, foreign: list[DiskEntry], unknown: list[DiskEntry]) -> None:
+    def _tell(self, foreign: list[DiskEntry | Path], unknown: list[DiskEntry]) -> None:
         """One line for another job's files skipped, one for files without identity accepted
         (each file named once per tier)."""
-        new_foreign = [e for e in foreign if e.path not in self._told]
+        paths = [f.path if isinstance(f, DiskEntry) else f for f in foreign]
+        new_foreign = [p for p in paths if p not in self._told]
         if new_foreign:
-            jobs = ", ".join(sorted({repr(e.job) for e in new_foreign}))
             log.warning(
-                "not restoring %d checkpoint file(s) of another job in %s (written by job %s; "
-                "this job is %r): %s",
+                "not restoring %d checkpoint file(s) of another job in %s (this job is %r): %s",
                 len(new_foreign),
-                self.path,
-                jobs,
+                self.root,
                 self.job,
-                _names(new_foreign),
+                ", ".join(str(p.relative_to(self.root)) for p in new_foreign),
             )
         new_unknown = [e for e in unknown if e.path not in self._told]
         if new_unknown:
@@ -250,11 +259,11 @@ class PersistTier:
                 "accepting %d checkpoint file(s) without a job identity in %s as job %r's "
                 "(written before job identities): %s",
                 len(new_unknown),
-                self.path,
+                self.root,
                 self.job,
-                _names(new_unknown),
+                ", ".join(e.path.name for e in new_unknown),
             )
-        self._told.update(e.path for e in (*new_foreign, *new_unknown))
+        self._told.update([*new_foreign, *(e.path for e in new_unknown)])
 
     def load(self, entry: DiskEntry, into: memoryview, *, threads: int = 1) -> None:
         """Read a shard's data region into ``into`` and verify every checksum; a file that
@@ -295,7 +304,7 @@ class PersistTier:
             )
             return None
         with contextlib.suppress(OSError):
-            _fsync_dir(self.path)
+            _fsync_dir(path.parent)
         log.warning(
             "checkpoint %s fails verification (%s): renamed to %s, it is not offered again",
             path,
@@ -306,25 +315,24 @@ class PersistTier:
 
     def prune(self, head: int) -> list[Path]:
         """Keep the ``keep`` newest files at or below ``head``; files above ``head`` belong to
-        a rolled-back future and go too. Another job's files are left alone. Returns the
-        removed paths."""
+        a rolled-back future and go too. Only this job's files count (with those it accepted
+        from before job identities). Returns the removed paths."""
         removed = []
-        names = [(s, p) for s, p in self._files() if not self._foreign(p)]
-        below = sorted((s for s, _ in names if s <= head), reverse=True)
+        names = [(s, p) for s, p in self._legacy() if not self._foreign(p)]
+        names += self._files(self.path)
+        below = sorted({s for s, _ in names if s <= head}, reverse=True)
         keep = set(below[: self.keep])
         for step, p in names:
             if step not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed.append(p)
-        if removed:
-            _fsync_dir(self.path)
+        for d in {p.parent for p in removed}:
+            _fsync_dir(d)
         return removed
 
     def _foreign(self, path: Path) -> bool:
-        """Whether ``path`` was written by another job (an unreadable file is not)."""
-        if self.job is None:
-            return False
+        """Whether ``path`` names another job in its header (an unreadable file does not)."""
         try:
             job = read_entry(path).job
         except (CorruptSnapshot, OSError):
@@ -333,9 +341,10 @@ class PersistTier:
 
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed write of this rank left behind."""
-        for p in self.path.glob(self._tmp_glob) if self.path.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        for d in {self.root, self.path}:
+            for p in d.glob(self._tmp_glob) if d.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     # -- the finished marker ---------------------------------------------------------------
 
@@ -344,7 +353,7 @@ class PersistTier:
         """Where this job's "finished" marker of this rank lives (None: a tier without job)."""
         if self.job is None:
             return None
-        return self.path / f"finished.{self.job}.rank-{self.rank:05d}.json"
+        return self.path / f"finished.rank-{self.rank:05d}.json"
 
     def finished(self) -> bool:
         """Whether this job's training finished here (its marker exists)."""
@@ -384,10 +393,6 @@ def check_resumable(tiers: Iterable[PersistTier], *, resume_finished: bool, hint
             f"job {tier.job!r} already finished in {tier.path} (marker {marker.name}): its "
             f"checkpoints are not resumed unless asked; {hint}"
         )
-
-
-def _names(entries: Iterable[DiskEntry]) -> str:
-    return ", ".join(e.path.name for e in entries)
 
 
 def read_entry(path: Path) -> DiskEntry:

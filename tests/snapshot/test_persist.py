@@ -172,40 +172,45 @@ def test_rank_mismatch_and_bad_keep(tmp_path: Path) -> None:
         PersistTier(tmp_path, rank=0, keep=1).write(m, memoryview(d))
 
 
-def test_files_carry_the_job_and_another_jobs_are_skipped_in_one_line(
+def test_each_job_keeps_its_files_apart_and_another_jobs_are_skipped_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     theirs = PersistTier(tmp_path, rank=0, keep=5, job="old-run")
     for step in (5, 10):
         m, d = shard(step)
-        theirs.write(m, memoryview(d))
+        assert theirs.write(m, memoryview(d)).parent == tmp_path / "old-run"
     ours = PersistTier(tmp_path, rank=0, keep=1, job="new-run")
     m, d = shard(3)
     mine = ours.write(m, memoryview(d))
+    assert mine == tmp_path / "new-run" / "step-000000000003.rank-00000.safetensors"
     with caplog.at_level(logging.WARNING):
         assert [e.path for e in ours.entries()] == [mine]
         ours.entries()  # said once, not at every listing
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
     assert "not restoring 2 checkpoint file(s) of another job" in lines[0]
-    assert "'old-run'" in lines[0] and "'new-run'" in lines[0]
-    assert "step-000000000005.rank-00000.safetensors" in lines[0]
+    assert "(this job is 'new-run')" in lines[0]
+    assert "old-run/step-000000000005.rank-00000.safetensors" in lines[0]
     assert [e.job for e in theirs.entries()] == ["old-run", "old-run"]
-    # Pruning never removes another job's files (keep = 1: only our own count).
-    m, d = shard(4)
-    ours.write(m, memoryview(d))
-    ours.prune(head=4)
-    assert [e.manifest.step for e in ours.entries()] == [4]
+    # The same step of another job is a file of its own; pruning never touches theirs.
+    for step in (5, 10):
+        m, d = shard(step, seed=7)
+        ours.write(m, memoryview(d))
+    ours.prune(head=10)
+    assert [e.manifest.step for e in ours.entries()] == [10]
     assert [e.manifest.step for e in theirs.entries()] == [5, 10]
+    buf = bytearray(m.nbytes)
+    theirs.load(theirs.entries()[-1], memoryview(buf))
+    assert buf == shard(10)[1]  # theirs, not ours
 
 
 def test_files_without_a_job_are_accepted_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    legacy = PersistTier(tmp_path, rank=0, keep=2)  # the format before job identities
+    legacy = PersistTier(tmp_path, rank=0, keep=2)  # the layout before job identities
     m, d = shard(7)
     path = legacy.write(m, memoryview(d))
-    assert b"supervise.job" not in path.read_bytes()
+    assert path.parent == tmp_path and b"supervise.job" not in path.read_bytes()
     tier = PersistTier(tmp_path, rank=0, keep=2, job="some-job")
     with caplog.at_level(logging.WARNING):
         [entry] = tier.entries()
@@ -214,6 +219,12 @@ def test_files_without_a_job_are_accepted_with_a_warning(
     buf = bytearray(m.nbytes)
     tier.load(entry, memoryview(buf))
     assert buf == d
+    for step in (8, 9):  # the job goes on: its own files, the old ones pruned past keep
+        m, d = shard(step)
+        tier.write(m, memoryview(d))
+    tier.prune(head=9)
+    assert [e.path.parent.name for e in tier.entries()] == ["some-job", "some-job"]
+    assert not path.exists()
 
 
 def test_bad_job_names_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -235,7 +246,7 @@ def test_finished_job_is_not_resumed_unless_asked(tmp_path: Path) -> None:
     m, d = shard(3)
     tier.write(m, memoryview(d))
     marker = tier.mark_finished()
-    assert marker is not None and marker.name == "finished.j1.rank-00000.json"
+    assert marker == tmp_path / "ckpt" / "j1" / "finished.rank-00000.json"
     assert tier.finished() and not other.finished()
     with pytest.raises(FinishedJob, match=r"job 'j1' already finished in .*; pass --resume"):
         check_resumable([tier], resume_finished=False, hint="pass --resume")
@@ -248,6 +259,7 @@ def test_finished_job_is_not_resumed_unless_asked(tmp_path: Path) -> None:
 
 def test_marker_without_checkpoints_left_is_dropped(tmp_path: Path) -> None:
     tier = PersistTier(tmp_path, rank=0, keep=2, job="j1")
+    tier.path.mkdir()
     assert tier.mark_finished() is not None
     check_resumable([tier], resume_finished=False, hint="h")  # nothing to resume
     assert not tier.finished()
