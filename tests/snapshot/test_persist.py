@@ -229,7 +229,7 @@ def test_files_without_a_job_are_accepted_with_a_warning(
 
 def test_bad_job_names_are_refused_in_one_line(tmp_path: Path) -> None:
     for bad in ("", "a/b", "-x", "x" * 129, "a b"):
-        with pytest.raises(ValueError, match="job .*: use 1-128 letters"):
+        with pytest.raises(ValueError, match=r"job .*: use 1-128 letters"):
             PersistTier(tmp_path, rank=0, keep=1, job=bad)
     a = job_fingerprint(["python", "train.py"], 2)
     assert a == job_fingerprint(["python", "train.py"], 2)
