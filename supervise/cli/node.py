@@ -18,7 +18,8 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description="Run one node agent. Start one per node with the same --nodes list; each "
         "starts its training workers (COMMAND, --nproc-per-node of them) once every node is up "
         "and restarts all of them together, restored from RAM, when anything fails. Exit "
-        "status: 0 training finished, 3 recovery gave up, 2 bad usage, 1 internal error, "
+        "status: 0 training finished, 3 recovery gave up, 2 bad usage (or a finished job started "
+        "again without --resume-finished), 1 internal error, "
         "128+N stopped by signal N.",
     )
     node.add_argument("--rank", type=int, required=True, help="this node's index in --nodes")
