@@ -152,6 +152,7 @@ class PersistTier:
         self.keep = keep
         self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
         self._told: set[Path] = set()  # files already named in a skipped/accepted line
+        self._looked_around = False  # other jobs' directories listed once
 
     def filename(self, step: int) -> Path:
         """Where version ``step`` of this rank lives."""
@@ -233,9 +234,12 @@ class PersistTier:
                     continue
                 unknown.append(entry)
             found[step] = entry
-        if self.job is not None and self.root.is_dir():
+        if self.job is not None and not self._looked_around and self.root.is_dir():
+            # Other jobs' directories, for the one line that names them: once per tier, as
+            # nothing here reads them (``path`` may be a busy directory).
+            self._looked_around = True
             for d in sorted(self.root.iterdir()):
-                if d != self.path and d.is_dir():
+                if d != self.path and _JOB.match(d.name) and d.is_dir():
                     foreign += [p for _, p in self._files(d)]
         self._tell(foreign, unknown)
         return [found[s] for s in sorted(found)]
