@@ -141,3 +141,18 @@ def test_finished_job_is_not_resumed_unless_asked_and_another_job_is_not_restore
         assert theirs
         assert {p.name: p.read_bytes() for p in marker.parent.glob("step-*")} == theirs
         assert_exact(c.out, 1, steps)
+
+
+def test_bad_job_name_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "supervise", "node", "--rank", "0", "--nodes", "127.0.0.1:1",
+         "--job", "a/b", "--", "true"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "supervise node: --job 'a/b': use letters, digits, '.', '_' or '-' (1-128 characters)"
+    ]
