@@ -153,6 +153,7 @@ class PersistTier:
         self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
         self._told: set[Path] = set()  # files already named in a skipped/accepted line
         self._looked_around = False  # other jobs' directories listed once
+        self._bad: set[Path] = set()  # failed verification but could not be renamed aside
 
     def filename(self, step: int) -> Path:
         """Where version ``step`` of this rank lives."""
@@ -182,6 +183,7 @@ class PersistTier:
             finally:
                 os.close(fd)
             tmp.replace(final)
+            self._bad.discard(final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
@@ -217,6 +219,8 @@ class PersistTier:
         foreign: list[DiskEntry | Path] = []
         unknown: list[DiskEntry] = []
         for step, p in [*self._legacy(), *self._files(self.path)]:  # own files win a tie
+            if p in self._bad:
+                continue
             try:
                 entry = read_entry(p)
             except CorruptSnapshot as exc:
@@ -296,16 +300,23 @@ class PersistTier:
 
     def quarantine(self, path: Path, reason: str) -> Path | None:
         """Rename a file that failed verification to ``<name>.corrupt`` (kept for a look, never
-        listed again); returns the new path (None if the file was gone already)."""
+        listed again); where it cannot be renamed, this tier remembers it as bad and never
+        lists it again either. Returns the new path (None if not renamed)."""
         aside = path.with_name(path.name + CORRUPT_SUFFIX)
         try:
             path.replace(aside)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning(
-                "checkpoint %s is corrupt (%s) and cannot be renamed: %s", path, reason, exc
-            )
+            if path not in self._bad:
+                log.warning(
+                    "checkpoint %s fails verification (%s) and cannot be renamed (%s): "
+                    "it is not offered again by this process",
+                    path,
+                    reason,
+                    exc,
+                )
+            self._bad.add(path)
             return None
         with contextlib.suppress(OSError):
             _fsync_dir(path.parent)

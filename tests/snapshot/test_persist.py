@@ -93,6 +93,31 @@ def test_flipped_byte_on_disk_is_detected_and_quarantined(tmp_path: Path) -> Non
     assert (tmp_path / f"{path.name}{CORRUPT_SUFFIX}").read_bytes() == bytes(raw)
 
 
+def test_corrupt_file_that_cannot_be_renamed_is_remembered_as_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = PersistTier(tmp_path, rank=0, keep=2)
+    m, data = shard(1)
+    path = tier.write(m, memoryview(data))
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(raw)
+    [entry] = tier.entries()
+    real_replace = Path.replace
+
+    def refuse(self: Path, target: Path) -> Path:
+        if str(target).endswith(CORRUPT_SUFFIX):
+            raise PermissionError(13, "read-only file system")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    with pytest.raises(CorruptSnapshot):
+        tier.load(entry, memoryview(bytearray(m.nbytes)))
+    assert path.exists() and tier.entries() == []  # still there, never offered again
+    tier.write(m, memoryview(data))  # written anew: a good file again
+    assert [e.path for e in tier.entries()] == [path]
+
+
 def test_file_truncated_under_a_listed_entry_is_quarantined_on_load(tmp_path: Path) -> None:
     tier = PersistTier(tmp_path, rank=0, keep=2)
     m, data = shard(1)
