@@ -65,6 +65,7 @@ from supervise.policy import (
 from supervise.snapshot import (
     CapacityError,
     CorruptSnapshot,
+    FinishedJob,
     Manifest,
     SnapshotError,
     VersionInfo,
@@ -154,6 +155,7 @@ __all__ = [  # noqa: RUF022 -- grouped, not sorted
     # snapshots
     "CapacityError",
     "CorruptSnapshot",
+    "FinishedJob",
     "Manifest",
     "SnapshotError",
     "VersionInfo",

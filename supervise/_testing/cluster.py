@@ -46,8 +46,9 @@ def node_argv(
     shm_dir: Path,
     worker_shutdown: float,
     command: Sequence[str],
+    options: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of node ``rank``'s agent: ``supervise node ... -- command``."""
+    """The command line of node ``rank``'s agent: ``supervise node ... [options] -- command``."""
     return [
         sys.executable, "-m", "supervise", "node",
         "--rank", str(rank),
@@ -55,6 +56,7 @@ def node_argv(
         "--policy", str(policy),
         "--shm-dir", str(shm_dir),
         "--worker-shutdown", str(worker_shutdown),
+        *options,
         "--", *command,
     ]  # fmt: skip
 
@@ -175,6 +177,7 @@ class LocalCluster:
         self.worker_shutdown = worker_shutdown
         self.shm_root = shm_root if shm_root is not None else workdir
         self.wait_s = wait_s
+        self.options: list[str] = []  # more ``supervise node`` options for the next starts
         self.agents: dict[int, Agent] = {}  # rank -> its newest incarnation
         self.started: list[Agent] = []  # every incarnation, in start order
         self.book = PidBook()
@@ -207,6 +210,7 @@ class LocalCluster:
             shm_dir=shm_dir,
             worker_shutdown=self.worker_shutdown,
             command=self.command,
+            options=self.options,
         )
         env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
         with log.open("wb") as out:

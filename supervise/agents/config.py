@@ -10,6 +10,7 @@ import attrs
 from supervise._validation import InvalidValue
 from supervise.cluster.transport import MAX_PORT, normalize_endpoint
 from supervise.policy import Policy
+from supervise.snapshot.persist import check_job, job_fingerprint
 
 
 def _nodes(value: Sequence[str]) -> tuple[str, ...]:
@@ -52,6 +53,8 @@ class NodeConfig:
     worker_shutdown: float = 5.0
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
+    job: str | None = None  # the run's identity on disk (None: a fingerprint, see job_id)
+    resume_finished: bool = False  # resume a job whose training finished before
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
@@ -76,6 +79,19 @@ class NodeConfig:
             )
         if not isinstance(self.shm_dir, str) or not self.shm_dir:
             raise InvalidValue("shm_dir", self.shm_dir, "must be a directory")
+        if self.job is not None:
+            try:
+                check_job(self.job)
+            except ValueError:
+                raise InvalidValue(
+                    "job", self.job, "use letters, digits, '.', '_' or '-' (1-128 characters)"
+                ) from None
+
+    @property
+    def job_id(self) -> str:
+        """The job's identity in its persisted files: ``job``, else a fingerprint of the
+        command and the world size (the same command restarted is the same job)."""
+        return self.job if self.job is not None else job_fingerprint(self.command, self.world_size)
 
     @property
     def n_nodes(self) -> int:

@@ -47,7 +47,7 @@ from supervise.cluster.transport import normalize_endpoint
 from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
-from supervise.snapshot.persist import Persister, PersistTier
+from supervise.snapshot.persist import Persister, PersistTier, check_resumable
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.telemetry import Source, get_telemetry
@@ -82,6 +82,17 @@ class NodeRuntime:
         self._token: trio.lowlevel.TrioToken | None = None
         with contextlib.suppress(RuntimeError):
             self._token = trio.lowlevel.current_trio_token()
+        persist = self.policy.persist
+        self._tiers = {
+            rank: PersistTier(persist.path, rank=rank, keep=persist.keep, job=config.job_id)
+            for rank in config.ranks
+        }
+        # Before anything is allocated: a finished job is not resumed unless asked.
+        check_resumable(
+            self._tiers.values(),
+            resume_finished=config.resume_finished,
+            hint="pass --resume-finished to resume it, or --job NAME to start another job",
+        )
         self._own_tmp = config.run_dir is None
         self._tmp = Path(config.run_dir) if config.run_dir else claim_run_dir(config.rank)
         node = f"node{config.rank}-{_port_of(config.endpoint)}"
@@ -109,10 +120,6 @@ class NodeRuntime:
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
         self.store = ReplicaStore(budget, keep_last=r.keep_last, shared=self.arenas.budget)
-        self._tiers = {
-            rank: PersistTier(self.policy.persist.path, rank=rank, keep=self.policy.persist.keep)
-            for rank in config.ranks
-        }
         for tier in self._tiers.values():
             tier.clean_temporaries()
         self.persister: Persister | None = None
@@ -305,6 +312,10 @@ class NodeRuntime:
             unregister()
         if self.persister is not None:
             self.persister.close()
+        if self.exit_code == 0:  # every local worker finished: the job is done here
+            marked = [str(m) for t in self._tiers.values() if (m := t.mark_finished())]
+            if marked:
+                log.info("job finished: marked", job=self.config.job_id, markers=marked)
         self.store.close()
         self.arenas.close(unlink=not keep_arenas)
         self._release()

@@ -40,7 +40,10 @@ def check_startup(config: NodeConfig, *, env: Mapping[str, str] | None = None) -
     check_command(config.command, cwd=config.cwd, env=environ)
     persist = config.policy.persist
     if persist.every_snapshots:
-        tiers = [PersistTier(persist.path, rank=r, keep=persist.keep) for r in config.ranks]
+        tiers = [
+            PersistTier(persist.path, rank=r, keep=persist.keep, job=config.job_id)
+            for r in config.ranks
+        ]
         check_persist_room(tiers)
 
 

@@ -22,6 +22,7 @@ from supervise.agents.replica_holder import REPLICAS, fetch_shard_via
 from supervise.agents.workers import ExitCallback, Launch, SparePool, WorkerGroup
 from supervise.runtime import whereis
 from supervise.snapshot import protocol as p
+from supervise.snapshot.persist import JOB_ENV
 from supervise.snapshot.service import FRESH
 from supervise.telemetry import Phase, RecoveryTrace, Source, untraced
 
@@ -112,7 +113,7 @@ class LocalRestart:
                 master_addr=config.master_addr,
                 master_port=msg.master_port,
                 agent=ctx.agent_endpoint,
-                env=config.env,
+                env={**config.env, JOB_ENV: config.job_id},
                 cwd=config.cwd,
             )
             group = WorkerGroup(

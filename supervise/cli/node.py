@@ -18,7 +18,8 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description="Run one node agent. Start one per node with the same --nodes list; each "
         "starts its training workers (COMMAND, --nproc-per-node of them) once every node is up "
         "and restarts all of them together, restored from RAM, when anything fails. Exit "
-        "status: 0 training finished, 3 recovery gave up, 2 bad usage, 1 internal error, "
+        "status: 0 training finished, 3 recovery gave up, 2 bad usage (or a finished job started "
+        "again without --resume-finished), 1 internal error, "
         "128+N stopped by signal N.",
     )
     node.add_argument("--rank", type=int, required=True, help="this node's index in --nodes")
@@ -42,6 +43,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="SECONDS",
         help="grace between SIGTERM and SIGKILL when stopping workers (default 5)",
     )
+    node.add_argument(
+        "--job",
+        metavar="NAME",
+        help="this run's identity in its persisted snapshots (default: a fingerprint of the "
+        "command and the world size); another job's files are never restored",
+    )
+    node.add_argument(
+        "--resume-finished",
+        action="store_true",
+        help="resume this job from its persisted snapshots even though its training finished",
+    )
     node.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     node.set_defaults(handler=_run)
 
@@ -60,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     from supervise.cluster import CurveKeys
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
+    from supervise.snapshot.errors import FinishedJob
     from supervise.telemetry import (
         TelemetryError,
         configure_logging,
@@ -87,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
             nproc_per_node=args.nproc_per_node,
             shm_dir=args.shm_dir,
             worker_shutdown=args.worker_shutdown,
+            job=args.job,
+            resume_finished=args.resume_finished,
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
@@ -107,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         return trio.run(functools.partial(run_node, config, curve=curve))
-    except StartupError as exc:  # a resource taken between the checks and its use
+    except (StartupError, FinishedJob) as exc:  # a port taken since the checks; a finished job
         return _fail(str(exc))
     finally:
         shutdown_telemetry()

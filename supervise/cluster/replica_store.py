@@ -371,6 +371,11 @@ class ReplicaStore:
             rep.pins += 1
         return rep
 
+    def discard(self, rep: Replica) -> None:
+        """Drop a replica found corrupt: never served or listed again (a pinned one is
+        released on its last unpin)."""
+        self._drop_replica(rep)
+
     def unpin(self, rep: Replica) -> None:
         rep.pins = max(0, rep.pins - 1)
         if rep.pins == 0 and rep.retired:

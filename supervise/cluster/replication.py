@@ -157,6 +157,7 @@ class FetchData:
 @attrs.frozen(slots=True)
 class FetchClose:
     lease: int
+    corrupt: str = ""  # the fetcher found the bytes fail their checksums: why
 
 
 @message_kind("replica.fetch_closed")
@@ -364,8 +365,36 @@ class ReplicaEndpoint:
     async def _fetch_close(self, msg: Incoming[FetchClose]) -> object:
         lease = self._leases.pop(msg.body.lease, None)
         if lease is not None:
-            self.store.unpin(lease.replica)
+            try:
+                if msg.body.corrupt:
+                    await self._check_reported(lease.replica, msg.sender, msg.body.corrupt)
+            finally:
+                self.store.unpin(lease.replica)
         return FetchClosed(msg.body.lease)
+
+    async def _check_reported(self, rep: Replica, sender: int | None, reason: str) -> None:
+        """A fetcher found this replica's bytes corrupt: verify them here (off the event loop)
+        and drop the replica if they fail, so it is never served or offered again."""
+        meta = rep.meta
+
+        def verify() -> str:
+            try:
+                StreamVerifier(meta.checks, meta.nbytes).feed(rep.data())
+            except ChecksumMismatch as exc:
+                return str(exc)
+            return ""
+
+        failed = await trio.to_thread.run_sync(verify)
+        if failed:
+            self.store.discard(rep)
+            log.warning("replica corrupt: dropped", shard=meta.label, reporter=sender, error=failed)
+        else:
+            log.warning(
+                "replica reported corrupt verifies here: kept",
+                shard=meta.label,
+                reporter=sender,
+                reason=reason,
+            )
 
     async def _inventory(self, msg: Incoming[InventoryQuery]) -> object:
         held = [
@@ -483,6 +512,7 @@ async def fetch_shard(
         raise ValueError(f"{meta.label}: destination of {len(dest)} bytes is too small")
     verifier = StreamVerifier(meta.checks, meta.nbytes)
     inflight: deque[tuple[int, int, PendingReply]] = deque()
+    corrupt = ""  # told to the holder, which then checks its copy and drops it if bad
     try:
         offsets = iter(range(0, meta.nbytes, chunk_size))
         for off in offsets:
@@ -495,12 +525,15 @@ async def fetch_shard(
             await _take_range(inflight, dest, verifier, timeout)
         if not verifier.complete:  # pragma: no cover - guarded by the loop above
             raise TransferAborted(f"{meta.label}: incomplete fetch")
+    except ChecksumMismatch as exc:
+        corrupt = str(exc) or "checksum mismatch"
+        raise
     finally:
         for _, _, p in inflight:
             p.cancel()
         # the holder expires idle leases by itself if this does not get through
         with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await transport.request(peer, FetchClose(fm.lease), timeout=1.0)
+            await transport.request(peer, FetchClose(fm.lease, corrupt), timeout=1.0)
     return meta, dest[: meta.nbytes]
 
 

@@ -9,6 +9,7 @@ from supervise.snapshot.errors import (
     AgentUnavailable,
     CapacityError,
     CorruptSnapshot,
+    FinishedJob,
     ProtocolError,
     SnapshotError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "CommitEvent",
     "CorruptSnapshot",
     "DiskEntry",
+    "FinishedJob",
     "Layout",
     "LocalOwner",
     "Manifest",

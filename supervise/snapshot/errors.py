@@ -15,6 +15,10 @@ class CorruptSnapshot(SnapshotError):
     """Stored bytes do not match their manifest (checksum, size or header)."""
 
 
+class FinishedJob(SnapshotError):
+    """The job finished before and resuming it was not asked for."""
+
+
 class ProtocolError(SnapshotError):
     """A malformed or unexpected message between a worker and its agent."""
 

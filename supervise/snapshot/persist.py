@@ -6,14 +6,24 @@ little-endian header length, a JSON header (per tensor: dtype, shape, data_offse
 pass over the slot with no extra copy. The manifest (checksums, metrics, extra state) is
 stored inside the file, in ``__metadata__["supervise.manifest"]`` (base64 msgpack): one file
 is one atomic unit. Writes go to a temp file, are fsynced, renamed into place and the
-directory fsynced; a partial or corrupt file is skipped with a warning when listing or
-loading.
+directory fsynced. A file that fails verification (when listing: its header, size or name;
+when loading: its checksums) is renamed aside to ``<name>.corrupt`` with one warning line, so no
+later listing offers it again and a restart falls back to an older version.
+
+Run identity: a tier created with a ``job`` keeps its files in ``<path>/<job>/`` and names the
+job in each (``__metadata__["supervise.job"]``), so two jobs sharing a directory never touch
+each other's files. It lists only its job's files: another job's are skipped with one line
+naming them; files directly in ``<path>`` (the layout before job identities, no identity in
+them) are accepted as this job's with one warning line. ``mark_finished`` leaves
+``<path>/<job>/finished.rank-<5 digits>.json`` after a clean finish; `check_resumable` refuses
+to resume a finished job unless asked.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +31,8 @@ import queue
 import re
 import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -30,7 +41,7 @@ import attrs
 from supervise.snapshot._dtypes import DTYPES
 from supervise.snapshot.budget import check_free_space
 from supervise.snapshot.checksum import mismatches
-from supervise.snapshot.errors import CapacityError, CorruptSnapshot, SnapshotError
+from supervise.snapshot.errors import CapacityError, CorruptSnapshot, FinishedJob, SnapshotError
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.retention import VersionInfo
 from supervise.telemetry import snapshot_span
@@ -44,15 +55,43 @@ _MAX_HEADER: Final = 100_000_000
 _CHUNK: Final = 64 << 20
 _NAME: Final = re.compile(r"^step-(\d{12})\.rank-(\d{5})\.safetensors$")
 META_KEY: Final = "supervise.manifest"
+JOB_KEY: Final = "supervise.job"
+#: What a file that failed verification is renamed to (its name + this suffix).
+CORRUPT_SUFFIX: Final = ".corrupt"
+#: The environment variable naming a job (the standalone Snapshotter; the agent sets it for
+#: its workers).
+JOB_ENV: Final = "SUPERVISE_JOB"
+#: ``1`` lets a standalone Snapshotter resume a job that finished (``--resume-finished``).
+RESUME_FINISHED_ENV: Final = "SUPERVISE_RESUME_FINISHED"
+_JOB: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_job(job: str) -> str:
+    """``job`` if it is a valid job name, else a one-line ValueError."""
+    if not isinstance(job, str) or not _JOB.match(job):
+        raise ValueError(
+            f"job {job!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit"
+        )
+    return job
+
+
+def job_fingerprint(argv: Sequence[str], world_size: int) -> str:
+    """The default job name: a fingerprint of the command line and the world size, so the
+    same command restarted resumes its own checkpoints and another one does not."""
+    text = "\0".join([*argv, f"world_size={world_size}"])
+    return "cmd-" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @attrs.frozen(slots=True)
 class DiskEntry:
-    """A persisted shard found on disk (header checked; data verified only on load)."""
+    """A persisted shard found on disk (header checked; data verified only on load).
+    ``job``: the job that wrote it (None: a file without identity)."""
 
     path: Path
     manifest: Manifest
     data_offset: int
+    job: str | None = None
 
     @property
     def info(self) -> VersionInfo:
@@ -61,16 +100,18 @@ class DiskEntry:
         return VersionInfo(m.step, m.generation, m.wall_time, m.nbytes, dict(m.metrics), "disk")
 
 
-def safetensors_header(manifest: Manifest) -> bytes:
-    """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region."""
-    header: dict[str, object] = {
-        "__metadata__": {
-            "format": "supervise.snapshot/1",
-            "step": str(manifest.step),
-            "rank": str(manifest.rank),
-            META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
-        }
+def safetensors_header(manifest: Manifest, job: str | None = None) -> bytes:
+    """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region,
+    naming ``job`` when given."""
+    meta = {
+        "format": "supervise.snapshot/1",
+        "step": str(manifest.step),
+        "rank": str(manifest.rank),
+        META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
     }
+    if job is not None:
+        meta[JOB_KEY] = job
+    header: dict[str, object] = {"__metadata__": meta}
     for t in sorted(manifest.tensors, key=lambda t: t.offset):
         header[t.name] = {
             "dtype": DTYPES[t.dtype][1],
@@ -93,15 +134,26 @@ def _check_contiguous(manifest: Manifest) -> None:
 
 
 class PersistTier:
-    """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``."""
+    """One rank's shards in a directory: ``step-<12 digits>.rank-<5 digits>.safetensors``.
 
-    def __init__(self, path: str | os.PathLike[str], *, rank: int, keep: int) -> None:
+    ``job`` names the run writing them: its files live in ``<path>/<job>/`` (see the module
+    docstring). None: no identity, the files live in ``path`` itself (tools, direct users).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, rank: int, keep: int, job: str | None = None
+    ) -> None:
         if keep < 1:
             raise ValueError(f"persist.keep = {keep}: must be >= 1")
-        self.path = Path(path)
+        self.root = Path(path)
+        self.job = None if job is None else check_job(job)
+        self.path = self.root if self.job is None else self.root / self.job
         self.rank = rank
         self.keep = keep
         self._tmp_glob = f".step-*.rank-{rank:05d}.safetensors.tmp*"
+        self._told: set[Path] = set()  # files already named in a skipped/accepted line
+        self._looked_around = False  # other jobs' directories listed once
+        self._bad: set[Path] = set()  # failed verification but could not be renamed aside
 
     def filename(self, step: int) -> Path:
         """Where version ``step`` of this rank lives."""
@@ -116,7 +168,7 @@ class PersistTier:
             raise ValueError(f"manifest of rank {manifest.rank} given to rank {self.rank}'s tier")
         _check_contiguous(manifest)
         self.path.mkdir(parents=True, exist_ok=True)
-        header = safetensors_header(manifest)
+        header = safetensors_header(manifest, self.job)
         final = self.filename(manifest.step)
         check_free_space(self.path, len(header) + manifest.nbytes, f"checkpoint {final.name}")
         tmp = self.path / f".{final.name}.tmp{os.getpid()}"
@@ -131,6 +183,7 @@ class PersistTier:
             finally:
                 os.close(fd)
             tmp.replace(final)
+            self._bad.discard(final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
@@ -142,64 +195,155 @@ class PersistTier:
         _fsync_dir(self.path)
         return final
 
-    def entries(self) -> list[DiskEntry]:
-        """This rank's readable files, oldest step first; bad ones are skipped with a warning."""
-        if not self.path.is_dir():
+    def _files(self, directory: Path) -> list[tuple[int, Path]]:
+        """(step, path) of this rank's files in ``directory``, by step."""
+        if not directory.is_dir():
             return []
-        out = []
-        for p in sorted(self.path.iterdir()):
-            m = _NAME.match(p.name)
-            if not m or int(m.group(2)) != self.rank:
+        return [
+            (int(m.group(1)), p)
+            for p in sorted(directory.iterdir())
+            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
+        ]
+
+    def _legacy(self) -> list[tuple[int, Path]]:
+        """This rank's files directly in ``root`` (the layout before job identities)."""
+        return [] if self.job is None else self._files(self.root)
+
+    def entries(self) -> list[DiskEntry]:
+        """This job's readable files of this rank, oldest step first.
+
+        A file that fails its header checks is quarantined (renamed aside); another job's
+        files are skipped and files without identity accepted, each named once in one line.
+        """
+        found: dict[int, DiskEntry] = {}
+        foreign: list[DiskEntry | Path] = []
+        unknown: list[DiskEntry] = []
+        for step, p in [*self._legacy(), *self._files(self.path)]:  # own files win a tie
+            if p in self._bad:
                 continue
             try:
                 entry = read_entry(p)
-            except (CorruptSnapshot, OSError) as exc:
+            except CorruptSnapshot as exc:
+                self.quarantine(p, str(exc))
+                continue
+            except OSError as exc:
                 log.warning("skipping unreadable checkpoint %s: %s", p, exc)
                 continue
-            if entry.manifest.step != int(m.group(1)) or entry.manifest.rank != self.rank:
-                log.warning("skipping checkpoint %s: its manifest names another step or rank", p)
+            if entry.manifest.step != step or entry.manifest.rank != self.rank:
+                self.quarantine(p, "its manifest names another step or rank than its file name")
                 continue
-            out.append(entry)
-        return out
+            if self.job is not None and entry.job != self.job:
+                if entry.job is not None:
+                    foreign.append(entry)
+                    continue
+                unknown.append(entry)
+            found[step] = entry
+        if self.job is not None and not self._looked_around and self.root.is_dir():
+            # Other jobs' directories, for the one line that names them: once per tier, as
+            # nothing here reads them (``path`` may be a busy directory).
+            self._looked_around = True
+            for d in sorted(self.root.iterdir()):
+                if d != self.path and _JOB.match(d.name) and d.is_dir():
+                    foreign += [p for _, p in self._files(d)]
+        self._tell(foreign, unknown)
+        return [found[s] for s in sorted(found)]
+
+    def _tell(self, foreign: list[DiskEntry | Path], unknown: list[DiskEntry]) -> None:
+        """One line for another job's files skipped, one for files without identity accepted
+        (each file named once per tier)."""
+        paths = [f.path if isinstance(f, DiskEntry) else f for f in foreign]
+        new_foreign = [p for p in paths if p not in self._told]
+        if new_foreign:
+            log.warning(
+                "not restoring %d checkpoint file(s) of another job in %s (this job is %r): %s",
+                len(new_foreign),
+                self.root,
+                self.job,
+                ", ".join(str(p.relative_to(self.root)) for p in new_foreign),
+            )
+        new_unknown = [e for e in unknown if e.path not in self._told]
+        if new_unknown:
+            log.warning(
+                "accepting %d checkpoint file(s) without a job identity in %s as job %r's "
+                "(written before job identities): %s",
+                len(new_unknown),
+                self.root,
+                self.job,
+                ", ".join(e.path.name for e in new_unknown),
+            )
+        self._told.update([*new_foreign, *(e.path for e in new_unknown)])
 
     def load(self, entry: DiskEntry, into: memoryview, *, threads: int = 1) -> None:
-        """Read a shard's data region into ``into`` and verify every checksum."""
+        """Read a shard's data region into ``into`` and verify every checksum; a file that
+        fails (truncated, checksum mismatch) is quarantined and CorruptSnapshot raised."""
         n = entry.manifest.nbytes
         if len(into) < n:
             raise CapacityError(f"{entry.path} needs {n} bytes, the buffer has {len(into)}")
-        with open(entry.path, "rb", buffering=0) as f:
-            f.seek(entry.data_offset)
-            view = into[:n]
-            got = 0
-            while got < n:
-                r = f.readinto(view[got : got + _CHUNK])
-                if not r:
-                    raise CorruptSnapshot(f"{entry.path} is truncated")
-                got += r
-        bad = mismatches(entry.manifest, into, threads=threads)
-        if bad:
-            raise CorruptSnapshot(
-                f"{entry.path}: checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}"
-            )
+        try:
+            with open(entry.path, "rb", buffering=0) as f:
+                f.seek(entry.data_offset)
+                view = into[:n]
+                got = 0
+                while got < n:
+                    r = f.readinto(view[got : got + _CHUNK])
+                    if not r:
+                        raise CorruptSnapshot(f"{entry.path} is truncated")
+                    got += r
+            bad = mismatches(entry.manifest, into, threads=threads)
+            if bad:
+                raise CorruptSnapshot(
+                    f"{entry.path}: checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}"
+                )
+        except CorruptSnapshot as exc:
+            self.quarantine(entry.path, str(exc))
+            raise
+
+    def quarantine(self, path: Path, reason: str) -> Path | None:
+        """Rename a file that failed verification to ``<name>.corrupt`` (kept for a look, never
+        listed again); where it cannot be renamed, this tier remembers it as bad and never
+        lists it again either. Returns the new path (None if not renamed)."""
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        try:
+            path.replace(aside)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if path not in self._bad:
+                log.warning(
+                    "checkpoint %s fails verification (%s) and cannot be renamed (%s): "
+                    "it is not offered again by this process",
+                    path,
+                    reason,
+                    exc,
+                )
+            self._bad.add(path)
+            return None
+        with contextlib.suppress(OSError):
+            _fsync_dir(path.parent)
+        log.warning(
+            "checkpoint %s fails verification (%s): renamed to %s, it is not offered again",
+            path,
+            reason,
+            aside.name,
+        )
+        return aside
 
     def prune(self, head: int) -> list[Path]:
         """Keep the ``keep`` newest files at or below ``head``; files above ``head`` belong to
-        a rolled-back future and go too. Returns the removed paths."""
+        a rolled-back future and go too. Only this job's files count (with those it accepted
+        from before job identities). Returns the removed paths."""
         removed = []
-        names = [
-            (int(m.group(1)), p)
-            for p in (self.path.iterdir() if self.path.is_dir() else ())
-            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
-        ]
-        below = sorted((s for s, _ in names if s <= head), reverse=True)
+        names = [(s, p) for s, p in self._legacy() if not self._foreign(p)]
+        names += self._files(self.path)
+        below = sorted({s for s, _ in names if s <= head}, reverse=True)
         keep = set(below[: self.keep])
         for step, p in names:
             if step not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed.append(p)
-        if removed:
-            _fsync_dir(self.path)
+        for d in {p.parent for p in removed}:
+            _fsync_dir(d)
         return removed
 
     def make_room(self, step: int) -> list[Path]:
@@ -234,11 +378,68 @@ class PersistTier:
         ]
         return max(steps, default=None)
 
+    def _foreign(self, path: Path) -> bool:
+        """Whether ``path`` names another job in its header (an unreadable file does not)."""
+        try:
+            job = read_entry(path).job
+        except (CorruptSnapshot, OSError):
+            return False
+        return job is not None and job != self.job
+
     def clean_temporaries(self) -> None:
         """Remove temp files a crashed write of this rank left behind."""
-        for p in self.path.glob(self._tmp_glob) if self.path.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        for d in {self.root, self.path}:
+            for p in d.glob(self._tmp_glob) if d.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    # -- the finished marker ---------------------------------------------------------------
+
+    @property
+    def marker(self) -> Path | None:
+        """Where this job's "finished" marker of this rank lives (None: a tier without job)."""
+        if self.job is None:
+            return None
+        return self.path / f"finished.rank-{self.rank:05d}.json"
+
+    def finished(self) -> bool:
+        """Whether this job's training finished here (its marker exists)."""
+        return self.marker is not None and self.marker.exists()
+
+    def mark_finished(self) -> Path | None:
+        """Record that this job's training of this rank completed (where the directory exists:
+        a run that never persisted leaves nothing). Returns the marker's path."""
+        marker = self.marker
+        if marker is None or not self.path.is_dir():
+            return None
+        tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"job": self.job, "rank": self.rank, "time": time.time()}))
+        tmp.replace(marker)
+        _fsync_dir(self.path)
+        return marker
+
+    def clear_finished(self) -> None:
+        """Forget this job's "finished" marker (it runs again)."""
+        if self.marker is not None:
+            self.marker.unlink(missing_ok=True)
+
+
+def check_resumable(tiers: Iterable[PersistTier], *, resume_finished: bool, hint: str) -> None:
+    """Refuse to resume a job that finished (`FinishedJob`, one line ending with ``hint``)
+    unless ``resume_finished``; then its markers are removed, as it runs again. A marker
+    with no checkpoint file of the job left means nothing to resume: it is removed."""
+    for tier in tiers:
+        if not tier.finished():
+            continue
+        if resume_finished or not tier.entries():
+            tier.clear_finished()
+            continue
+        marker = tier.marker
+        assert marker is not None
+        raise FinishedJob(
+            f"job {tier.job!r} already finished in {tier.path} (marker {marker.name}): its "
+            f"checkpoints are not resumed unless asked; {hint}"
+        )
 
 
 def read_entry(path: Path) -> DiskEntry:
@@ -262,6 +463,9 @@ def read_entry(path: Path) -> DiskEntry:
         raise
     except Exception as exc:
         raise CorruptSnapshot(f"header is not a supervise safetensors header: {exc}") from None
+    job = meta.get(JOB_KEY)
+    if job is not None and not isinstance(job, str):
+        raise CorruptSnapshot(f"header names job {job!r}, not a string")
     data_offset = 8 + hlen
     if size != data_offset + manifest.nbytes:
         raise CorruptSnapshot(
@@ -276,7 +480,7 @@ def read_entry(path: Path) -> DiskEntry:
             or h.get("dtype") != DTYPES[t.dtype][1]
         ):
             raise CorruptSnapshot(f"tensor {t.name!r} disagrees between header and manifest")
-    return DiskEntry(path, manifest, data_offset)
+    return DiskEntry(path, manifest, data_offset, job)
 
 
 def _write_all(fd: int, buf: memoryview) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import attrs
@@ -17,7 +18,15 @@ from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.client import AGENT_ENV, AgentClient, LocalOwner, Owner
 from supervise.snapshot.errors import SnapshotError
-from supervise.snapshot.persist import Persister, PersistTier
+from supervise.snapshot.persist import (
+    JOB_ENV,
+    RESUME_FINISHED_ENV,
+    Persister,
+    PersistTier,
+    check_job,
+    check_resumable,
+    job_fingerprint,
+)
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService
 
@@ -50,6 +59,28 @@ def env_int(name: str, default: int) -> int:
     return value
 
 
+def job_of(world_size: int) -> str:
+    """This run's job name: ``SUPERVISE_JOB`` (the node agent sets it for its workers), else a
+    fingerprint of this process's command line and the world size."""
+    raw = os.environ.get(JOB_ENV, "")
+    if not raw:
+        return job_fingerprint(sys.argv, world_size)
+    try:
+        return check_job(raw)
+    except ValueError as exc:
+        raise SnapshotError(f"{JOB_ENV}={raw!r} in the environment: {exc}") from None
+
+
+def resume_finished() -> bool:
+    """Whether ``SUPERVISE_RESUME_FINISHED`` asks to resume a finished job."""
+    raw = os.environ.get(RESUME_FINISHED_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise SnapshotError(f"{RESUME_FINISHED_ENV}={raw!r} in the environment: use 1 or 0")
+
+
 @attrs.frozen(slots=True)
 class Wiring:
     """The owner greeted, the policy that applies, and the persist tier this rank reads.
@@ -69,7 +100,7 @@ def connect(
     standalone arena in this process (``policy=None``: persist every snapshot, as nothing else
     outlives the process) with its persister."""
     endpoint = os.environ.get(AGENT_ENV, "")
-    tier: PersistTier | None = None
+    job = job_of(hello.world_size)
     persister: Persister | None = None
     owner: Owner
     if endpoint:
@@ -80,11 +111,18 @@ def connect(
         if policy is not None and policy != agent_policy:
             log.warning("the node agent's policy applies; the policy given here is ignored")
         policy = agent_policy
+        tier = PersistTier(policy.persist.path, rank=hello.rank, keep=policy.persist.keep, job=job)
     else:
         standalone = True
         if policy is None:
             base = Policy()
             policy = attrs.evolve(base, persist=attrs.evolve(base.persist, every_snapshots=1))
+        tier = PersistTier(policy.persist.path, rank=hello.rank, keep=policy.persist.keep, job=job)
+        check_resumable(
+            [tier],
+            resume_finished=resume_finished(),
+            hint=f"set {RESUME_FINISHED_ENV}=1 to resume it, or {JOB_ENV}=NAME for another job",
+        )
         r = policy.retention
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         budget = MemoryBudget(r.memory_budget.resolve(total_ram()))
@@ -93,16 +131,10 @@ def connect(
             directory, rule=rule, budget=budget, node="standalone", anonymous=True
         )
         if policy.persist.every_snapshots:
-
-            def tier_of(_rank: int) -> PersistTier:
-                assert tier is not None  # set below, before any commit
-                return tier
-
-            persister = Persister(service, tier_of, every=policy.persist.every_snapshots)
+            own = tier
+            persister = Persister(service, lambda _rank: own, every=policy.persist.every_snapshots)
             service.add_commit_hook(persister.on_commit)
         owner = LocalOwner(service, hello.rank)
         owner.hello(hello)
-    tier = PersistTier(policy.persist.path, rank=hello.rank, keep=policy.persist.keep)
-    if standalone:
         tier.clean_temporaries()
     return Wiring(owner, policy, standalone, tier, persister)

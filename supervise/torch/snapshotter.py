@@ -243,6 +243,16 @@ class Snapshotter:
         if self._persister is not None:
             self._persister.flush()
 
+    def finish(self) -> None:
+        """Say that training completed: pending writes are flushed and, standalone, the job is
+        marked finished in the persist directory, so a later run of the same job does not
+        resume it unless ``SUPERVISE_RESUME_FINISHED=1``. Under a node agent the agent marks
+        it once every worker exited 0; this only flushes."""
+        self._check_open()
+        self.flush()
+        if self.standalone:
+            self._tier.mark_finished()
+
     def close(self) -> None:
         """Finish pending work, remove the optimizer hook and release the arena (standalone:
         RAM versions go; what was persisted stays on disk)."""

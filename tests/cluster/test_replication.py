@@ -10,6 +10,7 @@ from clusterkit import eventually
 from test_replica_store import make_shard
 
 from supervise.cluster import RemoteError, Transport
+from supervise.cluster.errors import ChecksumMismatch
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.replication import (
     PushAck,
@@ -69,6 +70,50 @@ async def test_corrupt_push_is_refused_and_never_served(
     bad[MiB + 12345] ^= 0xFF
     with pytest.raises(RemoteError, match=r"tensor 't1'.*does not match its checksum"):
         await push_shard(owner, 1, meta, memoryview(bytes(bad)), chunk_size=128 * KiB)
+    assert endpoint.store.inventory() == {}
+    assert endpoint.store.receptions() == []
+    with pytest.raises(RemoteError, match="LookupError: no replica of rank 0"):
+        await fetch_shard(owner, 1, 0)
+
+
+async def test_replica_corrupted_in_ram_is_dropped_after_a_failed_fetch(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, _, endpoint = pair
+    old, old_data = make_shard(0, 10, [MiB])
+    new, new_data = make_shard(0, 20, [MiB])
+    store = endpoint.store
+    store.keep_last = 2
+    assert await push_shard(owner, 1, old, memoryview(old_data))
+    assert await push_shard(owner, 1, new, memoryview(new_data))
+    rep = store.get(0, 20)
+    assert rep is not None
+    rep.data()[777] ^= 0xFF  # flipped in the holder's RAM after it was verified
+    with pytest.raises(ChecksumMismatch):
+        await fetch_shard(owner, 1, 0, version=20)
+    # The holder checked its copy, found it bad and dropped it: never served or offered
+    # again (a restart selects the version before), and what is intact stays.
+    await eventually(lambda: store.inventory() == {0: [(10, 0)]})
+    with pytest.raises(RemoteError, match="no replica of rank 0 at version 20"):
+        await fetch_shard(owner, 1, 0, version=20)
+    _, got = await fetch_shard(owner, 1, 0, version=10)
+    assert bytes(got) == old_data
+    assert not endpoint._leases
+
+
+async def test_truncated_push_is_never_served(
+    pair: tuple[Transport, Transport, ReplicaEndpoint],
+) -> None:
+    owner, _, endpoint = pair
+    meta, data = make_shard(0, 10, [2 * MiB])
+    begin = PushBegin(
+        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+    )
+    ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
+    tid = ready.body.transfer
+    await owner.request(1, PushChunk(tid, 0), [data[:MiB]], expect=PushAck)
+    with pytest.raises(RemoteError, match=f"finished after {MiB} of {2 * MiB} bytes"):
+        await owner.request(1, PushEnd(tid), expect=PushDone)  # cut short
     assert endpoint.store.inventory() == {}
     assert endpoint.store.receptions() == []
     with pytest.raises(RemoteError, match="LookupError: no replica of rank 0"):

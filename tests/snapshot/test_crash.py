@@ -50,7 +50,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bit_exact_resume_from_disk_after_a_crash(tmp_path: Path, reference: Path) -> None:
-    env = {"SHM_DIR": str(tmp_path), "SUPERVISE_AGENT": ""}
+    # The two runs' command lines differ (the crash step): one job named in the environment.
+    env = {"SHM_DIR": str(tmp_path), "SUPERVISE_AGENT": "", "SUPERVISE_JOB": "crash-test"}
     rc, log = run(tmp_path / "final.pt", 7, "adamw", env)
     assert rc == 3, log
     # On a loaded machine both slots can still be pinned by the disk writer when a capture is

@@ -14,6 +14,8 @@ from supervise.snapshot import (
     TensorEntry,
 )
 from supervise.snapshot.checksum import digests
+from supervise.snapshot.errors import FinishedJob
+from supervise.snapshot.persist import CORRUPT_SUFFIX, check_resumable, job_fingerprint
 
 
 def shard(step: int, rank: int = 0, seed: int = 1) -> tuple[Manifest, bytearray]:
@@ -76,19 +78,59 @@ def test_real_safetensors_reads_our_files(tmp_path: Path) -> None:
     assert loaded["w"].numpy().tobytes() == bytes(data[w.offset : w.offset + w.nbytes])
 
 
-def test_flipped_byte_on_disk_is_detected(tmp_path: Path) -> None:
+def test_flipped_byte_on_disk_is_detected_and_quarantined(tmp_path: Path) -> None:
     tier = PersistTier(tmp_path, rank=0, keep=2)
     m, data = shard(1)
     path = tier.write(m, memoryview(data))
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x10
     path.write_bytes(raw)
-    [entry] = tier.entries()
+    [entry] = tier.entries()  # the header is intact: only loading finds the damage
     with pytest.raises(CorruptSnapshot, match="checksum mismatch"):
         tier.load(entry, memoryview(bytearray(m.nbytes)))
+    # Renamed aside: no later listing offers it again (a restart falls back instead).
+    assert tier.entries() == []
+    assert (tmp_path / f"{path.name}{CORRUPT_SUFFIX}").read_bytes() == bytes(raw)
 
 
-def test_partial_and_garbage_files_are_skipped_with_a_warning(
+def test_corrupt_file_that_cannot_be_renamed_is_remembered_as_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = PersistTier(tmp_path, rank=0, keep=2)
+    m, data = shard(1)
+    path = tier.write(m, memoryview(data))
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(raw)
+    [entry] = tier.entries()
+    real_replace = Path.replace
+
+    def refuse(self: Path, target: Path) -> Path:
+        if str(target).endswith(CORRUPT_SUFFIX):
+            raise PermissionError(13, "read-only file system")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    with pytest.raises(CorruptSnapshot):
+        tier.load(entry, memoryview(bytearray(m.nbytes)))
+    assert path.exists() and tier.entries() == []  # still there, never offered again
+    tier.write(m, memoryview(data))  # written anew: a good file again
+    assert [e.path for e in tier.entries()] == [path]
+
+
+def test_file_truncated_under_a_listed_entry_is_quarantined_on_load(tmp_path: Path) -> None:
+    tier = PersistTier(tmp_path, rank=0, keep=2)
+    m, data = shard(1)
+    path = tier.write(m, memoryview(data))
+    [entry] = tier.entries()
+    path.write_bytes(path.read_bytes()[:-7])  # cut after it was listed
+    with pytest.raises(CorruptSnapshot, match="truncated"):
+        tier.load(entry, memoryview(bytearray(m.nbytes)))
+    assert tier.entries() == []
+    assert (tmp_path / f"{path.name}{CORRUPT_SUFFIX}").exists()
+
+
+def test_partial_and_garbage_files_are_quarantined_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tier = PersistTier(tmp_path, rank=0, keep=5)
@@ -102,7 +144,16 @@ def test_partial_and_garbage_files_are_skipped_with_a_warning(
     with caplog.at_level(logging.WARNING):
         entries = tier.entries()
     assert [e.path for e in entries] == [good]
-    assert "skipping unreadable checkpoint" in caplog.text
+    assert "is shorter than" not in caplog.text
+    assert f"renamed to {truncated.name}{CORRUPT_SUFFIX}" in caplog.text
+    assert sorted(p.name for p in tmp_path.glob(f"*{CORRUPT_SUFFIX}")) == [
+        f"{truncated.name}{CORRUPT_SUFFIX}",
+        f"step-000000000006.rank-00000.safetensors{CORRUPT_SUFFIX}",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert [e.path for e in tier.entries()] == [good]
+    assert caplog.text == ""  # once aside, never looked at again
     tier.clean_temporaries()
     assert not list(tmp_path.glob(".step-*"))
 
@@ -144,3 +195,96 @@ def test_rank_mismatch_and_bad_keep(tmp_path: Path) -> None:
     m, d = shard(1, rank=1)
     with pytest.raises(ValueError, match="rank 1"):
         PersistTier(tmp_path, rank=0, keep=1).write(m, memoryview(d))
+
+
+def test_each_job_keeps_its_files_apart_and_another_jobs_are_skipped_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    theirs = PersistTier(tmp_path, rank=0, keep=5, job="old-run")
+    for step in (5, 10):
+        m, d = shard(step)
+        assert theirs.write(m, memoryview(d)).parent == tmp_path / "old-run"
+    ours = PersistTier(tmp_path, rank=0, keep=1, job="new-run")
+    m, d = shard(3)
+    mine = ours.write(m, memoryview(d))
+    assert mine == tmp_path / "new-run" / "step-000000000003.rank-00000.safetensors"
+    with caplog.at_level(logging.WARNING):
+        assert [e.path for e in ours.entries()] == [mine]
+        ours.entries()  # said once, not at every listing
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "not restoring 2 checkpoint file(s) of another job" in lines[0]
+    assert "(this job is 'new-run')" in lines[0]
+    assert "old-run/step-000000000005.rank-00000.safetensors" in lines[0]
+    assert [e.job for e in theirs.entries()] == ["old-run", "old-run"]
+    # The same step of another job is a file of its own; pruning never touches theirs.
+    for step in (5, 10):
+        m, d = shard(step, seed=7)
+        ours.write(m, memoryview(d))
+    ours.prune(head=10)
+    assert [e.manifest.step for e in ours.entries()] == [10]
+    assert [e.manifest.step for e in theirs.entries()] == [5, 10]
+    buf = bytearray(m.nbytes)
+    theirs.load(theirs.entries()[-1], memoryview(buf))
+    assert buf == shard(10)[1]  # theirs, not ours
+
+
+def test_files_without_a_job_are_accepted_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    legacy = PersistTier(tmp_path, rank=0, keep=2)  # the layout before job identities
+    m, d = shard(7)
+    path = legacy.write(m, memoryview(d))
+    assert path.parent == tmp_path and b"supervise.job" not in path.read_bytes()
+    tier = PersistTier(tmp_path, rank=0, keep=2, job="some-job")
+    with caplog.at_level(logging.WARNING):
+        [entry] = tier.entries()
+    assert entry.job is None and entry.manifest == m
+    assert "accepting 1 checkpoint file(s) without a job identity" in caplog.text
+    buf = bytearray(m.nbytes)
+    tier.load(entry, memoryview(buf))
+    assert buf == d
+    for step in (8, 9):  # the job goes on: its own files, the old ones pruned past keep
+        m, d = shard(step)
+        tier.write(m, memoryview(d))
+    tier.prune(head=9)
+    assert [e.path.parent.name for e in tier.entries()] == ["some-job", "some-job"]
+    assert not path.exists()
+
+
+def test_bad_job_names_are_refused_in_one_line(tmp_path: Path) -> None:
+    for bad in ("", "a/b", "-x", "x" * 129, "a b"):
+        with pytest.raises(ValueError, match=r"job .*: use 1-128 letters"):
+            PersistTier(tmp_path, rank=0, keep=1, job=bad)
+    a = job_fingerprint(["python", "train.py"], 2)
+    assert a == job_fingerprint(["python", "train.py"], 2)
+    assert a != job_fingerprint(["python", "train.py"], 4)
+    assert a != job_fingerprint(["python", "other.py"], 2)
+    PersistTier(tmp_path, rank=0, keep=1, job=a)  # a fingerprint is a valid job name
+
+
+def test_finished_job_is_not_resumed_unless_asked(tmp_path: Path) -> None:
+    tier = PersistTier(tmp_path / "ckpt", rank=0, keep=2, job="j1")
+    other = PersistTier(tmp_path / "ckpt", rank=0, keep=2, job="j2")
+    assert tier.mark_finished() is None  # nothing persisted, no directory: no marker
+    check_resumable([tier], resume_finished=False, hint="h")
+    m, d = shard(3)
+    tier.write(m, memoryview(d))
+    marker = tier.mark_finished()
+    assert marker == tmp_path / "ckpt" / "j1" / "finished.rank-00000.json"
+    assert tier.finished() and not other.finished()
+    with pytest.raises(FinishedJob, match=r"job 'j1' already finished in .*; pass --resume"):
+        check_resumable([tier], resume_finished=False, hint="pass --resume")
+    check_resumable([other], resume_finished=False, hint="h")  # another job: not its marker
+    assert tier.finished()  # refusing changes nothing
+    check_resumable([tier], resume_finished=True, hint="h")
+    assert not tier.finished()  # it runs again: finished once more only at its next finish
+    assert [e.manifest.step for e in tier.entries()] == [3]
+
+
+def test_marker_without_checkpoints_left_is_dropped(tmp_path: Path) -> None:
+    tier = PersistTier(tmp_path, rank=0, keep=2, job="j1")
+    tier.path.mkdir()
+    assert tier.mark_finished() is not None
+    check_resumable([tier], resume_finished=False, hint="h")  # nothing to resume
+    assert not tier.finished()

@@ -1,3 +1,5 @@
+import logging
+import os
 from pathlib import Path
 
 import msgpack
@@ -146,6 +148,25 @@ def test_agent_restart_adopts_committed_versions(tmp_path: Path) -> None:
     assert other_node.versions(1) == []
     again.close()
     assert list(tmp_path.glob("*.arena")) == []
+
+
+def test_truncated_arena_is_not_adopted_and_offers_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = make_service(tmp_path, keep_last=2, node="n7")
+    for rank in (0, 1):
+        owner = LocalOwner(svc, rank)
+        commit_version(owner, 1)
+        commit_version(owner, 2)
+    svc.close(unlink=False)  # the agent dies; its arenas stay in shared memory
+    [cut] = tmp_path.glob("supervise-n7-r00001-*.arena")
+    os.truncate(cut, cut.stat().st_size - 4096)
+    with caplog.at_level(logging.WARNING):
+        again = make_service(tmp_path, keep_last=2, node="n7")
+    assert f"not adopting {cut}" in caplog.text and "truncated" in caplog.text
+    assert again.versions(1) == []  # nothing of it is offered: a restart looks elsewhere
+    assert [v.step for v in again.versions(0)] == [1, 2]
+    again.close()
 
 
 def test_ingest_verifies_before_commit(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import torch
 
 from supervise.policy import Policy
 from supervise.snapshot import CapacityError, CorruptSnapshot, SnapshotError
-from supervise.snapshot.persist import PersistTier
+from supervise.snapshot.errors import FinishedJob
+from supervise.snapshot.persist import CORRUPT_SUFFIX, JOB_ENV, RESUME_FINISHED_ENV, PersistTier
 from supervise.torch import Snapshotter
 
 
@@ -51,6 +52,12 @@ def make_policy(tmp_path: Path, **snapshot: Any) -> Policy:
             "persist": {"every_snapshots": 1, "path": str(tmp_path / "ckpt"), "keep": 3},
         }
     )
+
+
+def disk_steps(ckpt: Path) -> list[int]:
+    """The steps persisted in ``ckpt`` (in the job's directory, ``ckpt/<job>/``)."""
+    [job] = [d.name for d in ckpt.iterdir() if d.is_dir()]
+    return [e.manifest.step for e in PersistTier(ckpt, rank=0, keep=1, job=job).entries()]
 
 
 def make_opt(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -173,8 +180,7 @@ def test_persist_tier_writes_every_nth_snapshot_and_keeps_persist_keep(tmp_path:
     opt = make_opt("adamw", model)
     with Snapshotter(model, opt, policy=policy, shm_dir=tmp_path) as snap:
         train(model, opt, snap, range(10))  # snapshots of steps 0..9: the 3rd, 6th, 9th persist
-    tier = PersistTier(tmp_path / "ckpt", rank=0, keep=2)
-    assert [e.manifest.step for e in tier.entries()] == [5, 8]
+    assert disk_steps(tmp_path / "ckpt") == [5, 8]
 
 
 def test_capture_is_skipped_not_waited_for_while_the_disk_lags(
@@ -212,8 +218,7 @@ def test_capture_is_skipped_not_waited_for_while_the_disk_lags(
             (2, "local"),
             (6, "local"),
         ]
-    tier = PersistTier(tmp_path / "ckpt", rank=0, keep=3)
-    assert [e.manifest.step for e in tier.entries()] == [1, 2, 6]
+    assert disk_steps(tmp_path / "ckpt") == [1, 2, 6]
 
 
 def test_weights_only_restore_leaves_the_optimizer(tmp_path: Path) -> None:
@@ -266,15 +271,21 @@ def test_flipped_byte_in_ram_falls_back_to_older_version(
     snap.close()
 
 
-def test_flipped_byte_on_disk_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_corrupt_newest_file_on_disk_is_set_aside_and_the_one_before_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
     model = Net()
     opt = make_opt("sgd", model)
     with Snapshotter(model, opt, policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
         train(model, opt, snap, range(3))
         snap.flush()
-    files = sorted((tmp_path / "ckpt").iterdir())
+    files = sorted((tmp_path / "ckpt").glob("*/step-*"))
     raw = bytearray(files[-1].read_bytes())
-    raw[-7] ^= 0x80
+    if how == "flip":
+        raw[-7] ^= 0x80
+    else:
+        del raw[-64:]
     files[-1].write_bytes(raw)
     with (
         Snapshotter(
@@ -283,7 +294,12 @@ def test_flipped_byte_on_disk_is_skipped(tmp_path: Path, caplog: pytest.LogCaptu
         caplog.at_level(logging.WARNING),
     ):
         assert snap2.restore() == 1
-    assert "checksum mismatch" in caplog.text
+    reason = "checksum mismatch" if how == "flip" else "its header announces"
+    assert reason in caplog.text
+    assert files[-1].with_name(files[-1].name + CORRUPT_SUFFIX).exists()
+    # Never offered again: a later process sees only the valid versions.
+    with Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path) as snap3:
+        assert [v.step for v in snap3.versions()] == [0, 1]
 
 
 def test_nothing_to_restore_is_a_fresh_start(tmp_path: Path) -> None:
@@ -524,3 +540,59 @@ def test_extra_refuses_what_cannot_go_back(tmp_path: Path) -> None:
         Snapshotter(Net(), extra={"n": 3})  # type: ignore[dict-item]
     with pytest.raises(TypeError, match=r"extra\['d'\]: dict key 1 must be a string"):
         Snapshotter(Net(), extra={"d": {1: 2}})
+
+
+def run_job(tmp_path: Path, steps: range, *, finish: bool = False) -> int | None:
+    """A standalone training run in ``tmp_path``: restore, train, maybe ``finish()``."""
+    model = Net()
+    opt = make_opt("sgd", model)
+    with Snapshotter(model, opt, policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
+        start = snap.restore()
+        train(model, opt, snap, steps)
+        if finish:
+            snap.finish()
+    return start
+
+
+def test_another_jobs_files_are_not_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(JOB_ENV, "first")
+    assert run_job(tmp_path, range(3)) is None
+    monkeypatch.setenv(JOB_ENV, "second")
+    with caplog.at_level(logging.WARNING):
+        assert run_job(tmp_path, range(2)) is None  # a fresh start, not step 2 of "first"
+    [line] = [r.getMessage() for r in caplog.records if "of another job" in r.getMessage()]
+    assert "(this job is 'second')" in line and "first/step-000000000002" in line
+    monkeypatch.setenv(JOB_ENV, "first")
+    assert run_job(tmp_path, range(3, 4)) == 2  # its own files are still there
+
+
+def test_default_job_is_the_command_line_and_world_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    monkeypatch.setattr("sys.argv", ["train.py", "--lr", "0.1"])
+    run_job(tmp_path, range(2))
+    assert run_job(tmp_path, range(2, 3)) == 1  # the same command resumes
+    monkeypatch.setattr("sys.argv", ["train.py", "--lr", "0.2"])
+    assert run_job(tmp_path, range(1)) is None  # another command is another job
+    monkeypatch.setenv(JOB_ENV, "bad/name")
+    with pytest.raises(SnapshotError, match=r"SUPERVISE_JOB='bad/name' in the environment"):
+        Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path)
+
+
+def test_finished_job_is_not_resumed_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(JOB_ENV, "done")
+    monkeypatch.delenv(RESUME_FINISHED_ENV, raising=False)
+    assert run_job(tmp_path, range(3), finish=True) is None
+    assert (tmp_path / "ckpt" / "done" / "finished.rank-00000.json").exists()
+    with pytest.raises(FinishedJob, match=r"job 'done' already finished in .*SUPERVISE_RESUME"):
+        Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path)
+    assert disk_steps(tmp_path / "ckpt") == [0, 1, 2]  # refusing touched nothing
+    monkeypatch.setenv(RESUME_FINISHED_ENV, "1")
+    assert run_job(tmp_path, range(3, 4)) == 2
+    monkeypatch.delenv(RESUME_FINISHED_ENV)
+    assert run_job(tmp_path, range(4, 5)) == 3  # running again, not finished: resumes
