@@ -118,7 +118,7 @@ def check_persist_room(tiers: list[PersistTier]) -> None:
     free before a write."""
     if not tiers:
         return
-    path = tiers[0].path
+    path = tiers[0].root  # persist.path as given (each job's files go in a directory below it)
     check_writable_dir("persist.path", path)
     needed = 0
     reclaimable = 0
