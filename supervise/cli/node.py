@@ -105,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
+    configure_logging()  # the checks may set a damaged persisted file aside, with a log line
     try:
         check_startup(config)
     except StartupError as exc:
@@ -115,7 +116,6 @@ def _run(args: argparse.Namespace) -> int:
             curve = CurveKeys.for_node(policy.replication.curve_keys, config.rank)
         except CurveKeyError as exc:
             return _fail(str(exc))
-    configure_logging()
     try:
         setup_telemetry(rank=config.rank)
     except TelemetryError as exc:

@@ -151,7 +151,7 @@ def test_a_persist_path_that_is_a_file(
     f.write_text("x")
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[persist]\nevery_snapshots = 1\npath = "{f}"\n')
-    code, err = node(capsys, port, "--policy", str(policy))
+    code, err = node(capsys, port, "--policy", str(policy), "--job", "j1")
     assert code == 2
     assert_one_line(err, "persist.path", str(f), "not a directory")
 
@@ -177,7 +177,7 @@ def test_a_persist_disk_without_room_for_one_snapshot(
         tensors=tensors,
         wall_time=0.0,
     )
-    PersistTier(ckpt, rank=0, keep=1).write(manifest, memoryview(data))
+    PersistTier(ckpt, rank=0, keep=1, job="j1").write(manifest, memoryview(data))
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[persist]\nevery_snapshots = 1\nkeep = 1\npath = "{ckpt}"\n')
     real = os.statvfs(ckpt)
@@ -186,7 +186,7 @@ def test_a_persist_disk_without_room_for_one_snapshot(
         f_bavail, f_frsize, f_blocks = 1, real.f_frsize, real.f_blocks
 
     monkeypatch.setattr(preflight.os, "statvfs", lambda _p: Full)
-    code, err = node(capsys, port, "--policy", str(policy))
+    code, err = node(capsys, port, "--policy", str(policy), "--job", "j1")
     assert code == 2
     assert_one_line(err, "persist.path", str(ckpt), "free", "needs")
 
