@@ -102,6 +102,7 @@ class Executor:
         live = self.ctx.membership.live()
         monitor = self.ctx.monitor()
         steps = sorted(monitor.last_steps().items()) if monitor is not None else []
+        beats = [b.to_wire() for b in monitor.beats()] if monitor is not None else []
         return m.Status(
             node=self.rank,
             state=self.state.value,
@@ -112,6 +113,7 @@ class Executor:
             ram=m.entries(held.ram),
             disk=m.entries(held.disk),
             steps=steps,
+            beats=beats,
         )
 
     # -- running ---------------------------------------------------------------------------

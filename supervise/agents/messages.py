@@ -176,6 +176,7 @@ class Status:
     disk: list[Entry]
     steps: list[tuple[int, int]] = attrs.field(factory=list)  # (rank, last step)
     detail: str = ""
+    beats: list[dict[str, Any]] = attrs.field(factory=list)  # `monitor.Beat.to_wire`, by rank
 
     def holdings(self) -> Holdings:
         """What the node holds, as versions by rank."""
