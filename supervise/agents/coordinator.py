@@ -256,8 +256,11 @@ class Coordinator:
             if f is None:
                 await self._recover(Trigger.WORKER_EXIT, time.time(), {"start": str(exc)})
             else:
-                evidence = {"node": f.node, "during": "start", **f.evidence}
-                await self._recover(Trigger(f.trigger), f.since, evidence)
+                trigger, since = Trigger(f.trigger), f.since
+                evidence = {"node": f.node, **f.evidence}
+                if trigger is Trigger.HEARTBEAT_TIMEOUT:
+                    since, evidence = await self._judge_hang(since, evidence)
+                await self._recover(trigger, since, {"during": "start", **evidence})
         else:
             self._stable_since = trio.current_time()
 
