@@ -211,7 +211,7 @@ class Coordinator:
         victim = stalled[0]
         judged = {
             "node": victim.rank // self.ctx.config.nproc_per_node,
-            **hang_evidence(victim, stalled, recovery),
+            **hang_evidence(stalled, recovery),
         }
         if victim.rank != reported:
             judged["reported_by"] = {"node": reporter, "rank": reported}

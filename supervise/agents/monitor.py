@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +139,39 @@ def blame(beats: Iterable[Beat]) -> list[Beat]:
     return sorted(beats, key=Beat.suspicion)
 
 
-def hang_evidence(victim: Beat, stalled: Iterable[Beat], recovery: Recovery) -> dict[str, Any]:
-    """A hang's evidence: the blamed rank's record and timeout, then every stalled rank's."""
+class BlamedBy(enum.StrEnum):
+    """What singled out the blamed rank among the stalled ones (how sure the evidence is)."""
+
+    ALONE = "alone"  # no other rank was stalled
+    PROCESS_STATE = "process_state"  # it cannot be stepping, the others may be waiting
+    LAST_STEP = "last_step"  # it completed fewer steps
+    # the same steps, the same state: only its heartbeat was older (a guess: a rank that hangs
+    # between steps looks like its peers waiting for it)
+    OLDEST_HEARTBEAT = "oldest_heartbeat"
+
+
+def blamed_by(stalled: Sequence[Beat]) -> BlamedBy:
+    """Why ``stalled[0]`` (in `blame` order) comes first."""
+    if len(stalled) < 2:
+        return BlamedBy.ALONE
+    first, second = stalled[0].suspicion(), stalled[1].suspicion()
+    if first[0] != second[0]:
+        return BlamedBy.PROCESS_STATE
+    if first[1] != second[1]:
+        return BlamedBy.LAST_STEP
+    return BlamedBy.OLDEST_HEARTBEAT
+
+
+def hang_evidence(stalled: Sequence[Beat], recovery: Recovery) -> dict[str, Any]:
+    """A hang's evidence from the stalled ranks in `blame` order: the blamed rank's record
+    and timeout, what singled it out, then every stalled rank's record."""
+    victim = stalled[0]
     evidence: dict[str, Any] = victim.to_wire()
     if victim.last_step is None:
         evidence["startup_timeout_s"] = recovery.startup_timeout
     else:
         evidence["heartbeat_timeout_s"] = recovery.heartbeat_timeout
+    evidence["blamed_by"] = blamed_by(stalled).value
     evidence["stalled"] = [b.to_wire() for b in stalled]
     return evidence
 
@@ -261,7 +287,7 @@ class Monitor:
         victim = stalled[0]
         for b in stalled:
             self._watches[b.rank].reported = True
-        evidence = hang_evidence(victim, stalled, recovery)
+        evidence = hang_evidence(stalled, recovery)
         # This node sees its own ranks only: a silent rank here may be waiting for a hung one
         # elsewhere. The coordinator judges across nodes and logs "worker hung".
         log.warning("heartbeat timeout", **evidence)

@@ -30,7 +30,7 @@ def test_sigstopped_rank_is_named_not_the_rank_waiting_for_it(tmp_path: Path, vi
         evidence = rec["evidence"]
         assert rec["trigger"] == "heartbeat_timeout", rec
         assert (evidence["rank"], evidence["node"]) == (victim, victim), evidence
-        assert evidence["state"] == "stopped", evidence
+        assert (evidence["state"], evidence["blamed_by"]) == ("stopped", "process_state"), evidence
         stalled = {b["rank"]: b for b in evidence["stalled"]}
         assert stalled[victim]["state"] == "stopped", evidence
         # The coordinator's judgement is logged once, naming the stopped rank.

@@ -15,7 +15,16 @@ import trio
 import trio.testing
 
 from supervise._testing.poll import wait_until
-from supervise.agents.monitor import Beat, Detection, Monitor, ProcState, blame, proc_state
+from supervise.agents.monitor import (
+    Beat,
+    BlamedBy,
+    Detection,
+    Monitor,
+    ProcState,
+    blame,
+    blamed_by,
+    proc_state,
+)
 from supervise.policy import Policy
 from supervise.telemetry import Trigger
 
@@ -135,6 +144,7 @@ async def test_a_stopped_rank_is_blamed_not_the_rank_blocked_waiting_for_it(
     assert detection.trigger is Trigger.HEARTBEAT_TIMEOUT
     ev = detection.evidence
     assert (ev["rank"], ev["pid"], ev["state"], ev["last_step"]) == (1, victim, "stopped", 5)
+    assert ev["blamed_by"] == "process_state"
     assert [b["rank"] for b in ev["stalled"]] == [1, 0]
     assert len(seen) == 1  # the bystander is reported with it, not on its own
 
@@ -167,6 +177,7 @@ async def test_among_sleeping_ranks_the_lowest_step_is_blamed(
         nursery.cancel_scope.cancel()
     ev = detection.evidence
     assert (ev["rank"], ev["last_step"], ev["state"]) == (1, 6, "sleeping")
+    assert ev["blamed_by"] == "last_step"
     assert [b["rank"] for b in ev["stalled"]] == [1, 0]  # rank 2 was stepping: no suspect
 
 
@@ -185,6 +196,10 @@ def test_blame_orders_by_state_then_step_then_the_oldest_beat() -> None:
         ]
     )
     assert [b.rank for b in order] == [3, 4, 5, 2, 1, 0]
+    assert blamed_by(order) is BlamedBy.PROCESS_STATE
+    assert blamed_by(order[2:]) is BlamedBy.LAST_STEP  # rank 5: no step yet, rank 2 at 4
+    assert blamed_by(order[4:]) is BlamedBy.OLDEST_HEARTBEAT  # ranks 1 and 0, both at 5
+    assert blamed_by(order[5:]) is BlamedBy.ALONE
 
 
 def test_a_heartbeat_record_survives_the_wire_and_a_bad_one_is_named() -> None:
