@@ -87,9 +87,11 @@ class Beat:
 
     rank: int = attrs.field(validator=attrs.validators.instance_of(int))
     pid: int = attrs.field(validator=attrs.validators.instance_of(int))
-    last_step: int | None
-    last_beat: float
-    silent_for_s: float
+    last_step: int | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(int))
+    )
+    last_beat: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
+    silent_for_s: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
     state: ProcState = attrs.field(converter=ProcState)
 
     def stalled(self, recovery: Recovery) -> bool:
