@@ -128,9 +128,9 @@ class NodeLog:
         )
 
     def _hung(self, e: dict[str, Any], at: float) -> None:
-        self.notes.append(
-            Note(at, f"node {self.rank}: rank {e.get('rank')} silent for {e.get('silent_for_s')} s")
-        )
+        # The coordinator's judgement: the hung rank may be on another node.
+        node, rank, silent = e.get("node", self.rank), e.get("rank"), e.get("silent_for_s")
+        self.notes.append(Note(at, f"node {node}: rank {rank} silent for {silent} s"))
 
     def _non_finite(self, e: dict[str, Any], at: float) -> None:
         self.notes.append(

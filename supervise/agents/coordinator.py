@@ -24,6 +24,7 @@ from supervise.agents import messages as m
 from supervise.agents._tracing import maybe_phase, slowest_source
 from supervise.agents.context import NodeContext
 from supervise.agents.lifecycle import CLUSTER_START, EXIT_GAVE_UP, ExecutorState, RestartProgress
+from supervise.agents.monitor import Beat, blame, hang_evidence
 from supervise.agents.roles import Executing
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
@@ -160,6 +161,8 @@ class Coordinator:
             if trigger is None:
                 continue
             kind, since, evidence, version = trigger
+            if kind is Trigger.HEARTBEAT_TIMEOUT:
+                since, evidence = await self._judge_hang(since, evidence)
             await self._recover(kind, since, evidence, version=version, parent=trace or None)
 
     def _trigger_of(
@@ -184,6 +187,63 @@ class Coordinator:
             return Trigger.MANUAL, now, {"version": message.version}, message.version
         return None
 
+    async def _judge_hang(
+        self, since: float, evidence: dict[str, Any]
+    ) -> tuple[float, dict[str, Any]]:
+        """A node reported a hang: the rank that stopped stepping first, judged from every
+        node's stalled ranks (the reporter's may only be waiting in a collective for a rank
+        elsewhere). Returns the hang's start and evidence, naming that rank and its node."""
+        recovery = self.ctx.policy.recovery
+        reporter, reported = evidence.get("node"), evidence.get("rank")
+        beats: dict[int, Beat] = {}
+        for raw in evidence.get("stalled", []):
+            try:
+                b = Beat.from_wire(raw)
+            except ValueError as exc:
+                log.warning("hang report unreadable", node=reporter, error=str(exc))
+                continue
+            beats[b.rank] = b
+        for b in await self._stalled_elsewhere(skip=reporter):
+            beats.setdefault(b.rank, b)
+        if not beats:
+            return since, evidence
+        stalled = blame(beats.values())
+        victim = stalled[0]
+        judged = {
+            "node": victim.rank // self.ctx.config.nproc_per_node,
+            **hang_evidence(stalled, recovery),
+        }
+        if victim.rank != reported:
+            judged["reported_by"] = {"node": reporter, "rank": reported}
+        judged["stalled"] = judged.pop("stalled")  # the long part last (the trace's reason)
+        log.error("worker hung", **judged)
+        return victim.last_beat, judged
+
+    async def _stalled_elsewhere(self, *, skip: object) -> list[Beat]:
+        """The stalled ranks of every live node but ``skip`` (the reporter), this one
+        included; a node that does not answer quickly is left out."""
+        recovery = self.ctx.policy.recovery
+        found: list[Beat] = []
+        if skip != self.rank:
+            monitor = self.ctx.monitor()
+            found += monitor.beats() if monitor is not None else []
+        timeout = min(self.ctx.policy.cluster.peer_timeout, 5.0)
+
+        async def ask(node: int) -> None:
+            try:
+                reply = await self.ctx.transport.request(
+                    node, m.StatusQuery(), timeout=timeout, expect=m.Status
+                )
+                found.extend(Beat.from_wire(raw) for raw in reply.body.beats)
+            except Exception as exc:
+                log.info("no heartbeat records from a node", node=node, error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for node in self.ctx.membership.live():
+                if node not in (self.rank, skip) and node not in self.node.finished_nodes:
+                    nursery.start_soon(ask, node)
+        return [b for b in found if b.stalled(recovery)]
+
     # -- start -----------------------------------------------------------------------------
 
     async def _start(self) -> None:
@@ -196,8 +256,11 @@ class Coordinator:
             if f is None:
                 await self._recover(Trigger.WORKER_EXIT, time.time(), {"start": str(exc)})
             else:
-                evidence = {"node": f.node, "during": "start", **f.evidence}
-                await self._recover(Trigger(f.trigger), f.since, evidence)
+                trigger, since = Trigger(f.trigger), f.since
+                evidence = {"node": f.node, **f.evidence}
+                if trigger is Trigger.HEARTBEAT_TIMEOUT:
+                    since, evidence = await self._judge_hang(since, evidence)
+                await self._recover(trigger, since, {"during": "start", **evidence})
         else:
             self._stable_since = trio.current_time()
 
@@ -232,7 +295,12 @@ class Coordinator:
         # leaving by an exception (a bug, or cancelled: the node is stopping) ends it failed.
         with recovery, recovery.activate():
             log.warning("recovery", trigger=trigger.value, evidence=dict(evidence))
-            recovery.event(RecoveryEvent.DETECTED, reason=_short(evidence))
+            failed = evidence.get("rank")
+            if isinstance(failed, int) and not isinstance(failed, bool):
+                recovery.set(rank=failed)  # the training rank that failed (hung, exited...)
+                recovery.event(RecoveryEvent.DETECTED, reason=_short(evidence), rank=failed)
+            else:
+                recovery.event(RecoveryEvent.DETECTED, reason=_short(evidence))
             with recovery.phase(Phase.DETECT, start_time_ns=since_ns):
                 pass
             recovery.event(RecoveryEvent.STARTED)

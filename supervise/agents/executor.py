@@ -102,6 +102,8 @@ class Executor:
         held = self.ctx.holdings()
         live = self.ctx.membership.live()
         local = self._local
+        monitor = self.ctx.monitor()
+        beats = [b.to_wire() for b in monitor.beats()] if monitor is not None else []
         return m.Status(
             node=self.rank,
             state=self.state.value,
@@ -115,6 +117,7 @@ class Executor:
             spares=local.spare_pids if local is not None else [],
             pid=os.getpid(),
             guard=guard_pid() or 0,
+            beats=beats,
         )
 
     def _worker_status(self) -> list[m.WorkerStatus]:

@@ -208,6 +208,7 @@ class Status:
     pid: int = 0
     guard: int = 0
     detail: str = ""
+    beats: list[dict[str, Any]] = attrs.field(factory=list)  # `monitor.Beat.to_wire`, by rank
 
     def holdings(self) -> Holdings:
         """What the node holds, as versions by rank."""

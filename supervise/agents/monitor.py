@@ -4,23 +4,178 @@ Hangs (no `Snapshotter.step` heartbeat within ``recovery.heartbeat_timeout``, or
 within ``recovery.startup_timeout`` of the spawn) and non-finite metrics (``recovery.on_nan``)
 are seen here; worker exits are seen by the executor, peer loss by membership, corrupted
 shards by the arena service. Every detection becomes a `Detection` handed to ``report``.
+
+A hang stops every rank that waits for the hung one in a collective, so silence alone does not
+say who hung: a hang's evidence lists every stalled rank's `Beat` (last step, when, the
+process's state) and names the one `blame` puts first (a stopped, dead or uninterruptible
+process, then the lowest last step, then the oldest heartbeat). The coordinator applies the
+same rule across nodes.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import structlog
 import trio
 
-from supervise.policy import Policy
+from supervise.policy import Policy, Recovery
 from supervise.telemetry import Trigger, get_telemetry
 
 log = structlog.get_logger("supervise.agents.monitor")
+
+#: A rank silent for this fraction of its timeout when another rank's expires stalled with it.
+STALLED_FRACTION = 0.5
+
+
+class ProcState(enum.StrEnum):
+    """A worker process's scheduler state (``/proc/<pid>/stat``), as hang evidence."""
+
+    RUNNING = "running"
+    SLEEPING = "sleeping"  # also a rank blocked in a collective, waiting for a hung peer
+    UNINTERRUPTIBLE = "uninterruptible"  # stuck in the kernel (I/O, a driver)
+    STOPPED = "stopped"  # SIGSTOP, or a debugger
+    ZOMBIE = "zombie"  # exited, not yet reaped
+    GONE = "gone"  # no such process any more
+    UNKNOWN = "unknown"  # no /proc to ask
+
+    @property
+    def suspicion(self) -> int:
+        """0: this process cannot be stepping; 1: probably not; 2: it may be a bystander."""
+        if self in (ProcState.STOPPED, ProcState.ZOMBIE, ProcState.GONE):
+            return 0
+        if self is ProcState.UNINTERRUPTIBLE:
+            return 1
+        return 2
+
+
+_STATE_LETTERS: dict[str, ProcState] = {
+    "R": ProcState.RUNNING,
+    "S": ProcState.SLEEPING,
+    "I": ProcState.SLEEPING,
+    "D": ProcState.UNINTERRUPTIBLE,
+    "T": ProcState.STOPPED,
+    "t": ProcState.STOPPED,
+    "Z": ProcState.ZOMBIE,
+    "X": ProcState.GONE,
+}
+
+
+def proc_state(pid: int) -> ProcState:
+    """The scheduler state of process ``pid`` (Linux ``/proc``; UNKNOWN elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ProcState.GONE if Path("/proc/self/stat").exists() else ProcState.UNKNOWN
+    except OSError:
+        return ProcState.UNKNOWN
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parens
+    return _STATE_LETTERS.get(fields[0], ProcState.UNKNOWN) if fields else ProcState.UNKNOWN
+
+
+@attrs.frozen(slots=True)
+class Beat:
+    """One rank's heartbeat record when a hang is judged: its last completed step (None: none
+    since the spawn), when that was (wall clock; the spawn's when none), how long it has been
+    silent, and its process's state."""
+
+    rank: int = attrs.field(validator=attrs.validators.instance_of(int))
+    pid: int = attrs.field(validator=attrs.validators.instance_of(int))
+    last_step: int | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(int))
+    )
+    last_beat: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
+    silent_for_s: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
+    state: ProcState = attrs.field(converter=ProcState)
+
+    def stalled(self, recovery: Recovery) -> bool:
+        """Silent for at least `STALLED_FRACTION` of its timeout (heartbeat, or startup
+        before the first heartbeat): stopped together with whichever rank hung."""
+        limit = recovery.startup_timeout if self.last_step is None else recovery.heartbeat_timeout
+        return self.silent_for_s >= STALLED_FRACTION * limit
+
+    def suspicion(self) -> tuple[int, int, float]:
+        """The order `blame` sorts by: process state, last step, time of the last beat."""
+        step = -1 if self.last_step is None else self.last_step
+        return (self.state.suspicion, step, self.last_beat)
+
+    def to_wire(self) -> dict[str, Any]:
+        """As evidence and on the wire (msgpack: a map with string keys)."""
+        return {
+            "rank": self.rank,
+            "pid": self.pid,
+            "last_step": self.last_step,
+            "last_beat": round(self.last_beat, 3),
+            "silent_for_s": round(self.silent_for_s, 3),
+            "state": self.state.value,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Beat:
+        """Back from `to_wire`; ValueError naming what is wrong."""
+        try:
+            step = data["last_step"]
+            return cls(
+                int(data["rank"]),
+                int(data["pid"]),
+                None if step is None else int(step),
+                float(data["last_beat"]),
+                float(data["silent_for_s"]),
+                ProcState(data["state"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad heartbeat record {dict(data)!r}: {exc!r}") from None
+
+
+def blame(beats: Iterable[Beat]) -> list[Beat]:
+    """The stalled ranks, the one that stopped stepping first first: a process that cannot
+    be stepping (stopped, dead, stuck in the kernel) before one that may be waiting for it,
+    then the lowest last step, then the oldest heartbeat. A rank blocked in a collective
+    completed the same steps as the hung one, or more, and sleeps."""
+    return sorted(beats, key=Beat.suspicion)
+
+
+class BlamedBy(enum.StrEnum):
+    """What singled out the blamed rank among the stalled ones (how sure the evidence is)."""
+
+    ALONE = "alone"  # no other rank was stalled
+    PROCESS_STATE = "process_state"  # it cannot be stepping, the others may be waiting
+    LAST_STEP = "last_step"  # it completed fewer steps
+    # the same steps, the same state: only its heartbeat was older (a guess: a rank that hangs
+    # between steps looks like its peers waiting for it)
+    OLDEST_HEARTBEAT = "oldest_heartbeat"
+
+
+def blamed_by(stalled: Sequence[Beat]) -> BlamedBy:
+    """Why ``stalled[0]`` (in `blame` order) comes first."""
+    if len(stalled) < 2:
+        return BlamedBy.ALONE
+    first, second = stalled[0].suspicion(), stalled[1].suspicion()
+    if first[0] != second[0]:
+        return BlamedBy.PROCESS_STATE
+    if first[1] != second[1]:
+        return BlamedBy.LAST_STEP
+    return BlamedBy.OLDEST_HEARTBEAT
+
+
+def hang_evidence(stalled: Sequence[Beat], recovery: Recovery) -> dict[str, Any]:
+    """A hang's evidence from the stalled ranks in `blame` order: the blamed rank's record
+    and timeout, what singled it out, then every stalled rank's record."""
+    victim = stalled[0]
+    evidence: dict[str, Any] = victim.to_wire()
+    if victim.last_step is None:
+        evidence["startup_timeout_s"] = recovery.startup_timeout
+    else:
+        evidence["heartbeat_timeout_s"] = recovery.heartbeat_timeout
+    evidence["blamed_by"] = blamed_by(stalled).value
+    evidence["stalled"] = [b.to_wire() for b in stalled]
+    return evidence
 
 
 @attrs.frozen(slots=True)
@@ -53,6 +208,12 @@ class _Watch:
     last_beat_wall: float | None = None
     last_step: int | None = None
     reported: bool = False
+
+    def beat(self, rank: int, now: float) -> Beat:
+        """This rank's record now (``now``: the trio clock), with its process's state."""
+        last = self.spawned if self.last_beat is None else self.last_beat
+        wall = self.spawned_wall if self.last_beat_wall is None else self.last_beat_wall
+        return Beat(rank, self.pid, self.last_step, wall, now - last, proc_state(self.pid))
 
 
 class Monitor:
@@ -114,6 +275,11 @@ class Monitor:
             )
         return out
 
+    def beats(self) -> list[Beat]:
+        """Every watched rank's heartbeat record now (the coordinator judges hangs by them)."""
+        now = trio.current_time()
+        return [w.beat(r, now) for r, w in sorted(self._watches.items())]
+
     # -- detections ------------------------------------------------------------------------
 
     def _non_finite(self, rank: int, step: int, bad: Mapping[str, float], w: _Watch) -> None:
@@ -135,29 +301,23 @@ class Monitor:
         self._report(Detection(Trigger.NAN, now, now, evidence, stop=action == "stop"))
 
     def _hang(self, rank: int, w: _Watch, now: float) -> None:
-        w.reported = True
-        wall = time.time()
-        if w.last_beat is None:
-            limit = self._policy.recovery.startup_timeout
-            evidence: dict[str, Any] = {
-                "rank": rank,
-                "pid": w.pid,
-                "no_heartbeat_since_spawn_s": round(now - w.spawned, 3),
-                "startup_timeout_s": limit,
-            }
-            since = w.spawned_wall
-        else:
-            limit = self._policy.recovery.heartbeat_timeout
-            evidence = {
-                "rank": rank,
-                "pid": w.pid,
-                "last_step": w.last_step,
-                "silent_for_s": round(now - w.last_beat, 3),
-                "heartbeat_timeout_s": limit,
-            }
-            since = w.last_beat_wall if w.last_beat_wall is not None else wall
-        log.error("worker hung", **evidence)
-        self._report(Detection(Trigger.HEARTBEAT_TIMEOUT, since, wall, evidence))
+        """``rank``'s deadline passed: judge every rank stalled with it, report the first."""
+        recovery = self._policy.recovery
+        stalled = [w.beat(rank, now)]
+        for other, ow in self._watches.items():
+            if other != rank and not ow.reported:
+                b = ow.beat(other, now)
+                if b.stalled(recovery):
+                    stalled.append(b)
+        stalled = blame(stalled)
+        victim = stalled[0]
+        for b in stalled:
+            self._watches[b.rank].reported = True
+        evidence = hang_evidence(stalled, recovery)
+        # This node sees its own ranks only: a silent rank here may be waiting for a hung one
+        # elsewhere. The coordinator judges across nodes and logs "worker hung".
+        log.warning("heartbeat timeout", **evidence)
+        self._report(Detection(Trigger.HEARTBEAT_TIMEOUT, victim.last_beat, time.time(), evidence))
 
     def _deadline(self, w: _Watch) -> float:
         r = self._policy.recovery

@@ -1,7 +1,8 @@
 """A transport's dealer half: one DEALER socket per peer for outgoing messages and requests.
 
 Each socket is opened on first use and has one reader, which hands every reply to the request
-waiting for it (:class:`PendingReply`); replies to requests no longer waited for are dropped.
+waiting for it (:class:`PendingReply`); replies to requests no longer waited for are dropped,
+and counted as late by why their request was given up (cancelled, timed out).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import zmq
 from supervise.cluster import _wire
 from supervise.cluster._framing import (
     Framing,
+    GaveUp,
     Incoming,
     destination,
     normalize_endpoint,
@@ -26,6 +28,9 @@ from supervise.cluster.errors import PeerUnknown, ProtocolError, RemoteError, Re
 from supervise.cluster.messages import frozen_map, kind_of
 
 R = TypeVar("R")
+
+#: How many given-up requests a transport remembers, to say why a late reply is late.
+GIVEN_UP_MEMORY = 4096
 
 
 class PendingReply:
@@ -53,11 +58,14 @@ class PendingReply:
         """The reply; raises RequestTimeout, RemoteError or ProtocolError (not ``expect``)."""
         if expect is not None:
             self._dealers.kinds.register(expect)
+        why = GaveUp.CANCELLED
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as deadline:
                 await self.event.wait()
+            if deadline.cancelled_caught:
+                why = GaveUp.TIMED_OUT
         finally:
-            self.cancel()
+            self.cancel(why)
         result = self.result
         if result is None:
             raise RequestTimeout(
@@ -71,9 +79,9 @@ class PendingReply:
             )
         return result
 
-    def cancel(self) -> None:
-        """Stop waiting; a reply that still comes is dropped."""
-        self._dealers.forget(self.rid)
+    def cancel(self, why: GaveUp = GaveUp.CANCELLED) -> None:
+        """Stop waiting; a reply that still comes is dropped (counted late, for ``why``)."""
+        self._dealers.forget(self.rid, why)
 
 
 class Dealers:
@@ -86,6 +94,7 @@ class Dealers:
         self.peers: dict[int, str] = {}
         self._socks: dict[int, ZSocket] = {}
         self._pending: dict[int, PendingReply] = {}
+        self._given_up: dict[int, GaveUp] = {}  # request id -> why (the newest ones)
         self._ids = itertools.count(1)
         self._ctx: zmq.Context[Any] | None = None
         self._nursery: trio.Nursery | None = None
@@ -115,14 +124,19 @@ class Dealers:
                 pending.result = trio.ClosedResourceError("transport stopped")
             pending.event.set()
         self._pending.clear()
+        self._given_up.clear()
         for d in self._socks.values():
             d.close()
         self._socks.clear()
         self._ctx = None
 
-    def forget(self, rid: int) -> None:
-        """No longer wait for the reply to request ``rid``."""
-        self._pending.pop(rid, None)
+    def forget(self, rid: int, why: GaveUp = GaveUp.CANCELLED) -> None:
+        """No longer wait for the reply to request ``rid`` (given up for ``why``)."""
+        pending = self._pending.pop(rid, None)
+        if pending is not None and pending.result is None:
+            self._given_up[rid] = why
+            while len(self._given_up) > GIVEN_UP_MEMORY:
+                del self._given_up[next(iter(self._given_up))]
 
     def _dealer(self, peer: int) -> ZSocket:
         sock = self._socks.get(peer)
@@ -242,7 +256,8 @@ class Dealers:
         pending = self._pending.get(header.request_id)
         if pending is None or pending.event.is_set():
             sock.skip_rest(head.more)
-            f.drop("late_reply", f"{header.kind}: reply to an expired request")
+            why = self._given_up.pop(header.request_id, GaveUp.UNKNOWN)
+            f.late_reply(header.kind, why, peer)
             return
         dest = pending.into if header.flag == _wire.REPLY else None
         try:

@@ -6,6 +6,7 @@ payload, and counts and logs (throttled) what it drops; both halves of one trans
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from supervise.cluster.errors import ProtocolError
 from supervise.cluster.keys import CurveKeys, node_key_name
 from supervise.cluster.messages import KindRegistry
 from supervise.cluster.stats import TransportStats
+from supervise.telemetry import Attr, get_telemetry
 
 T = TypeVar("T")
 
@@ -137,6 +139,14 @@ async def send_within(sock: ZSocket, parts: list[Any], timeout: float) -> bool: 
     return False
 
 
+class GaveUp(enum.StrEnum):
+    """Why a request stopped waiting for its reply: a late reply's reason."""
+
+    CANCELLED = "cancelled"  # its waiter went away on purpose (e.g. a superseded push)
+    TIMED_OUT = "timed_out"  # its deadline passed (a sign of a timeout too short for the load)
+    UNKNOWN = "unknown"  # not remembered: given up long ago, or never asked
+
+
 class _Throttle:
     """At most one log line per reason per second; counts what it suppressed."""
 
@@ -190,6 +200,26 @@ class Framing:
                 "message dropped",
                 reason=reason,
                 detail=detail,
+                rank=self.rank,
+                suppressed=suppressed,
+            )
+
+    def late_reply(self, kind: str, why: GaveUp, peer: int) -> None:
+        """Count a reply that came after its request was given up, and drop it. Nothing is
+        lost (the requester went on without it, and said so if that mattered): a metric and a
+        debug line; a reply to a timed-out or unknown request also an info line (throttled)."""
+        self.stats.dropped["late_reply"] += 1
+        get_telemetry().metrics.late_replies.add(1, {Attr.MESSAGE_KIND: kind, Attr.REASON: why})
+        if why is GaveUp.CANCELLED:
+            log.debug("late reply dropped", kind=kind, peer=peer, reason=why.value)
+            return
+        suppressed = self._throttle("late_reply")
+        if suppressed is not None:
+            log.info(
+                "late reply dropped",
+                kind=kind,
+                peer=peer,
+                reason=why.value,
                 rank=self.rank,
                 suppressed=suppressed,
             )

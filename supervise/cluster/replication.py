@@ -21,6 +21,11 @@ Fetch (a replacement node <- a holder)::
 
 Ranges are verified and copied into the destination the same way, in order, as they arrive;
 the holder sends views of its replica (zero-copy).
+
+Timeouts fit the transfer: a wait for bytes (an ack of the chunks sent since the last one, a
+fetched range, room on the link for a chunk) gets the per-message ``timeout`` as a floor plus
+those bytes at ``min_rate`` (`transfer_timeout`), so a large window on a busy link does not
+time out where a small message would not.
 """
 
 from __future__ import annotations
@@ -49,6 +54,22 @@ MiB = 1 << 20
 DEFAULT_CHUNK = 8 * MiB
 DEFAULT_WINDOW = 8
 MAX_WINDOW = 64
+#: The slowest throughput (bytes/s) a transfer must keep up before a wait for its bytes times
+#: out (on top of the per-message floor): a loaded 1 Gb/s link still moves ten times more.
+DEFAULT_MIN_RATE = 8 * MiB
+
+
+def transfer_timeout(nbytes: int, floor: float, min_rate: float) -> float:
+    """How long to wait for ``nbytes`` to cross a link: ``floor`` seconds (latency, a busy
+    peer) plus the bytes at ``min_rate`` bytes/s. ValueError naming a bad argument."""
+    if nbytes < 0:
+        raise ValueError(f"nbytes {nbytes!r}: must be >= 0")
+    if not floor > 0:
+        raise ValueError(f"floor {floor!r}: must be a positive number of seconds")
+    if not min_rate > 0:
+        raise ValueError(f"min_rate {min_rate!r}: must be a positive number of bytes/s")
+    return floor + nbytes / min_rate
+
 
 CheckTuple = tuple[str, int, int, int]
 
@@ -416,14 +437,17 @@ async def push_shard(
     window: int = DEFAULT_WINDOW,
     timeout: float = 30.0,  # noqa: ASYNC109 (per message, not for the whole transfer)
     trace: Mapping[str, str] | None = None,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> bool:
     """Push one shard to ``peer``; True when sent, False when the peer already held it.
 
     Zero-copy: chunks are slices of ``data``, which must stay unchanged until this returns
     (a change is caught by the receiver's checksums). Cancelling aborts the transfer at the
-    receiver. Raises RemoteError (refused: stale, budget; or a checksum mismatch),
-    RequestTimeout.
+    receiver (the replies still on their way are counted late, as cancelled). ``timeout``:
+    the floor of every wait, plus the bytes waited for at ``min_rate`` (`transfer_timeout`).
+    Raises RemoteError (refused: stale, budget; or a checksum mismatch), RequestTimeout.
     """
+    transfer_timeout(0, timeout, min_rate)  # bad arguments fail before anything is sent
     if len(data) < meta.nbytes:
         raise ValueError(f"{meta.label}: {len(data)} bytes given, the manifest says {meta.nbytes}")
     transport.kinds.register(*KINDS)
@@ -442,7 +466,17 @@ async def push_shard(
     # last) is a request; an ack covers every chunk before it (one link, handled in order).
     window = ready.window
     every = max(1, window // 2)
-    inflight: deque[tuple[int, PendingReply]] = deque()  # (chunks sent incl. this one, ack)
+    # (chunks sent incl. this one, bytes sent incl. this one, its ack)
+    inflight: deque[tuple[int, int, PendingReply]] = deque()
+    acked_bytes = 0
+
+    async def take_ack() -> int:
+        nonlocal acked_bytes
+        acked, upto, pending = inflight.popleft()
+        await pending.wait(transfer_timeout(upto - acked_bytes, timeout, min_rate), expect=PushAck)
+        acked_bytes = upto
+        return acked
+
     done = False
     try:
         acked = 0
@@ -450,22 +484,22 @@ async def push_shard(
         for i, off in enumerate(range(0, meta.nbytes, chunk_size)):
             sent = i  # chunks sent before this one
             while sent - acked >= window:
-                acked, pending = inflight.popleft()
-                await pending.wait(timeout, expect=PushAck)
-            chunk = data[off : min(off + chunk_size, meta.nbytes)]
+                acked = await take_ack()
+            end = min(off + chunk_size, meta.nbytes)
+            chunk = data[off:end]
             msg = PushChunk(tid, off)
+            room = transfer_timeout(end - off, timeout, min_rate)
             if (i + 1) % every == 0 or i == last:
-                pending = await transport.submit(peer, msg, [chunk], timeout=timeout)
-                inflight.append((sent + 1, pending))
+                pending = await transport.submit(peer, msg, [chunk], timeout=room)
+                inflight.append((sent + 1, end, pending))
             else:
-                await transport.send(peer, msg, [chunk], timeout=timeout)
+                await transport.send(peer, msg, [chunk], timeout=room)
         while inflight:
-            acked, pending = inflight.popleft()
-            await pending.wait(timeout, expect=PushAck)
+            acked = await take_ack()
         await transport.request(peer, PushEnd(tid), timeout=timeout, expect=PushDone)
         done = True
     finally:
-        for _, p in inflight:
+        for _, _, p in inflight:
             p.cancel()
         if not done:
             # the link may be gone: then the receiver expires the transfer by itself
@@ -485,13 +519,16 @@ async def fetch_shard(
     window: int = DEFAULT_WINDOW,
     timeout: float = 30.0,  # noqa: ASYNC109 (per message)
     trace: Mapping[str, str] | None = None,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> tuple[ShardMeta, memoryview]:
     """Fetch rank ``rank``'s shard (the newest, or ``version``) from ``peer``, verified.
 
     ``into(meta)`` supplies the destination (e.g. a slot of the local arena); by default a
-    new buffer. Raises LookupError-carrying RemoteError when the peer holds no such replica,
-    ChecksumMismatch when the bytes are corrupt (nothing is returned then).
+    new buffer. A range's wait gets ``timeout`` plus its bytes at ``min_rate``. Raises
+    LookupError-carrying RemoteError when the peer holds no such replica, ChecksumMismatch
+    when the bytes are corrupt (nothing is returned then).
     """
+    transfer_timeout(0, timeout, min_rate)  # bad arguments fail before anything is sent
     transport.kinds.register(*KINDS)
     keep_receive_buffers()
     opened = await transport.request(
@@ -517,12 +554,12 @@ async def fetch_shard(
         offsets = iter(range(0, meta.nbytes, chunk_size))
         for off in offsets:
             if len(inflight) >= window:
-                await _take_range(inflight, dest, verifier, timeout)
+                await _take_range(inflight, dest, verifier, timeout, min_rate)
             length = min(chunk_size, meta.nbytes - off)
             req = FetchRange(fm.lease, off, length)
             inflight.append((off, length, await transport.submit(peer, req, timeout=timeout)))
         while inflight:
-            await _take_range(inflight, dest, verifier, timeout)
+            await _take_range(inflight, dest, verifier, timeout, min_rate)
         if not verifier.complete:  # pragma: no cover - guarded by the loop above
             raise TransferAborted(f"{meta.label}: incomplete fetch")
     except ChecksumMismatch as exc:
@@ -542,9 +579,10 @@ async def _take_range(
     dest: memoryview,
     verifier: StreamVerifier,
     timeout: float,  # noqa: ASYNC109
+    min_rate: float,
 ) -> None:
     off, length, pending = inflight.popleft()
-    reply = await pending.wait(timeout, expect=FetchData)
+    reply = await pending.wait(transfer_timeout(length, timeout, min_rate), expect=FetchData)
     if reply.body.offset != off or [len(f) for f in reply.frames] != [length]:
         raise ProtocolError(f"fetch: bad reply for range {off}+{length}")
     # hashed in libzmq's buffer and copied into place block by block: one trip through memory

@@ -29,6 +29,7 @@ from supervise.cluster.placement import Placement
 from supervise.cluster.replica_store import Replica, ReplicaStore
 from supervise.cluster.replication import (
     DEFAULT_CHUNK,
+    DEFAULT_MIN_RATE,
     DEFAULT_WINDOW,
     ReplicaEndpoint,
     fetch_shard,
@@ -51,6 +52,8 @@ class ReplicationTuning:
     chunk_size: int = attrs.field(default=DEFAULT_CHUNK, validator=number(ge=4096, integer=True))
     window: int = attrs.field(default=DEFAULT_WINDOW, validator=number(ge=1, le=64, integer=True))
     message_timeout: float = attrs.field(default=30.0, validator=number(gt=0))
+    # bytes/s a transfer must keep up: waits for bytes get message_timeout + bytes / min_rate
+    min_rate: float = attrs.field(default=DEFAULT_MIN_RATE, validator=number(gt=0))
     idle_timeout: float = attrs.field(default=60.0, validator=number(gt=0))
     retry: Backoff = attrs.field(factory=lambda: Backoff(initial=0.5, max=10.0, jitter=0.2))
 
@@ -140,7 +143,8 @@ class ReplicationService:
             if p is None:
                 continue
             if p.inflight is not None and p.inflight < meta.order and p.scope is not None:
-                log.info("push superseded", peer=peer, rank=rank, by=meta.version)
+                # routine when snapshots come faster than pushes: the newest is what matters
+                log.debug("push superseded", peer=peer, rank=rank, by=meta.version)
                 p.scope.cancel()
             p.poke()
 
@@ -241,6 +245,7 @@ class ReplicationService:
                         window=t.window,
                         timeout=t.message_timeout,
                         trace=inject(),
+                        min_rate=t.min_rate,
                     )
                     span.set(bytes=meta.nbytes if sent else 0)
                 p.delivered = meta.order
@@ -294,6 +299,7 @@ class ReplicationService:
                         chunk_size=t.chunk_size,
                         window=t.window,
                         timeout=t.message_timeout,
+                        min_rate=t.min_rate,
                     )
                 log.info("fetched", shard=meta.label, peer=peer, nbytes=meta.nbytes)
                 return meta

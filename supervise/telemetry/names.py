@@ -114,6 +114,9 @@ class Attr:
     MEMORY_KIND: Final = "supervise.memory.kind"
     REASON: Final = "supervise.reason"
     RANK: Final = "supervise.rank"  # a training process's global rank (node.rank is its node)
+    MESSAGE_KIND: Final = (
+        "supervise.message.kind"  # a transport message kind, e.g. replica.push_ack
+    )
 
 
 #: Keyword shorthands accepted by the tracing helpers (``snapshot_version=3``).
@@ -208,6 +211,13 @@ class Metric:
         "observable_gauge",
         "Host memory held for snapshots, by kind (arena, replica), from registered sources.",
     )
+    LATE_REPLIES: Final = Instrument(
+        "supervise.transport.late_replies",
+        "{reply}",
+        "counter",
+        "Replies that came after their request was given up, by message kind and reason"
+        " (cancelled: e.g. a superseded push; timed_out; unknown); each is dropped.",
+    )
 
     ALL: Final = (
         RECOVERY_DURATION,
@@ -218,4 +228,5 @@ class Metric:
         SNAPSHOT_THROUGHPUT,
         TRAINING_STEPS,
         MEMORY_HELD,
+        LATE_REPLIES,
     )

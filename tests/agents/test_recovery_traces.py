@@ -509,6 +509,8 @@ def test_worker_crash_is_one_trace_across_nodes(cluster_factory, otel_collector)
     assert root.attributes[A + "snapshot.source"] == "local"
     detected = next(e for e in root.events if e.name == "detected")
     assert f"pid={victim}" in str(detected.attributes[A + "reason"])
+    # the training rank that failed, on the root and its detected event
+    assert root.attributes[A + "rank"] == detected.attributes[A + "rank"] == 1
     check_recovery_trace(
         otel_collector,
         root,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -10,6 +11,7 @@ from clusterkit import eventually
 from test_replica_store import make_shard
 
 from supervise.cluster import RemoteError, Transport
+from supervise.cluster._dealer import PendingReply
 from supervise.cluster.errors import ChecksumMismatch
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.replication import (
@@ -23,7 +25,9 @@ from supervise.cluster.replication import (
     fetch_shard,
     inventory,
     push_shard,
+    transfer_timeout,
 )
+from supervise.cluster.replicator import ReplicationTuning
 
 KiB = 1024
 MiB = 1 << 20
@@ -216,3 +220,40 @@ async def test_chunks_arrive_as_one_frame_each_and_an_oversized_one_fails_the_pu
     assert endpoint.store.inventory() == {0: [(10, 0)]}  # what was held is intact
     _, got = await fetch_shard(owner, 1, 0, chunk_size=100 * KiB)
     assert bytes(got) == data
+
+
+def test_transfer_timeout_is_a_floor_plus_the_bytes_at_the_slowest_rate() -> None:
+    assert transfer_timeout(0, 30.0, 8 * MiB) == 30.0
+    assert transfer_timeout(64 * MiB, 30.0, 8 * MiB) == 38.0
+    assert transfer_timeout(512 * KiB, 1.0, MiB) == 1.5
+    for args, bad in [((-1, 1.0, 1.0), "nbytes"), ((1, 0.0, 1.0), "floor"), ((1, 1.0, 0), "rate")]:
+        with pytest.raises(ValueError, match=bad):
+            transfer_timeout(*args)
+    with pytest.raises(ValueError, match="min_rate"):
+        ReplicationTuning(min_rate=0)
+
+
+async def test_waits_for_acks_and_ranges_scale_with_the_bytes_they_cover(
+    pair: tuple[Transport, Transport, ReplicaEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, _, _ = pair
+    waits: list[tuple[str, float]] = []
+    wait = PendingReply.wait
+
+    async def recorded(self: PendingReply, timeout: float = 5.0, **kw: Any) -> Any:  # noqa: ASYNC109
+        waits.append((self.kind, timeout))
+        return await wait(self, timeout, **kw)
+
+    monkeypatch.setattr(PendingReply, "wait", recorded)
+    meta, data = make_shard(0, 10, [3 * MiB])
+    # 12 chunks of 256 KiB, window 4: an ack every 2 chunks, each covering 512 KiB
+    pushed = await push_shard(
+        owner, 1, meta, memoryview(data), chunk_size=256 * KiB, window=4, timeout=1.0, min_rate=MiB
+    )
+    assert pushed
+    acks = [t for kind, t in waits if kind == "replica.push_chunk"]
+    assert acks == [1.5] * 6, waits
+    assert 0 < dict(waits)["replica.push_begin"] <= 1.0  # a message alone: the floor
+    waits.clear()
+    await fetch_shard(owner, 1, 0, chunk_size=MiB, window=2, timeout=1.0, min_rate=MiB)
+    assert [t for kind, t in waits if kind == "replica.fetch_range"] == [2.0] * 3, waits

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import attrs
 import msgpack
 import pytest
+import structlog.testing
 import trio
 import zmq
 from clusterkit import eventually
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+import supervise.telemetry.lifecycle as telemetry_setup
 from supervise.cluster import (
     DEFERRED,
     Incoming,
@@ -25,6 +28,7 @@ from supervise.cluster import (
     message_kind,
 )
 from supervise.cluster._zsock import ZSocket
+from supervise.telemetry import Attr, Metric, Telemetry, TelemetryConfig
 
 
 @message_kind("test.echo")
@@ -388,3 +392,61 @@ async def test_destinations_must_be_writable_contiguous_bytes(
 
 async def _echo_blob(msg: Incoming[Blob]) -> Blob:
     return msg.body
+
+
+@pytest.fixture
+def late_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[], dict[tuple[str, str], int]]]:
+    """This process's telemetry kept in memory; returns a reader of the late-reply counter
+    as {(message kind, reason): count}."""
+    reader = InMemoryMetricReader()
+    tel = Telemetry.create(TelemetryConfig(), rank=1, metric_readers=[reader])
+    monkeypatch.setattr(telemetry_setup._process, "current", tel)
+
+    def counts() -> dict[tuple[str, str], int]:
+        data = reader.get_metrics_data()
+        out: dict[tuple[str, str], int] = {}
+        for rm in data.resource_metrics if data is not None else ():
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == Metric.LATE_REPLIES.name:
+                        for p in metric.data.data_points:
+                            a = p.attributes or {}
+                            out[str(a[Attr.MESSAGE_KIND]), str(a[Attr.REASON])] = int(p.value)
+        return out
+
+    yield counts
+    tel.shutdown()
+
+
+async def test_late_replies_are_counted_by_why_their_request_was_given_up(
+    server: Transport, client: Transport, late_replies: Callable[[], dict[tuple[str, str], int]]
+) -> None:
+    release = trio.Event()
+
+    async def held(msg: Incoming[Blob]) -> object:
+        async def later() -> None:
+            await release.wait()
+            await server.reply(msg, Blob(msg.body.offset))
+
+        server.spawn(later)
+        return DEFERRED
+
+    server.handle(Blob, held)
+    with structlog.testing.capture_logs() as logs:
+        timed_out = await client.submit(0, Blob(1))
+        with pytest.raises(RequestTimeout):
+            await timed_out.wait(0.05)
+        cancelled = await client.submit(0, Blob(2))  # e.g. a push superseded by a newer one
+        with trio.move_on_after(0.05):
+            await cancelled.wait(30.0)
+        abandoned = await client.submit(0, Blob(3))
+        abandoned.cancel()
+        release.set()
+        await eventually(lambda: client.stats.dropped["late_reply"] == 3)
+    assert late_replies() == {("test.blob", "timed_out"): 1, ("test.blob", "cancelled"): 2}
+    # Nothing was lost: no warning; the timed-out one says so at info (a timeout too short).
+    assert [x["log_level"] for x in logs if x["log_level"] not in ("debug", "info")] == []
+    late = sorted(x["reason"] for x in logs if x["event"] == "late reply dropped")
+    assert late == ["cancelled", "cancelled", "timed_out"]
