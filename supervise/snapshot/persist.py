@@ -209,11 +209,12 @@ class PersistTier:
         """This rank's files directly in ``root`` (the layout before job identities)."""
         return [] if self.job is None else self._files(self.root)
 
-    def entries(self) -> list[DiskEntry]:
+    def entries(self, *, quiet: bool = False) -> list[DiskEntry]:
         """This job's readable files of this rank, oldest step first.
 
         A file that fails its header checks is quarantined (renamed aside); another job's
-        files are skipped and files without identity accepted, each named once in one line.
+        files are skipped and files without identity accepted, each named once in one line
+        (``quiet``: not named, e.g. by a start-up check before the agent that will name them).
         """
         found: dict[int, DiskEntry] = {}
         foreign: list[DiskEntry | Path] = []
@@ -238,6 +239,8 @@ class PersistTier:
                     continue
                 unknown.append(entry)
             found[step] = entry
+        if quiet:
+            return [found[s] for s in sorted(found)]
         if self.job is not None and not self._looked_around and self.root.is_dir():
             # Other jobs' directories, for the one line that names them: once per tier, as
             # nothing here reads them (``path`` may be a busy directory).

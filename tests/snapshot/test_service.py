@@ -163,7 +163,8 @@ def test_truncated_arena_is_not_adopted_and_offers_nothing(
     os.truncate(cut, cut.stat().st_size - 4096)
     with caplog.at_level(logging.WARNING):
         again = make_service(tmp_path, keep_last=2, node="n7")
-    assert f"not adopting {cut}" in caplog.text and "truncated" in caplog.text
+    assert f"removing unreadable arena {cut}" in caplog.text and "truncated" in caplog.text
+    assert not cut.exists()  # a half-made arena is removed when its node adopts
     assert again.versions(1) == []  # nothing of it is offered: a restart looks elsewhere
     assert [v.step for v in again.versions(0)] == [1, 2]
     again.close()
