@@ -431,7 +431,7 @@ class Coordinator:
                 lost = _lost_progress(holdings, exc)
                 if recovering and policy.recovery.on_no_snapshot == "stop":
                     raise _GiveUp(
-                        f"{lost}; recovery.on_no_snapshot = \"stop\" (set \"restart\" to "
+                        f'{lost}; recovery.on_no_snapshot = "stop" (set "restart" to '
                         "start over from step 0)"
                     ) from None
                 log.error(

@@ -112,6 +112,8 @@ class Executor:
             ram=m.entries(held.ram),
             disk=m.entries(held.disk),
             steps=steps,
+            replica_lag=sorted(self.ctx.keeper.lag().items()),
+            recoverable=-1 if (point := self.ctx.keeper.recoverable) is None else point[1],
         )
 
     # -- running ---------------------------------------------------------------------------

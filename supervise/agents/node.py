@@ -31,6 +31,7 @@ from supervise.agents.config import NodeConfig
 from supervise.agents.context import NodeContext
 from supervise.agents.coordinator import Coordinator
 from supervise.agents.executor import Executor
+from supervise.agents.keeper import PointKeeper
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
@@ -39,6 +40,7 @@ from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
+from supervise.cluster.recovery_point import PINNED_VERSIONS
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
 from supervise.runtime import GaveUp, Supervisor, child, whereis
@@ -74,6 +76,9 @@ class NodeRuntime:
             budget=MemoryBudget(budget),
             node=f"node{config.rank}-{_port_of(config.endpoint)}",
             policy=self.policy.to_dict(),
+            # the recoverable point, its target, and a version a push still reads after
+            # retention let it go (a push runs to its end)
+            pinned_slots=PINNED_VERSIONS + 1,
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
@@ -109,6 +114,13 @@ class NodeRuntime:
             ),
             info=self._info,
         )
+        self.keeper = PointKeeper(
+            config,
+            self.arenas,
+            self.store,
+            lambda: self.membership,
+            lambda: ExecutorState.JOINING if self.executor is None else self.executor.state,
+        )
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
         self.context = NodeContext(
@@ -121,6 +133,7 @@ class NodeRuntime:
             run_dir=self._tmp,
             agent_endpoint=ipc_endpoint(self._tmp, "agent"),
             monitor=lambda: self.monitor,
+            keeper=self.keeper,
         )
         self.arenas.add_heartbeat_hook(self._heartbeat)
         self.arenas.add_corrupt_hook(self._corrupt)
@@ -135,6 +148,7 @@ class NodeRuntime:
                 "arena", lambda: max(0, self.arenas.budget.held - self.store.held_bytes)
             ),
             tel.register_memory_source("replica", lambda: self.store.held_bytes),
+            tel.register_lag_source(self.keeper.lag),
         ]
 
     # -- hooks routed to whichever child incarnation is current ---------------------------
@@ -157,9 +171,10 @@ class NodeRuntime:
             ref.cast(LocalCommit(event.rank))
 
     def _info(self) -> Mapping[str, Any]:
+        point = self.keeper.tick(trio.current_time())
         if self.executor is None:
-            return {INFO_STATE: ExecutorState.JOINING.value}
-        return self.executor.info()
+            return {INFO_STATE: ExecutorState.JOINING.value, **point}
+        return {**self.executor.info(), **point}
 
     # -- the tree's children ---------------------------------------------------------------
 
@@ -232,6 +247,7 @@ class NodeRuntime:
                     n_nodes=self.config.n_nodes,
                     membership=self.membership,
                     store=self.store,
+                    attach=self.keeper.apply,
                 ),
                 child(self.serve_monitor, id="monitor"),
                 child(

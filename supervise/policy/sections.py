@@ -151,10 +151,11 @@ class Recovery:
     ``max_attempts`` consecutive recoveries are allowed; the count resets once training ran
     ``backoff.reset_after`` seconds without a failure. ``on_no_snapshot``: what a recovery
     does when training had made progress but no version is complete for every rank any more
-    ("stop": fail loudly, exit 3; "restart": start over from step 0). ``preload``: modules that spare worker
-    processes import ahead of a restart (Python commands only; [] = start workers cold); the
-    default covers what every supervised training script imports: torch, ``torch._dynamo``
-    (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and the Snapshotter.
+    ("stop": fail loudly, exit 3; "restart": start over from step 0). ``preload``: modules
+    that spare worker processes import ahead of a restart (Python commands only; [] = start
+    workers cold); the default covers what every supervised training script imports: torch,
+    ``torch._dynamo`` (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and
+    the Snapshotter.
     """
 
     max_attempts: int = attrs.field(default=3, validator=integer(ge=0))

@@ -208,6 +208,13 @@ class Metric:
         "observable_gauge",
         "Host memory held for snapshots, by kind (arena, replica), from registered sources.",
     )
+    REPLICA_LAG: Final = Instrument(
+        "supervise.replica.lag",
+        "{step}",
+        "observable_gauge",
+        "Steps the group peers' replicas of a rank trail its newest local snapshot (the "
+        "slowest peer), by rank, from registered sources.",
+    )
 
     ALL: Final = (
         RECOVERY_DURATION,
@@ -218,4 +225,5 @@ class Metric:
         SNAPSHOT_THROUGHPUT,
         TRAINING_STEPS,
         MEMORY_HELD,
+        REPLICA_LAG,
     )
