@@ -8,17 +8,20 @@ heartbeats, on one version to keep everywhere:
 - the *leader* (the lowest live node) names a *target* ``(generation, step)`` a little ahead
   of the newest step (far enough that every node hears of it before committing it);
 - every node *pins* the target as its ranks commit it (local retention keeps it), pushes it
-  to its group peers before anything newer, and keeps the replicas of it it receives (the replica store protects it); it reports ``have`` once all
-  of that holds, ``missed`` when its ranks went past the target without it;
+  to its group peers before anything newer, and keeps the replicas of it it receives (the
+  replica store protects it); it reports ``have`` once all of that holds, ``missed`` when
+  its ranks went past the target without it;
 - when every node reports ``have``, the target becomes the *point* and the leader names the
   next target; a node unpins its old point only once it adopted the new one. A missed target
-  or a round that takes too long gets a new target further ahead.
+  gets a new one further ahead, a round that stalls once training passed its target a new one.
 
 The point only moves to a version every holder held and pinned, and a pin goes only after a
 newer point replaced it, so at any moment some version is complete across the cluster (for
-every rank: its owner's arena and every group peer's replicas). Retention needs two slots
-more per arena and two replicas more per rank in the replica store (the point and the
-target).
+every rank: its owner's arena and every group peer's replicas). A node that just took over
+the lead (knowing no target, or an older point) is not followed until it caught up, and the
+agent lets no pin go while a recovery runs (`supervise.agents.keeper`), so the version a
+recovery selected stays where it was found. Retention needs two slots more per arena and two
+replicas more per rank in the replica store (the point and the target).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
   newer commit that cancelled the push in flight would starve replication whenever a push
   takes longer than a step, the replica trailing further and further. *Priority* versions
   (`prioritize`: the cluster's recoverable point and its target) go before the newest, so
-  every rank's peers get the same version. Failed pushes are retried with backoff; a peer that membership reports lost is skipped until it is back, and
-  one that restarted (new incarnation, RAM gone) gets the latest shard again.
+  every rank's peers get the same version. Failed pushes are retried with backoff; a peer
+  that membership reports lost is skipped until it is back, and one that restarted (new
+  incarnation, RAM gone) gets the latest shard again.
 - :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
   first live holder, verifies it, and hands it to :class:`LocalShards`.
 """

@@ -40,11 +40,15 @@ def status(c: Nodes) -> dict[str, Any]:
     return answers
 
 
-def recoverable_beyond(c: Nodes, step: int) -> dict[str, Any] | None:
-    """The status of every node once each knows a recoverable point past ``step``."""
+def ready(c: Nodes, survivor: int, stored: int, restored: int) -> dict[str, Any] | None:
+    """Every node's status once training went on (the survivor stored 300 more of the victim's
+    snapshots) and every node knows a recoverable point past the last restore."""
+    if len(c.events(survivor, "replica stored")) < stored + 300:
+        return None
     answers = status(c)
-    ok = all(a.get("recoverable", -1) > step for a in answers.values())
-    return answers if ok and len(answers) == c.n else None
+    if len(answers) < c.n or any("error" in a for a in answers.values()):
+        return None
+    return answers if all(a["recoverable"] > restored for a in answers.values()) else None
 
 
 def test_ten_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> None:
@@ -66,15 +70,17 @@ def test_ten_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> Non
         restored = 0
         for loss in range(LOSSES):
             victim = loss % 2
+            survivor = 1 - victim
+            stored = len(c.events(survivor, "replica stored"))
             answers = c.wait(
-                f"a recoverable point past step {restored}",
-                lambda r=restored: recoverable_beyond(c, r),
+                f"training on and a recoverable point past step {restored}",
+                lambda s=survivor, n=stored, r=restored: ready(c, s, n, r),
                 interval_s=0.5,
             )
             # the replicas' lag is in every node's status, for each of its ranks
             lags = {int(n): dict(a["replica_lag"]) for n, a in answers.items()}
-            assert lags == {0: {0: lags[0][0]}, 1: {1: lags[1][1]}}, lags
-            assert all(lag >= 0 for per in lags.values() for lag in per.values())
+            assert set(lags) == {0, 1} and set(lags[0]) == {0} and set(lags[1]) == {1}, lags
+            assert all(lag >= 0 for per in lags.values() for lag in per.values()), lags
             before = gen
             c.kill_node(victim)
             c.start(victim)  # the replacement: same rank, empty RAM

@@ -137,3 +137,28 @@ async def test_restarted_peer_gets_the_shard_again(
     nodes[0].service.membership_event(PeerBack(1, incarnation=2, restarted=True))
     await eventually(lambda: nodes[0].service.pushed == pushed + 1)
     assert nodes[1].service.store.get(0) is not None
+
+
+async def test_priority_versions_reach_the_peer_before_the_newest_and_the_lag_is_known(
+    cluster: tuple[trio.Nursery, list[Node]],
+) -> None:
+    _, nodes = cluster
+    assert nodes[0].service.lag(0) is None  # nothing committed yet
+    target, target_data = make_shard(0, 10, [MiB])
+    nodes[0].local = MemoryShards([0], keep=3)
+    nodes[0].service.local = nodes[0].local
+    nodes[1].service.store.protect({(0, 10)})  # the peer keeps the target once it arrives
+    nodes[0].service.prioritize({(0, 10)})
+    nodes[0].local.commit(target, target_data)
+    for v in (11, 12):
+        meta, data = make_shard(0, v, [MiB])
+        nodes[0].local.commit(meta, data)
+    nodes[0].service.committed(0)
+    store = nodes[1].service.store
+    await eventually(lambda: store.inventory().get(0) == [(12, 0), (10, 0)])
+    rep = store.get(0, 10)
+    assert rep is not None and bytes(rep.data()) == target_data
+    await eventually(lambda: nodes[0].service.lag(0) == 0)
+    assert nodes[0].service.acked(0, (0, 10)) and nodes[0].service.acked(0, (0, 12))
+    assert not nodes[0].service.acked(0, (0, 11))  # skipped: the newest went instead
+    assert nodes[0].service.status()["lag"] == {0: 0}
