@@ -76,9 +76,9 @@ class NodeRuntime:
             budget=MemoryBudget(budget),
             node=f"node{config.rank}-{_port_of(config.endpoint)}",
             policy=self.policy.to_dict(),
-            # the recoverable point, its target, and a version a push still reads after
-            # retention let it go (a push runs to its end)
-            pinned_slots=PINNED_VERSIONS + 1,
+            # the recoverable point, its target, and (with peers to push to) a version a push
+            # still reads after retention let it go: a push runs to its end
+            pinned_slots=PINNED_VERSIONS + (1 if _has_peers(config) else 0),
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
@@ -274,6 +274,11 @@ class NodeRuntime:
         self.arenas.close()
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _has_peers(config: NodeConfig) -> bool:
+    """Whether this node pushes its shards to group peers."""
+    return config.n_nodes > 1 and config.policy.replication.replicas > 1
 
 
 def _port_of(endpoint: str) -> str:
