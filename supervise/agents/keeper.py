@@ -85,9 +85,10 @@ class PointKeeper:
             else:
                 self.point.follow(Report.from_wire((ms.peer_info(ms.root) or {}).get(INFO_KEY)))
             self._apply()
-        except Exception:
+            return {INFO_KEY: self._report().to_wire()}
+        except Exception:  # a heartbeat must go out whatever happens here
             log.exception("recoverable point update failed")
-        return {INFO_KEY: self._report().to_wire()}
+            return {}
 
     def apply(self, service: ReplicationService | None) -> None:
         """The ReplicaHolder's replication service started (or stopped)."""

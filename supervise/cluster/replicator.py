@@ -255,7 +255,7 @@ class ReplicationService:
                 p.failures = 0
                 p.poke()  # after a priority version, the newest may still be due
                 continue
-            if p.wake.is_set():  # superseded or the peer came back: go again at once
+            if p.wake.is_set():  # a newer commit, or the peer came back: go again at once
                 continue
             p.failures += 1
             with trio.move_on_after(t.retry.delay(p.failures, random.random())):
@@ -308,7 +308,7 @@ class ReplicationService:
                     self.pushed += 1
                     log.info("pushed", shard=meta.label, peer=peer, nbytes=meta.nbytes)
                 return True
-            return False  # cancelled: superseded or the peer was lost
+            return False  # cancelled: the peer was lost
         except RemoteError as exc:
             if exc.reason.startswith("Refused: stale") and meta.order not in self._priority:
                 p.delivered = max(p.delivered or meta.order, meta.order)  # it holds newer

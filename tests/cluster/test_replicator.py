@@ -1,4 +1,5 @@
-"""The replication service in one process: pushes to group peers, supersede, fetch-back."""
+"""The replication service in one process: pushes to group peers, skip to the newest,
+priority versions, lag, fetch-back."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ async def cluster() -> AsyncIterator[tuple[trio.Nursery, list[Node]]]:
         nursery.cancel_scope.cancel()
 
 
-async def test_commits_reach_group_peers_and_newer_supersedes(
+async def test_commits_reach_group_peers_and_the_newest_wins(
     cluster: tuple[trio.Nursery, list[Node]],
 ) -> None:
     _, nodes = cluster
