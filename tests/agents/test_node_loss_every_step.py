@@ -41,9 +41,9 @@ def status(c: Nodes) -> dict[str, Any]:
 
 
 def ready(c: Nodes, survivor: int, stored: int, restored: int) -> dict[str, Any] | None:
-    """Every node's status once training went on (the survivor stored 300 more of the victim's
+    """Every node's status once training went on (the survivor stored 150 more of the victim's
     snapshots) and every node knows a recoverable point past the last restore."""
-    if len(c.events(survivor, "replica stored")) < stored + 300:
+    if len(c.events(survivor, "replica stored")) < stored + 150:
         return None
     answers = status(c)
     if len(answers) < c.n or any("error" in a for a in answers.values()):
