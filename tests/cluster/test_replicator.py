@@ -163,3 +163,11 @@ async def test_priority_versions_reach_the_peer_before_the_newest_and_the_lag_is
     assert nodes[0].service.acked(0, (0, 10)) and nodes[0].service.acked(0, (0, 12))
     assert not nodes[0].service.acked(0, (0, 11))  # skipped: the newest went instead
     assert nodes[0].service.status()["lag"] == {0: 0}
+
+
+def test_every_local_rank_goes_to_the_nodes_group_peers() -> None:
+    # placement is by node: with 2 ranks per node, node 1 runs ranks 2 and 3, and both go to
+    # node 0 (before: rank 2 and 3 were looked up as nodes and went nowhere)
+    t = Transport(rank=1, endpoint="127.0.0.1:0")
+    svc = ReplicationService(t, ReplicaStore(budget=MiB), MemoryShards([2, 3]), place(2, 2), node=1)
+    assert svc.targets(2) == svc.targets(3) == (0,)
