@@ -44,6 +44,13 @@ class ArenaShards:
         with self._service.shard(rank, newest.step) as shard:
             return shard_meta(shard.manifest)
 
+    def meta(self, rank: int, version: int) -> ShardMeta | None:
+        try:
+            with self._service.shard(rank, version) as shard:
+                return shard_meta(shard.manifest)
+        except SnapshotError:
+            return None
+
     @contextlib.contextmanager
     def open(self, rank: int, version: int) -> Iterator[memoryview]:
         with contextlib.ExitStack() as stack:

@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 
 from supervise.agents.config import NodeConfig
+from supervise.agents.keeper import PointKeeper
 from supervise.agents.monitor import Monitor
 from supervise.agents.selection import Holdings
 from supervise.cluster.membership import Membership
@@ -37,6 +38,7 @@ class NodeContext:
     run_dir: Path  # the agent's private files: sockets, spares' go orders
     agent_endpoint: str  # the workers' snapshot endpoint (``SUPERVISE_AGENT``)
     monitor: Callable[[], Monitor | None]  # the current Monitor (a child: it may restart)
+    keeper: PointKeeper  # the recoverable point's pins and the replicas' lag
 
     @property
     def policy(self) -> Policy:

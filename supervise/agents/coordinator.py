@@ -364,7 +364,7 @@ class Coordinator:
                     raise
                 break
             holdings = {node: reply.holdings() for node, reply in replies.items()}
-            selection = self._select(holdings, version)
+            selection = self._select(holdings, version, recovering=not start)
             step = FRESH if selection is None else selection.step
             if ph is not None and selection is not None:
                 ph.set(
@@ -453,8 +453,16 @@ class Coordinator:
         return replies
 
     def _select(
-        self, holdings: Mapping[int, Holdings], version: int | None, *, manual: bool = False
+        self,
+        holdings: Mapping[int, Holdings],
+        version: int | None,
+        *,
+        manual: bool = False,
+        recovering: bool = False,
     ) -> Selection | None:
+        """The version to restart at; None: a start from scratch (nothing held anywhere, or
+        ``recovery.on_no_snapshot = "restart"``). A recovery that would throw away progress
+        under ``on_no_snapshot = "stop"`` gives up instead (`_GiveUp`)."""
         policy = self.ctx.policy
         config = self.ctx.config
         owner = {r: r // config.nproc_per_node for r in range(config.world_size)}
@@ -484,11 +492,21 @@ class Coordinator:
                     version=version,
                     reason=str(exc),
                 )
-                return self._select(holdings, None)
+                return self._select(holdings, None, recovering=recovering)
             if checkpoint == "specific":
                 raise _GiveUp(f"cannot restart at the requested version: {exc}") from None
             if any(not h.empty for h in holdings.values()):
-                log.error("no usable snapshot: starting from scratch", reason=str(exc))
+                lost = _lost_progress(holdings, exc)
+                if recovering and policy.recovery.on_no_snapshot == "stop":
+                    raise _GiveUp(
+                        f'{lost}; recovery.on_no_snapshot = "stop" (set "restart" to '
+                        "start over from step 0)"
+                    ) from None
+                log.error(
+                    "no usable snapshot: starting from scratch",
+                    reason=lost,
+                    on_no_snapshot=policy.recovery.on_no_snapshot,
+                )
             else:
                 log.info("no snapshot held anywhere: starting from scratch")
             return None
@@ -585,6 +603,19 @@ def _resolve(path: str) -> Callable[[dict[str, Any]], Any]:
     if not callable(target):
         raise TypeError(f"{path} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _lost_progress(holdings: Mapping[int, Holdings], exc: NoVersion) -> str:
+    """What a start from scratch would throw away: the newest step any node still holds."""
+    steps = [
+        v.step
+        for h in holdings.values()
+        for held in (h.ram, h.disk)
+        for infos in held.values()
+        for v in infos
+    ]
+    newest = max(steps, default=0)
+    return f"no usable snapshot ({exc}): training up to step {newest} would be lost"
 
 
 def _source_summary(selection: Selection) -> str:

@@ -118,6 +118,8 @@ class Executor:
             pid=os.getpid(),
             guard=guard_pid() or 0,
             beats=beats,
+            replica_lag=sorted(self.ctx.keeper.lag().items()),
+            recoverable=-1 if (point := self.ctx.keeper.recoverable) is None else point[1],
         )
 
     def _worker_status(self) -> list[m.WorkerStatus]:

@@ -209,6 +209,12 @@ class Status:
     guard: int = 0
     detail: str = ""
     beats: list[dict[str, Any]] = attrs.field(factory=list)  # `monitor.Beat.to_wire`, by rank
+    #: (rank, steps) for each of the node's ranks: how far its group peers' replicas trail its
+    #: newest snapshot (the slowest peer; a peer holding nothing trails by the whole step)
+    replica_lag: list[tuple[int, int]] = attrs.field(factory=list)
+    #: the newest step known to be complete across the cluster (every rank's owner and group
+    #: peers keep it until a newer one is); -1 while none is
+    recoverable: int = -1
 
     def holdings(self) -> Holdings:
         """What the node holds, as versions by rank."""

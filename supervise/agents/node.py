@@ -32,6 +32,7 @@ from supervise.agents.config import NodeConfig
 from supervise.agents.context import NodeContext
 from supervise.agents.coordinator import Coordinator
 from supervise.agents.executor import Executor
+from supervise.agents.keeper import PointKeeper
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
 from supervise.agents.monitor import Detection, Monitor
@@ -42,6 +43,7 @@ from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
+from supervise.cluster.recovery_point import PINNED_VERSIONS
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
 from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
@@ -116,6 +118,9 @@ class NodeRuntime:
             budget=MemoryBudget(budget),
             node=node,
             policy=self.policy.to_dict(),
+            # the recoverable point, its target, and (with peers to push to) a version a push
+            # still reads after retention let it go: a push runs to its end
+            pinned_slots=PINNED_VERSIONS + (1 if _has_peers(config) else 0),
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
@@ -147,6 +152,13 @@ class NodeRuntime:
             ),
             info=self._info,
         )
+        self.keeper = PointKeeper(
+            config,
+            self.arenas,
+            self.store,
+            lambda: self.membership,
+            lambda: ExecutorState.JOINING if self.executor is None else self.executor.state,
+        )
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
         self.context = NodeContext(
@@ -159,6 +171,7 @@ class NodeRuntime:
             run_dir=self._tmp,
             agent_endpoint=ipc_endpoint(self._tmp, "agent"),
             monitor=lambda: self.monitor,
+            keeper=self.keeper,
         )
         self.arenas.add_heartbeat_hook(self._heartbeat)
         self.arenas.add_corrupt_hook(self._corrupt)
@@ -173,6 +186,7 @@ class NodeRuntime:
                 "arena", lambda: max(0, self.arenas.budget.held - self.store.held_bytes)
             ),
             tel.register_memory_source("replica", lambda: self.store.held_bytes),
+            tel.register_lag_source(self.keeper.lag),
         ]
 
     # -- hooks routed to whichever child incarnation is current ---------------------------
@@ -214,9 +228,10 @@ class NodeRuntime:
         fn(arg)
 
     def _info(self) -> Mapping[str, Any]:
+        point = self.keeper.tick(trio.current_time())
         if self.executor is None:
-            return {INFO_STATE: ExecutorState.JOINING.value}
-        return self.executor.info()
+            return {INFO_STATE: ExecutorState.JOINING.value, **point}
+        return {**self.executor.info(), **point}
 
     # -- the tree's children ---------------------------------------------------------------
 
@@ -289,6 +304,7 @@ class NodeRuntime:
                     n_nodes=self.config.n_nodes,
                     membership=self.membership,
                     store=self.store,
+                    attach=self.keeper.apply,
                 ),
                 child(self.serve_monitor, id="monitor"),
                 child(
@@ -326,6 +342,11 @@ class NodeRuntime:
             self._lock.release()
         if self._own_tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _has_peers(config: NodeConfig) -> bool:
+    """Whether this node pushes its shards to group peers."""
+    return config.n_nodes > 1 and config.policy.replication.replicas > 1
 
 
 def _warn_dead_nodes(shm_dir: str, own: str) -> None:

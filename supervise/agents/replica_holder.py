@@ -19,6 +19,7 @@ restart of this server keeps every verified replica (only transfers in flight ar
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -112,6 +113,7 @@ class ReplicaHolder(Server):
     store: ReplicaStore
     _scope: trio.CancelScope | None
     _owns_store: bool
+    _attach: Callable[[ReplicationService | None], None] | None
 
     async def init(
         self,
@@ -125,7 +127,10 @@ class ReplicaHolder(Server):
         store: ReplicaStore | None = None,
         budget: int | None = None,
         tuning: ReplicationTuning | None = None,
+        attach: Callable[[ReplicationService | None], None] | None = None,
     ) -> None:
+        """``attach``: told the replication service once it runs and None when it stops (the
+        node's `PointKeeper` sets the push order and reads the replica lag through it)."""
         replicas = min(policy.replication.replicas, n_nodes)
         if replicas < policy.replication.replicas:
             log.warning(
@@ -151,6 +156,9 @@ class ReplicaHolder(Server):
         started = trio.Event()
         self._scope = transport.spawn(self._run, events, started, name=f"replicas {node}")
         await started.wait()
+        self._attach = attach
+        if attach is not None:
+            attach(self.service)
         for rank in local.ranks():  # push what is already committed
             self.service.committed(rank)
 
@@ -193,6 +201,9 @@ class ReplicaHolder(Server):
         raise TypeError(f"ReplicaHolder got an unknown call: {request!r}")
 
     def terminate(self, reason: ExitReason) -> None:
+        attach = getattr(self, "_attach", None)
+        if attach is not None:
+            attach(None)
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None

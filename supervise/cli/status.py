@@ -34,9 +34,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add the ``status`` and ``recover`` commands."""
     status = commands.add_parser(
         "status",
-        help="show every node and rank: state, generation, worker PIDs, last step and its age, "
-        "replica lag, snapshot versions held where",
-        description="Ask every node agent for its state, its workers (PIDs, spares, each rank's "
+        help="show every node and rank: state, generation, the recoverable point, worker PIDs, "
+        "last step and its age, replica lag, snapshot versions held where",
+        description="Ask every node agent for its state, the recoverable point it knows (the "
+        "newest step complete across the cluster), its workers (PIDs, spares, each rank's "
         "last step and the seconds since) and the snapshot versions it holds (its own ranks in "
         "RAM, its peers' replicas, and on disk); each rank's replica lag is computed from those "
         "holdings. --json: the layout documented in docs/node.md. Exit status 0 when every node "
@@ -270,6 +271,7 @@ def _node_json(node: int, endpoint: str, a: Status | Exception) -> dict[str, Any
             "workers": [],
             "ram": [],
             "disk": [],
+            "recoverable": None,
         }
     return {
         "node": node,
@@ -287,7 +289,13 @@ def _node_json(node: int, endpoint: str, a: Status | Exception) -> dict[str, Any
         "workers": [_worker_json(w) for w in a.workers],
         "ram": [_entry_json(e, ranks=a.ranks) for e in a.ram],
         "disk": [_entry_json(e, ranks=None) for e in a.disk],
+        "recoverable": _recoverable(a),
     }
+
+
+def _recoverable(a: Status) -> int | None:
+    """The newest step the node knows complete across the cluster (None: none yet)."""
+    return a.recoverable if a.recoverable >= 0 else None
 
 
 def _rank_json(v: RankView) -> dict[str, Any]:
@@ -369,9 +377,12 @@ def _table(answers: dict[int, Status | Exception]) -> str:
         statuses.append(a)
         pids = f"agent pid {a.pid}" + (f", guard pid {a.guard}" if a.guard else "")
         spares = ", ".join(map(str, a.spares)) or "none"
+        point = _recoverable(a)
+        recoverable = "none yet" if point is None else f"v{point}"
         lines.append(
             f"node {node}: {a.state}, generation {a.generation}, coordinator {a.coordinator}, "
-            f"live {a.live}, ranks {a.ranks}; {pids}; spares waiting: {spares}"
+            f"live {a.live}, ranks {a.ranks}, recoverable {recoverable}; {pids}; "
+            f"spares waiting: {spares}"
         )
         for rank, step, *_ in a.ram:
             where = "local" if rank in a.ranks else "replica"

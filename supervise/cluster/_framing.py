@@ -142,7 +142,7 @@ async def send_within(sock: ZSocket, parts: list[Any], timeout: float) -> bool: 
 class GaveUp(enum.StrEnum):
     """Why a request stopped waiting for its reply: a late reply's reason."""
 
-    CANCELLED = "cancelled"  # its waiter went away on purpose (e.g. a superseded push)
+    CANCELLED = "cancelled"  # its waiter went away on purpose (e.g. a push to a lost peer)
     TIMED_OUT = "timed_out"  # its deadline passed (a sign of a timeout too short for the load)
     UNKNOWN = "unknown"  # not remembered: given up long ago, or never asked
 

@@ -25,6 +25,10 @@ class LocalShards(Protocol):
         """The newest committed shard of ``rank`` on this node."""
         ...
 
+    def meta(self, rank: int, version: int) -> ShardMeta | None:
+        """The committed shard of ``rank`` at ``version`` on this node, if held."""
+        ...
+
     def open(self, rank: int, version: int) -> AbstractContextManager[memoryview]:
         """The data region of a committed shard, readable for the block (LookupError if gone).
 
@@ -68,6 +72,10 @@ class MemoryShards:
     def latest(self, rank: int) -> ShardMeta | None:
         held = self._shards.get(rank)
         return held[0][0] if held else None
+
+    def meta(self, rank: int, version: int) -> ShardMeta | None:
+        found = self.get(rank, version)
+        return None if found is None else found[0]
 
     def get(self, rank: int, version: int | None = None) -> tuple[ShardMeta, bytearray] | None:
         for meta, data in self._shards.get(rank, ()):

@@ -8,6 +8,9 @@ Rules (each one tested):
   flight; an older one is refused as stale; one already held is not transferred again;
 - per rank the newest ``keep_last`` replicas are kept; the newest complete replica of a rank is
   never evicted to make room for something that has not arrived yet;
+- a *protected* version (`protect`: the cluster's recoverable point and its candidate) is kept
+  whatever ``keep_last`` says and never evicted for room, and a push of it is taken even when
+  a newer replica of the rank is held already;
 - every byte of every buffer (in use or kept for reuse) counts against ``budget``; a push that
   cannot fit even after evicting older replicas is refused, and what is held stays intact;
 - with a ``shared`` :class:`MemoryBudget` (the node's, which its own arenas reserve from too)
@@ -140,6 +143,7 @@ class ReplicaStore:
         self._pool = SlabPool()
         self._in_use = 0  # slab bytes of replicas (incl. retired but pinned) and receptions
         self._ids = itertools.count(1)
+        self._protected: frozenset[tuple[int, int]] = frozenset()  # (generation, version)
 
     # ---- accounting ----------------------------------------------------------------------
 
@@ -179,6 +183,27 @@ class ReplicaStore:
     def receptions(self) -> list[Reception]:
         return list(self._receptions.values())
 
+    def protect(self, orders: frozenset[tuple[int, int]] | set[tuple[int, int]]) -> None:
+        """Keep replicas of these ``(generation, version)`` orders, of every rank, until the
+        next `protect`; replicas the previous set kept beyond ``keep_last`` go now."""
+        self._protected = frozenset(orders)
+        for reps in list(self._replicas.values()):
+            self._trim(reps)
+
+    @property
+    def protected(self) -> frozenset[tuple[int, int]]:
+        """The ``(generation, version)`` orders `protect` keeps."""
+        return self._protected
+
+    def _trim(self, reps: list[Replica]) -> None:
+        """Drop a rank's replicas beyond the newest ``keep_last`` that are not protected."""
+        kept = 0
+        for rep in list(reps):
+            if kept < self.keep_last:
+                kept += 1
+            elif rep.meta.order not in self._protected:
+                self._drop_replica(rep)
+
     def reception(self, rid: int) -> Reception | None:
         return self._receptions.get(rid)
 
@@ -189,7 +214,9 @@ class ReplicaStore:
         cands: list[Replica] = []
         for reps in self._replicas.values():
             start = 1 if keep_rank_newest else 0
-            cands.extend(r for r in reps[start:] if r.pins == 0)
+            cands.extend(
+                r for r in reps[start:] if r.pins == 0 and r.meta.order not in self._protected
+            )
         yield from sorted(cands, key=lambda r: r.completed_at)
 
     def _drop_replica(self, rep: Replica) -> None:
@@ -265,18 +292,19 @@ class ReplicaStore:
 
     def begin(self, meta: ShardMeta, source: int | None, now: float) -> Reception | None:
         """Start receiving ``meta``; None when it is already held. Raises Refused."""
+        if any(r.meta.order == meta.order for r in self._replicas.get(meta.rank, ())):
+            return None
+        protected = meta.order in self._protected
         newest = self.get(meta.rank)
-        if newest is not None:
-            if newest.meta.order == meta.order:
-                return None
-            if newest.meta.order > meta.order:
-                raise Refused("stale", f"{meta.label} is older than the held {newest.meta.label}")
+        if newest is not None and newest.meta.order > meta.order and not protected:
+            raise Refused("stale", f"{meta.label} is older than the held {newest.meta.label}")
         for rec in list(self._receptions.values()):
             if rec.meta.rank != meta.rank:
                 continue
-            if rec.meta.order > meta.order:
-                raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
-            self.abort(rec.id)  # superseded (or the same version pushed again)
+            if rec.meta.order == meta.order or not (protected or rec.meta.order in self._protected):
+                if rec.meta.order > meta.order and not protected:
+                    raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
+                self.abort(rec.id)  # superseded (or the same version pushed again)
         slab = self._allocate(meta.nbytes, meta.label)
         try:
             verifier = StreamVerifier(meta.checks, meta.nbytes)
@@ -343,8 +371,7 @@ class ReplicaStore:
         reps = self._replicas.setdefault(rec.meta.rank, [])
         reps.append(rep)
         reps.sort(key=lambda r: r.meta.order, reverse=True)
-        for old in reps[self.keep_last :]:
-            self._drop_replica(old)
+        self._trim(reps)
         return rep
 
     def abort(self, rid: int) -> Reception | None:

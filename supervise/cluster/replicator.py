@@ -2,10 +2,14 @@
 
 - Serves its :class:`ReplicaStore` (pushes in, fetches out) on the node's transport.
 - Pushes every newly committed local shard to the rank's group peers (placement), one pusher
-  per (peer, rank) in the background: the local capture never waits for it. A newer commit
-  cancels the push of an older one in flight (supersede). Failed pushes are retried with
-  backoff; a peer that membership reports lost is skipped until it is back, and one that
-  restarted (new incarnation, RAM gone) gets the latest shard again.
+  per (peer, rank) in the background: the local capture never waits for it. A push in flight
+  runs to its end and then the newest version goes, the ones committed meanwhile skipped: a
+  newer commit that cancelled the push in flight would starve replication whenever a push
+  takes longer than a step, the replica trailing further and further. *Priority* versions
+  (`prioritize`: the cluster's recoverable point and its target) go before the newest, so
+  every rank's peers get the same version. Failed pushes are retried with backoff; a peer
+  that membership reports lost is skipped until it is back, and one that restarted (new
+  incarnation, RAM gone) gets the latest shard again.
 - :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
   first live holder, verifies it, and hands it to :class:`LocalShards`.
 """
@@ -61,10 +65,11 @@ class ReplicationTuning:
 class _Pusher:
     """State of the pushes of one local rank to one peer."""
 
-    __slots__ = ("delivered", "failures", "inflight", "scope", "wake")
+    __slots__ = ("acked", "delivered", "failures", "inflight", "scope", "wake")
 
     def __init__(self) -> None:
-        self.delivered: tuple[int, int] | None = None  # order the peer is known to hold
+        self.delivered: tuple[int, int] | None = None  # newest order the peer is known to hold
+        self.acked: list[tuple[int, int]] = []  # recent orders the peer took, oldest first
         self.inflight: tuple[int, int] | None = None
         self.scope: trio.CancelScope | None = None
         self.wake = trio.Event()
@@ -72,6 +77,21 @@ class _Pusher:
 
     def poke(self) -> None:
         self.wake.set()
+
+    def ack(self, order: tuple[int, int]) -> None:
+        """The peer holds ``order`` now."""
+        if self.delivered is None or order > self.delivered:
+            self.delivered = order
+        if order not in self.acked:
+            self.acked = [*self.acked, order][-_ACKED:]
+
+    def forget(self) -> None:
+        """The peer restarted: its RAM, and every replica in it, is gone."""
+        self.delivered = None
+        self.acked = []
+
+
+_ACKED = 8  # orders remembered per pusher: enough for the newest and the priority versions
 
 
 class ReplicationService:
@@ -100,15 +120,46 @@ class ReplicationService:
         )
         self._pushers: dict[tuple[int, int], _Pusher] = {}
         self._down: set[int] = set()
+        self._priority: frozenset[tuple[int, int]] = frozenset()
         self.pushed = 0  # completed pushes (for status and tests)
 
     # ---- queries -------------------------------------------------------------------------
 
     def targets(self, rank: int) -> tuple[int, ...]:
-        """The peers that hold ``rank``'s shards (the shard's holders other than this node)."""
-        if rank >= len(self.placement):
-            return ()
-        return tuple(n for n in self.placement[rank] if n != self.node)
+        """The peers that hold ``rank``'s shards: this node's group peers (``rank`` is one of
+        this node's ranks, or one it is about to own; placement is by node, not by rank)."""
+        return tuple(n for n in self.placement[self.node] if n != self.node)
+
+    def acked(self, rank: int, order: tuple[int, int]) -> bool:
+        """Whether every group peer is known to hold ``rank``'s shard of ``order``."""
+        return all(
+            (p := self._pushers.get((peer, rank))) is not None and order in p.acked
+            for peer in self.targets(rank)
+        )
+
+    def lag(self, rank: int) -> int | None:
+        """How many steps the peers' replicas of ``rank`` trail its newest local version (the
+        slowest peer; a peer that holds nothing trails by the whole step); None when the rank
+        has no version or no peer."""
+        meta = self.local.latest(rank)
+        peers = self.targets(rank)
+        if meta is None or not peers:
+            return None
+        lags = []
+        for peer in peers:
+            p = self._pushers.get((peer, rank))
+            held = None if p is None else p.delivered
+            lags.append(meta.version if held is None else max(0, meta.version - held[1]))
+        return max(lags)
+
+    def prioritize(self, orders: frozenset[tuple[int, int]] | set[tuple[int, int]]) -> None:
+        """Push these ``(generation, version)`` orders of every local rank before the newest
+        (the cluster's recoverable point and its target)."""
+        orders = frozenset(orders)
+        if orders != self._priority:
+            self._priority = orders
+            for p in self._pushers.values():
+                p.poke()
 
     def status(self) -> dict[str, Any]:
         """Held replicas, local versions and pushes in flight (for `supervise status`)."""
@@ -123,6 +174,7 @@ class ReplicationService:
             "replicas": self.store.inventory(),
             "held_bytes": self.store.held_bytes,
             "budget": self.store.budget,
+            "lag": {r: lag for r in self.local.ranks() if (lag := self.lag(r)) is not None},
             "pushing": sorted(
                 (peer, rank, p.inflight[1])
                 for (peer, rank), p in self._pushers.items()
@@ -134,19 +186,11 @@ class ReplicationService:
     # ---- inputs --------------------------------------------------------------------------
 
     def committed(self, rank: int) -> None:
-        """A local shard of ``rank`` was committed: push it, superseding older pushes."""
-        meta = self.local.latest(rank)
-        if meta is None:
-            return
+        """A local shard of ``rank`` was committed: push it once the push in flight ended."""
         for peer in self.targets(rank):
             p = self._pushers.get((peer, rank))
-            if p is None:
-                continue
-            if p.inflight is not None and p.inflight < meta.order and p.scope is not None:
-                # routine when snapshots come faster than pushes: the newest is what matters
-                log.debug("push superseded", peer=peer, rank=rank, by=meta.version)
-                p.scope.cancel()
-            p.poke()
+            if p is not None:
+                p.poke()
 
     def membership_event(self, event: Event) -> None:
         """Feed peer_lost / peer_back from membership."""
@@ -160,7 +204,7 @@ class ReplicationService:
             for (peer, _), p in self._pushers.items():
                 if peer == event.rank:
                     if event.restarted:
-                        p.delivered = None  # its RAM is gone: push again
+                        p.forget()  # its RAM is gone: push again
                     p.failures = 0
                     p.poke()
 
@@ -206,19 +250,34 @@ class ReplicationService:
         while True:
             await p.wake.wait()
             p.wake = trio.Event()
-            meta = self.local.latest(rank)
-            if meta is None or peer in self._down or p.delivered == meta.order:
+            meta = self._next(rank, p)
+            if meta is None or peer in self._down:
                 continue
             ok = await self._push_once(peer, meta, p)
             if ok:
                 p.failures = 0
+                p.poke()  # after a priority version, the newest may still be due
                 continue
-            if p.wake.is_set():  # superseded or the peer came back: go again at once
+            if p.wake.is_set():  # a newer commit, or the peer came back: go again at once
                 continue
             p.failures += 1
             with trio.move_on_after(t.retry.delay(p.failures, random.random())):
                 await p.wake.wait()
             p.poke()
+
+    def _next(self, rank: int, p: _Pusher) -> ShardMeta | None:
+        """What to push next: a priority version the peer lacks (oldest first), else the
+        newest local version if the peer does not hold it."""
+        for gen, version in sorted(self._priority):
+            if (gen, version) in p.acked:
+                continue
+            meta = self.local.meta(rank, version)
+            if meta is not None and meta.order == (gen, version):
+                return meta
+        meta = self.local.latest(rank)
+        if meta is None or meta.order in p.acked or p.delivered == meta.order:
+            return None
+        return meta
 
     async def _push_once(self, peer: int, meta: ShardMeta, p: _Pusher) -> bool:
         t = self.tuning
@@ -248,15 +307,15 @@ class ReplicationService:
                         min_rate=t.min_rate,
                     )
                     span.set(bytes=meta.nbytes if sent else 0)
-                p.delivered = meta.order
+                p.ack(meta.order)
                 if sent:
                     self.pushed += 1
                     log.info("pushed", shard=meta.label, peer=peer, nbytes=meta.nbytes)
                 return True
-            return False  # cancelled: superseded or the peer was lost
+            return False  # cancelled: the peer was lost
         except RemoteError as exc:
-            if exc.reason.startswith("Refused: stale"):
-                p.delivered = meta.order  # the peer already has something newer
+            if exc.reason.startswith("Refused: stale") and meta.order not in self._priority:
+                p.delivered = max(p.delivered or meta.order, meta.order)  # it holds newer
                 return True
             log.warning("push refused", shard=meta.label, peer=peer, reason=exc.reason)
             return False

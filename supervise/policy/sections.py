@@ -149,10 +149,13 @@ class Recovery:
     """How a failure is handled: which snapshot to restore, how often to retry, with what backoff.
 
     ``max_attempts`` consecutive recoveries are allowed; the count resets once training ran
-    ``backoff.reset_after`` seconds without a failure. ``preload``: modules that spare worker
-    processes import ahead of a restart (Python commands only; [] = start workers cold); the
-    default covers what every supervised training script imports: torch, ``torch._dynamo``
-    (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and the Snapshotter.
+    ``backoff.reset_after`` seconds without a failure. ``on_no_snapshot``: what a recovery
+    does when training had made progress but no version is complete for every rank any more
+    ("stop": fail loudly, exit 3; "restart": start over from step 0). ``preload``: modules
+    that spare worker processes import ahead of a restart (Python commands only; [] = start
+    workers cold); the default covers what every supervised training script imports: torch,
+    ``torch._dynamo`` (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and
+    the Snapshotter.
     """
 
     max_attempts: int = attrs.field(default=3, validator=integer(ge=0))
@@ -169,6 +172,9 @@ class Recovery:
     )
     on_nan: Literal["rollback", "ignore", "stop"] = attrs.field(
         default="rollback", validator=choice("rollback", "ignore", "stop")
+    )
+    on_no_snapshot: Literal["stop", "restart"] = attrs.field(
+        default="stop", validator=choice("stop", "restart")
     )
     on_recovery: str = attrs.field(default="", validator=import_path)
     on_failure: str = attrs.field(default="", validator=import_path)

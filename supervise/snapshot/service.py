@@ -91,6 +91,7 @@ class _Worker:
     writing: set[tuple[str, int]] = attrs.field(factory=set)
     head: int | None = None
     target: int | None = None
+    pinned: frozenset[int] = frozenset()  # steps kept whatever retention says (`pin`)
     hello: p.Hello | None = None
     heartbeat: tuple[int, Mapping[str, float], float] | None = None
 
@@ -108,11 +109,16 @@ class ArenaService:
         policy: Mapping[str, Any] | None = None,
         anonymous: bool = False,
         adopt: bool = True,
+        pinned_slots: int = 0,
     ) -> None:
         """``anonymous``: arena files are unlinked at once (in-process owner); otherwise they
         are named ``supervise-<node>-r<rank>-<n>.arena`` and, with ``adopt``, arenas a previous
         incarnation of this node's agent left in ``directory`` are taken over with their
-        committed versions."""
+        committed versions. ``pinned_slots``: slots each arena has beyond the retention rule's,
+        for the versions `pin` keeps (the node's recoverable point and its candidate)."""
+        if pinned_slots < 0:
+            raise ValueError(f"pinned_slots = {pinned_slots}: must be >= 0")
+        self.pinned_slots = pinned_slots
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", node):
             raise ValueError(f"node name {node!r}: use letters, digits, '.', '_' or '-'")
         self.directory = Path(directory)
@@ -259,7 +265,7 @@ class ArenaService:
                 and cur.manifest_capacity >= manifest_capacity
             ):
                 return cur
-            n_slots = self.rule.slots
+            n_slots = self.rule.slots + self.pinned_slots
             man_cap = max(manifest_capacity, 1 << 16)
             size = Arena.size_for(data_capacity=nbytes, n_slots=n_slots, manifest_capacity=man_cap)
             what = f"snapshot arena for rank {rank} ({n_slots} slots x {fmt_bytes(nbytes)})"
@@ -441,6 +447,22 @@ class ArenaService:
             w = self._workers.get(rank)
             return None if w is None else w.heartbeat
 
+    def pin(self, rank: int, steps: frozenset[int] | set[int]) -> None:
+        """Keep the rank's versions of ``steps`` whatever retention says, until the next
+        `pin` (the agent pins the cluster's recoverable point and the version it is building
+        towards, so local retention never evicts the only version complete across the
+        cluster). Versions a previous pin kept and retention no longer wants go now."""
+        with self._lock:
+            w = self._worker(rank)
+            w.pinned = frozenset(steps)
+            self._apply_retention(w)
+
+    def pinned(self, rank: int) -> frozenset[int]:
+        """The steps `pin` keeps for ``rank``."""
+        with self._lock:
+            w = self._workers.get(rank)
+            return frozenset() if w is None else w.pinned
+
     def set_restore_target(self, rank: int, step: int | None) -> None:
         """Make the rank's next restore load exactly ``step`` (`FRESH`: nothing, a start from
         scratch; None: the worker's own choice)."""
@@ -539,7 +561,7 @@ class ArenaService:
         v.arena.mark(v.slot, SlotState.FREE)
 
     def _apply_retention(self, w: _Worker) -> None:
-        keep = retained([v.info for v in w.versions.values()], self.rule, w.head)
+        keep = retained([v.info for v in w.versions.values()], self.rule, w.head) | w.pinned
         for step in [s for s in w.versions if s not in keep]:
             self._free(w.versions.pop(step))
         self._drop_unused_arenas(w)

@@ -20,7 +20,7 @@ from opentelemetry.util.types import AttributeValue
 
 from supervise._version import __version__
 from supervise.telemetry.config import TelemetryConfig, TelemetryError
-from supervise.telemetry.metrics import Instruments, MemorySource
+from supervise.telemetry.metrics import Instruments, LagSource, MemorySource
 from supervise.telemetry.names import SCOPE, Attr
 
 if TYPE_CHECKING:
@@ -149,6 +149,10 @@ class Telemetry:
             resource=resource,
             exporters=exporters,
         )
+
+    def register_lag_source(self, source: LagSource) -> Callable[[], None]:
+        """Feed the ``supervise.replica.lag`` gauge; see ``Instruments.register_lag_source``."""
+        return self.metrics.register_lag_source(source)
 
     def register_memory_source(self, kind: str, source: MemorySource) -> Callable[[], None]:
         """Feed the ``supervise.memory.held`` gauge; see ``Instruments.register_memory_source``."""

@@ -20,6 +20,8 @@ from supervise.telemetry.names import (
 log = structlog.get_logger(__name__)
 
 MemorySource = Callable[[], int]
+#: Steps each rank's replicas trail its newest local snapshot (rank -> steps).
+LagSource = Callable[[], Mapping[int, int]]
 Attributes = Mapping[str, AttributeValue]
 
 
@@ -43,6 +45,13 @@ class Instruments:
             callbacks=[self._observe_memory],
             unit=Metric.MEMORY_HELD.unit,
             description=Metric.MEMORY_HELD.description,
+        )
+        self._lag_sources: dict[int, LagSource] = {}
+        self.replica_lag = meter.create_observable_gauge(
+            Metric.REPLICA_LAG.name,
+            callbacks=[self._observe_lag],
+            unit=Metric.REPLICA_LAG.unit,
+            description=Metric.REPLICA_LAG.description,
         )
 
     def record_transfer(
@@ -74,6 +83,35 @@ class Instruments:
                 self._sources.pop(token, None)
 
         return unregister
+
+    def register_lag_source(self, source: LagSource) -> Callable[[], None]:
+        """Report ``source()`` (rank -> steps behind) as the replica lag gauge, per rank;
+        returns the unregister function. Read on the export thread: cheap, no I/O."""
+        if not callable(source):
+            raise TypeError(f"lag source must be callable, got {source!r}")
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._lag_sources[token] = source
+
+        def unregister() -> None:
+            with self._lock:
+                self._lag_sources.pop(token, None)
+
+        return unregister
+
+    def _observe_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._lag_sources.values())
+        out: list[Observation] = []
+        for source in sources:
+            try:
+                lags = dict(source())
+            except Exception:
+                log.warning("replica lag source failed", exc_info=True)
+                continue
+            out.extend(Observation(lag, {Attr.RANK: rank}) for rank, lag in sorted(lags.items()))
+        return out
 
     def _observe_memory(self, _options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:

@@ -216,7 +216,15 @@ class Metric:
         "{reply}",
         "counter",
         "Replies that came after their request was given up, by message kind and reason"
-        " (cancelled: e.g. a superseded push; timed_out; unknown); each is dropped.",
+        " (cancelled: e.g. a push cut short by its peer's loss or a shutdown; timed_out;"
+        " unknown); each is dropped.",
+    )
+    REPLICA_LAG: Final = Instrument(
+        "supervise.replica.lag",
+        "{step}",
+        "observable_gauge",
+        "Steps the group peers' replicas of a rank trail its newest local snapshot (the "
+        "slowest peer), by rank, from registered sources.",
     )
 
     ALL: Final = (
@@ -229,4 +237,5 @@ class Metric:
         TRAINING_STEPS,
         MEMORY_HELD,
         LATE_REPLIES,
+        REPLICA_LAG,
     )

@@ -43,6 +43,15 @@ def test_status_with_heartbeat_records_roundtrips() -> None:
     assert [Beat.from_wire(b) for b in got.beats] == [beat]  # the hang judge reads these
 
 
+def test_status_with_replica_lag_and_recoverable_point_roundtrips() -> None:
+    status = m.Status(
+        0, "running", 3, 0, [0, 1], [0, 1], [], [], replica_lag=[(0, 2), (1, 0)], recoverable=120
+    )
+    got = roundtrip(status)
+    assert got == status
+    assert got.recoverable == 120 and got.replica_lag == [(0, 2), (1, 0)]
+
+
 def test_a_negative_step_age_is_refused() -> None:
     with pytest.raises(ValueError, match=r"step_age = -1\.0: must be >= 0"):
         m.WorkerStatus(0, 1, step_age=-1.0)

@@ -11,9 +11,24 @@ def entry(rank: int, step: int) -> m.Entry:
     return (rank, step, 1, 100, {})
 
 
-def status(node: int, ram: list[m.Entry], *, step_age: float | None = 0.5) -> m.Status:
+def status(
+    node: int, ram: list[m.Entry], *, step_age: float | None = 0.5, recoverable: int = -1
+) -> m.Status:
     worker = m.WorkerStatus(node, 100 + node, True, True, 42, step_age, 10.0)
-    return m.Status(node, "running", 1, 0, [0, 1], [node], ram, [], [worker], [200 + node], 9)
+    return m.Status(
+        node,
+        "running",
+        1,
+        0,
+        [0, 1],
+        [node],
+        ram,
+        [],
+        [worker],
+        [200 + node],
+        9,
+        recoverable=recoverable,
+    )
 
 
 def test_lag_counts_the_owner_steps_and_versions_newer_than_the_newest_replica() -> None:
@@ -45,13 +60,15 @@ def test_a_replica_newer_than_the_owner_is_no_lag() -> None:
 def test_table_shows_each_rank_worker_step_age_and_lag() -> None:
     text = _table(
         {
-            0: status(0, [entry(0, 30), entry(1, 20)], step_age=75.0),
+            0: status(0, [entry(0, 30), entry(1, 20)], step_age=75.0, recoverable=20),
             1: status(1, [entry(1, 20), entry(0, 20)]),
             2: TimeoutError("no answer"),
         }
     )
     lines = text.splitlines()
     assert "agent pid 9; spares waiting: 200" in lines[0]  # no guard (0): not shown
+    assert "ranks [0], recoverable v20;" in lines[0]
+    assert "ranks [1], recoverable none yet;" in lines[1]  # no point agreed on yet
     assert lines[2] == "node 2: unreachable (TimeoutError: no answer)"
     assert lines[3].split() == [
         "rank", "node", "worker", "pid", "last", "step", "age", "newest", "replica", "lag",

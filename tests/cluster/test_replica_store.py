@@ -364,3 +364,60 @@ def test_reclaiming_from_another_thread_takes_nothing() -> None:
     t.join()
     assert len(errors) == 1 and isinstance(errors[0], CapacityError)
     assert store.inventory() == {1: [(2, 0), (1, 0)]}
+
+
+# ---- protected versions (the cluster's recoverable point and its target) ----------------
+
+
+def test_a_protected_replica_is_kept_until_a_newer_one_is_protected_instead() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=8 * size, keep_last=1)
+    store.protect({(0, 5)})
+    push(store, *make_shard(1, 5, [size]))
+    push(store, *make_shard(1, 6, [size]))
+    push(store, *make_shard(1, 7, [size]))  # keep_last = 1 keeps v7; v5 is protected
+    assert store.inventory() == {1: [(7, 0), (5, 0)]}
+    store.protect({(0, 5), (0, 8)})  # the next target: v8 is kept once it arrived
+    push(store, *make_shard(1, 8, [size]))
+    push(store, *make_shard(1, 9, [size]))
+    assert store.inventory() == {1: [(9, 0), (8, 0), (5, 0)]}
+    store.protect({(0, 8)})  # v8 became the point: v5 goes
+    assert store.inventory() == {1: [(9, 0), (8, 0)]}
+
+
+def test_a_protected_version_is_taken_even_when_a_newer_one_is_held() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=8 * size)
+    push(store, *make_shard(1, 9, [size]))
+    with pytest.raises(Refused, match="stale"):
+        store.begin(make_shard(1, 8, [size])[0], source=1, now=0.0)
+    store.protect({(0, 8)})
+    push(store, *make_shard(1, 8, [size]))  # the owner pushes the target after a newer one
+    assert store.inventory() == {1: [(9, 0), (8, 0)]}
+    assert store.begin(make_shard(1, 8, [size])[0], source=1, now=0.0) is None  # held
+
+
+def test_a_protected_reception_and_a_newer_one_run_side_by_side() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=8 * size)
+    store.protect({(0, 8)})
+    target, target_data = make_shard(1, 8, [size])
+    rec = store.begin(target, source=1, now=0.0)
+    assert rec is not None
+    push(store, *make_shard(1, 9, [size]))  # does not supersede the target's reception
+    store.chunk(rec.id, 0, memoryview(target_data), now=1.0)
+    store.finish(rec.id, now=1.0)
+    assert store.inventory() == {1: [(9, 0), (8, 0)]}
+
+
+def test_room_is_never_made_by_evicting_a_protected_replica() -> None:
+    size = 64 * KiB
+    store = ReplicaStore(budget=3 * size, keep_last=2)
+    store.protect({(0, 1)})
+    push(store, *make_shard(1, 1, [size]))
+    push(store, *make_shard(1, 2, [size]))
+    push(store, *make_shard(2, 1, [size]))
+    with pytest.raises(Refused, match="budget"):  # v1 of rank 1 would be the one to go
+        store.begin(make_shard(2, 2, [size])[0], source=2, now=0.0)
+    assert store.get(1, 1) is not None
+    assert store.reclaim(size) == 0  # nor for the node's own arenas

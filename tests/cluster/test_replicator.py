@@ -1,4 +1,5 @@
-"""The replication service in one process: pushes to group peers, supersede, fetch-back."""
+"""The replication service in one process: pushes to group peers, skip to the newest,
+priority versions, lag, fetch-back."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ async def cluster() -> AsyncIterator[tuple[trio.Nursery, list[Node]]]:
         nursery.cancel_scope.cancel()
 
 
-async def test_commits_reach_group_peers_and_newer_supersedes(
+async def test_commits_reach_group_peers_and_the_newest_wins(
     cluster: tuple[trio.Nursery, list[Node]],
 ) -> None:
     _, nodes = cluster
@@ -137,3 +138,36 @@ async def test_restarted_peer_gets_the_shard_again(
     nodes[0].service.membership_event(PeerBack(1, incarnation=2, restarted=True))
     await eventually(lambda: nodes[0].service.pushed == pushed + 1)
     assert nodes[1].service.store.get(0) is not None
+
+
+async def test_priority_versions_reach_the_peer_before_the_newest_and_the_lag_is_known(
+    cluster: tuple[trio.Nursery, list[Node]],
+) -> None:
+    _, nodes = cluster
+    assert nodes[0].service.lag(0) is None  # nothing committed yet
+    target, target_data = make_shard(0, 10, [MiB])
+    nodes[0].local = MemoryShards([0], keep=3)
+    nodes[0].service.local = nodes[0].local
+    nodes[1].service.store.protect({(0, 10)})  # the peer keeps the target once it arrives
+    nodes[0].service.prioritize({(0, 10)})
+    nodes[0].local.commit(target, target_data)
+    for v in (11, 12):
+        meta, data = make_shard(0, v, [MiB])
+        nodes[0].local.commit(meta, data)
+    nodes[0].service.committed(0)
+    store = nodes[1].service.store
+    await eventually(lambda: store.inventory().get(0) == [(12, 0), (10, 0)])
+    rep = store.get(0, 10)
+    assert rep is not None and bytes(rep.data()) == target_data
+    await eventually(lambda: nodes[0].service.lag(0) == 0)
+    assert nodes[0].service.acked(0, (0, 10)) and nodes[0].service.acked(0, (0, 12))
+    assert not nodes[0].service.acked(0, (0, 11))  # skipped: the newest went instead
+    assert nodes[0].service.status()["lag"] == {0: 0}
+
+
+def test_every_local_rank_goes_to_the_nodes_group_peers() -> None:
+    # placement is by node: with 2 ranks per node, node 1 runs ranks 2 and 3, and both go to
+    # node 0 (before: rank 2 and 3 were looked up as nodes and went nowhere)
+    t = Transport(rank=1, endpoint="127.0.0.1:0")
+    svc = ReplicationService(t, ReplicaStore(budget=MiB), MemoryShards([2, 3]), place(2, 2), node=1)
+    assert svc.targets(2) == svc.targets(3) == (0,)

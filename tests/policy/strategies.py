@@ -109,6 +109,7 @@ def recovery(draw: st.DrawFn, keep_best: int) -> sv.Recovery:
         heartbeat_timeout=draw(positive_seconds),
         startup_timeout=draw(positive_seconds),
         on_nan=draw(st.sampled_from(["rollback", "ignore", "stop"])),
+        on_no_snapshot=draw(st.sampled_from(["stop", "restart"])),
         on_recovery=draw(import_path),
         on_failure=draw(import_path),
         preload=tuple(

@@ -40,6 +40,7 @@ DESIGN_DEFAULTS = {
         "heartbeat_timeout": 60.0,
         "startup_timeout": 300.0,
         "on_nan": "rollback",
+        "on_no_snapshot": "stop",
         "on_recovery": "",
         "on_failure": "",
         "preload": ["torch", "torch._dynamo", "supervise.torch.snapshotter"],

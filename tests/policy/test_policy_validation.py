@@ -81,6 +81,7 @@ CASES: list[tuple[str, str, str]] = [
     ("[recovery]\nheartbeat_timeout = 0", "recovery.heartbeat_timeout", "duration > 0"),
     ('[recovery]\nstartup_timeout = "-1s"', "recovery.startup_timeout", "durations are"),
     ('[recovery]\non_nan = "panic"', "recovery.on_nan", "'rollback', 'ignore', 'stop'"),
+    ('[recovery]\non_no_snapshot = "zero"', "recovery.on_no_snapshot", "'stop', 'restart'"),
     ('[recovery]\non_recovery = "mod.func"', "recovery.on_recovery", "package.module:function"),
     ('[recovery]\non_failure = "a b:c"', "recovery.on_failure", "package.module:function"),
     ('[recovery]\non_failure = "pkg:class"', "recovery.on_failure", "package.module:function"),

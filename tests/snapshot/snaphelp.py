@@ -50,12 +50,14 @@ def make_service(
     keep_best: int = 0,
     budget: int = 1 << 30,
     node: str = "n0",
+    pinned_slots: int = 0,
 ) -> ArenaService:
     return ArenaService(
         directory,
         rule=RetentionRule(keep_last=keep_last, keep_best=keep_best),
         budget=MemoryBudget(budget),
         node=node,
+        pinned_slots=pinned_slots,
     )
 
 

@@ -261,3 +261,30 @@ def test_agent_client_times_out_clearly(tmp_path: Path) -> None:
     client.close()
     with pytest.raises(SnapshotError, match="not a zmq endpoint"):
         AgentClient("localhost:1234", 0)
+
+
+def test_a_pinned_version_outlives_keep_last_until_unpinned(tmp_path: Path) -> None:
+    # keep_last = 1 (Gemini's policy) and snapshots every step: without the pin, the version
+    # the peers' replicas hold is evicted by the next commit, and a lost node has nothing.
+    svc = make_service(tmp_path, keep_last=1, pinned_slots=2)
+    owner = LocalOwner(svc, 0)
+    owner.hello(hello())
+    commit_version(owner, 1)
+    svc.pin(0, {1, 3})  # the recoverable point (1) and the target (3, not committed yet)
+    for s in range(2, 6):
+        commit_version(owner, s)  # every commit still finds a free slot
+    assert [v.step for v in owner.versions()] == [1, 3, 5]
+    assert svc.pinned(0) == {1, 3}
+    svc.pin(0, {3, 7})  # 3 became the point: 1 goes
+    assert [v.step for v in owner.versions()] == [3, 5]
+    svc.close()
+
+
+def test_pinned_slots_make_room_for_the_point_and_the_target(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1, pinned_slots=2)
+    owner = LocalOwner(svc, 0)
+    commit_version(owner, 1)
+    assert svc.arena(next(iter(svc._arenas))).n_slots == 4  # 1 kept + 1 to write + 2 pinned
+    with pytest.raises(ValueError, match="pinned_slots = -1"):
+        make_service(tmp_path / "x", pinned_slots=-1)
+    svc.close()

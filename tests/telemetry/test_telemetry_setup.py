@@ -147,6 +147,7 @@ def test_instruments_have_the_declared_names_and_units(make_node) -> None:
     m.training_steps.add(7)
     m.late_replies.add(1, {Attr.MESSAGE_KIND: "replica.push_ack", Attr.REASON: "cancelled"})
     node.telemetry.register_memory_source("arena", lambda: 123)
+    node.telemetry.register_lag_source(lambda: {0: 2})
     data = node.reader.get_metrics_data()
     seen = {
         metric.name: metric.unit
@@ -178,6 +179,30 @@ def test_memory_gauge_sums_sources_and_survives_bad_ones(make_node) -> None:
     held["a"] = 200
     unregister()
     assert values() == {"arena": 250}
+
+
+def test_replica_lag_gauge_reports_each_rank_and_survives_a_bad_source(make_node) -> None:
+    node = make_node()
+    lags = {0: 3, 1: 0}
+    unregister = node.telemetry.register_lag_source(lambda: lags)
+
+    def broken() -> dict[int, int]:
+        raise RuntimeError("source is broken")
+
+    node.telemetry.register_lag_source(broken)
+
+    def values() -> dict[int, int]:
+        points = node.metric_points(Metric.REPLICA_LAG.name)
+        return {p.attributes[Attr.RANK]: p.value for p in points}
+
+    assert Metric.REPLICA_LAG.name == "supervise.replica.lag"
+    assert values() == {0: 3, 1: 0}
+    lags[0] = 1
+    assert values() == {0: 1, 1: 0}
+    unregister()
+    assert values() == {}
+    with pytest.raises(TypeError, match="callable"):
+        node.telemetry.register_lag_source(5)  # type: ignore[arg-type]
 
 
 def test_memory_source_validation(make_node) -> None:

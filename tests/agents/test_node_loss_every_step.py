@@ -1,0 +1,101 @@
+"""Snapshots every step, fast steps, one copy kept (Gemini's policy): node after node is lost
+(kill -9, RAM wiped) and replaced, and every recovery restores a version past the previous
+one, never step 0; `supervise status` shows the recoverable point and the replicas' lag.
+
+Before the recoverable point, local retention evicted every version the peer's lagging replica
+of the lost rank still held, and the survivor restarted at step 0 (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nodekit import FAKE_WORKER, FAST_POLICY, Nodes, nodes
+
+pytestmark = pytest.mark.slow
+
+EVERY_STEP = (
+    FAST_POLICY.replace("every_steps = 5", "every_steps = 1").replace(
+        "keep_last = 2", "keep_last = 1"
+    )
+    + "[replication]\nreplicas = 2\n"
+)
+LOSSES = 10
+
+
+def status(c: Nodes) -> dict[str, Any]:
+    """`supervise status --json` of the cluster (docs/node.md: its nodes and ranks)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "supervise", "status", "--nodes", c.nodes, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    answers: dict[str, Any] = json.loads(out.stdout)
+    return answers
+
+
+def ready(c: Nodes, survivor: int, stored: int, restored: int) -> dict[str, Any] | None:
+    """Every node's status once training went on (the survivor stored 150 more of the victim's
+    snapshots) and every node knows a recoverable point past the last restore."""
+    if len(c.events(survivor, "replica stored")) < stored + 150:
+        return None
+    doc = status(c)
+    nodes = doc["nodes"]
+    if len(nodes) < c.n or not all(n["reachable"] for n in nodes):
+        return None
+    points = [n["recoverable"] for n in nodes]
+    return doc if all(p is not None and p > restored for p in points) else None
+
+
+def test_ten_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> None:
+    worker = [
+        sys.executable,
+        str(FAKE_WORKER),
+        "--faults",
+        str(tmp_path / "faults"),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "10000000",
+        "--delay",
+        "0",
+    ]
+    with nodes(tmp_path, 2, policy=EVERY_STEP, worker=worker) as c:
+        c.start_all()
+        gen = c.wait_resumed(1)
+        restored = 0
+        for loss in range(LOSSES):
+            victim = loss % 2
+            survivor = 1 - victim
+            stored = len(c.events(survivor, "replica stored"))
+            doc = c.wait(
+                f"training on and a recoverable point past step {restored}",
+                lambda s=survivor, n=stored, r=restored: ready(c, s, n, r),
+                interval_s=0.5,
+            )
+            # the replicas' lag is in the status, for each rank (the survivor holds replicas
+            # of the victim's rank: its lag is known)
+            lags = {r["rank"]: (r["node"], r["lag_steps"]) for r in doc["ranks"]}
+            assert set(lags) == {0, 1} and all(lags[r][0] == r for r in lags), lags
+            assert lags[victim][1] is not None, lags
+            assert all(lag is None or lag >= 0 for _, lag in lags.values()), lags
+            before = gen
+            c.kill_node(victim)
+            c.start(victim)  # the replacement: same rank, empty RAM
+            gen = c.wait_resumed(gen + 1)
+            gave_up = [e for _, e in c.all_events("giving up")]
+            assert not gave_up, f"loss {loss + 1}: recovery gave up: {gave_up}"
+            restarts = [e for _, e in c.all_events("restart sent") if e["generation"] > before]
+            assert restarts and all(r["step"] > 0 for r in restarts), (
+                f"loss {loss + 1} of node {victim}: back to step 0: {restarts}"
+            )
+            step = next(r["step"] for r in restarts if r["generation"] == gen)
+            assert step > restored, f"loss {loss + 1} of node {victim}: back to step {step}"
+            restored = step
+        c.stop()
