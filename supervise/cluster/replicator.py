@@ -2,8 +2,9 @@
 
 - Serves its :class:`ReplicaStore` (pushes in, fetches out) on the node's transport.
 - Pushes every newly committed local shard to the rank's group peers (placement), one pusher
-  per (peer, rank) in the background: the local capture never waits for it. A newer commit
-  cancels the push of an older one in flight (supersede). Failed pushes are retried with
+  per (peer, rank) in the background: the local capture never waits for it. A push in flight
+  finishes; then the newest commit is pushed and the ones in between are skipped. Failed
+  pushes are retried with
   backoff; a peer that membership reports lost is skipped until it is back, and one that
   restarted (new incarnation, RAM gone) gets the latest shard again.
 - :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
@@ -134,7 +135,7 @@ class ReplicationService:
     # ---- inputs --------------------------------------------------------------------------
 
     def committed(self, rank: int) -> None:
-        """A local shard of ``rank`` was committed: push it, superseding older pushes."""
+        """A local shard of ``rank`` was committed: push it once the push in flight is done."""
         meta = self.local.latest(rank)
         if meta is None:
             return
@@ -142,10 +143,11 @@ class ReplicationService:
             p = self._pushers.get((peer, rank))
             if p is None:
                 continue
-            if p.inflight is not None and p.inflight < meta.order and p.scope is not None:
-                # routine when snapshots come faster than pushes: the newest is what matters
-                log.debug("push superseded", peer=peer, rank=rank, by=meta.version)
-                p.scope.cancel()
+            # A push in flight is not cancelled: it finishes, then the newest goes (versions
+            # committed meanwhile are skipped). Cancelling would starve replication whenever a
+            # push takes longer than a step, and would release the arena slot while libzmq may
+            # still be reading the chunks queued from it (zero-copy): the peer would see them
+            # overwritten by a newer capture.
             p.poke()
 
     def membership_event(self, event: Event) -> None:
