@@ -5,11 +5,12 @@
   per (peer, rank) in the background: the local capture never waits for it. A push in flight
   runs to its end and then the newest version goes, the ones committed meanwhile skipped: a
   newer commit that cancelled the push in flight would starve replication whenever a push
-  takes longer than a step, the replica trailing further and further. *Priority* versions
-  (`prioritize`: the cluster's recoverable point and its target) go before the newest, so
-  every rank's peers get the same version. Failed pushes are retried with backoff; a peer
-  that membership reports lost is skipped until it is back, and one that restarted (new
-  incarnation, RAM gone) gets the latest shard again.
+  takes longer than a step, and would release the arena slot while libzmq may still read the
+  chunks queued from it (zero-copy). *Priority* versions (`prioritize`: the cluster's
+  recoverable point and its target) go before the newest, so every rank's peers get the same
+  version. Failed pushes are retried with backoff; a peer that membership reports lost is
+  skipped until it is back, and one that restarted (new incarnation, RAM gone) gets the
+  latest shard again.
 - :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
   first live holder, verifies it, and hands it to :class:`LocalShards`.
 """
@@ -190,6 +191,11 @@ class ReplicationService:
         for peer in self.targets(rank):
             p = self._pushers.get((peer, rank))
             if p is not None:
+                # A push in flight is not cancelled: it finishes, then the newest goes
+                # (versions committed meanwhile are skipped). Cancelling would starve
+                # replication whenever a push takes longer than a step, and would release the
+                # arena slot while libzmq may still be reading the chunks queued from it
+                # (zero-copy): the peer would see them overwritten by a newer capture.
                 p.poke()
 
     def membership_event(self, event: Event) -> None:

@@ -1,13 +1,16 @@
 """A healthy run logs no warnings: two real node agents train ``supervise._demo.train`` with a
-snapshot after every step, so pushes to the group peer are routinely superseded by newer
-commits before their acks come back. A superseded push is abandoned on purpose: the replies
-still on their way are late replies, counted (``supervise.transport.late_replies``, reason
-``cancelled``) and logged at debug, never as dropped-message warnings. Warnings are kept for
-something actually lost or degraded; none happens here."""
+snapshot after every step, so commits routinely come faster than pushes to the group peer: a
+push in flight finishes, then the newest commit goes and the ones in between are skipped (a
+cancelled push could leave libzmq reading chunks from an arena slot a newer capture reuses,
+which the peer rejects with a checksum warning). Late replies, were there any, are counted
+(``supervise.transport.late_replies``) and logged at debug, never as dropped-message
+warnings. Warnings are kept for something actually lost or degraded; none happens here."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +35,7 @@ WAIT = 240.0  # generous: a loaded 2-core machine starting torch workers
 WARNING = {"warning", "error", "critical", "exception"}
 
 
-def test_a_healthy_run_with_superseded_pushes_logs_no_warning(
+def test_a_healthy_run_with_commits_faster_than_pushes_logs_no_warning(
     tmp_path: Path, otel_collector: OtelCollector
 ) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -54,20 +57,22 @@ def test_a_healthy_run_with_superseded_pushes_logs_no_warning(
         c.start_all()
         c.wait_resumed(1)
 
-        def superseded(pid: int) -> bool:
-            return any(
-                p.attributes.get("supervise.reason") == "cancelled" and p.value > 0
-                for m in otel_collector.metrics("supervise.transport.late_replies")
-                if m.resource.get("process.pid") == pid
-                for p in m.points
+        def stored(rank: int) -> list[int]:
+            """Versions of the peer's rank stored on node ``rank``, in arrival order."""
+            found = (
+                re.search(r" v(\d+) ", str(e.get("shard")))
+                for e in c.events(rank, "replica stored")
             )
+            return [int(m.group(1)) for m in found if m]
+
+        def skipped(rank: int) -> bool:
+            """Commits came faster than pushes: some versions were never pushed."""
+            versions = stored(rank)
+            return any(b - a > 1 for a, b in itertools.pairwise(versions))
 
         c.wait(
-            f"{STORED} replicas stored on each node, and a superseded push's late replies",
-            lambda: all(
-                len(c.events(rank, "replica stored")) >= STORED and superseded(c.agents[rank].pid)
-                for rank in c.agents
-            ),
+            f"{STORED} replicas stored on each node, some commits skipped by the pushes",
+            lambda: all(len(stored(rank)) >= STORED and skipped(rank) for rank in c.agents),
         )
         # Read before stopping: SIGTERM is logged as a warning (an operator stopped the run).
         loud = [
