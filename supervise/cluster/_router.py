@@ -25,7 +25,7 @@ from supervise.cluster._framing import (
     send_within,
 )
 from supervise.cluster._zsock import ZSocket
-from supervise.cluster.errors import ProtocolError
+from supervise.cluster.errors import Declined, ProtocolError
 from supervise.cluster.messages import frozen_map, kind_of
 
 T = TypeVar("T")
@@ -219,6 +219,11 @@ class Router:
             return
         try:
             result = await handler(msg)
+        except Declined as exc:  # an answer the handler chose: its caller decides what it means
+            log.debug("request declined", kind=header.kind, rank=self._f.rank, reason=str(exc))
+            if is_request:
+                await self._error_reply(header, route, f"{type(exc).__name__}: {exc}")
+            return
         except Exception as exc:
             self._f.stats.handler_errors += 1
             log.exception("message handler failed", kind=header.kind, rank=self._f.rank)

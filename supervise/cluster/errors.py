@@ -15,6 +15,12 @@ class RequestTimeout(ClusterError, TimeoutError):
     """No reply to a request within its timeout."""
 
 
+class Declined(ClusterError):
+    """A handler's deliberate no (a push of a version the store will not take): an answer,
+    not a failure. The caller gets it as a `RemoteError` like any other; the serving side
+    logs it at debug instead of as a failed handler."""
+
+
 class RemoteError(ClusterError):
     """The peer's handler failed on our request; carries the peer's one-line reason."""
 

@@ -27,12 +27,12 @@ from collections.abc import Iterator
 import attrs
 
 from supervise.cluster._buffers import Slab, SlabPool, round_up
-from supervise.cluster.errors import ChecksumMismatch, ClusterError, ProtocolError
+from supervise.cluster.errors import ChecksumMismatch, Declined, ProtocolError
 from supervise.cluster.shard import ShardMeta, StreamVerifier
 from supervise.snapshot.budget import MemoryBudget
 
 
-class Refused(ClusterError):
+class Refused(Declined):
     """The store will not take a shard; ``reason`` is one of stale, budget, too_big."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -66,11 +67,13 @@ class ReplicationTuning:
 class _Pusher:
     """State of the pushes of one local rank to one peer."""
 
-    __slots__ = ("acked", "delivered", "failures", "inflight", "scope", "wake")
+    __slots__ = ("acked", "delivered", "failures", "inflight", "refused", "scope", "wake")
 
     def __init__(self) -> None:
         self.delivered: tuple[int, int] | None = None  # newest order the peer is known to hold
         self.acked: list[tuple[int, int]] = []  # recent orders the peer took, oldest first
+        # priority orders the peer declined as stale, and when (offered again after a while)
+        self.refused: dict[tuple[int, int], float] = {}
         self.inflight: tuple[int, int] | None = None
         self.scope: trio.CancelScope | None = None
         self.wake = trio.Event()
@@ -90,9 +93,13 @@ class _Pusher:
         """The peer restarted: its RAM, and every replica in it, is gone."""
         self.delivered = None
         self.acked = []
+        self.refused = {}
 
 
 _ACKED = 8  # orders remembered per pusher: enough for the newest and the priority versions
+# seconds before a priority version the peer declined as stale is offered again (it may not
+# have heard of it yet: the nodes learn the recoverable point's target a heartbeat apart)
+_REFUSED_RETRY = 1.0
 
 
 class ReplicationService:
@@ -160,6 +167,7 @@ class ReplicationService:
         if orders != self._priority:
             self._priority = orders
             for p in self._pushers.values():
+                p.refused = {o: t for o, t in p.refused.items() if o in orders}
                 p.poke()
 
     def status(self) -> dict[str, Any]:
@@ -274,8 +282,11 @@ class ReplicationService:
     def _next(self, rank: int, p: _Pusher) -> ShardMeta | None:
         """What to push next: a priority version the peer lacks (oldest first), else the
         newest local version if the peer does not hold it."""
+        now = trio.current_time()
         for gen, version in sorted(self._priority):
             if (gen, version) in p.acked:
+                continue
+            if now - p.refused.get((gen, version), -math.inf) < _REFUSED_RETRY:
                 continue
             meta = self.local.meta(rank, version)
             if meta is not None and meta.order == (gen, version):
@@ -320,8 +331,15 @@ class ReplicationService:
                 return True
             return False  # cancelled: the peer was lost
         except RemoteError as exc:
-            if exc.reason.startswith("Refused: stale") and meta.order not in self._priority:
-                p.delivered = max(p.delivered or meta.order, meta.order)  # it holds newer
+            if exc.reason.startswith("Refused: stale"):
+                if meta.order in self._priority:
+                    # The peer holds a newer replica and does not keep this one: it moved on
+                    # to a newer point or target first (the nodes hear of them a heartbeat
+                    # apart). Routine: the newest goes now, this one again a little later.
+                    p.refused[meta.order] = trio.current_time()
+                    log.info("priority push declined", shard=meta.label, peer=peer)
+                else:
+                    p.delivered = max(p.delivered or meta.order, meta.order)  # it holds newer
                 return True
             log.warning("push refused", shard=meta.label, peer=peer, reason=exc.reason)
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import structlog.testing
 import trio
 from clusterkit import eventually
 from test_replica_store import make_shard
@@ -163,6 +164,36 @@ async def test_priority_versions_reach_the_peer_before_the_newest_and_the_lag_is
     assert nodes[0].service.acked(0, (0, 10)) and nodes[0].service.acked(0, (0, 12))
     assert not nodes[0].service.acked(0, (0, 11))  # skipped: the newest went instead
     assert nodes[0].service.status()["lag"] == {0: 0}
+
+
+async def test_a_priority_version_the_peer_declines_is_no_warning_and_offered_again(
+    cluster: tuple[trio.Nursery, list[Node]],
+) -> None:
+    # The nodes hear of a new recoverable-point target a heartbeat apart: a peer that holds a
+    # newer replica and does not keep the target (yet, or any more) declines it as stale.
+    # Routine: no warning (a healthy run logs none), the newest still goes, and the target is
+    # offered again later (once the peer keeps it, it takes it).
+    _, nodes = cluster
+    nodes[0].local = MemoryShards([0], keep=10)
+    nodes[0].service.local = nodes[0].local
+    store = nodes[1].service.store
+    for v in (10, 12):
+        meta, data = make_shard(0, v, [MiB])
+        nodes[0].local.commit(meta, data)
+    nodes[0].service.committed(0)
+    await eventually(lambda: store.inventory().get(0) == [(12, 0)])
+    with structlog.testing.capture_logs() as logs:
+        nodes[0].service.prioritize({(0, 10)})  # the peer does not protect it
+        await eventually(lambda: any(x["event"] == "priority push declined" for x in logs))
+        meta, data = make_shard(0, 13, [MiB])
+        nodes[0].local.commit(meta, data)
+        nodes[0].service.committed(0)
+        await eventually(lambda: store.inventory().get(0) == [(13, 0)])  # the newest went
+        assert not nodes[0].service.acked(0, (0, 10))
+        store.protect({(0, 10)})  # the peer heard of the target
+        await eventually(lambda: (nodes[0].service.committed(0), store.get(0, 10))[1])
+    assert nodes[0].service.acked(0, (0, 10))
+    assert [x for x in logs if x["log_level"] not in ("debug", "info")] == []
 
 
 def test_every_local_rank_goes_to_the_nodes_group_peers() -> None:

@@ -28,6 +28,7 @@ from supervise.cluster import (
     message_kind,
 )
 from supervise.cluster._zsock import ZSocket
+from supervise.cluster.errors import Declined
 from supervise.telemetry import Attr, Metric, Telemetry, TelemetryConfig
 
 
@@ -136,6 +137,25 @@ async def test_handler_error_becomes_remote_error(server: Transport, client: Tra
         await client.request(0, Boom("kaput"))
     assert server.stats.handler_errors == 1
     assert (await client.request(0, Echo("still alive"))).body.text == "STILL ALIVE"
+
+
+async def test_a_declined_request_is_an_answer_not_a_handler_failure(
+    server: Transport, client: Transport
+) -> None:
+    class Stale(Declined):
+        pass
+
+    async def declining(msg: Incoming[Note]) -> Note:
+        raise Stale(f"note {msg.body.seq} is older than the held one")
+
+    server.handle(Note, declining)
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(RemoteError, match="Stale: note 3 is older than the held one"):
+            await client.request(0, Note(3))
+    assert server.stats.handler_errors == 0
+    # the caller decides what a no means: the server neither warns nor logs an error
+    assert [x for x in logs if x["log_level"] not in ("debug", "info")] == []
+    assert [x["event"] for x in logs if x["log_level"] == "debug"] == ["request declined"]
 
 
 async def test_unknown_kind_and_bad_body_are_refused(server: Transport, client: Transport) -> None:
@@ -438,7 +458,7 @@ async def test_late_replies_are_counted_by_why_their_request_was_given_up(
         timed_out = await client.submit(0, Blob(1))
         with pytest.raises(RequestTimeout):
             await timed_out.wait(0.05)
-        cancelled = await client.submit(0, Blob(2))  # e.g. a push superseded by a newer one
+        cancelled = await client.submit(0, Blob(2))  # e.g. a push to a peer found lost
         with trio.move_on_after(0.05):
             await cancelled.wait(30.0)
         abandoned = await client.submit(0, Blob(3))
