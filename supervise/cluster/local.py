@@ -32,8 +32,8 @@ class LocalShards(Protocol):
     def open(self, rank: int, version: int) -> AbstractContextManager[memoryview]:
         """The data region of a committed shard, readable for the block (LookupError if gone).
 
-        Must not block the local capture: if a newer capture reuses the memory meanwhile, the
-        caller's push is superseded and the receiver's checksums catch any torn bytes.
+        The memory stays put until the block exits (the arena service pins its slot; a capture
+        meanwhile takes another); the receiver's checksums still catch any torn bytes.
         """
         ...
 

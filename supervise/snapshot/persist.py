@@ -335,19 +335,11 @@ class PersistTier:
         """Keep the ``keep`` newest files at or below ``head``; files above ``head`` belong to
         a rolled-back future and go too. Only this job's files count (with those it accepted
         from before job identities). Returns the removed paths."""
-        removed = []
         names = [(s, p) for s, p in self._legacy() if not self._foreign(p)]
         names += self._files(self.path)
         below = sorted({s for s, _ in names if s <= head}, reverse=True)
         keep = set(below[: self.keep])
-        for step, p in names:
-            if step not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    removed.append(p)
-        for d in {p.parent for p in removed}:
-            _fsync_dir(d)
-        return removed
+        return _remove(p for step, p in names if step not in keep)
 
     def make_room(self, step: int) -> list[Path]:
         """Before writing ``step`` to a full disk: remove now what its write's ``prune`` would
@@ -355,31 +347,14 @@ class PersistTier:
         never the newest one below it, so one version stays on disk while ``step`` is
         written; and temp files of writes that crashed. Returns the removed paths."""
         self.clean_temporaries()
-        names = [
-            (int(m.group(1)), p)
-            for p in (self.path.iterdir() if self.path.is_dir() else ())
-            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
-        ]
+        names = self._files(self.path)
         below = sorted((s for s, _ in names if s < step), reverse=True)
-        keep = set(below[: max(self.keep - 1, 1)])
-        removed = []
-        for s, p in names:
-            if s != step and s not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    removed.append(p)
-        if removed:
-            _fsync_dir(self.path)
-        return removed
+        keep = {step, *below[: max(self.keep - 1, 1)]}
+        return _remove(p for s, p in names if s not in keep)
 
     def newest_step(self) -> int | None:
         """The newest step of this rank on disk (by file name), None if none."""
-        steps = [
-            int(m.group(1))
-            for p in (self.path.iterdir() if self.path.is_dir() else ())
-            if (m := _NAME.match(p.name)) and int(m.group(2)) == self.rank
-        ]
-        return max(steps, default=None)
+        return max((step for step, _ in self._files(self.path)), default=None)
 
     def _foreign(self, path: Path) -> bool:
         """Whether ``path`` names another job in its header (an unreadable file does not)."""
@@ -490,6 +465,19 @@ def _write_all(fd: int, buf: memoryview) -> None:
     while len(buf):
         n = os.write(fd, buf)
         buf = buf[n:]
+
+
+def _remove(paths: Iterable[Path]) -> list[Path]:
+    """Delete ``paths`` (one already gone is no error), then sync their directories; returns
+    the paths removed."""
+    removed = []
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    for d in {p.parent for p in removed}:
+        _fsync_dir(d)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
