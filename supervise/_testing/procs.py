@@ -17,6 +17,7 @@ from pathlib import Path
 import attrs
 
 from supervise._testing.poll import WaitTimeout, wait_until
+from supervise.runtime.procfs import stat_fields
 
 _PROC = Path("/proc")
 
@@ -46,10 +47,9 @@ def free_port() -> int:
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, start ticks) of a process, None if it is gone."""
     try:
-        raw = (_PROC / str(pid) / "stat").read_text()
+        rest = stat_fields(pid)
     except OSError:
         return None
-    rest = raw[raw.rindex(")") + 2 :].split()
     return rest[0], int(rest[1]), int(rest[19])
 
 

@@ -42,12 +42,12 @@ class ArenaShards:
             return None
         newest = max(held, key=lambda v: (v.generation, v.step))
         with self._service.shard(rank, newest.step) as shard:
-            return shard_meta(shard.manifest)
+            return shard_meta(shard.manifest, shard.raw)
 
     def meta(self, rank: int, version: int) -> ShardMeta | None:
         try:
             with self._service.shard(rank, version) as shard:
-                return shard_meta(shard.manifest)
+                return shard_meta(shard.manifest, shard.raw)
         except SnapshotError:
             return None
 

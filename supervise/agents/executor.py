@@ -229,20 +229,20 @@ class Executor:
         )
         self.send_to_coordinator(failure)
 
-    def send_to_coordinator(self, message: object, trace: Mapping[str, str] | None = None) -> None:
+    def send_to_coordinator(self, message: object) -> None:
         """Deliver ``message`` to the coordinator (this node included), in the background."""
         target = self.coordinator_rank()
         if target == self.rank:
             if self.coordinator is not None:
-                self.coordinator.receive(message, dict(trace or {}))
+                self.coordinator.receive(message, {})
             return
         if self._nursery is None:
             return
-        self._nursery.start_soon(self._send, target, message, trace)
+        self._nursery.start_soon(self._send, target, message)
 
-    async def _send(self, peer: int, message: object, trace: Mapping[str, str] | None) -> None:
+    async def _send(self, peer: int, message: object) -> None:
         try:
-            await self.ctx.transport.send(peer, message, trace=trace, timeout=5.0)
+            await self.ctx.transport.send(peer, message, timeout=5.0)
         except Exception as exc:
             log.warning("message to the coordinator lost", peer=peer, error=str(exc))
 
@@ -286,7 +286,7 @@ class Executor:
         for peer in self.ctx.membership.peers:
             with contextlib.suppress(Exception):
                 self.ctx.transport.try_send(peer, m.Finished(self.rank, self.generation))
-        self._ended = Ended(ExecutorState.FINISHED, exit_code=0)
+        self._ended = Ended(exit_code=0)
         self._done.set()
 
     # -- coordinator -> node ---------------------------------------------------------------
@@ -389,7 +389,7 @@ class Executor:
             if self.coordinator is not None:
                 self.coordinator.receive(progress, {})
         elif self._nursery is not None:
-            self._nursery.start_soon(self._send, leader, progress, None)  # the node awaiting it
+            self._nursery.start_soon(self._send, leader, progress)  # the node awaiting it
 
     async def _on_give_up(self, msg: Incoming[m.GiveUp]) -> None:
         self.give_up(msg.body.reason, msg.body.exit_code)
@@ -398,7 +398,7 @@ class Executor:
         """Stop for good (the coordinator decided): workers stopped, the node exits."""
         log.error("giving up", reason=reason, exit_code=exit_code)
         self.state = ExecutorState.GAVE_UP
-        self._ended = Ended(ExecutorState.GAVE_UP, exit_code)
+        self._ended = Ended(exit_code)
         if self._restart_scope is not None:
             self._restart_scope.cancel()
         self._done.set()

@@ -45,7 +45,7 @@ class RestartProgress(enum.StrEnum):
 
 @attrs.frozen(slots=True)
 class Ended:
-    """How a node's executor ended: `Executor.run` returns it; the node exits with the code."""
+    """How a node's executor ended (finished or gave up: its `state` says which): `Executor.run`
+    returns it; the node exits with the code."""
 
-    state: ExecutorState  # FINISHED or GAVE_UP
     exit_code: int

@@ -40,6 +40,11 @@ def versions(wire: Iterable[Entry], source: Source) -> dict[int, tuple[VersionIn
     )
 
 
+def _holdings(node: int, ram: list[Entry], disk: list[Entry]) -> Holdings:
+    """Wire entries back as versions by rank (RAM as local, disk as disk)."""
+    return Holdings(node, versions(ram, Source.LOCAL), versions(disk, Source.DISK))
+
+
 @message_kind("agent.failure")
 @attrs.frozen(slots=True)
 class Failure:
@@ -82,9 +87,7 @@ class Holding:
 
     def holdings(self) -> Holdings:
         """What the node holds, as versions by rank."""
-        return Holdings(
-            self.node, versions(self.ram, Source.LOCAL), versions(self.disk, Source.DISK)
-        )
+        return _holdings(self.node, self.ram, self.disk)
 
 
 @message_kind("agent.restart")
@@ -218,9 +221,7 @@ class Status:
 
     def holdings(self) -> Holdings:
         """What the node holds, as versions by rank."""
-        return Holdings(
-            self.node, versions(self.ram, Source.LOCAL), versions(self.disk, Source.DISK)
-        )
+        return _holdings(self.node, self.ram, self.disk)
 
 
 ALL_KINDS = (

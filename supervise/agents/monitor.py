@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from supervise.policy import Policy, Recovery
+from supervise.runtime.procfs import stat_fields
 from supervise.telemetry import Trigger, get_telemetry
 
 log = structlog.get_logger("supervise.agents.monitor")
@@ -70,12 +71,11 @@ _STATE_LETTERS: dict[str, ProcState] = {
 def proc_state(pid: int) -> ProcState:
     """The scheduler state of process ``pid`` (Linux ``/proc``; UNKNOWN elsewhere)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat_fields(pid)
     except FileNotFoundError:
         return ProcState.GONE if Path("/proc/self/stat").exists() else ProcState.UNKNOWN
     except OSError:
         return ProcState.UNKNOWN
-    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parens
     return _STATE_LETTERS.get(fields[0], ProcState.UNKNOWN) if fields else ProcState.UNKNOWN
 
 

@@ -185,10 +185,8 @@ class LocalRestart:
 
     def _restored_bytes(self, rank: int) -> int:
         step = self._restored.get(rank)
-        for v in self._ctx.arenas.versions(rank):
-            if v.step == step:
-                return v.nbytes
-        return 0
+        info = None if step is None else self._ctx.arenas.versions_by_step(rank).get(step)
+        return 0 if info is None else info.nbytes
 
     async def _wait_local(self, done: Callable[[], bool]) -> None:
         while not done():

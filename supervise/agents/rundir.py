@@ -23,6 +23,7 @@ from typing import Final
 import structlog
 
 from supervise.agents.preflight import StartupError
+from supervise.runtime.procfs import stat_fields
 
 __all__ = [
     "OWNER_FILE",
@@ -43,19 +44,16 @@ _RUN_DIR: Final = re.compile(rf"^{_PREFIX}\d+-[A-Za-z0-9_]+$")
 def process_start_ticks(pid: int) -> int | None:
     """When ``pid`` started (clock ticks after boot), None if there is no such process."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat_fields(pid)
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
     if fields[0] in "ZX":  # a zombie runs no code: its owner is gone
         return None
     return int(fields[19])
 
 
 def _owner(path: Path) -> tuple[int, int] | None:
-    """(pid, start ticks) from a run dir's owner file (or a lock file), None if unreadable."""
-    if path.is_dir():
-        path = path / OWNER_FILE
+    """(pid, start ticks) from a run dir's owner file or a lock file, None if unreadable."""
     try:
         pid, ticks = path.read_text().split()
         return int(pid), int(ticks)
@@ -86,7 +84,7 @@ def remove_stale_run_dirs(base: str | os.PathLike[str] | None = None) -> list[Pa
         for entry in os.scandir(root):
             if not _RUN_DIR.match(entry.name) or not entry.is_dir(follow_symlinks=False):
                 continue
-            owner = _owner(Path(entry.path))
+            owner = _owner(Path(entry.path, OWNER_FILE))
             if owner is None or _owner_alive(*owner):
                 continue
             shutil.rmtree(entry.path, ignore_errors=True)

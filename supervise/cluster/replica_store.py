@@ -301,10 +301,11 @@ class ReplicaStore:
         for rec in list(self._receptions.values()):
             if rec.meta.rank != meta.rank:
                 continue
-            if rec.meta.order == meta.order or not (protected or rec.meta.order in self._protected):
-                if rec.meta.order > meta.order and not protected:
-                    raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
-                self.abort(rec.id)  # superseded (or the same version pushed again)
+            if rec.meta.order != meta.order and (protected or rec.meta.order in self._protected):
+                continue  # a protected version and another one: both go on
+            if rec.meta.order > meta.order:
+                raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
+            self.abort(rec.id)  # superseded (or the same version pushed again)
         slab = self._allocate(meta.nbytes, meta.label)
         try:
             verifier = StreamVerifier(meta.checks, meta.nbytes)

@@ -52,6 +52,7 @@ class Shard:
     rank: int
     manifest: Manifest
     data: memoryview
+    raw: bytes  # the manifest's bytes as committed (no need to encode it again)
 
 
 @attrs.frozen(slots=True)
@@ -488,7 +489,7 @@ class ArenaService:
             key = (str(v.arena.path), v.slot)
             self._pins[key] += 1
         try:
-            yield Shard(rank, v.manifest, v.arena.data(v.slot, v.manifest.nbytes))
+            yield Shard(rank, v.manifest, v.arena.data(v.slot, v.manifest.nbytes), v.raw)
         finally:
             with self._lock:
                 self._pins[key] -= 1

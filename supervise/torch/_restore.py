@@ -121,7 +121,8 @@ class Restorer:
         by_step = {e.manifest.step: e for e in entries}
         for info in candidates([e.info for e in entries], which, self._rule, None):
             e = by_step[info.step]
-            need = 2 * len(e.manifest.to_bytes()) + (64 << 10)
+            raw = e.manifest.to_bytes()
+            need = 2 * len(raw) + (64 << 10)
             self._arenas.arena = self._owner.attach(e.manifest.nbytes, need)
             slot = self._owner.begin()
             if slot is None:
@@ -137,6 +138,6 @@ class Restorer:
             except BaseException:
                 self._owner.abort(slot)
                 raise
-            self._owner.commit(slot, e.manifest.to_bytes(), source="disk")
+            self._owner.commit(slot, raw, source="disk")
             return True
         return False

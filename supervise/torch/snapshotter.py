@@ -164,7 +164,7 @@ class Snapshotter:
         due = self._schedule.decide(self._sched, step, now, values) is not None
         if self._collective:
             due = any_rank(due)
-        return self.capture(step, values) if due else False
+        return self._capture_now(step, values) if due else False
 
     def capture(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
         """Capture now, whatever the schedule. Returns False (with a warning) when the owner
@@ -172,7 +172,10 @@ class Snapshotter:
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step = {step!r}: must be an integer >= 0")
-        values = _metrics(metrics)
+        return self._capture_now(step, _metrics(metrics))
+
+    def _capture_now(self, step: int, values: dict[str, float]) -> bool:
+        """`capture` once its arguments are checked (`step` checked them already)."""
         t0 = time.perf_counter()
         self.wait()
         taken = self._capture.take(step, values)
