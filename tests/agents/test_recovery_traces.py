@@ -39,6 +39,7 @@ A = "supervise."  # attribute prefix
 STATUS_ERROR = 2  # OTLP status code of a span that failed or was cut short
 
 STEPS = 60
+UNENDING = 100_000  # for tests that end the job with SIGTERM: it must not finish first
 EVERY = 5  # snapshot.every_steps
 WAIT = 240.0  # generous: a loaded 2-core machine starting torch workers
 
@@ -75,6 +76,7 @@ class Cluster(LocalCluster):
         *,
         persist: int = 0,
         max_attempts: int = 3,
+        steps: int = STEPS,
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         super().__init__(
@@ -85,7 +87,7 @@ class Cluster(LocalCluster):
                 "-m",
                 "supervise._demo.train",
                 "--steps",
-                str(STEPS),
+                str(steps),
                 "--step-delay",
                 "0.05",
                 "--hidden",
@@ -537,7 +539,7 @@ def test_node_loss_fetches_from_a_peer_and_sigterm_flushes(cluster_factory, otel
     """kill -9 of node 1's agent (its worker goes with it), a replacement agent with empty RAM
     -> it fetches its shard from node 0's replica; the trace spans the coordinator and the
     replacement process. Then SIGTERM ends both agents (143), and they flush."""
-    cluster = cluster_factory(2)
+    cluster = cluster_factory(2, steps=UNENDING)
     agents = [cluster.start(0), cluster.start(1)]
     cluster.worker_pid(1, generation=1)
     cluster.wait(
