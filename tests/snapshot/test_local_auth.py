@@ -41,6 +41,17 @@ def served(tmp_path: Path) -> Iterator[tuple[ArenaService, RankTokens, str, list
         svc.close()
 
 
+CALLS: list[tuple[Any, ...]] = [
+    ("attach", 1 << 10, 1 << 16),
+    ("begin",),
+    ("corrupt", 5, "forged"),
+    ("corrupt", 1, "forged"),
+    ("restore", "latest"),
+    ("restored", 5),
+    ("versions",),
+]
+
+
 def test_a_worker_acts_only_for_the_rank_of_its_token(tmp_path: Path) -> None:
     with served(tmp_path) as (svc, tokens, endpoint, heard):
         token0 = tokens.issue(0, 1)
@@ -48,6 +59,8 @@ def test_a_worker_acts_only_for_the_rank_of_its_token(tmp_path: Path) -> None:
         own = AgentClient(endpoint, 0, token=token0, timeout=5)
         own.hello(hello(0))
         commit_version(own, 5)
+        slot = own.begin()  # the worker writes its next capture here...
+        assert slot is not None
         refused = 0
         for rank, token, why in [
             (0, "", "without a token"),
@@ -59,20 +72,16 @@ def test_a_worker_acts_only_for_the_rank_of_its_token(tmp_path: Path) -> None:
             stranger = AgentClient(endpoint, rank, token=token, timeout=5)
             try:
                 stranger.heartbeat(6, {"loss": math.nan})  # dropped (a heartbeat has no reply)
-                for call in (
-                    lambda: stranger.attach(1 << 10, 1 << 16),
-                    lambda: stranger.begin(),
-                    lambda: stranger.corrupt(5, "forged"),
-                    lambda: stranger.corrupt(1, "forged"),
-                    lambda: stranger.restore("latest"),
-                    lambda: stranger.restored(5),
-                    lambda: stranger.versions(),
-                ):
+                for name, *args in CALLS:
                     with pytest.raises(SnapshotError, match=why):
-                        call()
+                        getattr(stranger, name)(*args)
                     refused += 1
+                with pytest.raises(SnapshotError, match=why):  # ...a stranger commits it
+                    stranger.commit(slot, shard(2000, rank=rank)[0].to_bytes())
+                refused += 1
             finally:
                 stranger.close()
+        own.abort(slot)
         # nothing was dropped, committed or reported; every refusal was counted
         assert [v.step for v in own.versions()] == [5]
         assert svc.versions(1) == [] and svc.versions(4242) == []
@@ -89,7 +98,7 @@ def test_a_worker_acts_only_for_the_rank_of_its_token(tmp_path: Path) -> None:
 
 
 def test_a_report_about_a_version_not_held_is_refused(tmp_path: Path) -> None:
-    with served(tmp_path) as (svc, tokens, endpoint, heard):
+    with served(tmp_path) as (_svc, tokens, endpoint, heard):
         own = AgentClient(endpoint, 0, token=tokens.issue(0, 0), timeout=5)
         try:
             commit_version(own, 5)
