@@ -20,6 +20,7 @@ from test_service import commit_version, hello
 
 from supervise.agents.rundir import NodeLock, claim_run_dir
 from supervise.agents.workers import Launch, Spare
+from supervise.cluster.keys import generate_keys
 from supervise.snapshot import TOKEN_ENV, AgentClient, PersistTier, RankTokens, SnapshotError
 from supervise.snapshot import protocol as p
 from supervise.snapshot.service import FRESH, ArenaService
@@ -172,11 +173,15 @@ async def test_files_and_directories_are_private_under_umask_0(tmp_path: Path) -
         lock = NodeLock(tmp_path / "locks", "node0")
         go = run_dir / "spare.go"
         Spare(_Handle(), go).wake({TOKEN_ENV: "secret"}, "worker")  # type: ignore[arg-type]
+        keys = generate_keys(tmp_path / "keys" / "job", 1, clients=())
         try:
             for d in (tmp_path / "ckpt", tmp_path / "ckpt" / "deep", tier.path):
                 assert mode(d) == 0o700, d
             for d in (tmp_path / "shm", tmp_path / "shm" / "node", run_dir, lock.path.parent):
                 assert mode(d) == 0o700, d
+            for d in (tmp_path / "keys", tmp_path / "keys" / "job"):  # no stranger adds a key
+                assert mode(d) == 0o700, d
+            assert sorted(mode(k) for k in keys) == [0o600, 0o644]  # the secret, the public
             assert marker is not None
             for f in (written, marker, arena.path, run_dir / "owner", lock.path, go):
                 assert mode(f) == 0o600, f
