@@ -54,8 +54,3 @@ class RankTokens:
             if hmac.compare_digest(issued.encode(), token.encode()):
                 found = grant
         return found
-
-    def revoke(self, rank: int) -> None:
-        """``rank``'s token stops working (its worker is gone)."""
-        with self._lock:
-            self._tokens.pop(rank, None)
