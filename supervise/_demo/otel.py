@@ -14,6 +14,7 @@ FAULTS_ENV = "SUPERVISE_DEMO_FAULTS"  # supervise._demo.train's fault directory
 _DROP_EXACT = frozenset(
     {
         "SUPERVISE_AGENT",
+        "SUPERVISE_AGENT_TOKEN",
         "SUPERVISE_GENERATION",
         "SUPERVISE_NODE_RANK",
         FAULTS_ENV,

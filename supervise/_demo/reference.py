@@ -23,7 +23,13 @@ from supervise._testing.procs import PidBook
 from supervise.agents.workers import free_port
 from supervise.runtime import ExitReason, OsProcess, OutputLine, ProcessHandle
 
-_DROP = ("SUPERVISE_AGENT", "SUPERVISE_GENERATION", "SUPERVISE_NODE_RANK", "SUPERVISE_DEMO_FAULTS")
+_DROP = (
+    "SUPERVISE_AGENT",
+    "SUPERVISE_AGENT_TOKEN",
+    "SUPERVISE_GENERATION",
+    "SUPERVISE_NODE_RANK",
+    "SUPERVISE_DEMO_FAULTS",
+)
 
 
 def reference_env(base: Mapping[str, str], *, rank: int, world: int, port: int) -> dict[str, str]:

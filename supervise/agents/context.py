@@ -22,6 +22,7 @@ from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.persist import PersistTier
 from supervise.snapshot.retention import VersionInfo
 from supervise.snapshot.service import ArenaService
+from supervise.snapshot.tokens import RankTokens
 from supervise.telemetry import Source
 
 
@@ -37,6 +38,7 @@ class NodeContext:
     tiers: Mapping[int, PersistTier]  # per local rank
     run_dir: Path  # the agent's private files: sockets, spares' go orders
     agent_endpoint: str  # the workers' snapshot endpoint (``SUPERVISE_AGENT``)
+    tokens: RankTokens  # the workers' credentials there (``SUPERVISE_AGENT_TOKEN``)
     monitor: Callable[[], Monitor | None]  # the current Monitor (a child: it may restart)
     keeper: PointKeeper  # the recoverable point's pins and the replicas' lag
 

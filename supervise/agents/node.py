@@ -52,6 +52,7 @@ from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier, check_resumable
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService, CommitEvent
+from supervise.snapshot.tokens import RankTokens
 from supervise.telemetry import Source, get_telemetry
 
 __all__ = ["NodeConfig", "NodeRuntime", "run_node"]
@@ -112,6 +113,7 @@ class NodeRuntime:
         rule = RetentionRule(r.keep_last, r.keep_best, r.best_metric, r.best_mode)
         ram = total_ram()
         budget = r.memory_budget.resolve(ram)
+        tokens = RankTokens()  # the endpoint serves a worker for its own rank only
         self.arenas = ArenaService(
             config.shm_dir,
             rule=rule,
@@ -121,6 +123,7 @@ class NodeRuntime:
             # the recoverable point, its target, and (with peers to push to) a version a push
             # still reads after retention let it go: a push runs to its end
             pinned_slots=PINNED_VERSIONS + (1 if _has_peers(config) else 0),
+            tokens=tokens,
         )
         # One budget for this node's arenas and its peers' replicas: the store reserves its
         # buffers there too, and an arena that does not fit reclaims older replicas first.
@@ -170,6 +173,7 @@ class NodeRuntime:
             tiers=self._tiers,
             run_dir=self._tmp,
             agent_endpoint=ipc_endpoint(self._tmp, "agent"),
+            tokens=tokens,
             monitor=lambda: self.monitor,
             keeper=self.keeper,
         )

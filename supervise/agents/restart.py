@@ -104,6 +104,8 @@ class LocalRestart:
                         )
             for rank in ranks:
                 ctx.arenas.set_restore_target(rank, msg.step)  # FRESH: nothing to restore
+            # each worker's credential at this agent: the previous generation's stop working
+            tokens = {rank: ctx.tokens.issue(rank, msg.generation) for rank in ranks}
             launch = Launch(
                 command=config.command,
                 node_rank=config.rank,
@@ -115,6 +117,7 @@ class LocalRestart:
                 agent=ctx.agent_endpoint,
                 env={**config.env, JOB_ENV: config.job_id},
                 cwd=config.cwd,
+                tokens=tokens,
             )
             group = WorkerGroup(
                 launch,

@@ -23,6 +23,7 @@ from typing import Final
 import structlog
 
 from supervise.agents.preflight import StartupError
+from supervise.runtime.private import PRIVATE_DIR, open_private, private_dirs, write_private
 from supervise.runtime.procfs import stat_fields
 
 __all__ = [
@@ -100,8 +101,9 @@ def claim_run_dir(rank: int, base: str | os.PathLike[str] | None = None) -> Path
     agents are removed first)."""
     remove_stale_run_dirs(base)
     path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{rank}-", dir=base))
+    path.chmod(PRIVATE_DIR)  # mkdtemp's 0700, whatever the umask
     tmp = path / f".{OWNER_FILE}.tmp"
-    tmp.write_text(_owner_line())
+    write_private(tmp, _owner_line())
     tmp.replace(path / OWNER_FILE)
     return path
 
@@ -121,8 +123,8 @@ class NodeLock:
 
     def __init__(self, shm_dir: str | os.PathLike[str], node: str) -> None:
         self.path = Path(shm_dir) / f"supervise-{node}.lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        private_dirs(self.path.parent)
+        fd = open_private(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

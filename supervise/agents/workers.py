@@ -29,10 +29,11 @@ import trio
 import trio.lowlevel
 
 from supervise.runtime import ExitKind, ExitReason, OsProcess, OutputLine, ProcessHandle
+from supervise.runtime.private import write_private
+from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 
 log = structlog.get_logger("supervise.agents.workers")
 
-AGENT_ENV = "SUPERVISE_AGENT"
 GENERATION_ENV = "SUPERVISE_GENERATION"
 NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
 _PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
@@ -60,6 +61,7 @@ class Launch:
     agent: str
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
+    tokens: Mapping[int, str] = attrs.field(factory=dict)  # global rank -> its worker's token
 
     def ranks(self) -> range:
         """The global ranks this node runs."""
@@ -67,9 +69,12 @@ class Launch:
 
     def environment(self, local_rank: int) -> dict[str, str]:
         """The variables a worker gets on top of the agent's own environment."""
+        rank = self.node_rank * self.nproc + local_rank
+        token = {TOKEN_ENV: self.tokens[rank]} if rank in self.tokens else {}
         return {
             **self.env,
-            "RANK": str(self.node_rank * self.nproc + local_rank),
+            **token,
+            "RANK": str(rank),
             "LOCAL_RANK": str(local_rank),
             "WORLD_SIZE": str(self.n_nodes * self.nproc),
             "LOCAL_WORLD_SIZE": str(self.nproc),
@@ -230,7 +235,7 @@ class Spare:
     def wake(self, env: Mapping[str, str], label: str) -> None:
         """Hand over the generation's environment: the spare becomes that worker."""
         tmp = self.go_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": dict(env)}), encoding="utf-8")
+        write_private(tmp, json.dumps({"env": dict(env)}))  # it carries the worker's token
         tmp.replace(self.go_file)
         self.handle.label = label
 

@@ -17,6 +17,7 @@ import zmq
 import zmq.auth
 
 from supervise.cluster.errors import CurveKeyError
+from supervise.runtime.private import private_dirs
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _BANNER = "#   supervise CURVE {kind} key for {name!r}: {note}\n"
@@ -70,7 +71,7 @@ def generate_keys(
         names.append(c)
     root = Path(directory)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        private_dirs(root)  # 0700: nobody else adds a key the nodes would admit
     except OSError as exc:
         raise CurveKeyError(f"cannot create key directory {root}: {exc.strerror}") from None
     written: list[Path] = []

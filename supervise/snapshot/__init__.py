@@ -12,13 +12,16 @@ from supervise.snapshot.errors import (
     FinishedJob,
     ProtocolError,
     SnapshotError,
+    Unauthorized,
 )
 from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 from supervise.snapshot.persist import DiskEntry, Persister, PersistTier
+from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.snapshot.retention import RetentionRule, VersionInfo
 from supervise.snapshot.service import ArenaService, Candidate, CommitEvent, Shard
+from supervise.snapshot.tokens import Grant, RankTokens
 
-_LAZY = {"AGENT_ENV", "AgentClient", "LocalOwner", "Owner"}  # the zmq client: import on use
+_LAZY = {"AgentClient", "LocalOwner", "Owner"}  # the zmq client: import on use
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +34,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AGENT_ENV",
+    "TOKEN_ENV",
     "AgentClient",
     "AgentUnavailable",
     "Arena",
@@ -41,6 +45,7 @@ __all__ = [
     "CorruptSnapshot",
     "DiskEntry",
     "FinishedJob",
+    "Grant",
     "Layout",
     "LocalOwner",
     "Manifest",
@@ -49,10 +54,12 @@ __all__ = [
     "PersistTier",
     "Persister",
     "ProtocolError",
+    "RankTokens",
     "RetentionRule",
     "Shard",
     "SlotState",
     "SnapshotError",
     "TensorEntry",
+    "Unauthorized",
     "VersionInfo",
 ]

@@ -8,6 +8,7 @@ slow the heartbeat is coalesced into the next one or dropped.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -20,10 +21,11 @@ from supervise.snapshot import protocol as p
 from supervise.snapshot.arena import Arena
 from supervise.snapshot.errors import AgentUnavailable, ProtocolError, SnapshotError
 from supervise.snapshot.manifest import Manifest
+from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.snapshot.retention import VersionInfo
 from supervise.snapshot.service import ArenaService
 
-AGENT_ENV = "SUPERVISE_AGENT"
+__all__ = ["AGENT_ENV", "TOKEN_ENV", "AgentClient", "LocalOwner", "Owner"]
 
 
 @attrs.frozen(slots=True)
@@ -123,15 +125,21 @@ class LocalOwner:
 
 
 class AgentClient:
-    """The worker side of the local protocol: a zmq DEALER talking to the agent's ROUTER."""
+    """The worker side of the local protocol: a zmq DEALER talking to the agent's ROUTER.
 
-    def __init__(self, endpoint: str, rank: int, *, timeout: float = 30.0) -> None:
+    Every request carries ``token`` (None: `TOKEN_ENV` from the environment, which the agent
+    sets for the worker of ``rank``): the agent serves this client for that rank only."""
+
+    def __init__(
+        self, endpoint: str, rank: int, *, token: str | None = None, timeout: float = 30.0
+    ) -> None:
         if not endpoint or "://" not in endpoint:
             raise SnapshotError(
                 f"{AGENT_ENV}={endpoint!r} is not a zmq endpoint (e.g. ipc:///tmp/agent.sock)"
             )
         self.endpoint = endpoint
         self.rank = rank
+        self._token = os.environ.get(TOKEN_ENV, "") if token is None else token
         self.timeout = timeout
         self._ctx: Any = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -148,7 +156,7 @@ class AgentClient:
             self._flush_beat()
             rid = next(self._ids)
             try:
-                self._sock.send(p.encode_request(req, rid), zmq.NOBLOCK)
+                self._sock.send(p.encode_request(req, rid, self._token), zmq.NOBLOCK)
             except zmq.Again:
                 raise AgentUnavailable(
                     f"agent at {self.endpoint} is not accepting requests ({req.OP})"
@@ -211,7 +219,7 @@ class AgentClient:
     def heartbeat(self, step: int, metrics: Mapping[str, float]) -> None:
         """Send without waiting; if a request is in flight or the queue is full, keep only the
         newest heartbeat for later. Never blocks."""
-        frame = p.encode_request(p.Heartbeat(self.rank, step, dict(metrics)), 0)
+        frame = p.encode_request(p.Heartbeat(self.rank, step, dict(metrics)), 0, self._token)
         if not self._lock.acquire(blocking=False):
             self._pending_beat = frame
             return

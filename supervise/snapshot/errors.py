@@ -23,5 +23,9 @@ class ProtocolError(SnapshotError):
     """A malformed or unexpected message between a worker and its agent."""
 
 
+class Unauthorized(SnapshotError):
+    """A request without a valid worker token, or for a rank its token was not issued to."""
+
+
 class AgentUnavailable(SnapshotError):
     """The node agent did not answer within the timeout."""

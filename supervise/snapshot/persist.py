@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
+from supervise.runtime.private import open_private, private_dirs, write_private
 from supervise.snapshot._dtypes import DTYPES
 from supervise.snapshot.budget import check_free_space
 from supervise.snapshot.checksum import mismatches
@@ -167,12 +168,12 @@ class PersistTier:
         if manifest.rank != self.rank:
             raise ValueError(f"manifest of rank {manifest.rank} given to rank {self.rank}'s tier")
         _check_contiguous(manifest)
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path)
         header = safetensors_header(manifest, self.job)
         final = self.filename(manifest.step)
         check_free_space(self.path, len(header) + manifest.nbytes, f"checkpoint {final.name}")
         tmp = self.path / f".{final.name}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             try:
                 _write_all(fd, memoryview(header))
@@ -391,7 +392,7 @@ class PersistTier:
         if marker is None or not self.path.is_dir():
             return None
         tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"job": self.job, "rank": self.rank, "time": time.time()}))
+        write_private(tmp, json.dumps({"job": self.job, "rank": self.rank, "time": time.time()}))
         tmp.replace(marker)
         _fsync_dir(self.path)
         return marker

@@ -14,6 +14,12 @@ A request is ``{"op": <name>, "id": <int>, ...fields}``; the agent answers every
 - ``restore``: which version to load -> candidates, the chosen one first, then fallbacks;
 - ``restored`` / ``corrupt``: the outcome of a restore attempt;
 - ``versions`` -> the versions held for the rank.
+
+Under a node agent every request also carries ``"token"``: the worker's token from
+``SUPERVISE_AGENT_TOKEN``, which the agent issued for one rank and generation; a request for
+any other rank, or without a valid token, is refused (see `ArenaService`). Fields are checked
+on construction and on decoding: ranks and versions are integers >= 0, a rank is below the
+world size, ``which`` is "latest", "best" or a version.
 """
 
 from __future__ import annotations
@@ -28,8 +34,41 @@ import msgpack
 
 from supervise.snapshot.errors import ProtocolError
 from supervise.snapshot.retention import VersionInfo
+from supervise.telemetry import Source
 
 MAX_FRAME: Final = 64 << 20
+AGENT_ENV: Final = "SUPERVISE_AGENT"
+"""The environment variable naming the node agent's local endpoint (set for its workers)."""
+TOKEN_ENV: Final = "SUPERVISE_AGENT_TOKEN"
+"""The environment variable holding a worker's token: its rank's credential at the agent."""
+MAX_RANK: Final = (1 << 31) - 1
+"""The largest rank (torch.distributed's ranks are 32-bit)."""
+_MAX_INT: Final = (1 << 63) - 1
+_WHICH: Final = ("latest", "best")
+_SOURCES: Final = (Source.LOCAL.value, Source.DISK.value)  # what a worker may commit from
+
+
+def _count(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """A step, size, slot or generation: an integer in [0, 2**63)."""
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT:
+        raise ValueError(f"{attribute.name} = {value}: must be an integer >= 0")
+
+
+def _rank(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, int) and not 0 <= value <= MAX_RANK:
+        raise ValueError(f"{attribute.name} = {value}: must be in [0, {MAX_RANK}]")
+
+
+def _which(_inst: object, _attribute: attrs.Attribute[str | int], value: str | int) -> None:
+    if isinstance(value, bool) or (
+        value not in _WHICH and not (isinstance(value, int) and 0 <= value <= _MAX_INT)
+    ):
+        raise ValueError(f"which = {value!r}: must be 'latest', 'best' or a version number >= 0")
+
+
+def _source(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in _SOURCES:
+        raise ValueError(f"source = {value!r}: must be one of {', '.join(_SOURCES)}")
 
 
 @attrs.frozen(slots=True)
@@ -37,11 +76,18 @@ class Hello:
     """A worker (re)started: who it is."""
 
     OP: ClassVar[str] = "hello"
-    rank: int
-    local_rank: int
-    world_size: int
-    generation: int
-    pid: int
+    rank: int = attrs.field(validator=_rank)
+    local_rank: int = attrs.field(validator=_rank)
+    world_size: int = attrs.field(validator=_rank)
+    generation: int = attrs.field(validator=_count)
+    pid: int = attrs.field(validator=_count)
+
+    def __attrs_post_init__(self) -> None:
+        if self.world_size < 1 or max(self.rank, self.local_rank) >= self.world_size:
+            raise ValueError(
+                f"rank {self.rank} (local rank {self.local_rank}) must be below the world "
+                f"size {self.world_size}"
+            )
 
 
 @attrs.frozen(slots=True)
@@ -49,9 +95,9 @@ class Attach:
     """Make sure the rank's current arena holds ``nbytes`` per slot."""
 
     OP: ClassVar[str] = "attach"
-    rank: int
-    nbytes: int
-    manifest_capacity: int
+    rank: int = attrs.field(validator=_rank)
+    nbytes: int = attrs.field(validator=_count)
+    manifest_capacity: int = attrs.field(validator=_count)
 
 
 @attrs.frozen(slots=True)
@@ -59,7 +105,7 @@ class Begin:
     """Ask for a free slot to write the next capture into."""
 
     OP: ClassVar[str] = "begin"
-    rank: int
+    rank: int = attrs.field(validator=_rank)
 
 
 @attrs.frozen(slots=True)
@@ -67,11 +113,11 @@ class Commit:
     """A slot is filled and checksummed: commit it with this manifest."""
 
     OP: ClassVar[str] = "commit"
-    rank: int
+    rank: int = attrs.field(validator=_rank)
     arena: str
-    slot: int
+    slot: int = attrs.field(validator=_count)
     manifest: bytes
-    source: str = "local"
+    source: str = attrs.field(validator=_source, default="local")
 
 
 @attrs.frozen(slots=True)
@@ -79,9 +125,9 @@ class Abort:
     """Give a slot from ``begin`` back without committing it."""
 
     OP: ClassVar[str] = "abort"
-    rank: int
+    rank: int = attrs.field(validator=_rank)
     arena: str
-    slot: int
+    slot: int = attrs.field(validator=_count)
 
 
 @attrs.frozen(slots=True)
@@ -89,8 +135,8 @@ class Heartbeat:
     """Training progress; the Monitor's liveness and NaN signal. Never answered."""
 
     OP: ClassVar[str] = "heartbeat"
-    rank: int
-    step: int
+    rank: int = attrs.field(validator=_rank)
+    step: int = attrs.field(validator=_count)
     metrics: dict[str, float]
 
 
@@ -99,8 +145,8 @@ class Restore:
     """Which version to load: "latest", "best" or a version number."""
 
     OP: ClassVar[str] = "restore"
-    rank: int
-    which: str | int
+    rank: int = attrs.field(validator=_rank)
+    which: str | int = attrs.field(validator=_which)
 
 
 @attrs.frozen(slots=True)
@@ -108,8 +154,8 @@ class Restored:
     """The worker loaded version ``step``: the timeline is now there."""
 
     OP: ClassVar[str] = "restored"
-    rank: int
-    step: int
+    rank: int = attrs.field(validator=_rank)
+    step: int = attrs.field(validator=_count)
 
 
 @attrs.frozen(slots=True)
@@ -117,8 +163,8 @@ class Corrupt:
     """Version ``step`` failed verification; drop it."""
 
     OP: ClassVar[str] = "corrupt"
-    rank: int
-    step: int
+    rank: int = attrs.field(validator=_rank)
+    step: int = attrs.field(validator=_count)
     reason: str
 
 
@@ -127,7 +173,7 @@ class Versions:
     """List the versions held for a rank."""
 
     OP: ClassVar[str] = "versions"
-    rank: int
+    rank: int = attrs.field(validator=_rank)
 
 
 Request = Union[  # noqa: UP007 (a runtime value, used for isinstance-free dispatch tables)
@@ -167,14 +213,25 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 _HINTS: Final = {op: typing.get_type_hints(cls) for op, cls in REQUESTS.items()}
 
 
-def encode_request(req: Request, request_id: int) -> bytes:
-    """Wire form of a request."""
+@attrs.frozen(slots=True)
+class Envelope:
+    """A decoded request with its id and the token it came with ("" when none)."""
+
+    id: int
+    token: str
+    request: Request
+
+
+def encode_request(req: Request, request_id: int, token: str = "") -> bytes:
+    """Wire form of a request (``token``: the worker's, from `TOKEN_ENV`)."""
     body = {"op": req.OP, "id": request_id, **attrs.asdict(req, recurse=False)}
+    if token:
+        body["token"] = token
     out: bytes = msgpack.packb(body, use_bin_type=True)
     return out
 
 
-def decode_request(frame: bytes) -> tuple[int, Request]:
+def decode_request(frame: bytes) -> Envelope:
     """Parse and validate a request frame; ProtocolError names what is wrong."""
     if len(frame) > MAX_FRAME:
         raise ProtocolError(f"request of {len(frame)} bytes exceeds {MAX_FRAME}")
@@ -188,6 +245,9 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
     rid = raw.pop("id", None)
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise ProtocolError(f"request id {rid!r} is not an integer")
+    token = raw.pop("token", "")
+    if not isinstance(token, str):
+        raise ProtocolError(f"request token is not a string: {type(token).__name__}")
     cls = REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError(f"unknown op {op!r}; known: {', '.join(REQUESTS)}")
@@ -203,7 +263,10 @@ def decode_request(frame: bytes) -> tuple[int, Request]:
                 raise ProtocolError(f"{op}: missing field {name!r}")
             continue
         kwargs[name] = _check(raw[name], hints[name], f"{op}.{name}")
-    return rid, cls(**kwargs)
+    try:
+        return Envelope(rid, token, cls(**kwargs))
+    except ValueError as exc:
+        raise ProtocolError(f"{op}: {exc}") from None
 
 
 def encode_reply(request_id: int, body: Mapping[str, Any]) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from supervise.runtime.private import private_dirs
 from supervise.snapshot import protocol as p
 from supervise.snapshot.arena import Arena, SlotState
 from supervise.snapshot.budget import MemoryBudget, fmt_bytes
@@ -33,9 +34,11 @@ from supervise.snapshot.errors import (
     CorruptSnapshot,
     ProtocolError,
     SnapshotError,
+    Unauthorized,
 )
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.retention import RetentionRule, VersionInfo, candidates, retained
+from supervise.snapshot.tokens import RankTokens
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +114,16 @@ class ArenaService:
         anonymous: bool = False,
         adopt: bool = True,
         pinned_slots: int = 0,
+        tokens: RankTokens | None = None,
     ) -> None:
         """``anonymous``: arena files are unlinked at once (in-process owner); otherwise they
         are named ``supervise-<node>-r<rank>-<n>.arena`` and, with ``adopt``, arenas a previous
         incarnation of this node's agent left in ``directory`` are taken over with their
         committed versions. ``pinned_slots``: slots each arena has beyond the retention rule's,
-        for the versions `pin` keeps (the node's recoverable point and its candidate)."""
+        for the versions `pin` keeps (the node's recoverable point and its candidate).
+        ``tokens``: requests on the wire (`handle`) must carry a token issued there, and act
+        only for its rank (the node agent's endpoint); None: every request is trusted (an
+        in-process owner, tests)."""
         if pinned_slots < 0:
             raise ValueError(f"pinned_slots = {pinned_slots}: must be >= 0")
         self.pinned_slots = pinned_slots
@@ -128,6 +135,8 @@ class ArenaService:
         self.node = node
         self.policy: dict[str, Any] = dict(policy or {})
         self._anonymous = anonymous
+        self.tokens = tokens
+        self.refused: Counter[str] = Counter()  # requests refused on the wire, by reason
         self._lock = threading.RLock()
         self._workers: dict[int, _Worker] = {}
         self._arenas: dict[str, Arena] = {}
@@ -162,17 +171,43 @@ class ArenaService:
     # -- the wire --------------------------------------------------------------------------
 
     def handle(self, frame: bytes) -> bytes | None:
-        """One request frame in, one reply frame out (None for a heartbeat)."""
+        """One request frame in, one reply frame out (None for a heartbeat). With ``tokens``,
+        a request is served only for the rank its token was issued to."""
         try:
-            rid, req = p.decode_request(frame)
+            envelope = p.decode_request(frame)
         except ProtocolError as exc:
-            log.warning("dropping malformed request: %s", exc)
+            self._refuse("malformed", str(exc))
             return p.encode_error(None, str(exc))
+        rid, req = envelope.id, envelope.request
         try:
+            self._authorize(envelope)
             body = self.dispatch(req)
         except (SnapshotError, ValueError, OSError) as exc:
+            if isinstance(exc, Unauthorized):
+                self._refuse("unauthorized", str(exc))
             return None if isinstance(req, p.Heartbeat) else p.encode_error(rid, str(exc))
         return None if body is None else p.encode_reply(rid, body)
+
+    def _authorize(self, envelope: p.Envelope) -> None:
+        if self.tokens is None:
+            return
+        req = envelope.request
+        grant = self.tokens.grant(envelope.token)
+        if grant is None:
+            why = "without a token" if not envelope.token else "with a token not issued here"
+            raise Unauthorized(
+                f"{req.OP} for rank {req.rank} {why} (a worker's is in {p.TOKEN_ENV})"
+            )
+        if grant.rank != req.rank:
+            raise Unauthorized(f"{req.OP} for rank {req.rank} with the token of rank {grant.rank}")
+
+    def _refuse(self, reason: str, message: str) -> None:
+        """Count a refused request; log it while rare (the 1st, 2nd, 4th, 8th... of a reason),
+        so a flood of them cannot flood the log."""
+        self.refused[reason] += 1
+        n = self.refused[reason]
+        if n & (n - 1) == 0:
+            log.warning("refused a local request (%s, %d so far): %s", reason, n, message)
 
     def dispatch(self, req: p.Request) -> dict[str, Any] | None:
         """Serve one decoded request; returns the reply body (None: no reply)."""
@@ -282,7 +317,7 @@ class ArenaService:
             return arena
 
     def _create(self, rank: int, nbytes: int, n_slots: int, man_cap: int) -> Arena:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.directory)
         for n in range(10_000):
             name = f"supervise-{self.node}-r{rank:05d}-{n:04d}.arena"
             if self._anonymous:
@@ -415,12 +450,14 @@ class ArenaService:
             w.target = None
 
     def corrupt(self, rank: int, step: int, reason: str) -> None:
-        """Drop a version that failed verification."""
+        """Drop a version that failed verification. A version not held here is an error (a
+        report about it is no reason to recover)."""
         with self._lock:
-            w = self._worker(rank)
-            v = w.versions.pop(step, None)
-            if v is not None:
-                self._free(v)
+            w = self._workers.get(rank)
+            v = None if w is None else w.versions.pop(step, None)
+            if w is None or v is None:
+                raise SnapshotError(f"rank {rank} holds no version {step}: nothing to drop")
+            self._free(v)
         log.warning("rank %d version %d is corrupt and was dropped: %s", rank, step, reason)
         for hook in self._corrupt_hooks:
             try:

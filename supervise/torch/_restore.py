@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from supervise.snapshot.client import Owner, Slot
-from supervise.snapshot.errors import CorruptSnapshot, SnapshotError
+from supervise.snapshot.errors import AgentUnavailable, CorruptSnapshot, SnapshotError
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.persist import PersistTier
 from supervise.snapshot.retention import RetentionRule, candidates
@@ -81,7 +81,12 @@ class Restorer:
                         cand.info.step,
                         reason,
                     )
-                    self._owner.corrupt(cand.info.step, reason)
+                    try:
+                        self._owner.corrupt(cand.info.step, reason)
+                    except AgentUnavailable:
+                        raise
+                    except SnapshotError as refused:  # e.g. dropped meanwhile: nothing to do
+                        log.warning("version %d: %s", cand.info.step, refused)
                     continue
                 self._owner.restored(cand.info.step)
                 info = cand.info

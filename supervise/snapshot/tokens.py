@@ -1,0 +1,56 @@
+"""Worker tokens: the credential that binds a worker's requests to its rank at the node agent.
+
+The agent issues one random token per local rank and generation when it starts (or wakes a
+spare for) that rank's worker, and hands it over in the worker's environment
+(``SUPERVISE_AGENT_TOKEN``). Every request carries it; the agent serves a request only for
+the rank its token was issued to, so a process on the host (same user, or a worker of another
+rank) cannot commit, drop or report anything for another rank. A new generation's token
+replaces the rank's previous one (a leftover worker of an old generation is refused too).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+
+import attrs
+
+_TOKEN_BYTES = 32
+
+
+@attrs.frozen(slots=True)
+class Grant:
+    """Who a token speaks for: one rank, in one generation."""
+
+    rank: int
+    generation: int
+
+
+class RankTokens:
+    """The tokens issued to this node's workers, one valid token per rank. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[int, tuple[str, Grant]] = {}  # rank -> its current token
+
+    def issue(self, rank: int, generation: int) -> str:
+        """A fresh token for ``rank`` in ``generation``; the rank's previous one stops working."""
+        if rank < 0 or generation < 0:
+            raise ValueError(f"rank {rank} and generation {generation} must be >= 0")
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        with self._lock:
+            self._tokens[rank] = (token, Grant(rank, generation))
+        return token
+
+    def grant(self, token: str) -> Grant | None:
+        """Whom ``token`` speaks for (None: no valid token), compared in constant time."""
+        if not token:
+            return None
+        with self._lock:
+            held = list(self._tokens.values())
+        found = None
+        for issued, grant in held:
+            if hmac.compare_digest(issued.encode(), token.encode()):
+                found = grant
+        return found
