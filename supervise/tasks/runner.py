@@ -1,0 +1,254 @@
+"""The single-node runner: runs a task's attempts until it completes or gives up.
+
+`TaskRunner` owns the task's `Lifecycle` and the retry decisions; a launcher runs one attempt
+and says how it ended. `WorkerProcess` runs each attempt in a fresh OS process under the
+runtime (`supervise.runtime.OsProcess`: no orphans, a crash is an exit reason, never the
+parent's problem) against a `DiskJournal`; `InProcess` runs it in this trio run (tests, and
+tasks that need no isolation).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from supervise.runtime.osprocess import OsProcess, ProcessHandle
+from supervise.tasks.attempt import resolve, run_attempt
+from supervise.tasks.context import TaskContext
+from supervise.tasks.journal import DiskJournal, Journal, Outcome
+from supervise.tasks.layout import JOURNAL_DIR, SPEC_FILE
+from supervise.tasks.policy import Verdict, type_name
+from supervise.tasks.spec import TaskSpec
+from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition
+from supervise.tasks.values import UnsupportedValue, decode
+
+_ALWAYS_FINAL = frozenset({type_name(UnsupportedValue)})  # deterministic: retrying cannot help
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the worker runs this same supervise
+
+
+@attrs.frozen(slots=True)
+class AttemptEnd:
+    """How an attempt ended: its recorded ``outcome``, or None and why it was ``lost``."""
+
+    outcome: Outcome | None
+    lost: str = ""
+
+
+class Launcher(Protocol):
+    """Runs attempt ``n`` of a task to its end."""
+
+    node: str
+
+    async def __call__(self, attempt: int) -> AttemptEnd: ...
+
+
+class InProcess:
+    """Attempts in this trio run, against ``journal`` (a `MemoryJournal` by default)."""
+
+    def __init__(self, spec: TaskSpec, journal: Journal, node: str = "local") -> None:
+        self.spec = spec
+        self.journal = journal
+        self.node = node
+
+    async def __call__(self, attempt: int) -> AttemptEnd:
+        ctx = TaskContext(
+            task_id=self.spec.task_id,
+            attempt=attempt,
+            node=self.node,
+            journal=self.journal,
+            checkpoint=self.spec.policy.checkpoint,
+        )
+        fn = resolve(self.spec.target)
+        return AttemptEnd(await run_attempt(fn, ctx, self.spec.args, self.spec.kwargs))
+
+
+class WorkerProcess:
+    """Attempts in fresh worker processes, journal in ``task_dir`` (kept across attempts).
+
+    ``env`` is added to the worker's environment; ``on_started`` gets each attempt's
+    `ProcessHandle` (its pid) as it starts.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        task_dir: str | os.PathLike[str],
+        *,
+        node: str = "local",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        on_started: Callable[[int, ProcessHandle], None] | None = None,
+        shutdown: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self.task_dir = Path(task_dir)
+        self.node = node
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.on_started = on_started
+        self.shutdown = shutdown
+        self.task_dir.mkdir(parents=True, exist_ok=True)
+        spec.save(self.task_dir / SPEC_FILE)
+        self.journal = DiskJournal(self.task_dir / JOURNAL_DIR)
+
+    def _env(self) -> dict[str, str]:
+        path = os.environ.get("PYTHONPATH", "")
+        parts = [_PACKAGE_ROOT, *self.env.get("PYTHONPATH", path).split(os.pathsep)]
+        return {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+
+    async def __call__(self, attempt: int) -> AttemptEnd:
+        proc = OsProcess(
+            [
+                sys.executable,
+                "-m",
+                "supervise.tasks._worker",
+                str(self.task_dir),
+                str(attempt),
+                self.node,
+            ],
+            env=self._env(),
+            cwd=self.cwd,
+        )
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(
+                lambda task_status: proc.run(
+                    shutdown=self.shutdown,
+                    label=f"task {self.spec.task_id} attempt {attempt}",
+                    task_status=task_status,
+                )
+            )
+            if self.on_started is not None:
+                self.on_started(attempt, handle)
+            reason = await handle.wait()
+        outcome = await trio.to_thread.run_sync(self.journal.outcome)
+        if outcome is not None and outcome.attempt == attempt:
+            return AttemptEnd(outcome)
+        return AttemptEnd(None, lost=f"worker exited without an outcome ({reason})")
+
+
+@attrs.frozen(slots=True)
+class TaskResult:
+    """How a task ended: its final state, its value (completed) or last error, its history."""
+
+    task_id: str
+    state: TaskState
+    value: Any
+    error: str
+    attempts: int
+    history: tuple[Transition, ...]
+
+
+class TaskFailed(RuntimeError):
+    """A task that did not complete (one line: id, state, reason, last error)."""
+
+
+class TaskRunner:
+    """Runs ``spec`` through ``launcher`` until it completes or gives up: application errors
+    retry with the policy's backoff (virtual-time friendly: trio's clock), losses requeue
+    without spending that budget, up to ``max_losses``."""
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        launcher: Launcher,
+        *,
+        on_transition: Callable[[Transition], None] | None = None,
+        uniform: Callable[[], float] = random.random,
+    ) -> None:
+        self.spec = spec
+        self.launcher = launcher
+        self.on_transition = on_transition
+        self.uniform = uniform
+        self.lifecycle = Lifecycle.submitted(spec.task_id, trio.current_time())
+        self.attempts = 0
+        self.errors = 0
+        self.losses = 0
+        self._emit(self.lifecycle.history[-1])
+
+    @property
+    def state(self) -> TaskState:
+        """The task's state now."""
+        return self.lifecycle.state
+
+    def _emit(self, t: Transition) -> None:
+        if self.on_transition is not None:
+            self.on_transition(t)
+
+    def _move(self, target: TaskState, reason: Reason, detail: str = "") -> None:
+        self._emit(self.lifecycle.move(target, reason, trio.current_time(), detail))
+
+    async def run(self) -> TaskResult:
+        """Run to a final state; the result says which (never raises for the task's errors)."""
+        retry = self.spec.policy.retry
+        last_error = ""
+        value: Any = None
+        while not self.lifecycle.terminal:
+            self.attempts += 1
+            self._move(TaskState.ASSIGNED, Reason.PLACED, f"node={self.launcher.node}")
+            self._move(TaskState.RUNNING, Reason.STARTED, f"attempt={self.attempts}")
+            end = await self.launcher(self.attempts)
+            outcome = end.outcome
+            if outcome is None:
+                self.losses += 1
+                last_error = end.lost
+                if retry.dead_letter(self.losses):
+                    self._move(TaskState.FAILED, Reason.DEAD_LETTER, f"{self.losses} losses")
+                else:
+                    self._move(TaskState.PENDING, Reason.NODE_LOST, end.lost)
+                continue
+            if outcome.ok:
+                assert outcome.value is not None
+                value = decode(outcome.value)
+                self._move(TaskState.COMPLETED, Reason.RETURNED)
+                continue
+            self.errors += 1
+            last_error = f"{outcome.error_type}: {outcome.message}"
+            verdict = retry.verdict(self.errors, outcome.error_mro)
+            if _ALWAYS_FINAL.intersection(outcome.error_mro):
+                verdict = Verdict.NON_RETRYABLE
+            if verdict is Verdict.NON_RETRYABLE:
+                self._move(TaskState.FAILED, Reason.NON_RETRYABLE, last_error)
+            elif verdict is Verdict.EXHAUSTED:
+                self._move(TaskState.FAILED, Reason.RETRIES_EXHAUSTED, last_error)
+            else:
+                delay = retry.delay(self.errors, self.uniform())
+                self._move(
+                    TaskState.PENDING, Reason.APP_ERROR, f"{last_error}; retry in {delay:g}s"
+                )
+                await trio.sleep(delay)
+        return TaskResult(
+            self.spec.task_id,
+            self.state,
+            value,
+            "" if self.state is TaskState.COMPLETED else last_error,
+            self.attempts,
+            tuple(self.lifecycle.history),
+        )
+
+
+def unwrap(result: TaskResult) -> Any:
+    """The value of a completed task; `TaskFailed` (one line) otherwise."""
+    if result.state is not TaskState.COMPLETED:
+        reason = result.history[-1].reason
+        raise TaskFailed(f"task {result.task_id} {result.state} ({reason}): {result.error}")
+    return result.value
+
+
+async def run_local(
+    spec: TaskSpec,
+    task_dir: str | os.PathLike[str],
+    *,
+    on_transition: Callable[[Transition], None] | None = None,
+    **worker: Any,
+) -> TaskResult:
+    """Run ``spec`` to its end in worker processes on this machine, journal in ``task_dir``
+    (``worker``: `WorkerProcess` options)."""
+    launcher = WorkerProcess(spec, task_dir, **worker)
+    return await TaskRunner(spec, launcher, on_transition=on_transition).run()
