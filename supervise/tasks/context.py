@@ -110,6 +110,8 @@ class TaskContext:
         if done is not None:
             self.replayed.append(name)
             return decode(done.value)
+        if self._pending and self._cadence.due(self._clock()):  # e.g. a milestone just passed
+            await self.checkpoint()
         self.current_key = self.key(name)
         try:
             if inspect.iscoroutinefunction(fn):

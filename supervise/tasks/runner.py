@@ -99,8 +99,8 @@ class WorkerProcess:
         self.journal = DiskJournal(self.task_dir / JOURNAL_DIR)
 
     def _env(self) -> dict[str, str]:
-        path = os.environ.get("PYTHONPATH", "")
-        parts = [_PACKAGE_ROOT, *self.env.get("PYTHONPATH", path).split(os.pathsep)]
+        given = self.env.get("PYTHONPATH", "").split(os.pathsep)
+        parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         return {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
 
     async def __call__(self, attempt: int) -> AttemptEnd:

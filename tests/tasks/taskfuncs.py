@@ -1,0 +1,34 @@
+"""Task functions the task tests run by name (``taskfuncs:NAME``), with call counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from supervise.tasks import TaskContext
+
+CALLS: Counter[str] = Counter()
+FAIL_TIMES: dict[str, int] = {}
+
+
+def double(x: int) -> int:
+    CALLS["double"] += 1
+    return 2 * x
+
+
+def explode(kind: str) -> None:
+    CALLS["explode"] += 1
+    if FAIL_TIMES.get("explode", 0) > 0:
+        FAIL_TIMES["explode"] -= 1
+        raise {"value": ValueError, "key": KeyError}[kind]("explode failed")
+
+
+async def two_steps(ctx: TaskContext, x: int, kind: str = "value") -> dict[str, Any]:
+    """Step one always works; step two fails FAIL_TIMES['explode'] times."""
+    a = await ctx.step("double", double, x)
+    await ctx.step("explode", explode, kind)
+    return {"a": a, "attempt": ctx.attempt}
+
+
+async def bad_result(ctx: TaskContext) -> Any:
+    return {"features": [1, 2, 3, {4}]}

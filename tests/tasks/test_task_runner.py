@@ -1,0 +1,135 @@
+"""The runner's decisions, in virtual time: application errors retry after the policy's
+backoff and resume after the committed steps; non-retryable types fail at once; losses requeue
+without spending the retry budget and dead-letter past their bound."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+import taskfuncs
+import trio
+
+from supervise.runtime import Backoff
+from supervise.tasks import (
+    AttemptEnd,
+    InProcess,
+    MemoryJournal,
+    Outcome,
+    Reason,
+    RetryPolicy,
+    TaskFailed,
+    TaskPolicy,
+    TaskRunner,
+    TaskSpec,
+    TaskState,
+    unwrap,
+)
+
+BACKOFF = Backoff(initial=2.0, max=10.0, multiplier=3.0, jitter=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters() -> Iterator[None]:
+    taskfuncs.CALLS.clear()
+    taskfuncs.FAIL_TIMES.clear()
+    yield
+
+
+def _spec(kind: str = "value", **retry: object) -> TaskSpec:
+    policy = TaskPolicy(retry=RetryPolicy(backoff=BACKOFF, **retry))  # type: ignore[arg-type]
+    return TaskSpec("taskfuncs:two_steps", (21,), {"kind": kind}, task_id="t", policy=policy)
+
+
+async def test_errors_retry_after_the_backoff_and_resume_after_committed_steps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    taskfuncs.FAIL_TIMES["explode"] = 2
+    spec = _spec(max_attempts=3)
+    starts: list[float] = []
+    journal = MemoryJournal()
+    launcher = InProcess(spec, journal)
+
+    async def timed(attempt: int) -> AttemptEnd:
+        starts.append(trio.current_time())
+        return await launcher(attempt)
+
+    timed.node = "local"  # type: ignore[attr-defined]
+    runner = TaskRunner(spec, timed, uniform=lambda: 0.5)  # type: ignore[arg-type]
+    result = await runner.run()
+    assert unwrap(result) == {"a": 42, "attempt": 3}
+    assert [b - a for a, b in itertools.pairwise(starts)] == [2.0, 6.0]
+    assert taskfuncs.CALLS == {"double": 1, "explode": 3}  # the first step ran once
+    assert [t.reason for t in result.history if t.target is TaskState.PENDING] == [
+        Reason.SUBMITTED,
+        Reason.APP_ERROR,
+        Reason.APP_ERROR,
+    ]
+
+
+async def test_retries_run_out_and_non_retryable_types_fail_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    taskfuncs.FAIL_TIMES["explode"] = 9
+    spec = _spec(max_attempts=2)
+    result = await TaskRunner(spec, InProcess(spec, MemoryJournal())).run()
+    assert (result.state, result.attempts) == (TaskState.FAILED, 2)
+    assert result.history[-1].reason is Reason.RETRIES_EXHAUSTED
+    with pytest.raises(TaskFailed, match=r"^task t failed \(retries_exhausted\): builtins\.Val"):
+        unwrap(result)
+
+    spec = _spec("key", non_retryable=(LookupError,))
+    result = await TaskRunner(spec, InProcess(spec, MemoryJournal())).run()
+    assert (result.state, result.attempts) == (TaskState.FAILED, 1)
+    assert result.history[-1].reason is Reason.NON_RETRYABLE
+
+    spec = TaskSpec("taskfuncs:bad_result", task_id="t")  # deterministic: never retried
+    result = await TaskRunner(spec, InProcess(spec, MemoryJournal())).run()
+    assert result.history[-1].reason is Reason.NON_RETRYABLE
+    assert result.error.endswith("result.features[3]: set is not supported")
+
+
+class _Script:
+    """A launcher that replays a script of attempt ends (lost / error / ok)."""
+
+    node = "n1"
+
+    def __init__(self, *ends: str) -> None:
+        self.ends = list(ends)
+
+    async def __call__(self, attempt: int) -> AttemptEnd:
+        await trio.sleep(1)
+        end = self.ends.pop(0)
+        if end == "lost":
+            return AttemptEnd(None, lost="worker killed")
+        if end == "error":
+            return AttemptEnd(Outcome(attempt, error_mro=("builtins.OSError",), message="x"))
+        return AttemptEnd(Outcome(attempt, value=b"\x01"))
+
+
+async def test_losses_do_not_spend_the_retry_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spec = _spec(max_attempts=2, max_losses=3)
+    script = _Script("lost", "error", "lost", "lost", "ok")
+    result = await TaskRunner(spec, script).run()
+    assert (result.state, result.value, result.attempts) == (TaskState.COMPLETED, 1, 5)
+    assert sum(t.reason is Reason.NODE_LOST for t in result.history) == 3
+
+
+async def test_a_task_lost_too_often_is_dead_lettered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spec = _spec(max_losses=2)
+    result = await TaskRunner(spec, _Script("lost", "lost", "lost", "ok")).run()
+    assert (result.state, result.attempts) == (TaskState.FAILED, 3)
+    assert result.history[-1].reason is Reason.DEAD_LETTER
+    assert result.error == "worker killed"
+
+
+def test_a_bad_spec_fails_at_submit_time() -> None:
+    with pytest.raises(ValueError, match=r"^task target 'stages\.pipeline': must be MODULE:FUNC"):
+        TaskSpec("stages.pipeline")
+    with pytest.raises(TypeError, match=r"^kwargs\.data: set is not supported$"):
+        TaskSpec("stages:pipeline", kwargs={"data": {1}})
