@@ -1,10 +1,10 @@
 """A task's journal: the committed results of its steps, its state, its progress, its outcome.
 
 `Journal` is the small interface a `TaskContext` writes through. Two backends today:
-`MemoryJournal` (one process) and `DiskJournal` (a directory; each commit is one file written
+`MemoryJournal` (one process), `DiskJournal` (a directory; each commit is one file written
 to a temporary name, fsynced, renamed into place and checksummed, so a crash mid-write leaves
-the previous commits whole and a torn or corrupted file is never used). The agent-held,
-peer-replicated backend (the snapshot arena) comes with the farm.
+the previous commits whole and a torn or corrupted file is never used) and `ArenaJournal`
+(`arena_journal`: versions in the snapshot machinery's arena, held by the node agent).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class Journal(Protocol):
     def outcome(self) -> Outcome | None: ...
 
 
-def _fold(commits: list[Commit], dropped: int = 0) -> JournalView:
+def fold(commits: list[Commit], dropped: int = 0) -> JournalView:
+    """The view of a list of commits, oldest first."""
     steps: dict[str, StepRecord] = {}
     state: bytes | None = None
     progress = 0.0
@@ -108,7 +109,7 @@ class MemoryJournal:
         self._outcome: Outcome | None = None
 
     def read(self) -> JournalView:
-        return _fold(list(self._commits))
+        return fold(list(self._commits))
 
     def commit(self, commit: Commit) -> None:
         self._commits.append(commit)
@@ -163,7 +164,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def _commit_to_wire(c: Commit) -> dict[str, Any]:
+def commit_to_wire(c: Commit) -> dict[str, Any]:
+    """A commit as plain msgpack data."""
     return {
         "attempt": c.attempt,
         "steps": [[s.name, s.key, s.value, s.attempt] for s in c.steps],
@@ -172,7 +174,8 @@ def _commit_to_wire(c: Commit) -> dict[str, Any]:
     }
 
 
-def _commit_from_wire(d: Any, name: str) -> Commit:
+def commit_from_wire(d: Any, name: str) -> Commit:
+    """The commit `commit_to_wire` wrote; CorruptRecord naming ``name`` otherwise."""
     try:
         steps = tuple(StepRecord(str(n), str(k), bytes(v), int(a)) for n, k, v, a in d["steps"])
         state = d["state"]
@@ -208,32 +211,50 @@ class DiskJournal:
         dropped = 0
         for f in self._files():
             try:
-                commits.append(_commit_from_wire(self._load(f), str(f)))
+                commits.append(commit_from_wire(self._load(f), str(f)))
             except (OSError, CorruptRecord):
                 dropped += 1
-        return _fold(commits, dropped)
+        return fold(commits, dropped)
 
     def commit(self, commit: Commit) -> None:
         files = self._files()
         seq = int(files[-1].stem.split("-")[1]) + 1 if files else 1
-        payload: bytes = msgpack.packb(_commit_to_wire(commit), use_bin_type=True)
+        payload: bytes = msgpack.packb(commit_to_wire(commit), use_bin_type=True)
         write_atomic(self.path / f"commit-{seq:08d}.rec", seal(payload))
 
     def finish(self, outcome: Outcome) -> None:
-        payload: bytes = msgpack.packb(attrs.asdict(outcome), use_bin_type=True)
+        payload: bytes = msgpack.packb(outcome_to_wire(outcome), use_bin_type=True)
         write_atomic(self.path / _OUTCOME, seal(payload))
 
     def outcome(self) -> Outcome | None:
         file = self.path / _OUTCOME
         if not file.exists():
             return None
-        with contextlib.suppress(OSError, CorruptRecord, TypeError, ValueError):
-            d = self._load(file)
-            return Outcome(
-                int(d["attempt"]),
-                None if d["value"] is None else bytes(d["value"]),
-                str(d["error_type"]),
-                tuple(str(x) for x in d["error_mro"]),
-                str(d["message"]),
-            )
+        with contextlib.suppress(OSError, CorruptRecord):
+            return outcome_from_wire(self._load(file), str(file))
         return None
+
+
+def outcome_to_wire(o: Outcome) -> dict[str, Any]:
+    """An outcome as plain msgpack data."""
+    return {
+        "attempt": o.attempt,
+        "value": o.value,
+        "error_type": o.error_type,
+        "error_mro": list(o.error_mro),
+        "message": o.message,
+    }
+
+
+def outcome_from_wire(d: Any, name: str) -> Outcome:
+    """The outcome `outcome_to_wire` wrote; CorruptRecord naming ``name`` otherwise."""
+    try:
+        return Outcome(
+            int(d["attempt"]),
+            None if d["value"] is None else bytes(d["value"]),
+            str(d["error_type"]),
+            tuple(str(x) for x in d["error_mro"]),
+            str(d["message"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptRecord(f"{name}: malformed outcome ({type(e).__name__}: {e})") from None

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from supervise.snapshot import ArenaService, LocalOwner, MemoryBudget, RetentionRule
 from supervise.tasks import CorruptRecord, DiskJournal, MemoryJournal, Outcome
+from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.journal import Commit, StepRecord, unseal
 
 
@@ -50,3 +52,32 @@ def test_unseal_says_what_is_wrong_in_one_line() -> None:
         unseal(b"abc", "f")
     with pytest.raises(CorruptRecord, match=r"^f: not a task journal record"):
         unseal(b"x" * 40, "f")
+
+
+def _service(tmp_path: Path) -> ArenaService:
+    return ArenaService(
+        tmp_path / "shm", rule=RetentionRule(), budget=MemoryBudget(1 << 30), anonymous=True
+    )
+
+
+def test_the_arena_journal_outlives_its_writer_and_skips_a_corrupt_version(
+    tmp_path: Path,
+) -> None:
+    service = _service(tmp_path)
+    try:
+        writer = ArenaJournal(LocalOwner(service, rank=7))
+        writer.commit(_commit("a", b"x" * 70_000, b"s", 0.5))  # grows the arena on the way
+        writer.commit(_commit("b", b"y"))
+        writer.finish(Outcome(1, value=b"done"))
+        # the writer's process is gone; the arena's owner (the agent) still holds the journal
+        view = ArenaJournal(LocalOwner(service, rank=7)).read()
+        assert list(view.steps) == ["a", "b"] and (view.state, view.progress) == (b"s", 0.5)
+        assert ArenaJournal(LocalOwner(service, rank=7)).outcome() == Outcome(1, value=b"done")
+        newest = service.restore(7, "latest")[0]
+        service.arena(newest.arena).data(newest.slot, 2000)[1000] ^= 0xFF  # inside step a
+        fresh = ArenaJournal(LocalOwner(service, rank=7))  # never uses the damaged version
+        assert (fresh.read().steps, fresh.read().dropped, fresh.outcome()) == ({}, 1, None)
+        fresh.commit(_commit("c", b"z"))
+        assert list(ArenaJournal(LocalOwner(service, rank=7)).read().steps) == ["c"]
+    finally:
+        service.close()
