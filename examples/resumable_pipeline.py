@@ -4,8 +4,10 @@
 
 It runs the pipeline twice. First in this process, without failures: the reference. Then in
 worker processes under the supervision runtime, with the worker killed (SIGKILL) in the middle
-of the "train" step: the next attempt gets ingest, clean and features back from the journal,
-runs train again and goes on. Every stage appends to an effects log when it starts and when it
+of the "train" step. Each step's result was committed to the task's journal, held in this
+process's RAM (shared-memory arenas it serves to the workers), so the kill loses nothing: the
+next attempt gets ingest, clean and features back from the journal, runs train again and goes
+on. Every stage appends to an effects log when it starts and when it
 finishes (the side effects we count); the program checks that the result equals the
 reference and that no finished stage ran twice, and exits 1 if not.
 """

@@ -1,27 +1,32 @@
 """A task worker process: ``python -m supervise.tasks._worker TASK_DIR ATTEMPT NODE``.
 
-Runs one attempt of the task whose spec is ``TASK_DIR/spec.rec`` against the journal in
-``TASK_DIR/journal``. Exit 0: returned; 1: raised (both recorded in the journal as the
+Runs one attempt of the task whose spec is ``TASK_DIR/spec.rec`` against its journal: in the
+RAM of the process serving ``SUPERVISE_AGENT`` (shard ``SUPERVISE_TASK_SHARD``) when set,
+else in ``TASK_DIR/journal``. Exit 0: returned; 1: raised (both recorded in the journal as the
 outcome); 2: could not even start (bad arguments or spec).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import trio
 
+from supervise.snapshot.client import AGENT_ENV, AgentClient
+from supervise.snapshot.errors import SnapshotError
+from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
-from supervise.tasks.journal import CorruptRecord, DiskJournal
-from supervise.tasks.layout import JOURNAL_DIR, SPEC_FILE
+from supervise.tasks.journal import CorruptRecord, DiskJournal, Journal
+from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.spec import TaskSpec
 
 
 async def _main(task_dir: Path, attempt: int, node: str) -> int:
     spec = TaskSpec.from_bytes((task_dir / SPEC_FILE).read_bytes(), str(task_dir / SPEC_FILE))
-    journal = DiskJournal(task_dir / JOURNAL_DIR)
+    journal = _journal(task_dir)
     try:
         fn = resolve(spec.target)
     except BadTarget as exc:
@@ -39,6 +44,14 @@ async def _main(task_dir: Path, attempt: int, node: str) -> int:
     return 0 if outcome.ok else 1
 
 
+def _journal(task_dir: Path) -> Journal:
+    """The journal in the host's RAM when the parent serves one, else in ``task_dir``."""
+    endpoint = os.environ.get(AGENT_ENV, "")
+    if endpoint:
+        return ArenaJournal(AgentClient(endpoint, int(os.environ[SHARD_ENV])))
+    return DiskJournal(task_dir / JOURNAL_DIR)
+
+
 def main(argv: list[str]) -> int:
     """Run one attempt; the exit code says how it ended."""
     if len(argv) != 3 or not argv[1].isdigit():
@@ -46,7 +59,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return trio.run(_main, Path(argv[0]), int(argv[1]), argv[2])
-    except (OSError, CorruptRecord) as exc:
+    except (OSError, CorruptRecord, SnapshotError) as exc:
         print(f"supervise task worker: {exc}", file=sys.stderr)
         return 2
 

@@ -55,6 +55,7 @@ class TaskContext:
         self._pending: list[StepRecord] = []
         self._seen: set[str] = set()
         self._fraction = view.progress
+        self._last = (view.state or encode({}, "state"), view.progress)  # what is committed
         self.state: dict[str, Any] = {} if view.state is None else decode(view.state)
         """Task state, restored on resume; committed with every checkpoint."""
         self.replayed: list[str] = []
@@ -130,8 +131,11 @@ class TaskContext:
     async def checkpoint(self) -> None:
         """Commit the uncommitted step results, ``state`` and progress now."""
         state = encode(self.state, "state")
+        if not self._pending and (state, self._fraction) == self._last:
+            return  # nothing new: no write
         commit = Commit(self._attempt, tuple(self._pending), state, self._fraction)
         await trio.to_thread.run_sync(self._journal.commit, commit)
+        self._last = (state, self._fraction)
         for s in self._pending:
             self._committed[s.name] = s
         self._pending.clear()

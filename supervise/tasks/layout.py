@@ -4,3 +4,5 @@ from typing import Final
 
 SPEC_FILE: Final = "spec.rec"
 JOURNAL_DIR: Final = "journal"
+SHARD_ENV: Final = "SUPERVISE_TASK_SHARD"
+"""The worker's shard (the arena service's rank) for its task's journal, with SUPERVISE_AGENT."""

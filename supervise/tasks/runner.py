@@ -3,12 +3,13 @@
 `TaskRunner` owns the task's `Lifecycle` and the retry decisions; a launcher runs one attempt
 and says how it ended. `WorkerProcess` runs each attempt in a fresh OS process under the
 runtime (`supervise.runtime.OsProcess`: no orphans, a crash is an exit reason, never the
-parent's problem) against a `DiskJournal`; `InProcess` runs it in this trio run (tests, and
-tasks that need no isolation).
+parent's problem) against a journal in this process's RAM (a `JournalHost`) or on disk;
+`InProcess` runs it in this trio run (tests, and tasks that need no isolation).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import random
 import sys
@@ -19,17 +20,22 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from supervise._validation import enum_value
 from supervise.runtime.osprocess import OsProcess, ProcessHandle
-from supervise.tasks.attempt import resolve, run_attempt
+from supervise.snapshot.client import AGENT_ENV
+from supervise.tasks.attempt import BadTarget, resolve, run_attempt
 from supervise.tasks.context import TaskContext
+from supervise.tasks.host import JournalHost, open_journal_host
 from supervise.tasks.journal import DiskJournal, Journal, Outcome
-from supervise.tasks.layout import JOURNAL_DIR, SPEC_FILE
+from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.policy import Verdict, type_name
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition
 from supervise.tasks.values import UnsupportedValue, decode
 
-_ALWAYS_FINAL = frozenset({type_name(UnsupportedValue)})  # deterministic: retrying cannot help
+_ALWAYS_FINAL = frozenset(
+    {type_name(UnsupportedValue), type_name(BadTarget)}
+)  # retrying won't help
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the worker runs this same supervise
 
 
@@ -70,7 +76,8 @@ class InProcess:
 
 
 class WorkerProcess:
-    """Attempts in fresh worker processes, journal in ``task_dir`` (kept across attempts).
+    """Attempts in fresh worker processes; the journal is shard ``shard`` of ``host`` (RAM
+    arenas of this process) or, without a host, on disk in ``task_dir`` (the spec is there too).
 
     ``env`` is added to the worker's environment; ``on_started`` gets each attempt's
     `ProcessHandle` (its pid) as it starts.
@@ -86,6 +93,8 @@ class WorkerProcess:
         cwd: str | os.PathLike[str] | None = None,
         on_started: Callable[[int, ProcessHandle], None] | None = None,
         shutdown: float = 5.0,
+        host: JournalHost | None = None,
+        shard: int = 0,
     ) -> None:
         self.spec = spec
         self.task_dir = Path(task_dir)
@@ -94,14 +103,23 @@ class WorkerProcess:
         self.cwd = cwd
         self.on_started = on_started
         self.shutdown = shutdown
+        self.host = host
+        self.shard = shard
         self.task_dir.mkdir(parents=True, exist_ok=True)
         spec.save(self.task_dir / SPEC_FILE)
-        self.journal = DiskJournal(self.task_dir / JOURNAL_DIR)
 
     def _env(self) -> dict[str, str]:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        return {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+        env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+        if self.host is not None:
+            env.update({AGENT_ENV: self.host.endpoint, SHARD_ENV: str(self.shard)})
+        return env
+
+    def _outcome(self) -> Outcome | None:
+        if self.host is not None:
+            return self.host.journal(self.shard).outcome()
+        return DiskJournal(self.task_dir / JOURNAL_DIR).outcome()
 
     async def __call__(self, attempt: int) -> AttemptEnd:
         proc = OsProcess(
@@ -127,7 +145,7 @@ class WorkerProcess:
             if self.on_started is not None:
                 self.on_started(attempt, handle)
             reason = await handle.wait()
-        outcome = await trio.to_thread.run_sync(self.journal.outcome)
+        outcome = await trio.to_thread.run_sync(self._outcome)
         if outcome is not None and outcome.attempt == attempt:
             return AttemptEnd(outcome)
         return AttemptEnd(None, lost=f"worker exited without an outcome ({reason})")
@@ -241,14 +259,29 @@ def unwrap(result: TaskResult) -> Any:
     return result.value
 
 
+class JournalKind(enum.StrEnum):
+    """Where `run_local` keeps a task's journal."""
+
+    RAM = "ram"  # shared-memory arenas of the running process (a `JournalHost`)
+    DISK = "disk"  # checksummed commit files in the task's directory
+
+
 async def run_local(
     spec: TaskSpec,
     task_dir: str | os.PathLike[str],
     *,
     on_transition: Callable[[Transition], None] | None = None,
+    journal: JournalKind | str = JournalKind.RAM,
+    shm_dir: str | os.PathLike[str] = "/dev/shm",
     **worker: Any,
 ) -> TaskResult:
-    """Run ``spec`` to its end in worker processes on this machine, journal in ``task_dir``
-    (``worker``: `WorkerProcess` options)."""
-    launcher = WorkerProcess(spec, task_dir, **worker)
-    return await TaskRunner(spec, launcher, on_transition=on_transition).run()
+    """Run ``spec`` to its end in worker processes on this machine (``worker``:
+    `WorkerProcess` options), its journal in this process's RAM (arenas in ``shm_dir``) or in
+    ``task_dir`` on disk."""
+    kind = enum_value(JournalKind, "journal", journal)
+    if kind is JournalKind.DISK:
+        launcher = WorkerProcess(spec, task_dir, **worker)
+        return await TaskRunner(spec, launcher, on_transition=on_transition).run()
+    async with open_journal_host(shm_dir) as host:
+        launcher = WorkerProcess(spec, task_dir, host=host, **worker)
+        return await TaskRunner(spec, launcher, on_transition=on_transition).run()

@@ -32,3 +32,17 @@ async def two_steps(ctx: TaskContext, x: int, kind: str = "value") -> dict[str, 
 
 async def bad_result(ctx: TaskContext) -> Any:
     return {"features": [1, 2, 3, {4}]}
+
+
+def note(path: str, what: str) -> str:
+    with open(path, "a") as f:
+        f.write(what + "\n")
+    return what
+
+
+async def fails_once(ctx: TaskContext, log: str) -> list[Any]:
+    """A step, then an error in the first attempt only: the retry must not redo the step."""
+    first = await ctx.step("first", note, log, "first")
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails after its step")
+    return [first, ctx.attempt, ctx.key("first")]
