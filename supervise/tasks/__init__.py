@@ -5,8 +5,10 @@ commits its result before it counts as done, so a resumed attempt (after a crash
 an error) gets it back instead of running the step again. Torch-free.
 """
 
+from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.attempt import BadTarget
 from supervise.tasks.context import StepError, TaskContext, idempotency_key
+from supervise.tasks.host import JournalHost, open_journal_host
 from supervise.tasks.journal import (
     CorruptRecord,
     DiskJournal,
@@ -29,6 +31,7 @@ from supervise.tasks.policy import (
 from supervise.tasks.runner import (
     AttemptEnd,
     InProcess,
+    JournalKind,
     Launcher,
     TaskFailed,
     TaskResult,
@@ -52,6 +55,7 @@ from supervise.tasks.values import CorruptValue, UnsupportedValue, decode, encod
 __all__ = [
     "ALLOWED",
     "TERMINAL",
+    "ArenaJournal",
     "AtMilestones",
     "AttemptEnd",
     "Automatic",
@@ -66,6 +70,8 @@ __all__ = [
     "InProcess",
     "InvalidTransition",
     "Journal",
+    "JournalHost",
+    "JournalKind",
     "JournalView",
     "Launcher",
     "Lifecycle",
@@ -88,6 +94,7 @@ __all__ = [
     "decode",
     "encode",
     "idempotency_key",
+    "open_journal_host",
     "run_local",
     "unwrap",
 ]

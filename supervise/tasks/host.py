@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from supervise._validation import InvalidValue
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.client import LocalOwner
@@ -45,6 +46,8 @@ async def open_journal_host(
 ) -> AsyncIterator[JournalHost]:
     """Serve task journals from arenas in ``shm_dir`` (at most ``budget`` of RAM) until the
     block ends; the arenas are gone then."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise InvalidValue("budget", budget, "must be a fraction of RAM in (0, 1]")
     sock_dir = Path(tempfile.mkdtemp(prefix="sv-tasks-"))
     service = ArenaService(
         shm_dir,
