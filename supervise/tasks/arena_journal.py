@@ -1,11 +1,12 @@
 """`ArenaJournal`: a task's journal as versions in the snapshot machinery's arena.
 
-Each commit writes the whole journal (every commit so far, and the outcome) as one version of
-the task's shard — a single ``uint8`` tensor checksummed with xxhash64 — through an `Owner`:
-the node agent over the local endpoint (`AgentClient`; the agent replicates committed versions
-to its group peers) or an in-process `ArenaService` (`LocalOwner`). The arena's double
-buffering means a crash mid-write leaves the previous version committed; a version whose bytes
-fail their checksum is never used (the next older one is tried).
+Each commit writes the whole journal, compacted (every step result, the newest state and
+progress, the outcome), as one version of the task's shard: a single ``uint8`` tensor
+checksummed with xxhash64, through an `Owner` — the process serving the local endpoint
+(`AgentClient`: a `JournalHost`, or the node agent, which replicates committed versions to
+its group peers) or an in-process `ArenaService` (`LocalOwner`). The arena's double buffering
+means a crash mid-write leaves the previous version committed; a version whose bytes fail
+their checksum is never used.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class ArenaJournal:
         self._version = version
 
     def commit(self, commit: Commit) -> None:
-        self._write([*self._commits, commit], self._outcome)
-        self._commits.append(commit)
+        folded = _compact([*self._commits, commit])
+        self._write(folded, self._outcome)
+        self._commits = folded
 
     def finish(self, outcome: Outcome) -> None:
         self._write(self._commits, outcome)
@@ -124,3 +126,11 @@ class ArenaJournal:
 def _room(n: int) -> int:
     """Slot capacity for ``n`` bytes with room to grow (a journal grows with every commit)."""
     return max(_MIN_ROOM, 1 << (n - 1).bit_length())
+
+
+def _compact(commits: list[Commit]) -> list[Commit]:
+    """One commit holding what ``commits`` add up to: every step, the newest state, the
+    highest progress (a version holds the whole journal, so older states are dead weight)."""
+    view = fold(commits)
+    attempt = commits[-1].attempt if commits else 0
+    return [Commit(attempt, tuple(view.steps.values()), view.state, view.progress)]

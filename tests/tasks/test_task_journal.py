@@ -6,9 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervise.snapshot import ArenaService, LocalOwner, MemoryBudget, RetentionRule
-from supervise.tasks import CorruptRecord, DiskJournal, MemoryJournal, Outcome
+from supervise.snapshot.client import AgentClient
+from supervise.tasks import (
+    CorruptRecord,
+    DiskJournal,
+    MemoryJournal,
+    Outcome,
+    open_journal_host,
+)
 from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.journal import Commit, StepRecord, unseal
 
@@ -81,3 +89,19 @@ def test_the_arena_journal_outlives_its_writer_and_skips_a_corrupt_version(
         assert list(ArenaJournal(LocalOwner(service, rank=7)).read().steps) == ["c"]
     finally:
         service.close()
+
+
+async def test_a_journal_served_to_another_process_grows_past_several_arenas() -> None:
+    """Through the local endpoint, as a worker writes it: each growth maps a new arena (a
+    dropped arena's name is never reused, or the client would write to the old mapping)."""
+    async with open_journal_host() as host:
+
+        def worker() -> None:
+            j = ArenaJournal(AgentClient(host.endpoint, 0))
+            for i in range(4):
+                j.commit(_commit(f"s{i}", bytes([i]) * (60_000 * 2**i)))
+
+        await trio.to_thread.run_sync(worker)
+        view = host.journal(0).read()
+        assert [len(s.value) for s in view.steps.values()] == [60_000, 120_000, 240_000, 480_000]
+        assert all(s.value == bytes([i]) * len(s.value) for i, s in enumerate(view.steps.values()))
