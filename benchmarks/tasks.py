@@ -169,7 +169,8 @@ def _report(commits: list[tuple[str, float, float]], clean: float, rows: list[An
     lines += [
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; shared with other work (noisy).",
+        f"{platform.python_version()}; shared with other work (load average "
+        f"{os.getloadavg()[0]:.1f} at the end: noisy, compare within a row).",
         "Reproduce: `.venv/bin/python benchmarks/tasks.py`.",
         END,
     ]
