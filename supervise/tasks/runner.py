@@ -13,9 +13,9 @@ import enum
 import os
 import random
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -30,12 +30,13 @@ from supervise.tasks.journal import DiskJournal, Journal, Outcome
 from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.policy import Verdict, type_name
 from supervise.tasks.spec import TaskSpec
-from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition
+from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition, check
 from supervise.tasks.values import UnsupportedValue, decode
 
 _ALWAYS_FINAL = frozenset(
     {type_name(UnsupportedValue), type_name(BadTarget)}
 )  # retrying won't help
+T = TypeVar("T")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the worker runs this same supervise
 
 
@@ -170,7 +171,8 @@ class TaskFailed(RuntimeError):
 class TaskRunner:
     """Runs ``spec`` through ``launcher`` until it completes or gives up: application errors
     retry with the policy's backoff (virtual-time friendly: trio's clock), losses requeue
-    without spending that budget, up to ``max_losses``."""
+    without spending that budget, up to ``max_losses``. `pause`, `resume` and `cancel` may be
+    called from other trio tasks while `run` runs."""
 
     def __init__(
         self,
@@ -188,6 +190,10 @@ class TaskRunner:
         self.attempts = 0
         self.errors = 0
         self.losses = 0
+        self._stop: Reason | None = None  # a pause or cancel asked for, not yet done
+        self._resumed = False
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None  # the attempt or backoff in progress
         self._emit(self.lifecycle.history[-1])
 
     @property
@@ -202,16 +208,77 @@ class TaskRunner:
     def _move(self, target: TaskState, reason: Reason, detail: str = "") -> None:
         self._emit(self.lifecycle.move(target, reason, trio.current_time(), detail))
 
+    # -- requests from other tasks: pause, resume, cancel ----------------------------------
+
+    def pause(self) -> None:
+        """Stop the task where it is (its worker is stopped; committed steps stay) until
+        `resume`; a one-line InvalidTransition when it cannot be paused."""
+        if self._stop is not Reason.PAUSE_REQUESTED:
+            check(self.spec.task_id, self.state, TaskState.PAUSED, Reason.PAUSE_REQUESTED)
+        self._request(Reason.PAUSE_REQUESTED)
+
+    def resume(self) -> None:
+        """Let a paused task go on (from its journal)."""
+        if self._stop is Reason.PAUSE_REQUESTED and self.state is not TaskState.PAUSED:
+            self._stop = None  # asked to pause, not paused yet: nothing to undo
+            return
+        check(self.spec.task_id, self.state, TaskState.PENDING, Reason.RESUME_REQUESTED)
+        self._resumed = True
+        self._wake.set()
+
+    def cancel(self) -> None:
+        """Stop the task for good (its worker is stopped)."""
+        check(self.spec.task_id, self.state, TaskState.CANCELLED, Reason.CANCEL_REQUESTED)
+        self._request(Reason.CANCEL_REQUESTED)
+
+    def _request(self, reason: Reason) -> None:
+        if self._stop is not Reason.CANCEL_REQUESTED:
+            self._stop = reason
+        if self._scope is not None:
+            self._scope.cancel()
+        self._wake.set()
+
+    async def _honour_requests(self) -> None:
+        """At a boundary (no attempt running): pause (and wait for resume) or cancel."""
+        if self._stop is Reason.PAUSE_REQUESTED:
+            self._move(TaskState.PAUSED, Reason.PAUSE_REQUESTED)
+            self._stop = None
+            while not self._resumed and self._stop is not Reason.CANCEL_REQUESTED:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            if self._stop is not Reason.CANCEL_REQUESTED:
+                self._resumed = False
+                self._move(TaskState.PENDING, Reason.RESUME_REQUESTED)
+        if self._stop is Reason.CANCEL_REQUESTED:
+            self._move(TaskState.CANCELLED, Reason.CANCEL_REQUESTED)
+
+    async def _interruptible(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+        """``await fn(*args)`` unless a pause or cancel request stops it first (None then)."""
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            if self._stop is not None:
+                scope.cancel()
+            try:
+                return await fn(*args)
+            finally:
+                self._scope = None
+        return None
+
     async def run(self) -> TaskResult:
         """Run to a final state; the result says which (never raises for the task's errors)."""
         retry = self.spec.policy.retry
         last_error = ""
         value: Any = None
-        while not self.lifecycle.terminal:
+        while True:
+            await self._honour_requests()
+            if self.lifecycle.terminal:
+                break
             self.attempts += 1
             self._move(TaskState.ASSIGNED, Reason.PLACED, f"node={self.launcher.node}")
             self._move(TaskState.RUNNING, Reason.STARTED, f"attempt={self.attempts}")
-            end = await self.launcher(self.attempts)
+            end = await self._interruptible(self.launcher, self.attempts)
+            if end is None:
+                continue  # stopped on request: neither an error nor a loss
             outcome = end.outcome
             if outcome is None:
                 self.losses += 1
@@ -240,7 +307,7 @@ class TaskRunner:
                 self._move(
                     TaskState.PENDING, Reason.APP_ERROR, f"{last_error}; retry in {delay:g}s"
                 )
-                await trio.sleep(delay)
+                await self._interruptible(trio.sleep, delay)
         return TaskResult(
             self.spec.task_id,
             self.state,

@@ -15,12 +15,14 @@ from supervise.runtime import Backoff
 from supervise.tasks import (
     AttemptEnd,
     InProcess,
+    InvalidTransition,
     MemoryJournal,
     Outcome,
     Reason,
     RetryPolicy,
     TaskFailed,
     TaskPolicy,
+    TaskResult,
     TaskRunner,
     TaskSpec,
     TaskState,
@@ -133,3 +135,57 @@ def test_a_bad_spec_fails_at_submit_time() -> None:
         TaskSpec("stages.pipeline")
     with pytest.raises(TypeError, match=r"^kwargs\.data: set is not supported$"):
         TaskSpec("stages:pipeline", kwargs={"data": {1}})
+
+
+async def _run_with(runner: TaskRunner, *actions: tuple[float, str]) -> TaskResult:
+    """Run ``runner`` while calling its pause/resume/cancel at the given virtual times."""
+    result: list[TaskResult] = []
+
+    async def go() -> None:
+        result.append(await runner.run())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(go)
+        t0 = trio.current_time()
+        for at, action in actions:
+            await trio.sleep_until(t0 + at)
+            getattr(runner, action)()
+    return result[0]
+
+
+def _path(result: TaskResult) -> list[str]:
+    return [f"{t.target}:{t.reason}" for t in result.history]
+
+
+async def test_pause_stops_the_attempt_resume_goes_on_cancel_ends_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spec = _spec()
+    result = await _run_with(TaskRunner(spec, _Script("ok", "ok")), (0.5, "pause"), (9, "resume"))
+    assert _path(result) == [
+        "pending:submitted",
+        "assigned:placed",
+        "running:started",
+        "paused:pause_requested",  # at 0.5 s, mid-attempt: the attempt is stopped
+        "pending:resume_requested",  # at 9 s
+        "assigned:placed",
+        "running:started",
+        "completed:returned",
+    ]
+    assert (result.history[3].at, result.history[4].at) == (0.5, 9.0)
+    assert result.attempts == 2  # a stopped attempt is neither an error nor a loss
+
+    runner = TaskRunner(spec, _Script("error", "ok"))  # cancelled while waiting to retry
+    result = await _run_with(runner, (1.5, "pause"), (2, "cancel"))
+    assert _path(result)[-3:] == [
+        "pending:app_error",
+        "paused:pause_requested",
+        "cancelled:cancel_requested",
+    ]
+    with pytest.raises(
+        InvalidTransition, match=r"^task t: cancelled -> pending refused: it is final"
+    ):
+        runner.resume()
+
+    result = await _run_with(TaskRunner(spec, _Script("ok")), (0.5, "cancel"))
+    assert _path(result)[-1] == "cancelled:cancel_requested" and result.attempts == 1
