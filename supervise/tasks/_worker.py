@@ -3,12 +3,15 @@
 Runs one attempt of the task whose spec is ``TASK_DIR/spec.rec`` against its journal: in the
 RAM of the process serving ``SUPERVISE_AGENT`` (shard ``SUPERVISE_TASK_SHARD``) when set,
 else in ``TASK_DIR/journal``. Exit 0: returned; 1: raised (both recorded in the journal as the
-outcome); 2: could not even start (bad arguments or spec).
+outcome); 2: could not even start (bad arguments or spec); 3: stopped by SIGTERM (a pause,
+a cancel, a shutdown) after committing the steps it had finished — a step running in a thread
+is let finish first, so the stop waits for it (up to the runner's ``shutdown`` grace).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +25,9 @@ from supervise.tasks.context import TaskContext
 from supervise.tasks.journal import CorruptRecord, DiskJournal, Journal
 from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.spec import TaskSpec
+
+STOPPED = 3
+"""Exit code of a worker stopped by SIGTERM after committing what its attempt had done."""
 
 
 async def _main(task_dir: Path, attempt: int, node: str) -> int:
@@ -40,7 +46,25 @@ async def _main(task_dir: Path, attempt: int, node: str) -> int:
         journal=journal,
         checkpoint=spec.policy.checkpoint,
     )
-    outcome = await run_attempt(fn, ctx, spec.args, spec.kwargs)
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_sigterm(task_status: trio.TaskStatus[None]) -> None:
+            nonlocal stopped
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                task_status.started()
+                async for _ in signals:
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+        await nursery.start(stop_on_sigterm)
+        outcome = await run_attempt(fn, ctx, spec.args, spec.kwargs)
+        nursery.cancel_scope.cancel()
+    if stopped:  # a pause, a cancel, a shutdown: commit what the attempt finished, then go
+        with trio.CancelScope(shield=True):
+            await ctx.checkpoint()
+        return STOPPED
     return 0 if outcome.ok else 1
 
 

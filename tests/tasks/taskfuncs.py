@@ -46,3 +46,16 @@ async def fails_once(ctx: TaskContext, log: str) -> list[Any]:
     if ctx.attempt == 1:
         raise RuntimeError("first attempt fails after its step")
     return [first, ctx.attempt, ctx.key("first")]
+
+
+def slow_note(path: str, what: str) -> str:
+    import time
+
+    note(path, what)
+    time.sleep(0.3)
+    return what
+
+
+async def slow_steps(ctx: TaskContext, log: str, n: int) -> list[Any]:
+    """``n`` steps of 0.3 s, each noting its start in ``log``."""
+    return [await ctx.step(f"s{i}", slow_note, log, f"s{i}") for i in range(n)]
