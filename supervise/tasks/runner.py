@@ -23,10 +23,10 @@ import trio
 from supervise._validation import enum_value
 from supervise.runtime.osprocess import OsProcess, ProcessHandle
 from supervise.snapshot.client import AGENT_ENV
-from supervise.tasks.attempt import BadTarget, resolve, run_attempt
+from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
 from supervise.tasks.host import JournalHost, open_journal_host
-from supervise.tasks.journal import DiskJournal, Journal, Outcome
+from supervise.tasks.journal import DiskJournal, Journal, MemoryJournal, Outcome
 from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.policy import Verdict, type_name
 from supervise.tasks.spec import TaskSpec
@@ -59,12 +59,17 @@ class Launcher(Protocol):
 class InProcess:
     """Attempts in this trio run, against ``journal`` (a `MemoryJournal` by default)."""
 
-    def __init__(self, spec: TaskSpec, journal: Journal, node: str = "local") -> None:
+    def __init__(self, spec: TaskSpec, journal: Journal | None = None, node: str = "local") -> None:
         self.spec = spec
-        self.journal = journal
+        self.journal: Journal = MemoryJournal() if journal is None else journal
         self.node = node
 
     async def __call__(self, attempt: int) -> AttemptEnd:
+        try:
+            fn = resolve(self.spec.target)
+        except BadTarget as exc:
+            self.journal.finish(failure(attempt, exc))
+            return AttemptEnd(self.journal.outcome())
         ctx = TaskContext(
             task_id=self.spec.task_id,
             attempt=attempt,
@@ -72,8 +77,12 @@ class InProcess:
             journal=self.journal,
             checkpoint=self.spec.policy.checkpoint,
         )
-        fn = resolve(self.spec.target)
-        return AttemptEnd(await run_attempt(fn, ctx, self.spec.args, self.spec.kwargs))
+        try:
+            return AttemptEnd(await run_attempt(fn, ctx, self.spec.args, self.spec.kwargs))
+        except trio.Cancelled:  # paused or cancelled: commit what the attempt finished
+            with trio.CancelScope(shield=True):
+                await ctx.checkpoint()
+            raise
 
 
 class WorkerProcess:

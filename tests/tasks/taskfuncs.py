@@ -59,3 +59,16 @@ def slow_note(path: str, what: str) -> str:
 async def slow_steps(ctx: TaskContext, log: str, n: int) -> list[Any]:
     """``n`` steps of 0.3 s, each noting its start in ``log``."""
     return [await ctx.step(f"s{i}", slow_note, log, f"s{i}") for i in range(n)]
+
+
+async def tick(i: int) -> int:
+    import trio
+
+    await trio.sleep(1)
+    CALLS["tick"] += 1
+    return i
+
+
+async def ticks(ctx: TaskContext, n: int) -> list[Any]:
+    """``n`` async steps of 1 s (virtual time in tests)."""
+    return [await ctx.step(f"s{i}", tick, i) for i in range(n)]

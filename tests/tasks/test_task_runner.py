@@ -16,6 +16,7 @@ from supervise.tasks import (
     AttemptEnd,
     InProcess,
     InvalidTransition,
+    Manual,
     MemoryJournal,
     Outcome,
     Reason,
@@ -189,3 +190,18 @@ async def test_pause_stops_the_attempt_resume_goes_on_cancel_ends_it(
 
     result = await _run_with(TaskRunner(spec, _Script("ok")), (0.5, "cancel"))
     assert _path(result)[-1] == "cancelled:cancel_requested" and result.attempts == 1
+
+
+async def test_in_process_a_bad_target_fails_at_once_and_a_pause_commits_finished_steps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    spec = TaskSpec("taskfuncs:nope", task_id="t")
+    result = await TaskRunner(spec, InProcess(spec)).run()
+    assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
+    assert result.error.endswith("'taskfuncs:nope': taskfuncs has no nope")
+
+    spec = TaskSpec("taskfuncs:ticks", [4], task_id="t", policy=TaskPolicy(checkpoint=Manual()))
+    runner = TaskRunner(spec, InProcess(spec))
+    result = await _run_with(runner, (2.5, "pause"), (5, "resume"))
+    assert unwrap(result) == [0, 1, 2, 3]
+    assert taskfuncs.CALLS["tick"] == 4  # s0 and s1 were committed by the pause, not run again
