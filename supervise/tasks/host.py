@@ -35,8 +35,9 @@ class JournalHost:
         self.endpoint = endpoint
 
     def journal(self, shard: int) -> ArenaJournal:
-        """The journal of ``shard``, read in this process (e.g. the outcome, after the worker
-        exited)."""
+        """The journal of ``shard``, read in this process — only while no worker writes it
+        (e.g. the outcome, after the worker exited): greeting the shard frees the slots a
+        previous writer left half-written."""
         return ArenaJournal(LocalOwner(self.service, shard))
 
 

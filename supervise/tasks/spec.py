@@ -23,6 +23,12 @@ def _task_id(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         raise InvalidValue(attr.name, value, "must be a non-empty string of letters, digits, -_.")
 
 
+def _kwargs(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    for key in value:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InvalidValue(attr.name, value, f"key {key!r} is not a keyword argument name")
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -34,7 +40,7 @@ class TaskSpec:
 
     target: str = attrs.field(converter=check_target)
     args: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
-    kwargs: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, validator=_kwargs)
     task_id: str = attrs.field(factory=_new_id, validator=_task_id)
     policy: TaskPolicy = attrs.field(factory=TaskPolicy, validator=instance_of(TaskPolicy))
 

@@ -8,6 +8,7 @@ table does not allow — or allows only for other reasons — is refused with a 
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Mapping
 
 import attrs
@@ -92,13 +93,15 @@ def _reason(value: object) -> Reason:
 
 @attrs.frozen(slots=True)
 class Transition:
-    """One move of a task: from where to where, why, when (seconds, the caller's clock)."""
+    """One move of a task: from where to where, why, when — ``at`` on the caller's clock (trio's
+    in the runner: virtual in tests) and ``wall_time`` (seconds since the epoch)."""
 
     source: TaskState | None = attrs.field(converter=_source)
     target: TaskState = attrs.field(converter=_target)
     reason: Reason = attrs.field(converter=_reason)
     at: float = attrs.field(validator=number(ge=0))
     detail: str = attrs.field(default="", validator=instance_of(str))
+    wall_time: float = attrs.field(factory=time.time, validator=number(ge=0))
 
 
 def check(task_id: str, source: TaskState, target: TaskState, reason: Reason) -> None:

@@ -136,6 +136,8 @@ def test_a_bad_spec_fails_at_submit_time() -> None:
         TaskSpec("stages.pipeline")
     with pytest.raises(TypeError, match=r"^kwargs\.data: set is not supported$"):
         TaskSpec("stages:pipeline", kwargs={"data": {1}})
+    with pytest.raises(ValueError, match=r"^kwargs = \{1: 2\}: key 1 is not a keyword argument"):
+        TaskSpec("stages:pipeline", kwargs={1: 2})
 
 
 async def _run_with(runner: TaskRunner, *actions: tuple[float, str]) -> TaskResult:
