@@ -40,14 +40,6 @@ def note(path: str, what: str) -> str:
     return what
 
 
-async def fails_once(ctx: TaskContext, log: str) -> list[Any]:
-    """A step, then an error in the first attempt only: the retry must not redo the step."""
-    first = await ctx.step("first", note, log, "first")
-    if ctx.attempt == 1:
-        raise RuntimeError("first attempt fails after its step")
-    return [first, ctx.attempt, ctx.key("first")]
-
-
 def slow_note(path: str, what: str) -> str:
     import time
 
@@ -56,9 +48,15 @@ def slow_note(path: str, what: str) -> str:
     return what
 
 
-async def slow_steps(ctx: TaskContext, log: str, n: int) -> list[Any]:
-    """``n`` steps of 0.3 s, each noting its start in ``log``."""
-    return [await ctx.step(f"s{i}", slow_note, log, f"s{i}") for i in range(n)]
+async def slow_steps(ctx: TaskContext, log: str, n: int, fail_in: int = 0) -> list[Any]:
+    """``n`` steps of 0.3 s, each noting its start in ``log``; attempt ``fail_in`` raises
+    before its last step."""
+    out = []
+    for i in range(n):
+        if i == n - 1 and ctx.attempt == fail_in:
+            raise RuntimeError(f"attempt {ctx.attempt} fails before its last step")
+        out.append(await ctx.step(f"s{i}", slow_note, log, f"s{i}"))
+    return out
 
 
 async def tick(i: int) -> int:

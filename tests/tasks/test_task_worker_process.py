@@ -1,5 +1,6 @@
-"""Attempts in real worker processes with the journal on disk: an attempt that raised after a
-committed step is retried in a new process, which gets the step back instead of running it."""
+"""Attempts in real worker processes, journal on disk: a pause stops the worker after it
+committed what it finished (even with manual checkpoints), an error in a worker is retried in
+a new process, and no finished step ever runs twice."""
 
 from __future__ import annotations
 
@@ -19,45 +20,29 @@ from supervise.tasks import (
     TaskSpec,
     TaskState,
     WorkerProcess,
-    run_local,
-    unwrap,
 )
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
-async def test_a_retried_attempt_in_a_new_process_resumes_from_the_disk_journal(
+async def test_pause_then_an_error_resume_from_the_journal_and_run_no_step_twice(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "effects.log"
-    fast = RetryPolicy(backoff=Backoff(initial=0.01, max=0.01))
-    spec = TaskSpec(
-        "taskfuncs:fails_once", (str(log),), task_id="t1", policy=TaskPolicy(retry=fast)
+    policy = TaskPolicy(
+        checkpoint=Manual(), retry=RetryPolicy(backoff=Backoff(initial=0.01, max=0.01))
     )
-    result = await run_local(spec, tmp_path / "task", journal="disk", env={"PYTHONPATH": str(HERE)})
-    assert unwrap(result) == ["first", 2, "t1/first"]
-    assert log.read_text() == "first\n"  # the step ran once, in the first process
-    assert [t.reason for t in result.history if t.target is TaskState.PENDING][1:] == [
-        Reason.APP_ERROR
-    ]
-    assert sorted(p.name for p in (tmp_path / "task" / "journal").iterdir()) == [
-        "commit-00000001.rec",  # the step; nothing else changed, so nothing else is written
-        "outcome.rec",
-    ]
-
-
-async def test_pause_commits_what_the_worker_finished_even_with_manual_checkpoints(
-    tmp_path: Path,
-) -> None:
-    log = tmp_path / "effects.log"
-    spec = TaskSpec(
-        "taskfuncs:slow_steps", [str(log), 4], task_id="t2", policy=TaskPolicy(checkpoint=Manual())
-    )
+    spec = TaskSpec("taskfuncs:slow_steps", [str(log), 4, 2], task_id="t2", policy=policy)
     launcher = WorkerProcess(spec, tmp_path / "task", env={"PYTHONPATH": str(HERE)})
     runner = TaskRunner(spec, launcher)
+    result = []
+
+    async def run() -> None:
+        result.append(await runner.run())
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.run)
+        nursery.start_soon(run)
         await wait_until_async(
             lambda: log.exists() and "s1" in log.read_text(), what="step s1 runs", timeout_s=60
         )
@@ -66,5 +51,16 @@ async def test_pause_commits_what_the_worker_finished_even_with_manual_checkpoin
             lambda: runner.state is TaskState.PAUSED, what="the task is paused", timeout_s=60
         )
         runner.resume()
-    assert runner.state is TaskState.COMPLETED
+    # attempt 2 got s0 and s1 back, ran s2, raised (s2 committed on the way out); attempt 3 ran s3
+    assert (result[0].state, result[0].value, result[0].attempts) == (
+        TaskState.COMPLETED,
+        ["s0", "s1", "s2", "s3"],
+        3,
+    )
     assert log.read_text().split() == ["s0", "s1", "s2", "s3"]  # nothing ran twice
+    assert [t.reason for t in result[0].history if t.target is TaskState.PENDING] == [
+        Reason.SUBMITTED,
+        Reason.RESUME_REQUESTED,
+        Reason.APP_ERROR,
+    ]
+    assert "builtins.RuntimeError: attempt 2 fails" in result[0].history[-4].detail
