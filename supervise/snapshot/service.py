@@ -142,6 +142,7 @@ class ArenaService:
         self._arenas: dict[str, Arena] = {}
         self._pins: Counter[tuple[str, int]] = Counter()
         self._seq = itertools.count(1)
+        self._next_name: dict[int, int] = {}  # per rank: arena names are never reused
         self._commit_hooks: list[Callable[[CommitEvent], None]] = []
         self._heartbeat_hooks: list[Callable[[int, int, Mapping[str, float]], None]] = []
         self._corrupt_hooks: list[Callable[[int, int, str], None]] = []
@@ -318,13 +319,16 @@ class ArenaService:
 
     def _create(self, rank: int, nbytes: int, n_slots: int, man_cap: int) -> Arena:
         private_dirs(self.directory)
-        for n in range(10_000):
+        # A name is never reused while this service lives: a worker keeps arenas mapped by
+        # name, and a new arena under a dropped one's name would be the old mapping to it.
+        for n in range(self._next_name.get(rank, 0), 10_000):
             name = f"supervise-{self.node}-r{rank:05d}-{n:04d}.arena"
             if self._anonymous:
                 name = f"supervise-{self.node}-{os.getpid()}-r{rank:05d}-{n:04d}.arena"
             path = self.directory / name
             if str(path) in self._arenas:
                 continue
+            self._next_name[rank] = n + 1
             try:
                 return Arena.create(
                     path,
@@ -643,6 +647,8 @@ class ArenaService:
             w = self._worker(arena.rank)
             w.arenas.append(arena)
             self._arenas[str(path)] = arena
+            n = int(m.group("n")) + 1
+            self._next_name[arena.rank] = max(self._next_name.get(arena.rank, 0), n)
             for c in arena.committed():
                 try:
                     man = Manifest.from_bytes(c.manifest)

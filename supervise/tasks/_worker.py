@@ -1,0 +1,92 @@
+"""A task worker process: ``python -m supervise.tasks._worker TASK_DIR ATTEMPT NODE``.
+
+Runs one attempt of the task whose spec is ``TASK_DIR/spec.rec`` against its journal: in the
+RAM of the process serving ``SUPERVISE_AGENT`` (shard ``SUPERVISE_TASK_SHARD``) when set,
+else in ``TASK_DIR/journal``. Exit 0: returned; 1: raised (both recorded in the journal as the
+outcome); 2: could not even start (bad arguments or spec); 3: stopped by SIGTERM (a pause,
+a cancel, a shutdown) after committing the steps it had finished — a step running in a thread
+is let finish first, so the stop waits for it (up to the runner's ``shutdown`` grace).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from supervise.snapshot.client import AGENT_ENV, AgentClient
+from supervise.snapshot.errors import SnapshotError
+from supervise.tasks.arena_journal import ArenaJournal
+from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
+from supervise.tasks.context import TaskContext
+from supervise.tasks.journal import CorruptRecord, DiskJournal, Journal
+from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
+from supervise.tasks.spec import TaskSpec
+
+STOPPED = 3
+"""Exit code of a worker stopped by SIGTERM after committing what its attempt had done."""
+
+
+async def _main(task_dir: Path, attempt: int, node: str) -> int:
+    spec = TaskSpec.from_bytes((task_dir / SPEC_FILE).read_bytes(), str(task_dir / SPEC_FILE))
+    journal = _journal(task_dir)
+    try:
+        fn = resolve(spec.target)
+    except BadTarget as exc:
+        journal.finish(failure(attempt, exc))
+        print(f"supervise task worker: {exc}", file=sys.stderr)
+        return 1
+    ctx = TaskContext(
+        task_id=spec.task_id,
+        attempt=attempt,
+        node=node,
+        journal=journal,
+        checkpoint=spec.policy.checkpoint,
+    )
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_sigterm(task_status: trio.TaskStatus[None]) -> None:
+            nonlocal stopped
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                task_status.started()
+                async for _ in signals:
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+        await nursery.start(stop_on_sigterm)
+        outcome = await run_attempt(fn, ctx, spec.args, spec.kwargs)
+        nursery.cancel_scope.cancel()
+    if stopped:  # a pause, a cancel, a shutdown: commit what the attempt finished, then go
+        with trio.CancelScope(shield=True):
+            await ctx.checkpoint()
+        return STOPPED
+    return 0 if outcome.ok else 1
+
+
+def _journal(task_dir: Path) -> Journal:
+    """The journal in the host's RAM when the parent serves one, else in ``task_dir``."""
+    endpoint = os.environ.get(AGENT_ENV, "")
+    if endpoint:
+        return ArenaJournal(AgentClient(endpoint, int(os.environ[SHARD_ENV])))
+    return DiskJournal(task_dir / JOURNAL_DIR)
+
+
+def main(argv: list[str]) -> int:
+    """Run one attempt; the exit code says how it ended."""
+    if len(argv) != 3 or not argv[1].isdigit():
+        print("usage: python -m supervise.tasks._worker TASK_DIR ATTEMPT NODE", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_main, Path(argv[0]), int(argv[1]), argv[2])
+    except (OSError, CorruptRecord, SnapshotError) as exc:
+        print(f"supervise task worker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

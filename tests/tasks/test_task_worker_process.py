@@ -1,0 +1,66 @@
+"""Attempts in real worker processes, journal on disk: a pause stops the worker after it
+committed what it finished (even with manual checkpoints), an error in a worker is retried in
+a new process, and no finished step ever runs twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervise._testing.poll import wait_until_async
+from supervise.runtime import Backoff
+from supervise.tasks import (
+    Manual,
+    Reason,
+    RetryPolicy,
+    TaskPolicy,
+    TaskRunner,
+    TaskSpec,
+    TaskState,
+    WorkerProcess,
+)
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+async def test_pause_then_an_error_resume_from_the_journal_and_run_no_step_twice(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "effects.log"
+    policy = TaskPolicy(
+        checkpoint=Manual(), retry=RetryPolicy(backoff=Backoff(initial=0.01, max=0.01))
+    )
+    spec = TaskSpec("taskfuncs:slow_steps", [str(log), 4, 2], task_id="t2", policy=policy)
+    launcher = WorkerProcess(spec, tmp_path / "task", env={"PYTHONPATH": str(HERE)})
+    runner = TaskRunner(spec, launcher)
+    result = []
+
+    async def run() -> None:
+        result.append(await runner.run())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await wait_until_async(
+            lambda: log.exists() and "s1" in log.read_text(), what="step s1 runs", timeout_s=60
+        )
+        runner.pause()  # the worker is in step s1: it finishes it, commits s0 and s1, stops
+        await wait_until_async(
+            lambda: runner.state is TaskState.PAUSED, what="the task is paused", timeout_s=60
+        )
+        runner.resume()
+    # attempt 2 got s0 and s1 back, ran s2, raised (s2 committed on the way out); attempt 3 ran s3
+    assert (result[0].state, result[0].value, result[0].attempts) == (
+        TaskState.COMPLETED,
+        ["s0", "s1", "s2", "s3"],
+        3,
+    )
+    assert log.read_text().split() == ["s0", "s1", "s2", "s3"]  # nothing ran twice
+    assert [t.reason for t in result[0].history if t.target is TaskState.PENDING] == [
+        Reason.SUBMITTED,
+        Reason.RESUME_REQUESTED,
+        Reason.APP_ERROR,
+    ]
+    assert "builtins.RuntimeError: attempt 2 fails" in result[0].history[-4].detail
