@@ -47,6 +47,12 @@ def etcd1(tmp_path_factory: pytest.TempPathFactory, etcd_binary: Path) -> Iterat
     yield from run_cluster(tmp_path_factory.mktemp("etcd1"), etcd_binary, 1)
 
 
+@pytest.fixture
+def etcd3(tmp_path: Path, etcd_binary: Path) -> Iterator[EtcdCluster]:
+    """Three etcd members on loopback, for one test."""
+    yield from run_cluster(tmp_path / "etcd3", etcd_binary, 3)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """The store backend under test."""
