@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Mapping
@@ -77,6 +78,73 @@ def install_etcd(timeout_s: float = 600.0) -> Path:
     return found
 
 
+@attrs.frozen(slots=True)
+class TlsFiles:
+    """A test CA and the certificates it signed for the server (127.0.0.1) and a client."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """A throw-away CA, server and client certificate (EC keys, one day) made with the
+    ``openssl`` command; `EtcdError` when it is missing or fails."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise EtcdError("openssl not found: it makes the test certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    key_args = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [openssl, *args], cwd=directory, capture_output=True, timeout=60, check=False
+        )
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            raise EtcdError(f"openssl {args[0]} failed: {tail[0]}")
+
+    run("req", "-x509", *key_args, *_out("ca"), "-days", "1", "-subj", "/CN=supervise-test-ca")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        ext = directory / f"{name}.ext"
+        ext.write_text(f"subjectAltName=IP:{LOOPBACK}\nextendedKeyUsage={usage}\n")
+        run(
+            "req",
+            *key_args,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        signed_by_ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1"]
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            *signed_by_ca,
+            "-out",
+            f"{name}.pem",
+            "-extfile",
+            ext.name,
+        )
+    return TlsFiles(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
+
+
+def _out(name: str) -> list[str]:
+    return ["-keyout", f"{name}.key", "-out", f"{name}.pem"]
+
+
 @attrs.define
 class Member:
     """One etcd member: its name, ports, data directory and (while it runs) process."""
@@ -86,11 +154,12 @@ class Member:
     peer_port: int
     data_dir: Path
     log_path: Path
+    tls: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -112,7 +181,8 @@ class Member:
 class EtcdCluster:
     """``size`` etcd members (1 or 3) on free loopback ports, their data under ``base_dir``.
 
-    ``with EtcdCluster(tmp_path) as etcd: etcd.url`` -> ``etcd://127.0.0.1:P[,...]``.
+    ``with EtcdCluster(tmp_path) as etcd: etcd.url`` -> ``etcd://127.0.0.1:P[,...]``. With
+    ``tls`` the client API is HTTPS and asks for a client certificate (``etcd+https://``).
     """
 
     def __init__(
@@ -122,6 +192,7 @@ class EtcdCluster:
         size: int = 1,
         binary: Path | None = None,
         detach: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         if size not in (1, 3):
             raise EtcdError(f"size {size}: 1 or 3 members")
@@ -129,6 +200,7 @@ class EtcdCluster:
         self.size = size
         self.binary = binary
         self.detach = detach
+        self.tls = tls
         self.members: list[Member] = []
         self._token = f"supervise-{os.getpid()}-{time.monotonic_ns()}"
 
@@ -140,7 +212,8 @@ class EtcdCluster:
     @property
     def url(self) -> str:
         """The ``--store`` value for this cluster."""
-        return "etcd://" + ",".join(self.endpoints)
+        scheme = "etcd+https" if self.tls is not None else "etcd"
+        return f"{scheme}://" + ",".join(self.endpoints)
 
     @property
     def pids(self) -> list[int]:
@@ -164,6 +237,7 @@ class EtcdCluster:
                     ports[2 * i + 1],
                     self.base_dir / f"m{i}.etcd",
                     self.base_dir / f"m{i}.log",
+                    tls=self.tls is not None,
                 )
                 for i in range(self.size)
             ]
@@ -182,8 +256,20 @@ class EtcdCluster:
 
     def _argv(self, member: Member) -> list[str]:
         cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        tls: list[str] = []
+        if self.tls is not None:
+            tls = [
+                "--cert-file",
+                str(self.tls.server_cert),
+                "--key-file",
+                str(self.tls.server_key),
+                "--trusted-ca-file",
+                str(self.tls.ca),
+                "--client-cert-auth",
+            ]
         return [
             str(self.binary),
+            *tls,
             "--name",
             member.name,
             "--data-dir",
@@ -238,7 +324,7 @@ class EtcdCluster:
                         f"etcd {member.name} exited with code {code} while starting on"
                         f" {member.endpoint}: {log_tail(member.log_path)}"
                     )
-                if _healthy(member.client_port):
+                if _healthy(member.client_port, self._health_context()):
                     waiting.remove(member)
             if not waiting:
                 return
@@ -249,6 +335,13 @@ class EtcdCluster:
                     f" {log_tail(waiting[0].log_path)}"
                 )
             time.sleep(0.05)
+
+    def _health_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls.ca)
+        context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        return context
 
     def kill(self, index: int, signum: int = signal.SIGKILL) -> int:
         """Signal member ``index`` (SIGKILL: it dies as a crashed machine would); its PID."""
@@ -300,8 +393,12 @@ class EtcdCluster:
         self.stop()
 
 
-def _healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=1.0)
+def _healthy(port: int, context: ssl.SSLContext | None = None) -> bool:
+    conn = (
+        http.client.HTTPConnection(LOOPBACK, port, timeout=1.0)
+        if context is None
+        else http.client.HTTPSConnection(LOOPBACK, port, timeout=1.0, context=context)
+    )
     try:
         conn.request("GET", "/health")
         response = conn.getresponse()

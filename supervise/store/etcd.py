@@ -94,8 +94,9 @@ class EtcdStore(Store):
     async def _call(self, path: str, body: gw.Json, what: str) -> gw.Json:
         """POST ``body`` to the first endpoint that answers, starting at the current one."""
         failures = []
+        first = self._current  # read once: concurrent calls move it as they fail over
         for attempt in range(len(self._urls)):
-            index = (self._current + attempt) % len(self._urls)
+            index = (first + attempt) % len(self._urls)
             url = self._urls[index]
             try:
                 response = await self._client.post(url + path, content=json.dumps(body))
@@ -107,17 +108,21 @@ class EtcdStore(Store):
             return answer
         raise StoreUnavailable(what, "; ".join(failures))
 
-    def _fail_over(self) -> None:
-        self._current = (self._current + 1) % len(self._urls)
-
 
 class _Retry(Exception):
     """An endpoint answered "try elsewhere or later" (no leader, overloaded, deadline)."""
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
+    """One line: the exception's type and the first message along its cause chain (httpx's
+    own messages are often empty; the TLS or socket error below says what went wrong)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).strip()
+        if text:
+            return f"{type(exc).__name__}: {text.splitlines()[0]}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _decode(response: httpx.Response, what: str) -> gw.Json:
@@ -151,19 +156,27 @@ class _WatchStream:
         self._next = start_revision
         self._stack: AsyncExitStack | None = None
         self._lines: AsyncIterator[str] | None = None
+        self._url = ""
 
-    async def open(self) -> None:
-        """Open the stream on the first endpoint that accepts it."""
+    async def open(self, broken: str | None = None) -> None:
+        """Open the stream on the first endpoint that accepts it, from the store's current
+        one; ``broken`` (the endpoint whose stream just broke) is tried last."""
+        urls = self._store._urls
+        first = self._store._current
+        order = [urls[(first + i) % len(urls)] for i in range(len(urls))]
+        if broken in order:
+            order.remove(broken)
+            order.append(broken)
         failures = []
-        for _ in range(len(self._store._urls)):
-            url = self._store.endpoint
+        for url in order:
             try:
                 await self._open_at(url)
-                return
             except (httpx.TransportError, _Retry) as exc:
                 failures.append(f"{url}: {_reason(exc)}")
                 await self.close()
-                self._store._fail_over()
+                continue
+            self._url = url
+            return
         raise StoreUnavailable("watch", "; ".join(failures))
 
     async def _open_at(self, url: str) -> None:
@@ -218,8 +231,7 @@ class _WatchStream:
                     raise _Retry("the watch stream ended")
             except (httpx.TransportError, _Retry):
                 await self.close()
-                self._store._fail_over()
-                await self.open()
+                await self.open(broken=self._url)
                 continue
             self._check_canceled(result)
             events = tuple(gw.event(e) for e in result.get("events", ()))

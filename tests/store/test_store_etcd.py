@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervise._testing.etcd import EtcdCluster
+from supervise._testing.etcd import EtcdCluster, EtcdError, make_tls_files
 from supervise._testing.procs import free_port, pid_alive
 from supervise.store import (
     Election,
@@ -23,6 +23,7 @@ from supervise.store import (
     Resync,
     StoreUnavailable,
     keep_alive,
+    missing,
     open_store,
     parse_store_url,
 )
@@ -34,7 +35,7 @@ ETCDLOCAL = Path(__file__).parents[2] / "integrations" / "etcd" / "etcdlocal.py"
 
 
 async def test_three_members_survive_losing_the_one_in_use(etcd3: EtcdCluster) -> None:
-    store = open_store(parse_store_url(etcd3.url, timeout_s=2.0))
+    store = open_store(parse_store_url(etcd3.url))
     assert isinstance(store, EtcdStore)
     try:
         lease = await store.grant(2)
@@ -48,7 +49,12 @@ async def test_three_members_survive_losing_the_one_in_use(etcd3: EtcdCluster) -
                 assert not pid_alive(pid)
                 with trio.fail_after(WAIT):
                     # the two left are a majority: writes, the lease and the leadership go on
-                    result = await election.write(won, (Put("/job/decisions/gen", b"2"),))
+                    while True:  # as a caller does: back off while a new raft leader is elected
+                        try:
+                            result = await election.write(won, (Put("/job/decisions/gen", b"2"),))
+                            break
+                        except StoreUnavailable:
+                            await trio.sleep(0.2)
                     change = await anext(changes)  # the watch moved to a live member
                 assert store.endpoint != f"http://{etcd3.endpoints[in_use]}"
                 assert not isinstance(change, Resync)
@@ -124,3 +130,26 @@ def test_etcdlocal_starts_reports_and_stops_by_pid(tmp_path: Path, etcd_binary: 
         for pid in pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_tls_with_a_client_certificate(tmp_path: Path, etcd_binary: Path) -> None:
+    try:
+        tls = make_tls_files(tmp_path / "tls")
+    except EtcdError as exc:
+        pytest.skip(str(exc))
+    with EtcdCluster(tmp_path / "etcd", binary=etcd_binary, tls=tls) as etcd:
+        assert etcd.url.startswith("etcd+https://")
+        config = parse_store_url(etcd.url, ca=tls.ca, cert=tls.client_cert, key=tls.client_key)
+        store = open_store(config)
+        try:
+            assert (await store.txn((missing("/tls"),), (Put("/tls", b"ok"),))).succeeded
+            record = await store.get("/tls")
+            assert record is not None and record.value == b"ok"
+        finally:
+            await store.aclose()
+        anonymous = open_store(parse_store_url(etcd.url, ca=tls.ca))  # no client certificate
+        try:
+            with pytest.raises(StoreUnavailable):
+                await anonymous.get("/tls")
+        finally:
+            await anonymous.aclose()
