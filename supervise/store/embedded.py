@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -133,14 +133,20 @@ class EmbeddedStore(Store):
         self._expire()
         start = start_revision or self._revision + 1
         self._check_compacted(start)
-        yield self._events(key, prefix, start)
+        events = self._events(key, prefix, start)
+        try:
+            yield events
+        finally:
+            await events.aclose()
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _events(self, key: str, prefix: bool, start: int) -> AsyncIterator[tuple[Event, ...]]:
+    async def _events(
+        self, key: str, prefix: bool, start: int
+    ) -> AsyncGenerator[tuple[Event, ...], None]:
         next_revision = start
         while True:
             self._expire()

@@ -8,12 +8,14 @@ fail over to the next one; when none answers, `StoreUnavailable`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
 
 import httpx
+import trio
 
 from supervise.store import _gateway as gw
 from supervise.store.base import Store
@@ -82,7 +84,11 @@ class EtcdStore(Store):
         stream = _WatchStream(self, gw.key_range(key, prefix), start_revision)
         try:
             await stream.open()
-            yield stream.batches()
+            batches = stream.batches()
+            try:
+                yield batches
+            finally:
+                await batches.aclose()
         finally:
             await stream.close()
 
@@ -222,7 +228,7 @@ class _WatchStream:
         if result.get("canceled"):
             raise StoreRejected("watch", 0, str(result.get("cancel_reason") or "canceled"))
 
-    async def batches(self) -> AsyncIterator[tuple[Event, ...]]:
+    async def batches(self) -> AsyncGenerator[tuple[Event, ...], None]:
         """Event batches; reconnects (from the next revision) when the stream breaks."""
         while True:
             try:
@@ -241,6 +247,18 @@ class _WatchStream:
 
     async def close(self) -> None:
         """Close the HTTP stream (idempotent)."""
-        stack, self._stack, self._lines = self._stack, None, None
+        stack, self._stack, lines, self._lines = self._stack, None, self._lines, None
+        if lines is not None:
+            await _unwind(lines)
         if stack is not None:
             await stack.aclose()
+
+
+async def _unwind(lines: AsyncIterator[str]) -> None:
+    """End httpx's chain of line/text/byte generators by an exception running through it (a
+    cancelled read), so none is left half-consumed for the garbage collector to finalize."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with contextlib.suppress(Exception):
+            while True:
+                await anext(lines)
