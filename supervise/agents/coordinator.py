@@ -29,6 +29,7 @@ from supervise.agents.roles import Executing
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.snapshot.service import FRESH
+from supervise.store import FencedWriteRefused, StoreUnavailable
 from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
 
 log = structlog.get_logger("supervise.agents.coordinator")
@@ -114,6 +115,9 @@ class Coordinator:
 
     @property
     def is_coordinator(self) -> bool:
+        seat = self.ctx.seat
+        if seat is not None:
+            return seat.leads()  # --store etcd://...: only the elected leader acts
         return self.node.coordinator_rank() == self.rank
 
     @property
@@ -250,6 +254,8 @@ class Coordinator:
         log.info("starting the cluster", nodes=self.n_nodes)
         try:
             await self._attempt(Trigger.MANUAL, None, attempt=1, version=None, start=True)
+        except _Deposed as exc:
+            log.warning("deposed before the start: the new coordinator starts", error=str(exc))
         except AttemptFailed as exc:
             log.error("cluster start failed", error=str(exc))
             f = exc.failure
@@ -328,6 +334,10 @@ class Coordinator:
                     sel_step = await self._attempt(
                         trigger, recovery, attempt=self._attempts, version=version
                     )
+                except _Deposed as exc:
+                    log.warning("deposed: the new coordinator recovers", error=str(exc))
+                    recovery.end(Outcome.FAILED, reason=f"deposed: {exc}")
+                    return
                 except _GiveUp as exc:
                     recovery.end(Outcome.FAILED, reason=str(exc))
                     self._callback(policy.on_failure, trigger, Outcome.FAILED, str(exc))
@@ -393,6 +403,7 @@ class Coordinator:
         if step != FRESH:
             rewinds.append((gen, step))
         nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
+        await self._decide(gen, step, port, attempt, nodes)
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
@@ -407,6 +418,19 @@ class Coordinator:
         log.info("restart sent", generation=gen, step=step, port=port, attempt=attempt)
         await self._await_resumed(gen, nodes, recovery)
         return step
+
+    async def _decide(self, gen: int, step: int, port: int, attempt: int, nodes: list[int]) -> None:
+        """With a store: write the decision fenced on this node's leadership before any node
+        hears of it; a deposed coordinator (its seat lost meanwhile) acts on nothing."""
+        seat = self.ctx.seat
+        if seat is None:
+            return
+        try:
+            await seat.decide(generation=gen, step=step, port=port, attempt=attempt, nodes=nodes)
+        except (FencedWriteRefused, LookupError) as exc:
+            raise _Deposed(str(exc)) from None
+        except StoreUnavailable as exc:
+            raise AttemptFailed(f"decision not written: {exc}") from None
 
     async def _wait_for_nodes(self, recovery: RecoveryTrace | None) -> None:
         missing = self._missing()
@@ -581,6 +605,10 @@ class Coordinator:
         }
         if self._callbacks is not None:
             self._callbacks.start_soon(_run_callback, path, info)
+
+
+class _Deposed(Exception):
+    """This node lost the coordinator's seat: its decision was refused; another leads."""
 
 
 class _GiveUp(Exception):

@@ -67,12 +67,17 @@ class Executor:
         return {m.INFO_GENERATION: self.generation, m.INFO_STATE: self.state.value}
 
     def coordinator_rank(self) -> int:
-        """The lowest live rank that is not joining; the lowest live rank when all are.
+        """The elected coordinator with ``--store etcd://...`` (once known); else the lowest
+        live rank that is not joining, the lowest live rank when all are.
 
         The node that led this node's current generation counts as established even while
         its last heartbeat still says joining (right after a start it has not beaten since),
         so a failure in the first moments of a generation goes to the node that started it.
         """
+        seat = self.ctx.seat
+        leader = None if seat is None else seat.leader_rank()
+        if leader is not None:
+            return leader  # --store etcd://...: the elected coordinator
         live = [r for r in self.ctx.membership.live() if r not in self.finished_nodes]
         if not live:
             return self.rank

@@ -1,0 +1,85 @@
+"""Real node agents coordinated through a real etcd (``--store etcd://...``): the elected
+leader coordinates, its decisions are in the store, and a worker crash recovers exactly as
+with the embedded store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from nodekit import free_ports, nodes
+from test_node_recovery import assert_exact
+
+from supervise._testing.etcd import EtcdCluster
+from supervise.cli import main
+from supervise.store import Record, open_store, parse_store_url
+
+
+def read_job(url: str, job: str) -> dict[str, Record]:
+    """Every key of ``job`` in the store, by its name under the job's prefix."""
+    config = parse_store_url(url, job=job)
+
+    async def read() -> dict[str, Record]:
+        store = open_store(config)
+        try:
+            snap = await store.range(config.prefix, prefix=True)
+        finally:
+            await store.aclose()
+        return {r.key.removeprefix(config.prefix): r for r in snap.records}
+
+    return trio.run(read)
+
+
+@pytest.mark.slow
+def test_worker_crash_recovers_under_an_elected_coordinator(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    with nodes(tmp_path, 2) as c:
+        c.options = ["--store", etcd1.url, "--job", "crash"]
+        c.start(1)  # node 1 campaigns first: the coordinator is not the lowest rank now
+        c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+        c.start(0)
+        c.wait_resumed(1)
+        keys = read_job(etcd1.url, "crash")
+        assert {"members/0", "members/1", "leader", "decision"} <= set(keys)
+        assert keys["members/0"].lease and keys["members/1"].lease  # membership = live leases
+        leader = int(keys["leader"].value)
+        assert leader == 1
+        start = json.loads(keys["decision"].value)
+        assert (start["generation"], start["leader"]) == (1, leader)
+        assert start["term"] == keys["leader"].create_revision  # written fenced on its term
+        assert c.events(leader, "elected coordinator")
+        c.wait("a few snapshots", lambda: len(c.events(leader, "replica stored")) >= 2)
+        c.fault("crash", 1 - leader)
+        c.wait_resumed(2)
+        rec = c.recoveries(leader)[0]
+        assert rec["trigger"] == "worker_exit" and rec["evidence"]["node"] == 1 - leader
+        assert not c.recoveries(1 - leader)  # the follower coordinated nothing
+        decision = json.loads(read_job(etcd1.url, "crash")["decision"].value)
+        assert decision["generation"] == 2 and decision["step"] > 0  # restored, not from 0
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2)
+        assert c.orphans() == []
+    assert "members/0" not in read_job(etcd1.url, "crash")  # leases revoked on the way out
+
+
+@pytest.mark.parametrize(
+    ("store", "why"),
+    [
+        (["--store", "etcd://nohost"], "expected HOST:PORT"),
+        (["--store", "etcd://h:1", "--store-ca", "ca.pem"], "need an etcd+https"),
+        (["--store", "etcd+https://h:1", "--store-ca", __file__], "TLS files unusable"),
+        (["--store", f"etcd://127.0.0.1:{free_ports(1)[0]}"], "store unavailable"),
+    ],
+)
+def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], store: list[str], why: str
+) -> None:
+    port = free_ports(1)[0]
+    argv = ["node", "--rank", "0", "--nodes", f"127.0.0.1:{port}", *store, "--", "true"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("supervise node: --store "), lines
+    assert why in lines[0]
