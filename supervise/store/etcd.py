@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
@@ -27,6 +28,11 @@ from supervise.store.records import Compare, Event, Op, Snapshot, TxnResult
 _NOT_FOUND: Final = 5
 _OUT_OF_RANGE: Final = 11  # "required revision has been compacted"
 _RETRYABLE: Final = frozenset({1, 4, 8, 10, 14})  # canceled, deadline, exhausted, aborted, unavail.
+
+
+# httpx logs every request at INFO: a lease renewal three times per TTL would flood the log.
+for _chatty in ("httpx", "httpcore"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 
 class EtcdStore(Store):

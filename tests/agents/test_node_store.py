@@ -5,12 +5,13 @@ with the embedded store."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import trio
 from nodekit import free_ports, nodes
-from test_node_recovery import assert_exact
+from test_node_recovery import LONG, assert_exact
 
 from supervise._testing.etcd import EtcdCluster
 from supervise.cli import main
@@ -83,3 +84,38 @@ def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("supervise node: --store "), lines
     assert why in lines[0]
+
+
+@pytest.mark.slow
+def test_a_killed_leader_is_succeeded_and_the_new_leader_recovers(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    with nodes(tmp_path, 2, steps=LONG) as c:
+        c.options = ["--store", etcd1.url, "--job", "leader-kill"]
+        c.start(0)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)
+        c.wait_resumed(1)
+        first = read_job(etcd1.url, "leader-kill")["leader"]
+        assert first.value == b"0"
+        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        worker = c.worker_pid(0)
+        c.agents[0].proc.send_signal(signal.SIGKILL)  # the leader's agent, kill -9
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.wait(
+            "node 1 elected once node 0's lease expired", lambda: c.events(1, "elected coordinator")
+        )
+        c.start(0)  # the replacement campaigns too, and follows
+        c.wait_resumed(2, timeout=60)
+        keys = read_job(etcd1.url, "leader-kill")
+        assert (
+            keys["leader"].value == b"1" and keys["leader"].create_revision > first.create_revision
+        )
+        decision = json.loads(keys["decision"].value)
+        assert (decision["leader"], decision["term"]) == (1, keys["leader"].create_revision)
+        assert decision["generation"] >= 2
+        assert c.recoveries(1), "the new leader did not recover"
+        assert c.events(0, "shard fetched from a peer"), "the replacement did not fetch"
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
