@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -362,6 +362,7 @@ class Coordinator:
     ) -> int:
         """One restart of every node's workers; returns the step restarted at."""
         gen = self.node.known_generation() + 1
+        await self._fence(self._claim(gen, attempt, CLUSTER_START if start else trigger.value))
         carrier = recovery.inject() if recovery is not None else {}
         with maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
             while True:
@@ -403,7 +404,7 @@ class Coordinator:
         if step != FRESH:
             rewinds.append((gen, step))
         nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
-        await self._decide(gen, step, port, attempt, nodes)
+        await self._fence(self._decide(gen, step, port, attempt, nodes))
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
@@ -419,18 +420,28 @@ class Coordinator:
         await self._await_resumed(gen, nodes, recovery)
         return step
 
+    async def _claim(self, gen: int, attempt: int, trigger: str) -> None:
+        """With a store: claim the attempt, fenced, before stopping or telling any node."""
+        if self.ctx.seat is not None:
+            await self.ctx.seat.claim(generation=gen, attempt=attempt, trigger=trigger)
+
     async def _decide(self, gen: int, step: int, port: int, attempt: int, nodes: list[int]) -> None:
-        """With a store: write the decision fenced on this node's leadership before any node
-        hears of it; a deposed coordinator (its seat lost meanwhile) acts on nothing."""
-        seat = self.ctx.seat
-        if seat is None:
-            return
+        """With a store: write the decision fenced before any node hears of it."""
+        if self.ctx.seat is not None:
+            await self.ctx.seat.decide(
+                generation=gen, step=step, port=port, attempt=attempt, nodes=nodes
+            )
+
+    @staticmethod
+    async def _fence(write: Awaitable[None]) -> None:
+        """Run a fenced write: a deposed coordinator (its seat lost: frozen or cut off for
+        longer than its lease) acts on nothing; an unreachable store fails the attempt."""
         try:
-            await seat.decide(generation=gen, step=step, port=port, attempt=attempt, nodes=nodes)
+            await write
         except (FencedWriteRefused, LookupError) as exc:
             raise _Deposed(str(exc)) from None
         except StoreUnavailable as exc:
-            raise AttemptFailed(f"decision not written: {exc}") from None
+            raise AttemptFailed(f"the store did not take the decision: {exc}") from None
 
     async def _wait_for_nodes(self, recovery: RecoveryTrace | None) -> None:
         missing = self._missing()

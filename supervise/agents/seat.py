@@ -3,7 +3,8 @@ by the node's lease, a campaign for the coordinator's seat, and the coordinator'
 written fenced on its leadership, so a deposed coordinator (frozen, cut off) changes nothing.
 
 Keys under ``/supervise/<job>/``: ``members/<rank>`` (leased), ``leader`` (the elected
-coordinator's rank, leased), ``decision`` (the last restart decided, written fenced).
+coordinator's rank, leased), ``attempt`` (a (re)start begun) and ``decision`` (the restart
+decided), both written fenced.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = structlog.get_logger("supervise.agents.seat")
 MEMBERS: Final = "members/"
 LEADER: Final = "leader"
 DECISION: Final = "decision"
+ATTEMPT: Final = "attempt"
 _RETRY: Final = Backoff(initial=0.5, max=10.0, multiplier=2.0)
 
 
@@ -73,22 +75,35 @@ class StoreSeat:
         `StoreUnavailable` when the store does not answer, and `LookupError` when this node
         does not lead.
         """
-        leadership, election = self._leadership, self._election
-        if leadership is None or election is None:
-            raise LookupError(f"node {self.rank} does not hold the coordinator's seat")
         decision = {
             "generation": generation,
             "step": step,
             "port": port,
             "attempt": attempt,
             "nodes": list(nodes),
-            "leader": self.rank,
-            "term": leadership.revision,
         }
-        body = json.dumps(decision, sort_keys=True).encode()
-        result = await election.write(leadership, (Put(self.prefix + DECISION, body),))
-        log.info("decision written", generation=generation, step=step, revision=result.revision)
+        revision = await self._fenced(DECISION, decision)
+        log.info("decision written", generation=generation, step=step, revision=revision)
+        return revision
+
+    async def _fenced(self, key: str, record: dict[str, object]) -> int:
+        leadership, election = self._leadership, self._election
+        if leadership is None or election is None:
+            raise LookupError(f"node {self.rank} does not hold the coordinator's seat")
+        body = {**record, "leader": self.rank, "term": leadership.revision}
+        encoded = json.dumps(body, sort_keys=True).encode()
+        result = await election.write(leadership, (Put(self.prefix + key, encoded),))
         return result.revision
+
+    async def claim(self, *, generation: int, attempt: int, trigger: str) -> int:
+        """Write "this leader is starting generation ``generation``" fenced on its
+        leadership, before it stops or tells any node anything; the store revision.
+
+        Same errors as `decide`: a coordinator that lost its seat (it froze, or was cut off,
+        for longer than its lease) learns it here, before it has acted on anything.
+        """
+        intent = {"generation": generation, "attempt": attempt, "trigger": trigger}
+        return await self._fenced(ATTEMPT, intent)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the seat until cancelled; `LeaseLost` (loud) when the lease is lost."""

@@ -119,3 +119,38 @@ def test_a_killed_leader_is_succeeded_and_the_new_leader_recovers(
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, LONG)
         assert c.orphans() == []
+
+
+@pytest.mark.slow
+def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    steps = 2 * LONG  # training goes on through the freeze: enough steps left to fail after it
+    with nodes(tmp_path, 2, steps=steps) as c:
+        c.options = ["--store", etcd1.url, "--job", "freeze"]
+        c.start(0)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)
+        c.wait_resumed(1)
+        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.send(0, signal.SIGSTOP)  # the leader's agent freezes for longer than its lease
+        try:
+            c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+            c.fault("crash", 1)  # a failure while the old leader still thinks it leads
+            c.wait("the crash seen", lambda: c.recoveries(1))
+        finally:
+            c.send(0, signal.SIGCONT)
+        c.wait_resumed(2, timeout=60)
+        lost = c.events(0, "store_lease_lost")
+        assert lost and lost[0]["level"] == "error"  # loud, not silent
+        assert len(c.events(0, "joined the store")) == 2  # it campaigns again, as a follower
+        keys = read_job(etcd1.url, "freeze")
+        assert keys["leader"].value == b"1"
+        assert json.loads(keys["decision"].value)["leader"] == 1
+        # no double restart: each generation was sent once, and after the freeze by node 1
+        sent = [(e["generation"], a.rank) for a, e in c.all_events("restart sent")]
+        assert len(sent) == len({gen for gen, _ in sent}), sent
+        assert all(rank == 1 for gen, rank in sent if gen >= 2), sent
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, steps)
+        assert c.orphans() == []
