@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import structlog
@@ -48,8 +48,9 @@ class StoreSeat:
     decisions. ``run`` is a supervised child: a lost lease ends it abnormally (restarted:
     a fresh lease, registered and campaigning again)."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, connect: Callable[[], Store] | None = None) -> None:
         self.config = config
+        self._connect = connect or (lambda: open_store(config.store))  # tests share one store
         self.rank = config.rank
         self.prefix = config.store.prefix
         self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
@@ -107,7 +108,7 @@ class StoreSeat:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the seat until cancelled; `LeaseLost` (loud) when the lease is lost."""
-        store = open_store(self.config.store)
+        store = self._connect()
         lease = 0
         try:
             lease = await self._register(store)
