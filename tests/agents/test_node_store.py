@@ -34,34 +34,50 @@ def read_job(url: str, job: str) -> dict[str, Record]:
 
 
 @pytest.mark.slow
-def test_worker_crash_recovers_under_an_elected_coordinator(
+def test_an_elected_coordinator_recovers_a_crash_and_is_succeeded_when_killed(
     tmp_path: Path, etcd1: EtcdCluster
 ) -> None:
-    with nodes(tmp_path, 2) as c:
+    with nodes(tmp_path, 2, steps=LONG) as c:
         c.options = ["--store", etcd1.url, "--job", "crash"]
         c.start(1)  # node 1 campaigns first: the coordinator is not the lowest rank now
         c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
         c.start(0)
         c.wait_resumed(1)
         keys = read_job(etcd1.url, "crash")
-        assert {"members/0", "members/1", "leader", "decision"} <= set(keys)
+        assert {"members/0", "members/1", "leader", "attempt", "decision"} <= set(keys)
         assert keys["members/0"].lease and keys["members/1"].lease  # membership = live leases
-        leader = int(keys["leader"].value)
-        assert leader == 1
+        first = keys["leader"]
+        assert first.value == b"1"
         start = json.loads(keys["decision"].value)
-        assert (start["generation"], start["leader"]) == (1, leader)
-        assert start["term"] == keys["leader"].create_revision  # written fenced on its term
-        assert c.events(leader, "elected coordinator")
-        c.wait("a few snapshots", lambda: len(c.events(leader, "replica stored")) >= 2)
-        c.fault("crash", 1 - leader)
+        assert (start["generation"], start["leader"]) == (1, 1)
+        assert start["term"] == first.create_revision  # written fenced on its term
+
+        # a worker crash: the elected coordinator (node 1) recovers, the follower does not
+        c.wait("a few snapshots", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.fault("crash", 0)
         c.wait_resumed(2)
-        rec = c.recoveries(leader)[0]
-        assert rec["trigger"] == "worker_exit" and rec["evidence"]["node"] == 1 - leader
-        assert not c.recoveries(1 - leader)  # the follower coordinated nothing
+        rec = c.recoveries(1)[0]
+        assert rec["trigger"] == "worker_exit" and rec["evidence"]["node"] == 0
+        assert not c.recoveries(0)
         decision = json.loads(read_job(etcd1.url, "crash")["decision"].value)
         assert decision["generation"] == 2 and decision["step"] > 0  # restored, not from 0
+
+        # kill -9 of the leader's agent: node 0 is elected once the lease expires, and leads
+        worker = c.worker_pid(1)
+        c.agents[1].proc.send_signal(signal.SIGKILL)
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)  # the replacement campaigns too, and follows
+        c.wait_resumed(3, timeout=60)
+        keys = read_job(etcd1.url, "crash")
+        assert keys["leader"].value == b"0"
+        assert keys["leader"].create_revision > first.create_revision
+        decision = json.loads(keys["decision"].value)
+        assert (decision["leader"], decision["term"]) == (0, keys["leader"].create_revision)
+        assert c.recoveries(0), "the new leader did not recover"
+        assert c.events(1, "shard fetched from a peer"), "the replacement did not fetch"
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2)
+        assert_exact(c.out, 2, LONG)
         assert c.orphans() == []
     assert "members/0" not in read_job(etcd1.url, "crash")  # leases revoked on the way out
 
@@ -84,41 +100,6 @@ def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("supervise node: --store "), lines
     assert why in lines[0]
-
-
-@pytest.mark.slow
-def test_a_killed_leader_is_succeeded_and_the_new_leader_recovers(
-    tmp_path: Path, etcd1: EtcdCluster
-) -> None:
-    with nodes(tmp_path, 2, steps=LONG) as c:
-        c.options = ["--store", etcd1.url, "--job", "leader-kill"]
-        c.start(0)
-        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
-        c.start(1)
-        c.wait_resumed(1)
-        first = read_job(etcd1.url, "leader-kill")["leader"]
-        assert first.value == b"0"
-        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
-        worker = c.worker_pid(0)
-        c.agents[0].proc.send_signal(signal.SIGKILL)  # the leader's agent, kill -9
-        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
-        c.wait(
-            "node 1 elected once node 0's lease expired", lambda: c.events(1, "elected coordinator")
-        )
-        c.start(0)  # the replacement campaigns too, and follows
-        c.wait_resumed(2, timeout=60)
-        keys = read_job(etcd1.url, "leader-kill")
-        assert (
-            keys["leader"].value == b"1" and keys["leader"].create_revision > first.create_revision
-        )
-        decision = json.loads(keys["decision"].value)
-        assert (decision["leader"], decision["term"]) == (1, keys["leader"].create_revision)
-        assert decision["generation"] >= 2
-        assert c.recoveries(1), "the new leader did not recover"
-        assert c.events(0, "shard fetched from a peer"), "the replacement did not fetch"
-        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, LONG)
-        assert c.orphans() == []
 
 
 @pytest.mark.slow
