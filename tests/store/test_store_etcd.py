@@ -153,3 +153,28 @@ async def test_tls_with_a_client_certificate(tmp_path: Path, etcd_binary: Path) 
                 await anonymous.get("/tls")
         finally:
             await anonymous.aclose()
+
+
+async def test_a_frozen_etcd_is_unavailable_until_it_thaws(
+    tmp_path: Path, etcd_binary: Path
+) -> None:
+    with EtcdCluster(tmp_path / "etcd", binary=etcd_binary) as etcd:
+        store = open_store(parse_store_url(etcd.url, timeout_s=0.5))
+        try:
+            await store.put("/k", b"v")
+            etcd.kill(0, signal.SIGSTOP)  # slow rather than gone: the request times out
+            try:
+                with pytest.raises(StoreUnavailable, match="Timeout"):
+                    await store.get("/k")
+            finally:
+                etcd.kill(0, signal.SIGCONT)
+            with trio.fail_after(WAIT):
+                while True:  # as a caller does: back off, try again
+                    try:
+                        record = await store.get("/k")
+                        break
+                    except StoreUnavailable:
+                        await trio.sleep(0.2)
+            assert record is not None and record.value == b"v"
+        finally:
+            await store.aclose()
