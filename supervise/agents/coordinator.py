@@ -10,6 +10,7 @@ then every node gives up.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import random
 import time
@@ -33,6 +34,8 @@ from supervise.store import FencedWriteRefused, StoreUnavailable
 from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
 
 log = structlog.get_logger("supervise.agents.coordinator")
+
+_HELD = 64  # reports kept while not elected (--store); older ones are dropped first
 
 
 @attrs.frozen(slots=True)
@@ -66,6 +69,11 @@ class Coordinator:
         self._stable_since: float | None = None
         self._membership_changed = trio.Event()
         self._callbacks: trio.Nursery | None = None  # the policy's callbacks run here
+        # --store: reports and membership changes seen while not elected (stale ones are
+        # dropped when replayed, by their generation)
+        self._held: collections.deque[tuple[object, dict[str, str]]] = collections.deque(
+            maxlen=_HELD
+        )
 
     # -- inputs (never block) --------------------------------------------------------------
 
@@ -148,11 +156,16 @@ class Coordinator:
         tick = self.ctx.policy.cluster.heartbeat_interval
         while True:
             item: tuple[object, dict[str, str]] = (_Tick(), {})
-            with trio.move_on_after(tick):
-                item = await self._inbox.receive()
+            if self._held and self.is_coordinator:
+                item = self._held.popleft()  # what arrived before this node was elected
+            else:
+                with trio.move_on_after(tick):
+                    item = await self._inbox.receive()
             message, trace = item
             state = self.node.state
             if not self.is_coordinator or state.ended:
+                if self.ctx.seat is not None and not isinstance(message, _Tick):
+                    self._held.append(item)  # --store: kept for when this node is elected
                 continue
             if state is ExecutorState.JOINING and self._unheard():
                 continue  # a new node leads nothing before it knows every live peer's state

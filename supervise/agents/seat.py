@@ -118,7 +118,7 @@ class StoreSeat:
                 await nursery.start(keep_alive, store, lease, self.ttl)
                 nursery.start_soon(self._follow_leader, store)
                 task_status.started()
-                self._leadership = await election.campaign(lease, str(self.rank).encode())
+                self._leadership = await self._campaign(election, lease)
                 log.info("elected coordinator", term=self._leadership.revision, ttl=self.ttl)
         finally:
             self._leadership, self._leader = None, None
@@ -146,6 +146,19 @@ class StoreSeat:
                 continue
             log.info("joined the store", lease=f"{lease:x}", prefix=self.prefix)
             return lease
+
+    async def _campaign(self, election: Election, lease: int) -> Leadership:
+        """Campaign until elected; an unreachable store pauses the campaign (the lease's
+        keep-alive decides, after a TTL, whether the seat is lost)."""
+        paused = False
+        while True:
+            try:
+                return await election.campaign(lease, str(self.rank).encode())
+            except StoreUnavailable as exc:
+                if not paused:
+                    log.info("campaign paused: store unreachable", error=str(exc))
+                    paused = True
+                await trio.sleep(_RETRY.initial)
 
     async def _follow_leader(self, store: Store) -> None:
         """Keep ``leader_rank`` current from the leader key's changes."""

@@ -106,8 +106,7 @@ def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
 def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
     tmp_path: Path, etcd1: EtcdCluster
 ) -> None:
-    steps = 2 * LONG  # training goes on through the freeze: enough steps left to fail after it
-    with nodes(tmp_path, 2, steps=steps) as c:
+    with nodes(tmp_path, 2, steps=LONG) as c:
         c.options = ["--store", etcd1.url, "--job", "freeze"]
         c.start(0)
         c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
@@ -133,5 +132,44 @@ def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
         assert len(sent) == len({gen for gen, _ in sent}), sent
         assert all(rank == 1 for gen, rank in sent if gen >= 2), sent
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, steps)
+        assert_exact(c.out, 2, LONG)
         assert c.orphans() == []
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_etcd_is_down_and_recovery_resumes_after(
+    tmp_path: Path, etcd_binary: Path
+) -> None:
+    with (
+        EtcdCluster(tmp_path / "etcd", binary=etcd_binary) as etcd,
+        nodes(tmp_path, 2, steps=LONG) as c,
+    ):
+        c.options = ["--store", etcd.url, "--job", "outage"]
+        c.start_all()
+        c.wait_resumed(1)
+        c.wait("a few snapshots", lambda: len(c.events(0, "replica stored")) >= 2)
+        etcd.kill(0)  # etcd gone (SIGKILL): every lease lapses unrenewed
+
+        def lost_everywhere() -> bool:
+            return all(c.events(rank, "store_lease_lost") for rank in (0, 1))
+
+        c.wait("both nodes to lose their lease, loudly", lost_everywhere)
+        assert all(c.agents[rank].running for rank in (0, 1))  # training goes on
+        etcd.restart(0)  # same ports, same data: the agents join again and elect a leader
+
+        def rejoined() -> bool:
+            return all(len(c.events(rank, "joined the store")) >= 2 for rank in (0, 1))
+
+        c.wait("both nodes to join the store again", rejoined)
+        keys = c.wait("a leader again", lambda: _with_leader(read_job(etcd.url, "outage")))
+        leader = int(keys["leader"].value)
+        c.fault("crash", 1 - leader)
+        c.wait_resumed(2, timeout=60)
+        assert json.loads(read_job(etcd.url, "outage")["decision"].value)["generation"] == 2
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+
+
+def _with_leader(keys: dict[str, Record]) -> dict[str, Record] | None:
+    return keys if "leader" in keys else None
