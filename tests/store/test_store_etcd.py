@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervise._testing.etcd import EtcdCluster, EtcdError, make_tls_files
+from supervise._testing.etcd import EtcdCluster
 from supervise._testing.procs import free_port, pid_alive
+from supervise._testing.tls import TlsError, make_tls_files
 from supervise.store import (
     Election,
     EventKind,
@@ -135,7 +136,7 @@ def test_etcdlocal_starts_reports_and_stops_by_pid(tmp_path: Path, etcd_binary: 
 async def test_tls_with_a_client_certificate(tmp_path: Path, etcd_binary: Path) -> None:
     try:
         tls = make_tls_files(tmp_path / "tls")
-    except EtcdError as exc:
+    except TlsError as exc:
         pytest.skip(str(exc))
     with EtcdCluster(tmp_path / "etcd", binary=etcd_binary, tls=tls) as etcd:
         assert etcd.url.startswith("etcd+https://")
