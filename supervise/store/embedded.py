@@ -17,7 +17,7 @@ import trio
 
 from supervise._validation import InvalidValue
 from supervise.store.base import Store, under
-from supervise.store.errors import Compacted, StoreRejected
+from supervise.store.errors import Code, Compacted, StoreRejected
 from supervise.store.records import (
     Compare,
     Delete,
@@ -30,8 +30,6 @@ from supervise.store.records import (
     Snapshot,
     TxnResult,
 )
-
-_LEASE_NOT_FOUND = 5  # the gRPC status etcd answers for an unknown lease, kept alike here
 
 
 @attrs.define
@@ -74,7 +72,7 @@ class EmbeddedStore(Store):
         ops = tuple(success if succeeded else failure)
         for op in ops:  # check before changing anything: a transaction is all or nothing
             if isinstance(op, Put) and op.lease and op.lease not in self._leases:
-                raise StoreRejected("txn", _LEASE_NOT_FOUND, "requested lease not found")
+                raise StoreRejected("txn", Code.NOT_FOUND, "requested lease not found")
         revision = self._revision + 1
         events: list[Event] = []
         reads: list[tuple[Record, ...]] = []
@@ -117,10 +115,14 @@ class EmbeddedStore(Store):
         await trio.lowlevel.checkpoint()
         if revision > self._revision:
             raise StoreRejected(
-                "compact", 11, f"revision {revision} is a future revision ({self._revision})"
+                "compact",
+                Code.OUT_OF_RANGE,
+                f"revision {revision} is a future revision ({self._revision})",
             )
         if revision <= self._compacted:
-            raise StoreRejected("compact", 11, "required revision has been compacted")
+            raise StoreRejected(
+                "compact", Code.OUT_OF_RANGE, "required revision has been compacted"
+            )
         self._compacted = revision
         cut = bisect.bisect_left(self._history, revision, key=lambda e: e.revision)
         del self._history[:cut]

@@ -2,6 +2,33 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class Code(enum.IntEnum):
+    """The gRPC status codes etcd answers with (in the gateway's error bodies), used alike by
+    the embedded store so both refuse the same things the same way."""
+
+    CANCELLED = 1
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5  # an unknown lease
+    RESOURCE_EXHAUSTED = 8
+    ABORTED = 10
+    OUT_OF_RANGE = 11  # a compacted or future revision
+    UNAVAILABLE = 14  # no leader, shutting down
+
+
+#: Codes after which another endpoint, or a later try, may answer.
+RETRYABLE_CODES: frozenset[int] = frozenset(
+    {
+        Code.CANCELLED,
+        Code.DEADLINE_EXCEEDED,
+        Code.RESOURCE_EXHAUSTED,
+        Code.ABORTED,
+        Code.UNAVAILABLE,
+    }
+)
+
 
 class StoreError(Exception):
     """Any failure of the coordination store."""

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Final
+from typing import Any
 
 import httpx
 import trio
@@ -21,14 +21,14 @@ import trio
 from supervise.store import _gateway as gw
 from supervise.store.base import Store
 from supervise.store.config import StoreConfig
-from supervise.store.errors import Compacted, StoreRejected, StoreUnavailable
+from supervise.store.errors import (
+    RETRYABLE_CODES,
+    Code,
+    Compacted,
+    StoreRejected,
+    StoreUnavailable,
+)
 from supervise.store.records import Compare, Event, Op, Snapshot, TxnResult
-
-# gRPC status codes the gateway puts in its error bodies.
-_NOT_FOUND: Final = 5
-_OUT_OF_RANGE: Final = 11  # "required revision has been compacted"
-_RETRYABLE: Final = frozenset({1, 4, 8, 10, 14})  # canceled, deadline, exhausted, aborted, unavail.
-
 
 # httpx logs every request at INFO: a lease renewal three times per TTL would flood the log.
 for _chatty in ("httpx", "httpcore"):
@@ -76,7 +76,7 @@ class EtcdStore(Store):
         try:
             await self._call("/v3/lease/revoke", {"ID": str(lease)}, "lease revoke")
         except StoreRejected as exc:
-            if exc.code != _NOT_FOUND:
+            if exc.code != Code.NOT_FOUND:
                 raise
 
     async def compact(self, revision: int) -> None:
@@ -153,7 +153,7 @@ def _decode(response: httpx.Response, what: str) -> gw.Json:
         err = error if isinstance(error, dict) else body
         code = int(err.get("code", 0) or err.get("grpc_code", 0) or 0)
         message = str(err.get("message") or err.get("error") or error)
-        if code in _RETRYABLE:
+        if code in RETRYABLE_CODES:
             raise _Retry(message)
         raise StoreRejected(what, code, message)
     return body
