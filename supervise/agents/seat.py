@@ -56,7 +56,6 @@ class StoreSeat:
         self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
         self._leader: int | None = None
         self._leadership: Leadership | None = None
-        self._store: Store | None = None
         self._election: Election | None = None
 
     def leader_rank(self) -> int | None:
@@ -110,19 +109,20 @@ class StoreSeat:
         """Hold the seat until cancelled; `LeaseLost` (loud) when the lease is lost."""
         store = self._connect()
         lease = 0
+        # started at once: while the store is unreachable the seat waits in the background,
+        # never holding up the node's tree (training goes on without a coordinator)
+        task_status.started()
         try:
             lease = await self._register(store)
             election = Election(store, self.prefix + LEADER)
-            self._store, self._election = store, election
+            self._election = election
             async with trio.open_nursery() as nursery:
                 await nursery.start(keep_alive, store, lease, self.ttl)
                 nursery.start_soon(self._follow_leader, store)
-                task_status.started()
                 self._leadership = await self._campaign(election, lease)
                 log.info("elected coordinator", term=self._leadership.revision, ttl=self.ttl)
         finally:
-            self._leadership, self._leader = None, None
-            self._store = self._election = None
+            self._leadership, self._leader, self._election = None, None, None
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if lease:
                     with contextlib.suppress(StoreUnavailable):
