@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from supervise._testing import OtelCollector
+from supervise._testing.etcd import EtcdCluster, EtcdError, install_etcd
+from supervise._testing.procs import pid_alive
 from supervise.telemetry import shutdown_telemetry
 
 
@@ -36,3 +38,35 @@ def otel_env(
         yield otel_collector
     finally:
         shutdown_telemetry()
+
+
+@pytest.fixture(scope="session")
+def etcd_binary() -> Path:
+    """The etcd binary; installed (apt, as root) where missing; skips only if neither works."""
+    try:
+        return install_etcd()
+    except (EtcdError, OSError) as exc:
+        pytest.skip(f"no etcd: {exc}")
+
+
+def run_cluster(base: Path, binary: Path, size: int) -> Iterator[EtcdCluster]:
+    """A started cluster; afterwards every member is gone (stopped by PID)."""
+    cluster = EtcdCluster(base, size=size, binary=binary).start()
+    pids = cluster.pids
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not [p for p in pids if pid_alive(p)], "an etcd member outlived its cluster"
+
+
+@pytest.fixture(scope="module")
+def etcd1(tmp_path_factory: pytest.TempPathFactory, etcd_binary: Path) -> Iterator[EtcdCluster]:
+    """One etcd member on free loopback ports, for the tests of one module."""
+    yield from run_cluster(tmp_path_factory.mktemp("etcd1"), etcd_binary, 1)
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path, etcd_binary: Path) -> Iterator[EtcdCluster]:
+    """Three etcd members on loopback, for one test."""
+    yield from run_cluster(tmp_path / "etcd3", etcd_binary, 3)

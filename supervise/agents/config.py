@@ -11,6 +11,7 @@ from supervise._validation import InvalidValue
 from supervise.cluster.transport import MAX_PORT, normalize_endpoint
 from supervise.policy import Policy
 from supervise.snapshot.persist import check_job, job_fingerprint
+from supervise.store import EMBEDDED, StoreConfig, StoreKind, parse_store_url
 
 
 def _nodes(value: Sequence[str]) -> tuple[str, ...]:
@@ -55,6 +56,8 @@ class NodeConfig:
     cwd: str | None = None
     job: str | None = None  # the run's identity on disk (None: a fingerprint, see job_id)
     resume_finished: bool = False  # resume a job whose training finished before
+    # where the nodes coordinate: embedded (the lowest live rank, no server) or etcd
+    store: StoreConfig = attrs.field(factory=lambda: parse_store_url(EMBEDDED))
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
@@ -92,6 +95,11 @@ class NodeConfig:
         """The job's identity in its persisted files: ``job``, else a fingerprint of the
         command and the world size (the same command restarted is the same job)."""
         return self.job if self.job is not None else job_fingerprint(self.command, self.world_size)
+
+    @property
+    def coordinated_by_store(self) -> bool:
+        """Whether a consensus store (etcd) elects the coordinator (``--store etcd://...``)."""
+        return self.store.kind is not StoreKind.EMBEDDED
 
     @property
     def n_nodes(self) -> int:

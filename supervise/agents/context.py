@@ -12,6 +12,7 @@ import attrs
 from supervise.agents.config import NodeConfig
 from supervise.agents.keeper import PointKeeper
 from supervise.agents.monitor import Monitor
+from supervise.agents.seat import StoreSeat
 from supervise.agents.selection import Holdings
 from supervise.cluster.membership import Membership
 from supervise.cluster.replica_store import ReplicaStore
@@ -41,6 +42,7 @@ class NodeContext:
     tokens: RankTokens  # the workers' credentials there (``SUPERVISE_AGENT_TOKEN``)
     monitor: Callable[[], Monitor | None]  # the current Monitor (a child: it may restart)
     keeper: PointKeeper  # the recoverable point's pins and the replicas' lag
+    seat: StoreSeat | None = None  # with --store etcd://...: the elected coordinator's seat
 
     @property
     def policy(self) -> Policy:

@@ -10,10 +10,11 @@ then every node gives up.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -29,9 +30,12 @@ from supervise.agents.roles import Executing
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.snapshot.service import FRESH
+from supervise.store import FencedWriteRefused, StoreUnavailable
 from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
 
 log = structlog.get_logger("supervise.agents.coordinator")
+
+_HELD = 64  # reports kept while not elected (--store); older ones are dropped first
 
 
 @attrs.frozen(slots=True)
@@ -65,6 +69,11 @@ class Coordinator:
         self._stable_since: float | None = None
         self._membership_changed = trio.Event()
         self._callbacks: trio.Nursery | None = None  # the policy's callbacks run here
+        # --store: reports and membership changes seen while not elected (stale ones are
+        # dropped when replayed, by their generation)
+        self._held: collections.deque[tuple[object, dict[str, str]]] = collections.deque(
+            maxlen=_HELD
+        )
 
     # -- inputs (never block) --------------------------------------------------------------
 
@@ -114,6 +123,9 @@ class Coordinator:
 
     @property
     def is_coordinator(self) -> bool:
+        seat = self.ctx.seat
+        if seat is not None:
+            return seat.leads()  # --store etcd://...: only the elected leader acts
         return self.node.coordinator_rank() == self.rank
 
     @property
@@ -144,11 +156,16 @@ class Coordinator:
         tick = self.ctx.policy.cluster.heartbeat_interval
         while True:
             item: tuple[object, dict[str, str]] = (_Tick(), {})
-            with trio.move_on_after(tick):
-                item = await self._inbox.receive()
+            if self._held and self.is_coordinator:
+                item = self._held.popleft()  # what arrived before this node was elected
+            else:
+                with trio.move_on_after(tick):
+                    item = await self._inbox.receive()
             message, trace = item
             state = self.node.state
             if not self.is_coordinator or state.ended:
+                if self.ctx.seat is not None and not isinstance(message, _Tick):
+                    self._held.append(item)  # --store: kept for when this node is elected
                 continue
             if state is ExecutorState.JOINING and self._unheard():
                 continue  # a new node leads nothing before it knows every live peer's state
@@ -250,6 +267,8 @@ class Coordinator:
         log.info("starting the cluster", nodes=self.n_nodes)
         try:
             await self._attempt(Trigger.MANUAL, None, attempt=1, version=None, start=True)
+        except _Deposed as exc:
+            log.warning("deposed before the start: the new coordinator starts", error=str(exc))
         except AttemptFailed as exc:
             log.error("cluster start failed", error=str(exc))
             f = exc.failure
@@ -328,6 +347,10 @@ class Coordinator:
                     sel_step = await self._attempt(
                         trigger, recovery, attempt=self._attempts, version=version
                     )
+                except _Deposed as exc:
+                    log.warning("deposed: the new coordinator recovers", error=str(exc))
+                    recovery.end(Outcome.FAILED, reason=f"deposed: {exc}")
+                    return
                 except _GiveUp as exc:
                     recovery.end(Outcome.FAILED, reason=str(exc))
                     self._callback(policy.on_failure, trigger, Outcome.FAILED, str(exc))
@@ -352,6 +375,7 @@ class Coordinator:
     ) -> int:
         """One restart of every node's workers; returns the step restarted at."""
         gen = self.node.known_generation() + 1
+        await self._fence(self._claim(gen, attempt, CLUSTER_START if start else trigger.value))
         carrier = recovery.inject() if recovery is not None else {}
         with maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
             while True:
@@ -393,6 +417,7 @@ class Coordinator:
         if step != FRESH:
             rewinds.append((gen, step))
         nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
+        await self._fence(self._decide(gen, step, port, attempt, nodes))
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
@@ -407,6 +432,29 @@ class Coordinator:
         log.info("restart sent", generation=gen, step=step, port=port, attempt=attempt)
         await self._await_resumed(gen, nodes, recovery)
         return step
+
+    async def _claim(self, gen: int, attempt: int, trigger: str) -> None:
+        """With a store: claim the attempt, fenced, before stopping or telling any node."""
+        if self.ctx.seat is not None:
+            await self.ctx.seat.claim(generation=gen, attempt=attempt, trigger=trigger)
+
+    async def _decide(self, gen: int, step: int, port: int, attempt: int, nodes: list[int]) -> None:
+        """With a store: write the decision fenced before any node hears of it."""
+        if self.ctx.seat is not None:
+            await self.ctx.seat.decide(
+                generation=gen, step=step, port=port, attempt=attempt, nodes=nodes
+            )
+
+    @staticmethod
+    async def _fence(write: Awaitable[None]) -> None:
+        """Run a fenced write: a deposed coordinator (its seat lost: frozen or cut off for
+        longer than its lease) acts on nothing; an unreachable store fails the attempt."""
+        try:
+            await write
+        except (FencedWriteRefused, LookupError) as exc:
+            raise _Deposed(str(exc)) from None
+        except StoreUnavailable as exc:
+            raise AttemptFailed(f"the store did not take the decision: {exc}") from None
 
     async def _wait_for_nodes(self, recovery: RecoveryTrace | None) -> None:
         missing = self._missing()
@@ -581,6 +629,10 @@ class Coordinator:
         }
         if self._callbacks is not None:
             self._callbacks.start_soon(_run_callback, path, info)
+
+
+class _Deposed(Exception):
+    """This node lost the coordinator's seat: its decision was refused; another leads."""
 
 
 class _GiveUp(Exception):

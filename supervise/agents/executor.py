@@ -56,6 +56,7 @@ class Executor:
         # (generation, node running its restart); node -1 once that node's process is gone
         self._leader: tuple[int, int] = (-1, -1)
         self._reported: set[int] = set()
+        self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
         self._done_ranks: set[int] = set()
         self._done = trio.Event()
         self._ended: Ended | None = None
@@ -67,12 +68,17 @@ class Executor:
         return {m.INFO_GENERATION: self.generation, m.INFO_STATE: self.state.value}
 
     def coordinator_rank(self) -> int:
-        """The lowest live rank that is not joining; the lowest live rank when all are.
+        """The elected coordinator with ``--store etcd://...`` (once known); else the lowest
+        live rank that is not joining, the lowest live rank when all are.
 
         The node that led this node's current generation counts as established even while
         its last heartbeat still says joining (right after a start it has not beaten since),
         so a failure in the first moments of a generation goes to the node that started it.
         """
+        seat = self.ctx.seat
+        leader = None if seat is None else seat.leader_rank()
+        if leader is not None:
+            return leader  # --store etcd://...: the elected coordinator
         live = [r for r in self.ctx.membership.live() if r not in self.finished_nodes]
         if not live:
             return self.rank
@@ -182,6 +188,8 @@ class Executor:
                 if self.coordinator is not None:
                     await nursery.start(self.coordinator.run)
                 nursery.start_soon(self._fill_spares)
+                if ctx.seat is not None:
+                    nursery.start_soon(self._resend_unresolved)
                 task_status.started()
                 await self._done.wait()
                 nursery.cancel_scope.cancel()
@@ -227,7 +235,23 @@ class Executor:
         failure = m.Failure(
             self.rank, self.generation, d.trigger.value, d.since, d.detected, evidence
         )
+        self._unresolved = failure
         self.send_to_coordinator(failure)
+
+    async def _resend_unresolved(self) -> None:
+        """With ``--store``: a report sent while no coordinator was elected (or to one deposed
+        since) would be lost; send it again every ``cluster.peer_timeout`` until a restart
+        moves this node past its generation (the coordinator drops what it already handled)."""
+        period = self.ctx.policy.cluster.peer_timeout
+        while True:
+            await trio.sleep(period)
+            failure = self._unresolved
+            if failure is None or failure.generation != self.generation or self.state.ended:
+                continue
+            if self.state not in (ExecutorState.RUNNING, ExecutorState.STARTING):
+                continue  # a restart is under way: the report was heard
+            log.info("failure reported again", generation=failure.generation)
+            self.send_to_coordinator(failure)
 
     def send_to_coordinator(self, message: object) -> None:
         """Deliver ``message`` to the coordinator (this node included), in the background."""

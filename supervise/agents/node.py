@@ -39,6 +39,7 @@ from supervise.agents.monitor import Detection, Monitor
 from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
 from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
+from supervise.agents.seat import StoreSeat
 from supervise.cluster import CurveKeys, Transport
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
@@ -164,6 +165,7 @@ class NodeRuntime:
         )
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
+        self.seat = StoreSeat(config) if config.coordinated_by_store else None
         self.context = NodeContext(
             config=config,
             transport=self.transport,
@@ -176,6 +178,7 @@ class NodeRuntime:
             tokens=tokens,
             monitor=lambda: self.monitor,
             keeper=self.keeper,
+            seat=self.seat,
         )
         self.arenas.add_heartbeat_hook(self._heartbeat)
         self.arenas.add_corrupt_hook(self._corrupt)
@@ -318,6 +321,8 @@ class NodeRuntime:
                     significant=True,
                     shutdown=self.config.worker_shutdown + 10.0,
                 ),
+                # last: a lost lease restarts the seat alone, never the workers
+                *([] if self.seat is None else [child(self.seat.run, id="seat")]),
             ],
             strategy="rest_for_one",
             max_restarts=s.max_restarts,

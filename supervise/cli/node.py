@@ -1,11 +1,15 @@
-"""`supervise node --rank R --nodes H:P,... [--policy FILE] -- COMMAND...`: one node agent."""
+"""`supervise node --rank R --nodes H:P,... [--policy FILE] [--store URL] -- COMMAND...`: one
+node agent."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from supervise.store import StoreConfig
 
 __all__ = ["register"]
 
@@ -54,6 +58,18 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="resume this job from its persisted snapshots even though its training finished",
     )
+    node.add_argument(
+        "--store",
+        default="embedded",
+        metavar="URL",
+        help="where the nodes coordinate: 'embedded' (default: the lowest live rank, no "
+        "server) or etcd://HOST:PORT[,HOST:PORT...] (an elected coordinator whose decisions "
+        "are fenced; etcd+https:// with --store-ca/--store-cert/--store-key); keys live under "
+        "/supervise/<--job or 'default'>/",
+    )
+    node.add_argument("--store-ca", metavar="FILE", help="CA certificate of etcd+https://")
+    node.add_argument("--store-cert", metavar="FILE", help="client certificate for etcd")
+    node.add_argument("--store-key", metavar="FILE", help="client key for etcd")
     node.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     node.set_defaults(handler=_run)
 
@@ -73,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
     from supervise.snapshot.errors import FinishedJob
+    from supervise.store import DEFAULT_JOB, BadStoreUrl, StoreError, parse_store_url
     from supervise.telemetry import (
         TelemetryError,
         configure_logging,
@@ -92,6 +109,17 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     try:
+        store = parse_store_url(
+            args.store,
+            job=args.job or DEFAULT_JOB,
+            ca=args.store_ca,
+            cert=args.store_cert,
+            key=args.store_key,
+        )
+        store.ssl_context()  # unusable TLS files: a one-line error now, not at the first call
+    except BadStoreUrl as exc:
+        return _fail(f"--{exc}")
+    try:
         config = NodeConfig(
             rank=args.rank,
             nodes=nodes,
@@ -102,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             worker_shutdown=args.worker_shutdown,
             job=args.job,
             resume_finished=args.resume_finished,
+            store=store,
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
@@ -110,6 +139,11 @@ def _run(args: argparse.Namespace) -> int:
         check_startup(config)
     except StartupError as exc:
         return _fail(str(exc))
+    if config.coordinated_by_store:
+        try:
+            trio.run(_probe, config.store)
+        except StoreError as exc:
+            return _fail(f"--store {args.store}: {exc}")
     curve = None
     if policy.replication.curve:
         try:
@@ -126,3 +160,14 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     finally:
         shutdown_telemetry()
+
+
+async def _probe(config: StoreConfig) -> None:
+    """One read of the job's keys: an unreachable store is a one-line error at start-up."""
+    from supervise.store import open_store, probe
+
+    store = open_store(config)
+    try:
+        await probe(store, config)
+    finally:
+        await store.aclose()

@@ -48,7 +48,7 @@ def _node0() -> tuple[_Membership, Coordinator, list[float]]:
     membership = _Membership([0, 1])
     policy = Policy.from_dict({"cluster": {"heartbeat_interval": 0.1, "peer_timeout": 1.0}})
     ctx: Any = SimpleNamespace(
-        config=SimpleNamespace(rank=0, n_nodes=2), policy=policy, membership=membership
+        config=SimpleNamespace(rank=0, n_nodes=2), policy=policy, membership=membership, seat=None
     )
     coordinator = Coordinator(ctx, _Executor(membership))
     starts: list[float] = []

@@ -72,6 +72,7 @@ def _coordinator(on_no_snapshot: str | None, held: dict[int, Holdings]) -> Coord
         ),
         policy=policy,
         transport=_Transport(),
+        seat=None,
     )
     c = Coordinator(ctx, _Node())  # type: ignore[arg-type]
 

@@ -1,0 +1,193 @@
+"""The node's seat in a store-coordinated job (``--store etcd://...``): a membership key held
+by the node's lease, a campaign for the coordinator's seat, and the coordinator's decisions
+written fenced on its leadership, so a deposed coordinator (frozen, cut off) changes nothing.
+
+Keys under ``/supervise/<job>/``: ``members/<rank>`` (leased), ``leader`` (the elected
+coordinator's rank, leased), ``attempt`` (a (re)start begun) and ``decision`` (the restart
+decided), both written fenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import structlog
+import trio
+
+from supervise.agents.config import NodeConfig
+from supervise.runtime import Backoff
+from supervise.store import (
+    Election,
+    EventKind,
+    Follow,
+    Leadership,
+    Put,
+    Record,
+    Resync,
+    Store,
+    StoreUnavailable,
+    keep_alive,
+    open_store,
+)
+
+log = structlog.get_logger("supervise.agents.seat")
+
+MEMBERS: Final = "members/"
+LEADER: Final = "leader"
+DECISION: Final = "decision"
+ATTEMPT: Final = "attempt"
+_RETRY: Final = Backoff(initial=0.5, max=10.0, multiplier=2.0)
+
+
+class StoreSeat:
+    """This node's lease, membership key and campaign; the leader it knows of; fenced
+    decisions. ``run`` is a supervised child: a lost lease ends it abnormally (restarted:
+    a fresh lease, registered and campaigning again)."""
+
+    def __init__(self, config: NodeConfig, *, connect: Callable[[], Store] | None = None) -> None:
+        self.config = config
+        self._connect = connect or (lambda: open_store(config.store))  # tests share one store
+        self.rank = config.rank
+        self.prefix = config.store.prefix
+        self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
+        self._leader: int | None = None
+        self._leadership: Leadership | None = None
+        self._election: Election | None = None
+
+    def leader_rank(self) -> int | None:
+        """The elected coordinator's rank as last seen in the store (None: none known)."""
+        return self._leader
+
+    def leads(self) -> bool:
+        """Whether this node holds the coordinator's seat."""
+        return self._leadership is not None
+
+    async def decide(
+        self, *, generation: int, step: int, port: int, attempt: int, nodes: Sequence[int]
+    ) -> int:
+        """Write a restart decision fenced on this node's leadership; the store revision.
+
+        Raises `FencedWriteRefused` when the seat was lost meanwhile (act on nothing then),
+        `StoreUnavailable` when the store does not answer, and `LookupError` when this node
+        does not lead.
+        """
+        decision = {
+            "generation": generation,
+            "step": step,
+            "port": port,
+            "attempt": attempt,
+            "nodes": list(nodes),
+        }
+        revision = await self._fenced(DECISION, decision)
+        log.info("decision written", generation=generation, step=step, revision=revision)
+        return revision
+
+    async def _fenced(self, key: str, record: dict[str, object]) -> int:
+        leadership, election = self._leadership, self._election
+        if leadership is None or election is None:
+            raise LookupError(f"node {self.rank} does not hold the coordinator's seat")
+        body = {**record, "leader": self.rank, "term": leadership.revision}
+        encoded = json.dumps(body, sort_keys=True).encode()
+        result = await election.write(leadership, (Put(self.prefix + key, encoded),))
+        return result.revision
+
+    async def claim(self, *, generation: int, attempt: int, trigger: str) -> int:
+        """Write "this leader is starting generation ``generation``" fenced on its
+        leadership, before it stops or tells any node anything; the store revision.
+
+        Same errors as `decide`: a coordinator that lost its seat (it froze, or was cut off,
+        for longer than its lease) learns it here, before it has acted on anything.
+        """
+        intent = {"generation": generation, "attempt": attempt, "trigger": trigger}
+        return await self._fenced(ATTEMPT, intent)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the seat until cancelled; `LeaseLost` (loud) when the lease is lost."""
+        store = self._connect()
+        lease = 0
+        # started at once: while the store is unreachable the seat waits in the background,
+        # never holding up the node's tree (training goes on without a coordinator)
+        task_status.started()
+        try:
+            lease = await self._register(store)
+            election = Election(store, self.prefix + LEADER)
+            self._election = election
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keep_alive, store, lease, self.ttl)
+                nursery.start_soon(self._follow_leader, store)
+                self._leadership = await self._campaign(election, lease)
+                log.info("elected coordinator", term=self._leadership.revision, ttl=self.ttl)
+        finally:
+            self._leadership, self._leader, self._election = None, None, None
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                if lease:
+                    with contextlib.suppress(StoreUnavailable):
+                        await store.revoke(lease)  # leave at once rather than after a TTL
+                await store.aclose()
+
+    async def _register(self, store: Store) -> int:
+        """A fresh lease and this node's membership key on it, retried with backoff while
+        the store is unreachable (said once)."""
+        attempt = 0
+        member = json.dumps({"endpoint": self.config.endpoint, "rank": self.rank}).encode()
+        while True:
+            try:
+                lease = await store.grant(self.ttl)
+                await store.put(self.prefix + MEMBERS + str(self.rank), member, lease=lease)
+            except StoreUnavailable as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.warning("store unreachable; retrying", error=str(exc))
+                await trio.sleep(_RETRY.delay(attempt))
+                continue
+            log.info("joined the store", lease=f"{lease:x}", prefix=self.prefix)
+            return lease
+
+    async def _campaign(self, election: Election, lease: int) -> Leadership:
+        """Campaign until elected; an unreachable store pauses the campaign (the lease's
+        keep-alive decides, after a TTL, whether the seat is lost)."""
+        paused = False
+        while True:
+            try:
+                return await election.campaign(lease, str(self.rank).encode())
+            except StoreUnavailable as exc:
+                if not paused:
+                    log.info("campaign paused: store unreachable", error=str(exc))
+                    paused = True
+                await trio.sleep(_RETRY.initial)
+
+    async def _follow_leader(self, store: Store) -> None:
+        """Keep ``leader_rank`` current from the leader key's changes."""
+        key = self.prefix + LEADER
+        while True:
+            try:
+                snapshot = await store.range(key)
+                self._leader = _rank(snapshot.records[0] if snapshot.records else None)
+                async with Follow(
+                    store, key, prefix=False, start_revision=snapshot.revision + 1
+                ) as changes:
+                    async for change in changes:
+                        if isinstance(change, Resync):
+                            records = change.snapshot.records
+                            self._leader = _rank(records[0] if records else None)
+                            continue
+                        last = change[-1]
+                        gone = last.kind is EventKind.DELETE
+                        self._leader = None if gone else _rank(last.record)
+            except StoreUnavailable as exc:
+                log.warning("store unreachable; leader unknown", error=str(exc))
+                self._leader = None
+                await trio.sleep(_RETRY.max / 4)
+
+
+def _rank(record: Record | None) -> int | None:
+    if record is None:
+        return None
+    try:
+        return int(record.value)
+    except ValueError:
+        return None

@@ -1,0 +1,175 @@
+"""Real node agents coordinated through a real etcd (``--store etcd://...``): the elected
+leader coordinates, its decisions are in the store, and a worker crash recovers exactly as
+with the embedded store."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from nodekit import free_ports, nodes
+from test_node_recovery import LONG, assert_exact
+
+from supervise._testing.etcd import EtcdCluster
+from supervise.cli import main
+from supervise.store import Record, open_store, parse_store_url
+
+
+def read_job(url: str, job: str) -> dict[str, Record]:
+    """Every key of ``job`` in the store, by its name under the job's prefix."""
+    config = parse_store_url(url, job=job)
+
+    async def read() -> dict[str, Record]:
+        store = open_store(config)
+        try:
+            snap = await store.range(config.prefix, prefix=True)
+        finally:
+            await store.aclose()
+        return {r.key.removeprefix(config.prefix): r for r in snap.records}
+
+    return trio.run(read)
+
+
+@pytest.mark.slow
+def test_an_elected_coordinator_recovers_a_crash_and_is_succeeded_when_killed(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    with nodes(tmp_path, 2, steps=LONG) as c:
+        c.options = ["--store", etcd1.url, "--job", "crash"]
+        c.start(1)  # node 1 campaigns first: the coordinator is not the lowest rank now
+        c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+        c.start(0)
+        c.wait_resumed(1)
+        keys = read_job(etcd1.url, "crash")
+        assert {"members/0", "members/1", "leader", "attempt", "decision"} <= set(keys)
+        assert keys["members/0"].lease and keys["members/1"].lease  # membership = live leases
+        first = keys["leader"]
+        assert first.value == b"1"
+        start = json.loads(keys["decision"].value)
+        assert (start["generation"], start["leader"]) == (1, 1)
+        assert start["term"] == first.create_revision  # written fenced on its term
+
+        # a worker crash: the elected coordinator (node 1) recovers, the follower does not
+        c.wait("a few snapshots", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.fault("crash", 0)
+        c.wait_resumed(2)
+        rec = c.recoveries(1)[0]
+        assert rec["trigger"] == "worker_exit" and rec["evidence"]["node"] == 0
+        assert not c.recoveries(0)
+        decision = json.loads(read_job(etcd1.url, "crash")["decision"].value)
+        assert decision["generation"] == 2 and decision["step"] > 0  # restored, not from 0
+
+        # kill -9 of the leader's agent: node 0 is elected once the lease expires, and leads
+        worker = c.worker_pid(1)
+        c.agents[1].proc.send_signal(signal.SIGKILL)
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)  # the replacement campaigns too, and follows
+        c.wait_resumed(3, timeout=60)
+        keys = read_job(etcd1.url, "crash")
+        assert keys["leader"].value == b"0"
+        assert keys["leader"].create_revision > first.create_revision
+        decision = json.loads(keys["decision"].value)
+        assert (decision["leader"], decision["term"]) == (0, keys["leader"].create_revision)
+        assert c.recoveries(0), "the new leader did not recover"
+        assert c.events(1, "shard fetched from a peer"), "the replacement did not fetch"
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+    assert "members/0" not in read_job(etcd1.url, "crash")  # leases revoked on the way out
+
+
+@pytest.mark.parametrize(
+    ("store", "why"),
+    [
+        (["--store", "etcd://nohost"], "expected HOST:PORT"),
+        (["--store", "etcd://h:1", "--store-ca", "ca.pem"], "need an etcd+https"),
+        (["--store", "etcd+https://h:1", "--store-ca", __file__], "TLS files unusable"),
+        (["--store", f"etcd://127.0.0.1:{free_ports(1)[0]}"], "store unavailable"),
+    ],
+)
+def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], store: list[str], why: str
+) -> None:
+    port = free_ports(1)[0]
+    argv = ["node", "--rank", "0", "--nodes", f"127.0.0.1:{port}", *store, "--", "true"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("supervise node: --store "), lines
+    assert why in lines[0]
+
+
+@pytest.mark.slow
+def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
+    tmp_path: Path, etcd1: EtcdCluster
+) -> None:
+    with nodes(tmp_path, 2, steps=LONG) as c:
+        c.options = ["--store", etcd1.url, "--job", "freeze"]
+        c.start(0)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)
+        c.wait_resumed(1)
+        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.send(0, signal.SIGSTOP)  # the leader's agent freezes for longer than its lease
+        try:
+            c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+            c.fault("crash", 1)  # a failure while the old leader still thinks it leads
+            c.wait("the crash seen", lambda: c.recoveries(1))
+        finally:
+            c.send(0, signal.SIGCONT)
+        c.wait_resumed(2, timeout=60)
+        lost = c.events(0, "store_lease_lost")
+        assert lost and lost[0]["level"] == "error"  # loud, not silent
+        assert len(c.events(0, "joined the store")) == 2  # it campaigns again, as a follower
+        keys = read_job(etcd1.url, "freeze")
+        assert keys["leader"].value == b"1"
+        assert json.loads(keys["decision"].value)["leader"] == 1
+        # no double restart: each generation was sent once, and after the freeze by node 1
+        sent = [(e["generation"], a.rank) for a, e in c.all_events("restart sent")]
+        assert len(sent) == len({gen for gen, _ in sent}), sent
+        assert all(rank == 1 for gen, rank in sent if gen >= 2), sent
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_etcd_is_down_and_recovery_resumes_after(
+    tmp_path: Path, etcd_binary: Path
+) -> None:
+    with (
+        EtcdCluster(tmp_path / "etcd", binary=etcd_binary) as etcd,
+        nodes(tmp_path, 2, steps=LONG) as c,
+    ):
+        c.options = ["--store", etcd.url, "--job", "outage"]
+        c.start_all()
+        c.wait_resumed(1)
+        c.wait("a few snapshots", lambda: len(c.events(0, "replica stored")) >= 2)
+        etcd.kill(0)  # etcd gone (SIGKILL): every lease lapses unrenewed
+
+        def lost_everywhere() -> bool:
+            return all(c.events(rank, "store_lease_lost") for rank in (0, 1))
+
+        c.wait("both nodes to lose their lease, loudly", lost_everywhere)
+        assert all(c.agents[rank].running for rank in (0, 1))  # training goes on
+        etcd.restart(0)  # same ports, same data: the agents join again and elect a leader
+
+        def rejoined() -> bool:
+            return all(len(c.events(rank, "joined the store")) >= 2 for rank in (0, 1))
+
+        c.wait("both nodes to join the store again", rejoined)
+        keys = c.wait("a leader again", lambda: _with_leader(read_job(etcd.url, "outage")))
+        leader = int(keys["leader"].value)
+        c.fault("crash", 1 - leader)
+        c.wait_resumed(2, timeout=60)
+        assert json.loads(read_job(etcd.url, "outage")["decision"].value)["generation"] == 2
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
+
+
+def _with_leader(keys: dict[str, Record]) -> dict[str, Record] | None:
+    return keys if "leader" in keys else None
