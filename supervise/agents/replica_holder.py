@@ -123,6 +123,7 @@ class ReplicaHolder(Server):
         *,
         node: int,
         n_nodes: int,
+        ranks_per_node: int = 1,
         membership: Membership | None = None,
         store: ReplicaStore | None = None,
         budget: int | None = None,
@@ -148,7 +149,13 @@ class ReplicaHolder(Server):
                 store.abort(rec.id)
         self.store = store
         self.service = ReplicationService(
-            transport, store, local, placement, node=node, tuning=tuning
+            transport,
+            store,
+            local,
+            placement,
+            node=node,
+            tuning=tuning,
+            ranks_per_node=ranks_per_node,
         )
         events: trio.MemoryReceiveChannel[Event] | None = (
             membership.subscribe() if membership is not None else None

@@ -123,6 +123,14 @@ class Membership:
         det = self._detector
         return rank in self._peers if det is None else det.is_alive(rank)
 
+    def silence(self, rank: int) -> float:
+        """Seconds since ``rank``'s last heartbeat (or since watching began); 0 for this node,
+        infinity for a rank that is not a peer."""
+        if rank == self.rank:
+            return 0.0
+        det = self._detector
+        return math.inf if det is None else det.silence(rank, trio.current_time())
+
     def peer_info(self, rank: int) -> Mapping[str, Any] | None:
         """The info map from the peer's latest heartbeat."""
         return self._infos.get(rank)
@@ -162,7 +170,7 @@ class Membership:
         det = self._detector
         if det is None or hb.rank == self.rank or hb.rank not in self._peers:
             return
-        if msg.sender is not None and msg.sender != hb.rank:
+        if msg.sender != hb.rank:  # a client (no rank) or another node speaks for no one
             log.warning("heartbeat rank differs from its sender", sender=msg.sender, rank=hb.rank)
             return
         self._infos[hb.rank] = hb.info
