@@ -1,8 +1,9 @@
 """Start-up checks of what a node agent needs from the machine, before anything starts: keys
-when it listens beyond loopback, its port free, ``--shm-dir`` a writable directory, the training command runnable, the persist
-directory writable with room for a snapshot. Each failure is a `StartupError` naming the bad
-thing in one line (``supervise node`` prints it and exits 2), instead of an internal error or
-a command that fails only after every recovery attempt.
+when it listens beyond loopback, its port free, ``--shm-dir`` a writable directory, the
+training command runnable, the persist directory writable with room for a snapshot. Each
+failure is a `StartupError` naming the bad thing in one line (``supervise node`` prints it and
+exits 2), instead of an internal error or a command that fails only after every recovery
+attempt.
 
 `NodeConfig` checks the values themselves (ranges, finite numbers); these check resources.
 """

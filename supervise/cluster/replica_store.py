@@ -35,7 +35,6 @@ from supervise.cluster.errors import ChecksumMismatch, Declined, ProtocolError
 from supervise.cluster.shard import ShardMeta, StreamVerifier
 from supervise.snapshot.budget import MemoryBudget
 
-
 #: How much larger than a rank's newest held replica its next one may be announced (an
 #: optimizer's state appears after the first step: a snapshot may grow by its size)...
 GROWTH = 4

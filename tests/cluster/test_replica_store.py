@@ -441,7 +441,7 @@ def test_an_announced_size_must_be_plausible_for_the_rank() -> None:
     store = ReplicaStore(budget=1 << 40)
     meta, data = make_shard(1, 1, [MiB])
     push(store, meta, data, chunk=MiB)
-    with pytest.raises(Refused, match="too_big: .* announces"):
+    with pytest.raises(Refused, match=r"too_big: .* announces"):
         store.begin(_meta(1, 2, GROWTH * MiB + SLACK + 1), source=1, now=0.0)
     assert store.begin(_meta(1, 2, GROWTH * MiB), source=1, now=0.0) is not None
 

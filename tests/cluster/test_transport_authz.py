@@ -108,7 +108,7 @@ def test_header_rejects_impossible_sender_ranks(sender: int) -> None:
     good = encode_header("k", 3, 0, 0, {}, 0, None)
     assert decode_header(good, 1024).sender == 3
     bad = msgpack.packb({"p": 1, "k": "k", "s": sender, "i": 0, "r": 0, "b": {}, "n": 0})
-    with pytest.raises(ProtocolError, match="sender rank .* out of range"):
+    with pytest.raises(ProtocolError, match=r"sender rank .* out of range"):
         decode_header(bad, 1024)
 
 
