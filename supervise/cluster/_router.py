@@ -258,7 +258,11 @@ class Router:
             f.drop("unexpected_reply", f"{header.kind}: reply sent to a server socket")
             return None
         if header.sender is not None:
-            why = self._speaks_for(header.sender, route, _fd_of(head))
+            why = (
+                f"a message claiming this node's own rank {f.rank}"
+                if header.sender == f.rank
+                else self._speaks_for(header.sender, route, _fd_of(head))
+            )
             if why is not None:
                 sock.skip_rest(head.more)
                 f.refuse(header.kind, header.sender, why)

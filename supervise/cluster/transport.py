@@ -196,7 +196,7 @@ class Transport:
                 self._nursery = nursery
                 self._dealers.start(ctx, nursery)
                 if self.curve is not None and self._bind is not None:
-                    zap = ZapHandler(ctx, self.curve, self.stats)
+                    zap = ZapHandler(ctx, self.curve, self.stats, self._framing.refuse)
                     await nursery.start(zap.run)
                 if self._bind is not None:
                     nursery.start_soon(self._router.read, self._router.open(ctx, self._bind))

@@ -54,7 +54,7 @@ async def test_an_allow_rule_refuses_counts_and_names_why() -> None:
             with pytest.raises(RemoteError, match="refused: node 1 sent an even ping"):
                 await peer.request(0, Ping(2), expect=Ping)
     assert server.stats.refused["test.authz.ping"] == 1
-    assert server.stats.handler_errors == 0
+    assert server.stats.handler_errors == 0  # (the first test)
 
 
 async def test_a_rank_speaks_on_one_connection_at_a_time() -> None:
@@ -69,12 +69,16 @@ async def test_a_rank_speaks_on_one_connection_at_a_time() -> None:
                 with pytest.raises(RemoteError, match="rank 1 already speaks on another"):
                     await liar.request(0, Ping(3), expect=Ping)
             assert (await real.request(0, Ping(5), expect=Ping)).body.n == 6
+        itself = Transport(rank=0, peers={0: server.endpoint})  # a node never asks itself
+        async with itself.running():
+            with pytest.raises(RemoteError, match="claiming this node's own rank 0"):
+                await itself.request(0, Ping(9), expect=Ping)
         # the real one's connection closed (libzmq says so): a restarted node 1 speaks again
-        await eventually(lambda: server.stats.links_closed >= 2)
+        await eventually(lambda: server.stats.links_closed >= 3)
         again = Transport(rank=1, peers={0: server.endpoint})
         async with again.running():
             assert (await again.request(0, Ping(7), expect=Ping)).body.n == 8
-    assert server.stats.refused["test.authz.ping"] == 1
+    assert server.stats.refused["test.authz.ping"] == 2
 
 
 async def test_a_silent_connection_gives_its_rank_up_after_rebind_after(
