@@ -76,13 +76,15 @@ class Executor:
         live = [r for r in self.ctx.membership.live() if r not in self.finished_nodes]
         return self._coordinator_among(live)
 
-    def _coordinator_among(self, live: list[int]) -> int:
+    def _coordinator_among(self, live: list[int], unheard: int | None = None) -> int:
         if not live:
             return self.rank
         gen, leader = self._leader
         led = leader if gen == self.generation else None
         established = [
-            r for r in live if r == led or self._state_of(r) not in (ExecutorState.JOINING, None)
+            r
+            for r in live
+            if r in (led, unheard) or self._state_of(r) not in (ExecutorState.JOINING, None)
         ]
         return min(established) if established else min(live)
 
@@ -90,7 +92,9 @@ class Executor:
         """None when ``sender`` may send this node coordinator messages (prepare, restart,
         give_up), else why not: it must be the coordinator by this node's view, not counting
         lower peers silent for half the peer timeout (the coordinator may have declared them
-        lost a moment before this node does)."""
+        lost a moment before this node does); a node that is joining takes a sender it has
+        not heard a heartbeat from yet as established (a replacement node's first prepare may
+        come before the coordinator's first heartbeat)."""
         if sender is None:
             return "a client sends no prepare, restart or give_up"
         ms = self.ctx.membership
@@ -100,7 +104,8 @@ class Executor:
             for r in ms.live()
             if r not in self.finished_nodes and (r in (sender, self.rank) or ms.silence(r) < grace)
         ]
-        expected = self._coordinator_among(live)
+        joining = self.state is ExecutorState.JOINING and ms.peer_info(sender) is None
+        expected = self._coordinator_among(live, sender if joining else None)
         if sender != expected or sender == self.rank:
             return f"node {sender} is not the coordinator (node {expected} is)"
         return None

@@ -72,6 +72,14 @@ def test_at_the_start_every_node_joins_and_the_lowest_leads() -> None:
     # a restarted node 0 rejoins while node 1 leads: node 1 still gives the orders
     ex = _executor(2, [0, 1, 2], {0: JOINING, 1: RUNNING})
     assert ex.may_coordinate(1) is None and ex.may_coordinate(0) is not None
+    # the replacement node 0 itself: node 1's prepare may come before its first heartbeat
+    ex = _executor(0, [0, 1], {})
+    ex.state = ExecutorState.JOINING
+    assert ex.may_coordinate(1) is None
+    # ...but not past a lower node known to be established
+    ex = _executor(1, [0, 1, 2], {0: RUNNING})
+    ex.state = ExecutorState.JOINING
+    assert ex.may_coordinate(2) is not None
 
 
 def test_a_node_reports_only_for_itself() -> None:
