@@ -19,7 +19,8 @@ Rules (each one tested):
   own snapshots), never a rank's newest replica;
 - an announced size must be plausible: at most `GROWTH` times the rank's newest held replica
   (plus `SLACK`), so one small header cannot reserve the budget for a rank of a known size;
-- an expired reception's memory goes back to the system at once (not kept for reuse).
+- an expired reception's memory, or one from a peer found lost, goes back to the system at
+  once (not kept for reuse).
 """
 
 from __future__ import annotations
@@ -300,11 +301,12 @@ class ReplicaStore:
         for rec in sorted(self._receptions.values(), key=lambda r: -r.slab.capacity):
             if freed >= need:
                 break
-            freed += self._release(rec.id)
+            freed += self.release(rec.id)
         return freed
 
-    def _release(self, rid: int) -> int:
-        """Drop a reception and give its memory back to the system; returns the bytes."""
+    def release(self, rid: int) -> int:
+        """Drop a reception and give its memory back to the system (not kept for reuse: its
+        sender died, or its size was a lie); returns the bytes."""
         rec = self._receptions.pop(rid, None)
         if rec is None:
             return 0
@@ -419,7 +421,7 @@ class ReplicaStore:
         """Abort receptions that got nothing for ``idle`` seconds (their sender died)."""
         stale = [r for r in self._receptions.values() if now - r.last_activity >= idle]
         for r in stale:
-            self._release(r.id)
+            self.release(r.id)
         return stale
 
     # ---- fetches -------------------------------------------------------------------------

@@ -364,6 +364,15 @@ class ReplicaEndpoint:
         self._sources.pop(transfer, None)
         self.store.abort(transfer)
 
+    def drop_from(self, sender: int) -> None:
+        """Abort the pushes ``sender`` has in flight (it was lost): their memory goes back to
+        the system at once, not after the idle timeout."""
+        for rec in self.store.receptions():
+            if rec.source == sender:
+                self._sources.pop(rec.id, None)
+                self.store.release(rec.id)
+                log.info("push dropped: its sender was lost", shard=rec.meta.label, peer=sender)
+
     def expire(self, idle: float) -> None:
         """Abort receptions and leases idle for ``idle`` seconds (their peer died)."""
         now = trio.current_time()

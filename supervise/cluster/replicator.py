@@ -219,6 +219,7 @@ class ReplicationService:
         """Feed peer_lost / peer_back from membership."""
         if isinstance(event, PeerLost):
             self._down.add(event.rank)
+            self.endpoint.drop_from(event.rank)
             for (peer, _), p in self._pushers.items():
                 if peer == event.rank and p.scope is not None:
                     p.scope.cancel()
