@@ -80,14 +80,53 @@ class Executor:
         if leader is not None:
             return leader  # --store etcd://...: the elected coordinator
         live = [r for r in self.ctx.membership.live() if r not in self.finished_nodes]
+        return self._coordinator_among(live)
+
+    def _coordinator_among(self, live: list[int], unheard: int | None = None) -> int:
         if not live:
             return self.rank
         gen, leader = self._leader
         led = leader if gen == self.generation else None
         established = [
-            r for r in live if r == led or self._state_of(r) not in (ExecutorState.JOINING, None)
+            r
+            for r in live
+            if r in (led, unheard) or self._state_of(r) not in (ExecutorState.JOINING, None)
         ]
         return min(established) if established else min(live)
+
+    def may_coordinate(self, sender: int | None) -> str | None:
+        """None when ``sender`` may send this node coordinator messages (prepare, restart,
+        give_up), else why not: it must be the coordinator by this node's view, not counting
+        lower peers silent for half the peer timeout (the coordinator may have declared them
+        lost a moment before this node does); a node that is joining takes a sender it has
+        not heard a heartbeat from yet as established (a replacement node's first prepare may
+        come before the coordinator's first heartbeat)."""
+        if sender is None:
+            return "a client sends no prepare, restart or give_up"
+        ms = self.ctx.membership
+        grace = self.ctx.policy.cluster.peer_timeout / 2
+        live = [
+            r
+            for r in ms.live()
+            if r not in self.finished_nodes and (r in (sender, self.rank) or ms.silence(r) < grace)
+        ]
+        joining = self.state is ExecutorState.JOINING and ms.peer_info(sender) is None
+        expected = self._coordinator_among(live, sender if joining else None)
+        if sender != expected or sender == self.rank:
+            return f"node {sender} is not the coordinator (node {expected} is)"
+        return None
+
+    def _from_coordinator(self, _body: object, sender: int | None) -> str | None:
+        return self.may_coordinate(sender)
+
+    def _speaks_for_itself(
+        self, body: m.Failure | m.Progress | m.Finished, sender: int | None
+    ) -> str | None:
+        """None when a report about ``body.node`` comes from that node itself."""
+        if sender is None or body.node != sender:
+            who = "a client" if sender is None else f"node {sender}"
+            return f"{who} reported for node {body.node}: a node reports only for itself"
+        return None
 
     def _state_of(self, rank: int) -> str | None:
         if rank == self.rank:
@@ -157,18 +196,22 @@ class Executor:
         ctx = self.ctx
         config = ctx.config
         transport = ctx.transport
-        routes: list[tuple[type[Any], Callable[[Incoming[Any]], Any]]] = [
-            (m.Prepare, self._on_prepare),
-            (m.Restart, self._on_restart),
-            (m.GiveUp, self._on_give_up),
-            (m.Finished, self._on_finished),
-            (m.StatusQuery, self._on_status),
-            (m.Recover, self._on_recover),
-            (m.Failure, self._on_failure),
-            (m.Progress, self._on_progress),
+        # who may send what: the coordinator drives restarts; a node reports for itself;
+        # `supervise status` / `recover` (a client, with a key when CURVE is on) may ask
+        coordinator = self._from_coordinator
+        itself = self._speaks_for_itself
+        routes: list[tuple[type[Any], Callable[[Incoming[Any]], Any], Any]] = [
+            (m.Prepare, self._on_prepare, coordinator),
+            (m.Restart, self._on_restart, coordinator),
+            (m.GiveUp, self._on_give_up, coordinator),
+            (m.Finished, self._on_finished, itself),
+            (m.StatusQuery, self._on_status, None),
+            (m.Recover, self._on_recover, None),
+            (m.Failure, self._on_failure, itself),
+            (m.Progress, self._on_progress, itself),
         ]
-        for kind, handler in routes:
-            transport.handle(kind, handler)
+        for kind, handler, allow in routes:
+            transport.handle(kind, handler, allow=allow)
         spares = SparePool(
             config.command,
             ctx.policy.recovery.preload,
@@ -195,7 +238,7 @@ class Executor:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            for kind, handler in routes:
+            for kind, handler, _ in routes:
                 transport.unhandle(kind, handler)
             with trio.CancelScope(shield=True):
                 await self._stop_workers()

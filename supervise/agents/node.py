@@ -140,12 +140,19 @@ class NodeRuntime:
                 node_rank=config.rank,
             )
             self.arenas.add_commit_hook(self.persister.on_commit)
+        if curve is None:
+            log.info(
+                "peer links are not authenticated: loopback only (replication.curve = false); "
+                "every process on this host can reach them",
+                endpoint=config.endpoint,
+            )
         self.transport = Transport(
             rank=config.rank,
             endpoint=config.endpoint,
             peers={i: ep for i, ep in enumerate(config.nodes) if i != config.rank},
             curve=curve,
             kinds=ALL_KINDS,
+            nodes=config.n_nodes,
         )
         self.membership = Membership(
             self.transport,
@@ -309,6 +316,7 @@ class NodeRuntime:
                     name=REPLICAS,
                     node=self.config.rank,
                     n_nodes=self.config.n_nodes,
+                    ranks_per_node=self.config.nproc_per_node,
                     membership=self.membership,
                     store=self.store,
                     attach=self.keeper.apply,

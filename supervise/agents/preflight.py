@@ -1,14 +1,16 @@
-"""Start-up checks of what a node agent needs from the machine, before anything starts: its
-port free, ``--shm-dir`` a writable directory, the training command runnable, the persist
-directory writable with room for a snapshot. Each failure is a `StartupError` naming the bad
-thing in one line (``supervise node`` prints it and exits 2), instead of an internal error or
-a command that fails only after every recovery attempt.
+"""Start-up checks of what a node agent needs from the machine, before anything starts: keys
+when it listens beyond loopback, its port free, ``--shm-dir`` a writable directory, the
+training command runnable, the persist directory writable with room for a snapshot. Each
+failure is a `StartupError` naming the bad thing in one line (``supervise node`` prints it and
+exits 2), instead of an internal error or a command that fails only after every recovery
+attempt.
 
 `NodeConfig` checks the values themselves (ranges, finite numbers); these check resources.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -21,7 +23,7 @@ from supervise.cluster.transport import normalize_endpoint
 from supervise.snapshot.budget import fmt_bytes
 from supervise.snapshot.persist import PersistTier
 
-__all__ = ["StartupError", "check_startup"]
+__all__ = ["StartupError", "check_authenticated", "check_startup", "listens_on_loopback"]
 
 
 class StartupError(Exception):
@@ -35,6 +37,7 @@ class StartupError(Exception):
 def check_startup(config: NodeConfig, *, env: Mapping[str, str] | None = None) -> None:
     """Raise `StartupError` for the first resource the agent of ``config`` could not use."""
     environ = {**os.environ, **config.env} if env is None else {**env, **config.env}
+    check_authenticated(config)
     check_port_free(config.endpoint)
     check_writable_dir("--shm-dir", config.shm_dir)
     check_command(config.command, cwd=config.cwd, env=environ)
@@ -45,6 +48,38 @@ def check_startup(config: NodeConfig, *, env: Mapping[str, str] | None = None) -
             for r in config.ranks
         ]
         check_persist_room(tiers)
+
+
+def listens_on_loopback(endpoint: str) -> bool:
+    """Whether ``host:port`` binds loopback addresses only (``127.0.0.0/8``, ``::1``): no
+    other machine can reach it. A wildcard, an interface name or a host that does not
+    resolve counts as beyond loopback."""
+    host = normalize_endpoint(endpoint).removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    if host in ("*", ""):
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    try:
+        return bool(infos) and all(
+            ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+        )
+    except ValueError:
+        return False
+
+
+def check_authenticated(config: NodeConfig) -> None:
+    """An agent that listens beyond loopback has CURVE keys (``replication.curve``): without
+    them anyone who reaches its port could read or overwrite snapshots and stop the job."""
+    if config.policy.replication.curve or listens_on_loopback(config.endpoint):
+        return
+    raise StartupError(
+        "replication.curve",
+        f"this node listens on {config.endpoint}, beyond loopback, without keys: create them "
+        f"with `supervise keys generate DIR --nodes {config.n_nodes}`, copy DIR to every node "
+        "and set replication.curve = true and replication.curve_keys = DIR",
+    )
 
 
 def check_port_free(endpoint: str) -> None:

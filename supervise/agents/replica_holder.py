@@ -123,6 +123,7 @@ class ReplicaHolder(Server):
         *,
         node: int,
         n_nodes: int,
+        ranks_per_node: int | None = 1,
         membership: Membership | None = None,
         store: ReplicaStore | None = None,
         budget: int | None = None,
@@ -130,7 +131,9 @@ class ReplicaHolder(Server):
         attach: Callable[[ReplicationService | None], None] | None = None,
     ) -> None:
         """``attach``: told the replication service once it runs and None when it stops (the
-        node's `PointKeeper` sets the push order and reads the replica lag through it)."""
+        node's `PointKeeper` sets the push order and reads the replica lag through it).
+        ``ranks_per_node``: pushes and fetches are checked against the placement (rank R on
+        node R // ranks_per_node); None serves anyone (tests that read replicas as a client)."""
         replicas = min(policy.replication.replicas, n_nodes)
         if replicas < policy.replication.replicas:
             log.warning(
@@ -148,7 +151,13 @@ class ReplicaHolder(Server):
                 store.abort(rec.id)
         self.store = store
         self.service = ReplicationService(
-            transport, store, local, placement, node=node, tuning=tuning
+            transport,
+            store,
+            local,
+            placement,
+            node=node,
+            tuning=tuning,
+            ranks_per_node=ranks_per_node,
         )
         events: trio.MemoryReceiveChannel[Event] | None = (
             membership.subscribe() if membership is not None else None

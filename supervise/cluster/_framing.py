@@ -42,6 +42,9 @@ class TransportLimits:
     max_header_size: int = attrs.field(default=64 * 1024, validator=number(ge=256, integer=True))
     hwm: int = attrs.field(default=1000, validator=number(ge=1, integer=True))
     reply_send_timeout: float = attrs.field(default=5.0, validator=number(gt=0))
+    #: seconds a rank's connection must stay silent before another connection may speak for
+    #: that rank (sooner when libzmq reports it closed): a restarted peer's new connection
+    rebind_after: float = attrs.field(default=10.0, validator=number(gt=0))
 
 
 @attrs.frozen(slots=True)
@@ -97,6 +100,8 @@ MAX_PORT = 65535
 Handler = Callable[[Incoming[Any]], Awaitable[object]]
 Placer = Callable[[Any, "int | None"], "memoryview | None"]
 """``into(body, sender)``: where the first payload frame of a message goes, or None (a frame)."""
+Allow = Callable[[Any, "int | None"], "str | None"]
+"""``allow(body, sender)``: None when the sender may send this message, else why not."""
 
 
 def normalize_endpoint(endpoint: str) -> str:
@@ -175,8 +180,10 @@ class Framing:
         limits: TransportLimits,
         curve: CurveKeys | None,
         kinds: KindRegistry,
+        nodes: int | None = None,
     ) -> None:
         self.rank = rank
+        self.nodes = nodes  # the cluster's size: senders must be ranks below it (None: any)
         self.limits = limits
         self.curve = curve
         self.kinds = kinds
@@ -200,6 +207,33 @@ class Framing:
                 "message dropped",
                 reason=reason,
                 detail=detail,
+                rank=self.rank,
+                suppressed=suppressed,
+            )
+
+    def refuse(self, kind: str, sender: int | None, reason: str) -> None:
+        """Count a message (or, kind ``handshake``, a connection) refused for who sent it, in
+        the stats and the metric, and log it (at most once a second per kind)."""
+        self.stats.refused[kind] += 1
+        get_telemetry().metrics.refused.add(1, {Attr.MESSAGE_KIND: kind})
+        suppressed = self._throttle(f"refused {kind}")
+        if suppressed is not None:
+            log.warning(
+                "message refused",
+                kind=kind,
+                sender=sender,
+                reason=reason,
+                rank=self.rank,
+                suppressed=suppressed,
+            )
+
+    def note_closed(self, peer: str) -> None:
+        """A connection to this socket closed (at most one info line a second)."""
+        suppressed = self._throttle("link closed")
+        if suppressed is not None:
+            log.info(
+                "link closed (the peer left, or sent a message over max_frame_size)",
+                peer=peer,
                 rank=self.rank,
                 suppressed=suppressed,
             )
@@ -273,6 +307,11 @@ class Framing:
     def header(self, frame: zmq.Frame) -> _wire.Header:
         """Decode a header frame and check the sender against its CURVE key."""
         header = _wire.decode_header(frame.buffer, self.limits.max_header_size)
+        if header.sender is not None and self.nodes is not None and header.sender >= self.nodes:
+            raise ProtocolError(
+                f"{header.kind}: sender rank {header.sender} is not in this cluster of "
+                f"{self.nodes} nodes"
+            )
         user_id = self._user_id(frame)
         if user_id is not None:
             claimed = node_key_name(header.sender) if header.sender is not None else None

@@ -2,6 +2,13 @@
 
 Its one reader takes each message off the socket, routes it to the handler registered for its
 kind, and sends the handler's answer (or an error reply) back on the same connection.
+
+Who may say what: a rank speaks on one connection at a time (the first one that claimed it,
+until libzmq reports it closed or it stays silent for ``rebind_after``), so a stranger's
+connection cannot speak for a live peer; a kind's ``allow`` rule then says whether that sender
+may send that message. Refusals are counted and logged (throttled); a request gets an error
+reply naming why. A socket monitor counts refused handshakes and closed links (libzmq closes a
+link that sends a message over ``max_frame_size`` without a word of its own).
 """
 
 from __future__ import annotations
@@ -9,13 +16,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+import attrs
 import structlog
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from supervise.cluster import _wire
 from supervise.cluster._framing import (
     DEFERRED,
+    Allow,
     Framing,
     Handler,
     Incoming,
@@ -32,6 +42,27 @@ T = TypeVar("T")
 
 log = structlog.get_logger("supervise.cluster.transport")
 
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)  # ZAP denials (HANDSHAKE_FAILED_AUTH) are counted by the ZAP handler itself
+_WATCHED = _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED
+
+
+@attrs.define(slots=True)
+class _Link:
+    """The connection a rank speaks on: its routing id, socket fd and when it was last heard."""
+
+    route: bytes
+    fd: int
+    last: float
+
+
+def _fd_of(frame: zmq.Frame) -> int:
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, TypeError, ValueError):
+        return -1
+
 
 class Router:
     """The handlers by kind and the bound ROUTER socket that runs them (while serving)."""
@@ -40,7 +71,10 @@ class Router:
         self._f = framing
         self._handlers: dict[str, Handler] = {}
         self._placers: dict[str, Placer] = {}
+        self._allow: dict[str, Allow] = {}
+        self._links: dict[int, _Link] = {}  # rank -> the connection it speaks on
         self._sock: ZSocket | None = None
+        self._monitor: ZSocket | None = None
         self.endpoint: str | None = None
 
     # ---- handlers ------------------------------------------------------------------------
@@ -50,6 +84,7 @@ class Router:
         kind: type[T],
         handler: Callable[[Incoming[T]], Awaitable[object]],
         into: Callable[[T, int | None], memoryview | None] | None,
+        allow: Callable[[T, int | None], str | None] | None = None,
     ) -> None:
         """Route ``kind`` to ``handler`` (see :meth:`Transport.handle`)."""
         self._f.kinds.register(kind)
@@ -59,6 +94,10 @@ class Router:
             self._placers.pop(name, None)
         else:
             self._placers[name] = cast("Placer", into)
+        if allow is None:
+            self._allow.pop(name, None)
+        else:
+            self._allow[name] = cast("Allow", allow)
 
     def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None) -> None:
         """Stop routing ``kind`` (with ``handler``: only if it is still the one installed)."""
@@ -66,6 +105,7 @@ class Router:
         if handler is None or self._handlers.get(name) == handler:
             self._handlers.pop(name, None)
             self._placers.pop(name, None)
+            self._allow.pop(name, None)
 
     # ---- the socket ----------------------------------------------------------------------
 
@@ -86,15 +126,65 @@ class Router:
             sock.close(linger=0)
             raise OSError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = ZSocket(sock.get_monitor_socket(_WATCHED))
+        self._monitor.raw.linger = 0
         self._sock = ZSocket(sock)
+        self._links.clear()
         return self._sock
 
     def close(self) -> None:
         """Close the socket (if open); the reader then returns."""
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         self.endpoint = None
+
+    async def watch(self) -> None:
+        """Count what libzmq did to the socket's connections without a message: handshakes
+        refused (a client without CURVE, a broken handshake) and links closed (the peer went,
+        or it sent a message over ``max_frame_size``: libzmq cuts such a link at once)."""
+        mon = self._monitor
+        if mon is None:
+            return
+        f = self._f
+        while True:
+            try:
+                parts = await mon.recv_multipart()
+            except trio.ClosedResourceError:
+                return
+            try:
+                event = parse_monitor_message([p.bytes for p in parts])
+            except Exception:  # not one of libzmq's events: nothing to count
+                continue
+            peer = event["endpoint"].decode("utf-8", "replace")
+            if event["event"] & _HANDSHAKE_FAILED:
+                f.stats.auth_refused += 1
+                f.refuse("handshake", None, f"handshake from {peer} failed (no or wrong CURVE)")
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                f.stats.links_closed += 1
+                fd = event["value"]
+                for rank, link in list(self._links.items()):
+                    if link.fd == fd:
+                        del self._links[rank]
+                f.note_closed(peer)
+
+    def _speaks_for(self, rank: int, route: bytes, fd: int) -> str | None:
+        """None when the connection ``route`` may speak for ``rank`` (binding it), else why not."""
+        now = trio.current_time()
+        link = self._links.get(rank)
+        if link is not None and link.route != route:
+            if now - link.last < self._f.limits.rebind_after:
+                return f"rank {rank} already speaks on another live connection"
+            log.info("a rank's connection changed", rank=rank, silent=round(now - link.last, 1))
+            link = None
+        if link is None:
+            self._links[rank] = _Link(route, fd, now)
+        else:
+            link.last = now
+        return None
 
     async def reply(
         self,
@@ -167,6 +257,16 @@ class Router:
             sock.skip_rest(head.more)
             f.drop("unexpected_reply", f"{header.kind}: reply sent to a server socket")
             return None
+        if header.sender is not None:
+            why = (
+                f"a message claiming this node's own rank {f.rank}"
+                if header.sender == f.rank
+                else self._speaks_for(header.sender, route, _fd_of(head))
+            )
+            if why is not None:
+                sock.skip_rest(head.more)
+                f.refuse(header.kind, header.sender, why)
+                return header, None, None, route, f"refused: {why}"
         handler = self._handlers.get(header.kind)
         try:
             if handler is None:
@@ -176,6 +276,12 @@ class Router:
             sock.skip_rest(head.more)
             f.drop("unhandled" if handler is None else "malformed", str(exc))
             return header, None, None, route, str(exc)
+        allow = self._allow.get(header.kind)
+        why = None if allow is None else allow(body, header.sender)
+        if why is not None:
+            sock.skip_rest(head.more)
+            f.refuse(header.kind, header.sender, why)
+            return header, None, None, route, f"refused: {why}"
         dest = None
         placer = self._placers.get(header.kind)
         if placer is not None and head.more:

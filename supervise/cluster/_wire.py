@@ -20,6 +20,8 @@ PROTOCOL_VERSION = 1
 MESSAGE, REPLY, ERROR = 0, 1, 2
 _MAX_TRACE_ITEMS = 8
 _MAX_TRACE_LEN = 512
+#: The highest rank a header may name (a cluster's own size is checked by the transport).
+MAX_RANK = (1 << 31) - 1
 
 
 @attrs.frozen(slots=True)
@@ -77,6 +79,8 @@ def decode_header(data: bytes | memoryview, max_size: int) -> Header:
         raise ProtocolError("header has no message kind")
     if sender is not None and (isinstance(sender, bool) or not isinstance(sender, int)):
         raise ProtocolError(f"{kind}: sender rank is {type(sender).__name__}, expected int or nil")
+    if sender is not None and not 0 <= sender <= MAX_RANK:
+        raise ProtocolError(f"{kind}: sender rank {sender} is out of range 0..{MAX_RANK}")
     if isinstance(rid, bool) or not isinstance(rid, int) or rid < 0:
         raise ProtocolError(f"{kind}: bad request id {rid!r}")
     if flag not in (MESSAGE, REPLY, ERROR) or isinstance(flag, bool):

@@ -4,6 +4,7 @@ directory, refuse everyone else. One handler per zmq context (the inproc endpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -26,10 +27,29 @@ _VERSION = b"1.0"
 class ZapHandler:
     """Answers libzmq's authentication requests for the sockets of one context."""
 
-    def __init__(self, ctx: zmq.Context[Any], keys: CurveKeys, stats: TransportStats) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        keys: CurveKeys,
+        stats: TransportStats,
+        refuse: Callable[[str, int | None, str], None] | None = None,
+    ) -> None:
+        """``refuse(kind, sender, why)``: counts and logs a refusal (throttled; the
+        transport's); without it each one is logged here."""
         self._ctx = ctx
         self._by_key = {z85.decode(pub): name for name, pub in keys.known.items()}
         self._stats = stats
+        self._refuse = refuse
+
+    def _refused(self, address: str, reason: str, **fields: str) -> None:
+        self._stats.auth_refused += 1
+        if self._refuse is not None:
+            detail = ", ".join(f"{k} {v}" for k, v in fields.items())
+            self._refuse(
+                "handshake", None, f"from {address}: {reason}" + (f" ({detail})" if detail else "")
+            )
+        else:
+            log.warning("peer refused", address=address, reason=reason, **fields)
 
     def decide(self, frames: list[bytes]) -> tuple[bytes, bytes, bytes, bytes]:
         """(request id, status code, status text, user id) for one ZAP request."""
@@ -38,18 +58,12 @@ class ZapHandler:
         request_id, mechanism, credentials = frames[1], frames[5], frames[6:]
         address = frames[3].decode("utf-8", "replace")
         if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
-            self._stats.auth_refused += 1
-            log.warning("peer refused", address=address, reason=f"mechanism {mechanism!r}")
+            self._refused(address, f"mechanism {mechanism!r}")
             return request_id, b"400", b"CURVE required", b""
         name = self._by_key.get(credentials[0])
         if name is None:
-            self._stats.auth_refused += 1
-            log.warning(
-                "peer refused",
-                address=address,
-                reason="public key not in the key directory",
-                key=z85.encode(credentials[0]).decode("ascii"),
-            )
+            key = z85.encode(credentials[0]).decode("ascii")
+            self._refused(address, "public key not in the key directory", key=key)
             return request_id, b"400", b"unknown public key", b""
         return request_id, b"200", b"OK", name.encode("utf-8")
 

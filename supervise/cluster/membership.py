@@ -53,12 +53,24 @@ class HeartbeatLink(Protocol):
     def rank(self) -> int | None: ...
 
     def handle(
-        self, kind: type[Heartbeat], handler: Callable[[Incoming[Heartbeat]], Awaitable[object]]
+        self,
+        kind: type[Heartbeat],
+        handler: Callable[[Incoming[Heartbeat]], Awaitable[object]],
+        *,
+        allow: Callable[[Heartbeat, int | None], str | None] | None = None,
     ) -> None: ...
 
     def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None: ...
 
     def try_send(self, peer: int, message: object) -> bool: ...
+
+
+def _beats_for_itself(hb: Heartbeat, sender: int | None) -> str | None:
+    """A heartbeat speaks only for its sender: a client (no rank) or another node is refused."""
+    if sender != hb.rank:
+        who = "a client" if sender is None else f"node {sender}"
+        return f"{who} sent a heartbeat for node {hb.rank}"
+    return None
 
 
 class Membership:
@@ -123,6 +135,14 @@ class Membership:
         det = self._detector
         return rank in self._peers if det is None else det.is_alive(rank)
 
+    def silence(self, rank: int) -> float:
+        """Seconds since ``rank``'s last heartbeat (or since watching began); 0 for this node,
+        infinity for a rank that is not a peer."""
+        if rank == self.rank:
+            return 0.0
+        det = self._detector
+        return math.inf if det is None else det.silence(rank, trio.current_time())
+
     def peer_info(self, rank: int) -> Mapping[str, Any] | None:
         """The info map from the peer's latest heartbeat."""
         return self._infos.get(rank)
@@ -162,8 +182,7 @@ class Membership:
         det = self._detector
         if det is None or hb.rank == self.rank or hb.rank not in self._peers:
             return
-        if msg.sender is not None and msg.sender != hb.rank:
-            log.warning("heartbeat rank differs from its sender", sender=msg.sender, rank=hb.rank)
+        if msg.sender != hb.rank:  # (the transport refuses it first: `_beats_for_itself`)
             return
         self._infos[hb.rank] = hb.info
         events = det.heartbeat(hb.rank, hb.incarnation, trio.current_time())
@@ -187,7 +206,7 @@ class Membership:
         """Send heartbeats and watch peers until cancelled."""
         now = trio.current_time()
         self._detector = FailureDetector(self.config, self._peers, now)
-        self._link.handle(Heartbeat, self._on_heartbeat)
+        self._link.handle(Heartbeat, self._on_heartbeat, allow=_beats_for_itself)
         try:
             task_status.started(self)
             next_beat = now

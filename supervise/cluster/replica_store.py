@@ -15,7 +15,12 @@ Rules (each one tested):
   cannot fit even after evicting older replicas is refused, and what is held stays intact;
 - with a ``shared`` :class:`MemoryBudget` (the node's, which its own arenas reserve from too)
   the buffers are reserved there as well, and a local arena that does not fit may reclaim the
-  spare buffers and older replicas, never a rank's newest one.
+  spare buffers, older replicas and any reception in flight (a push never starves the node's
+  own snapshots), never a rank's newest replica;
+- an announced size must be plausible: at most `GROWTH` times the rank's newest held replica
+  (plus `SLACK`), so one small header cannot reserve the budget for a rank of a known size;
+- an expired reception's memory, or one from a peer found lost, goes back to the system at
+  once (not kept for reuse).
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from supervise.cluster._buffers import Slab, SlabPool, round_up
 from supervise.cluster.errors import ChecksumMismatch, Declined, ProtocolError
 from supervise.cluster.shard import ShardMeta, StreamVerifier
 from supervise.snapshot.budget import MemoryBudget
+
+#: How much larger than a rank's newest held replica its next one may be announced (an
+#: optimizer's state appears after the first step: a snapshot may grow by its size)...
+GROWTH = 4
+#: ...plus this many bytes (small shards may grow by more than a factor).
+SLACK = 64 << 20
 
 
 class Refused(Declined):
@@ -286,7 +297,24 @@ class ReplicaStore:
                 break
             self._drop_replica(victim)
             freed += self._shrink_pool(need - freed)
+        # a push in flight gives way too: its sender is refused and offers it again later
+        for rec in sorted(self._receptions.values(), key=lambda r: -r.slab.capacity):
+            if freed >= need:
+                break
+            freed += self.release(rec.id)
         return freed
+
+    def release(self, rid: int) -> int:
+        """Drop a reception and give its memory back to the system (not kept for reuse: its
+        sender died, or its size was a lie); returns the bytes."""
+        rec = self._receptions.pop(rid, None)
+        if rec is None:
+            return 0
+        self._in_use -= rec.slab.capacity
+        rec.slab.release()
+        if self.shared is not None:
+            self.shared.release(rec.slab.capacity)
+        return rec.slab.capacity
 
     # ---- transfers -----------------------------------------------------------------------
 
@@ -298,6 +326,12 @@ class ReplicaStore:
         newest = self.get(meta.rank)
         if newest is not None and newest.meta.order > meta.order and not protected:
             raise Refused("stale", f"{meta.label} is older than the held {newest.meta.label}")
+        if newest is not None and meta.nbytes > GROWTH * newest.meta.nbytes + SLACK:
+            raise Refused(
+                "too_big",
+                f"{meta.label} announces {meta.nbytes} bytes, the held {newest.meta.label} has "
+                f"{newest.meta.nbytes} (at most {GROWTH}x + {SLACK >> 20} MiB)",
+            )
         for rec in list(self._receptions.values()):
             if rec.meta.rank != meta.rank:
                 continue
@@ -387,7 +421,7 @@ class ReplicaStore:
         """Abort receptions that got nothing for ``idle`` seconds (their sender died)."""
         stale = [r for r in self._receptions.values() if now - r.last_activity >= idle]
         for r in stale:
-            self.abort(r.id)
+            self.release(r.id)
         return stale
 
     # ---- fetches -------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import trio
 
 from supervise.cluster._buffers import anonymous
 from supervise.cluster._malloc import keep_receive_buffers
+from supervise.cluster.access import ReplicaAccess
 from supervise.cluster.errors import ChecksumMismatch, ProtocolError, TransferAborted
 from supervise.cluster.messages import message_kind
 from supervise.cluster.replica_store import Refused, Replica, ReplicaStore
@@ -241,8 +242,12 @@ class ReplicaEndpoint:
         max_chunk: int | None = None,
         max_window: int = MAX_WINDOW,
         on_replica: Callable[[Replica], None] | None = None,
+        access: ReplicaAccess | None = None,
     ) -> None:
+        """``access``: who may push and fetch which rank (None: anyone, for tests and tools
+        that serve a store by hand; a node agent always gives its placement's rules)."""
         self.transport = transport
+        self.access = access
         self.store = store
         self.max_chunk = max_chunk or transport.limits.max_frame_size
         self.max_window = max_window
@@ -265,11 +270,22 @@ class ReplicaEndpoint:
             (InventoryQuery, self._inventory),
         ]
 
+    def _may_push(self, body: PushBegin, sender: int | None) -> str | None:
+        return None if self.access is None else self.access.push(body.rank, sender)
+
+    def _may_fetch(self, body: FetchOpen, sender: int | None) -> str | None:
+        return None if self.access is None else self.access.fetch(body.rank, sender)
+
     def install(self) -> None:
-        """Route the replication kinds to this endpoint."""
+        """Route the replication kinds to this endpoint (with ``access``'s rules: a push or
+        fetch open by a sender the placement does not name is refused before any memory)."""
         keep_receive_buffers()
+        rules: dict[type[Any], Callable[[Any, int | None], str | None]] = {
+            PushBegin: self._may_push,
+            FetchOpen: self._may_fetch,
+        }
         for kind, handler in self._routes():
-            self.transport.handle(kind, handler)
+            self.transport.handle(kind, handler, allow=rules.get(kind))
 
     def uninstall(self) -> None:
         """Stop serving (leaves a newer endpoint's routes alone) and release the leases."""
@@ -348,6 +364,15 @@ class ReplicaEndpoint:
         self._sources.pop(transfer, None)
         self.store.abort(transfer)
 
+    def drop_from(self, sender: int) -> None:
+        """Abort the pushes ``sender`` has in flight (it was lost): their memory goes back to
+        the system at once, not after the idle timeout."""
+        for rec in self.store.receptions():
+            if rec.source == sender:
+                self._sources.pop(rec.id, None)
+                self.store.release(rec.id)
+                log.info("push dropped: its sender was lost", shard=rec.meta.label, peer=sender)
+
     def expire(self, idle: float) -> None:
         """Abort receptions and leases idle for ``idle`` seconds (their peer died)."""
         now = trio.current_time()
@@ -376,7 +401,7 @@ class ReplicaEndpoint:
     async def _fetch_range(self, msg: Incoming[FetchRange]) -> object:
         b = msg.body
         lease = self._leases.get(b.lease)
-        if lease is None:
+        if lease is None or lease.peer != msg.sender:
             raise LookupError(f"fetch lease {b.lease} is unknown or expired")
         if b.length > self.max_chunk:
             raise ValueError(f"range of {b.length} bytes exceeds {self.max_chunk}")
@@ -384,8 +409,9 @@ class ReplicaEndpoint:
         return Reply(FetchData(b.lease, b.offset), frames=[lease.replica.view(b.offset, b.length)])
 
     async def _fetch_close(self, msg: Incoming[FetchClose]) -> object:
-        lease = self._leases.pop(msg.body.lease, None)
-        if lease is not None:
+        lease = self._leases.get(msg.body.lease)
+        if lease is not None and lease.peer == msg.sender:
+            del self._leases[msg.body.lease]
             try:
                 if msg.body.corrupt:
                     await self._check_reported(lease.replica, msg.sender, msg.body.corrupt)

@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from supervise._validation import number
+from supervise.cluster.access import ReplicaAccess
 from supervise.cluster.errors import ClusterError, RemoteError
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.cluster.local import LocalShards
@@ -114,7 +115,11 @@ class ReplicationService:
         *,
         node: int,
         tuning: ReplicationTuning | None = None,
+        ranks_per_node: int | None = None,
     ) -> None:
+        """``ranks_per_node``: the training ranks each node runs (rank R on node
+        R // ranks_per_node); given, pushes and fetches are checked against the placement
+        (`ReplicaAccess`), as a node agent does; None serves anyone (tests)."""
         if not 0 <= node < len(placement):
             raise ValueError(f"node {node} is not in a placement of {len(placement)} nodes")
         self.transport = transport
@@ -123,8 +128,12 @@ class ReplicationService:
         self.placement = placement
         self.node = node
         self.tuning = tuning or ReplicationTuning()
+        access = None if ranks_per_node is None else ReplicaAccess(placement, node, ranks_per_node)
         self.endpoint = ReplicaEndpoint(
-            transport, store, max_chunk=max(self.tuning.chunk_size, transport.limits.max_frame_size)
+            transport,
+            store,
+            max_chunk=max(self.tuning.chunk_size, transport.limits.max_frame_size),
+            access=access,
         )
         self._pushers: dict[tuple[int, int], _Pusher] = {}
         self._down: set[int] = set()
@@ -210,6 +219,7 @@ class ReplicationService:
         """Feed peer_lost / peer_back from membership."""
         if isinstance(event, PeerLost):
             self._down.add(event.rank)
+            self.endpoint.drop_from(event.rank)
             for (peer, _), p in self._pushers.items():
                 if peer == event.rank and p.scope is not None:
                     p.scope.cancel()

@@ -14,5 +14,7 @@ class TransportStats:
     received: int = 0
     sent: int = 0
     dropped: Counter[str] = attrs.field(factory=Counter)
-    auth_refused: int = 0
+    auth_refused: int = 0  # handshakes refused: ZAP denials, CURVE missing or broken
+    refused: Counter[str] = attrs.field(factory=Counter)  # by message kind: not allowed
+    links_closed: int = 0  # connections libzmq closed (peer gone, over-size or bad frames)
     handler_errors: int = 0

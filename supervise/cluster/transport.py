@@ -78,11 +78,18 @@ class Transport:
         limits: TransportLimits | None = None,
         curve: CurveKeys | None = None,
         kinds: Iterable[type[Any]] = (),
+        nodes: int | None = None,
     ) -> None:
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ValueError(f"rank = {rank!r}: must be an integer >= 0 or None (a client)")
         self._bind = normalize_endpoint(endpoint) if endpoint is not None else None
-        self._framing = Framing(rank, limits or TransportLimits(), curve, KindRegistry(kinds))
+        if nodes is not None and (
+            isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1
+        ):
+            raise ValueError(f"nodes = {nodes!r}: must be an integer >= 1 or None (any rank)")
+        self._framing = Framing(
+            rank, limits or TransportLimits(), curve, KindRegistry(kinds), nodes=nodes
+        )
         self._router = Router(self._framing)
         self._dealers = Dealers(self._framing)
         self._nursery: trio.Nursery | None = None
@@ -100,6 +107,11 @@ class Transport:
     def limits(self) -> TransportLimits:
         """What this transport accepts and how long a reply may wait for the link."""
         return self._framing.limits
+
+    @property
+    def nodes(self) -> int | None:
+        """The cluster's size: a message from a higher sender rank is dropped (None: any)."""
+        return self._framing.nodes
 
     @property
     def curve(self) -> CurveKeys | None:
@@ -136,8 +148,14 @@ class Transport:
         handler: Callable[[Incoming[T]], Awaitable[object]],
         *,
         into: Callable[[T, int | None], memoryview | None] | None = None,
+        allow: Callable[[T, int | None], str | None] | None = None,
     ) -> None:
         """Route received messages of ``kind`` to ``handler`` (replacing any previous one).
+
+        ``allow(body, sender)``, called once the body is decoded and before anything else,
+        returns None when ``sender`` may send this message, else why not: the message is then
+        refused (counted in ``stats.refused``, logged, a request gets an error reply) and its
+        payload is never taken in.
 
         The handler runs in the socket's reader task, so messages of one connection are
         handled in order; it must not block for long (start a task and return
@@ -153,7 +171,7 @@ class Transport:
         ``into`` and the handler nothing else runs in this reader, so state ``into`` looked
         at is still as it was when the handler starts.
         """
-        self._router.handle(kind, handler, into)
+        self._router.handle(kind, handler, into, allow)
 
     def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None:
         """Stop routing ``kind``; with ``handler``, only if that handler is still the one
@@ -178,10 +196,11 @@ class Transport:
                 self._nursery = nursery
                 self._dealers.start(ctx, nursery)
                 if self.curve is not None and self._bind is not None:
-                    zap = ZapHandler(ctx, self.curve, self.stats)
+                    zap = ZapHandler(ctx, self.curve, self.stats, self._framing.refuse)
                     await nursery.start(zap.run)
                 if self._bind is not None:
                     nursery.start_soon(self._router.read, self._router.open(ctx, self._bind))
+                    nursery.start_soon(self._router.watch)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:

@@ -219,6 +219,13 @@ class Metric:
         " (cancelled: e.g. a push cut short by its peer's loss or a shutdown; timed_out;"
         " unknown); each is dropped.",
     )
+    REFUSED: Final = Instrument(
+        "supervise.transport.refused",
+        "{message}",
+        "counter",
+        "Messages and handshakes refused by authentication or authorization, by message kind"
+        " (handshake: a connection without a known key) and reason; each is dropped.",
+    )
     REPLICA_LAG: Final = Instrument(
         "supervise.replica.lag",
         "{step}",
@@ -237,5 +244,6 @@ class Metric:
         TRAINING_STEPS,
         MEMORY_HELD,
         LATE_REPLIES,
+        REFUSED,
         REPLICA_LAG,
     )

@@ -239,3 +239,27 @@ def test_a_port_taken_after_the_checks_is_one_line_and_keeps_the_arenas(
         trio.run(run_node, config)
     assert [p.name for p in shm.iterdir()] == [left.name]  # kept for the next try; no lock
     assert list(runs.iterdir()) == []  # the run dir went
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "*", "10.1.2.3"])
+def test_listening_beyond_loopback_needs_keys(
+    capsys: pytest.CaptureFixture[str], port: int, host: str
+) -> None:
+    argv = ["node", "--rank", "0", "--nodes", f"{host}:{port},127.0.0.1:1", "--", "true"]
+    assert main(argv) == 2
+    assert_one_line(
+        capsys.readouterr().err,
+        "replication.curve",
+        f"{host}:{port}",
+        "beyond loopback",
+        "supervise keys generate DIR --nodes 2",
+    )
+
+
+def test_keys_let_an_agent_listen_beyond_loopback(tmp_path: Path, port: int) -> None:
+    curve = Policy.from_dict({"replication": {"curve": True, "curve_keys": str(tmp_path)}})
+    config = NodeConfig(rank=0, nodes=[f"0.0.0.0:{port}"], command=["true"], policy=curve)
+    preflight.check_authenticated(config)  # no error
+    for loopback in ("127.0.0.1", "localhost", "[::1]"):
+        plain = NodeConfig(rank=0, nodes=[f"{loopback}:{port}"], command=["true"])
+        preflight.check_authenticated(plain)

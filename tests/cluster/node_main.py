@@ -130,6 +130,7 @@ async def main(args: argparse.Namespace) -> None:
                 local,
                 node=rank,
                 n_nodes=n,
+                ranks_per_node=None,  # open: the tests read replicas back as a client
                 membership=membership,
                 store=store,
                 tuning=tuning,

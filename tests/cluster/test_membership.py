@@ -112,7 +112,7 @@ class FakeLink:
     def rank(self) -> int:
         return self._rank
 
-    def handle(self, kind: Any, handler: Any) -> None:
+    def handle(self, kind: Any, handler: Any, *, allow: Any = None) -> None:
         self.handler = handler
 
     def unhandle(self, kind: Any, handler: Any = None) -> None:

@@ -12,11 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervise.cluster import ChecksumMismatch, ProtocolError
-from supervise.cluster.replica_store import Refused, ReplicaStore
+from supervise.cluster.replica_store import GROWTH, SLACK, Refused, ReplicaStore
 from supervise.cluster.shard import Check, ShardMeta, StreamVerifier
 from supervise.snapshot import CapacityError, MemoryBudget
 
 KiB = 1024
+MiB = 1024 * KiB
+
+
+def _meta(rank: int, version: int, nbytes: int) -> ShardMeta:
+    """A shard description only (no data): what a push_begin announces."""
+    return ShardMeta(rank, version, 0, nbytes, [Check("t", 0, nbytes, 0)], b"m")
 
 
 def make_shard(
@@ -421,3 +427,29 @@ def test_room_is_never_made_by_evicting_a_protected_replica() -> None:
         store.begin(make_shard(2, 2, [size])[0], source=2, now=0.0)
     assert store.get(1, 1) is not None
     assert store.reclaim(size) == 0  # nor for the node's own arenas
+
+
+def test_an_expired_reception_gives_its_memory_back_at_once() -> None:
+    store = ReplicaStore(budget=64 * MiB)
+    rec = store.begin(_meta(1, 1, 8 * MiB), source=1, now=0.0)
+    assert rec is not None and store.held_bytes >= 8 * MiB
+    assert [r.id for r in store.expire(now=60.0, idle=30.0)] == [rec.id]
+    assert store.held_bytes == 0  # not kept for reuse: a forged announcement costs nothing
+
+
+def test_an_announced_size_must_be_plausible_for_the_rank() -> None:
+    store = ReplicaStore(budget=1 << 40)
+    meta, data = make_shard(1, 1, [MiB])
+    push(store, meta, data, chunk=MiB)
+    with pytest.raises(Refused, match=r"too_big: .* announces"):
+        store.begin(_meta(1, 2, GROWTH * MiB + SLACK + 1), source=1, now=0.0)
+    assert store.begin(_meta(1, 2, GROWTH * MiB), source=1, now=0.0) is not None
+
+
+def test_the_nodes_own_arenas_reclaim_a_push_in_flight() -> None:
+    shared = MemoryBudget(32 * MiB)
+    store = ReplicaStore(32 * MiB, shared=shared)
+    rec = store.begin(_meta(1, 1, 30 * MiB), source=1, now=0.0)  # announced at the budget
+    assert rec is not None
+    shared.reserve(16 * MiB, "arena rank 0")  # the worker's arena still fits
+    assert store.reception(rec.id) is None and store.held_bytes == 0

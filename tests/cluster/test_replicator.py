@@ -202,3 +202,16 @@ def test_every_local_rank_goes_to_the_nodes_group_peers() -> None:
     t = Transport(rank=1, endpoint="127.0.0.1:0")
     svc = ReplicationService(t, ReplicaStore(budget=MiB), MemoryShards([2, 3]), place(2, 2), node=1)
     assert svc.targets(2) == svc.targets(3) == (0,)
+
+
+def test_a_lost_peers_pushes_in_flight_give_their_memory_back_at_once() -> None:
+    t = Transport(rank=0, endpoint="127.0.0.1:0")
+    store = ReplicaStore(budget=64 * MiB)
+    svc = ReplicationService(t, store, MemoryShards([0]), place(3, 3), node=0)
+    meta, _ = make_shard(1, 1, [4 * MiB])
+    other, _ = make_shard(2, 1, [MiB])
+    assert store.begin(meta, source=1, now=0.0) is not None
+    assert store.begin(other, source=2, now=0.0) is not None
+    svc.membership_event(PeerLost(1, 3.0))
+    assert [r.source for r in store.receptions()] == [2]
+    assert store.held_bytes < 2 * MiB  # node 1's 4 MiB went back, not into the reuse pool

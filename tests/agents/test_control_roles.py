@@ -1,0 +1,92 @@
+"""Who may send a node agent what: restarts, prepares and give_ups only from the coordinator
+(by this node's view, allowing for a lower peer the coordinator declared lost a moment
+sooner); failures, progress and finished only from the node they are about; status and
+recover from anyone (a client key, with CURVE)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from supervise.agents import messages as m
+from supervise.agents.executor import Executor
+from supervise.agents.lifecycle import ExecutorState
+
+
+class _Membership:
+    def __init__(self, live: list[int], states: dict[int, str], silent: dict[int, float]):
+        self._live, self._states, self._silent = live, states, silent
+
+    def live(self) -> list[int]:
+        return self._live
+
+    def peer_info(self, rank: int) -> dict[str, Any] | None:
+        state = self._states.get(rank)
+        return None if state is None else {m.INFO_STATE: state}
+
+    def silence(self, rank: int) -> float:
+        return self._silent.get(rank, 0.1)
+
+
+def _executor(
+    rank: int, live: list[int], states: dict[int, str], silent: dict[int, float] | None = None
+) -> Executor:
+    ctx: Any = SimpleNamespace(
+        config=SimpleNamespace(rank=rank),
+        membership=_Membership(live, states, silent or {}),
+        policy=SimpleNamespace(cluster=SimpleNamespace(peer_timeout=2.0)),
+    )
+    executor = Executor(ctx)
+    executor.state = ExecutorState.RUNNING
+    return executor
+
+
+RUNNING = ExecutorState.RUNNING.value
+JOINING = ExecutorState.JOINING.value
+
+
+def test_only_the_coordinator_drives_restarts() -> None:
+    ex = _executor(2, [0, 1, 2], {0: RUNNING, 1: RUNNING})
+    assert ex.may_coordinate(0) is None
+    assert "node 1 is not the coordinator (node 0 is)" in (ex.may_coordinate(1) or "")
+    assert "a client sends no" in (ex.may_coordinate(None) or "")
+    assert ex.may_coordinate(7) is not None  # not a live member at all
+    # this node is the coordinator itself: no peer gives it orders
+    assert ex.may_coordinate(2) is not None
+    assert _executor(0, [0, 1], {1: RUNNING}).may_coordinate(1) is not None
+
+
+def test_a_coordinator_that_saw_a_lower_peer_die_first_is_followed() -> None:
+    # node 0 died: node 1 noticed first; here node 0 is still "live" but silent a while
+    ex = _executor(2, [0, 1, 2], {0: RUNNING, 1: RUNNING}, silent={0: 1.5})
+    assert ex.may_coordinate(1) is None
+    # ...but not while node 0 still beats
+    assert _executor(2, [0, 1, 2], {0: RUNNING, 1: RUNNING}).may_coordinate(1) is not None
+
+
+def test_at_the_start_every_node_joins_and_the_lowest_leads() -> None:
+    ex = _executor(1, [0, 1, 2], {0: JOINING, 2: JOINING})
+    ex.state = ExecutorState.JOINING
+    assert ex.may_coordinate(0) is None
+    assert ex.may_coordinate(2) is not None
+    # a restarted node 0 rejoins while node 1 leads: node 1 still gives the orders
+    ex = _executor(2, [0, 1, 2], {0: JOINING, 1: RUNNING})
+    assert ex.may_coordinate(1) is None and ex.may_coordinate(0) is not None
+    # the replacement node 0 itself: node 1's prepare may come before its first heartbeat
+    ex = _executor(0, [0, 1], {})
+    ex.state = ExecutorState.JOINING
+    assert ex.may_coordinate(1) is None
+    # ...but not past a lower node known to be established
+    ex = _executor(1, [0, 1, 2], {0: RUNNING})
+    ex.state = ExecutorState.JOINING
+    assert ex.may_coordinate(2) is not None
+
+
+def test_a_node_reports_only_for_itself() -> None:
+    ex = _executor(0, [0, 1], {1: RUNNING})
+    failure = m.Failure(1, 1, "worker_exit", 0.0, 0.0)
+    assert ex._speaks_for_itself(failure, 1) is None
+    assert "node 2 reported for node 1" in (ex._speaks_for_itself(failure, 2) or "")
+    assert "a client reported" in (ex._speaks_for_itself(failure, None) or "")
+    assert ex._speaks_for_itself(m.Progress(1, 1, "accepted"), 0) is not None
+    assert ex._speaks_for_itself(m.Finished(1, 1), 1) is None
