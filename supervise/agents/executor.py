@@ -96,13 +96,21 @@ class Executor:
 
     def may_coordinate(self, sender: int | None) -> str | None:
         """None when ``sender`` may send this node coordinator messages (prepare, restart,
-        give_up), else why not: it must be the coordinator by this node's view, not counting
-        lower peers silent for half the peer timeout (the coordinator may have declared them
-        lost a moment before this node does); a node that is joining takes a sender it has
-        not heard a heartbeat from yet as established (a replacement node's first prepare may
-        come before the coordinator's first heartbeat)."""
+        give_up), else why not. With a store: the elected leader as this node knows it (any
+        sender while none is known: a leader's decisions are fenced in the store). Else the
+        coordinator by this node's view, not counting lower peers silent for half the peer
+        timeout (the coordinator may have declared them lost a moment before this node does);
+        a node that is joining takes a sender it has not heard a heartbeat from yet as
+        established (a replacement node's first prepare may come before the coordinator's
+        first heartbeat)."""
         if sender is None:
             return "a client sends no prepare, restart or give_up"
+        seat = self.ctx.seat
+        if seat is not None:  # --store etcd://...: the elected leader, whose writes are fenced
+            leader = seat.leader_rank()
+            if sender == self.rank or (leader is not None and sender != leader):
+                return f"node {sender} is not the elected coordinator (node {leader} is)"
+            return None
         ms = self.ctx.membership
         grace = self.ctx.policy.cluster.peer_timeout / 2
         live = [

@@ -29,9 +29,15 @@ class _Membership:
 
 
 def _executor(
-    rank: int, live: list[int], states: dict[int, str], silent: dict[int, float] | None = None
+    rank: int,
+    live: list[int],
+    states: dict[int, str],
+    silent: dict[int, float] | None = None,
+    *,
+    seat: Any = None,
 ) -> Executor:
     ctx: Any = SimpleNamespace(
+        seat=seat,
         config=SimpleNamespace(rank=rank),
         membership=_Membership(live, states, silent or {}),
         policy=SimpleNamespace(cluster=SimpleNamespace(peer_timeout=2.0)),
@@ -90,3 +96,24 @@ def test_a_node_reports_only_for_itself() -> None:
     assert "a client reported" in (ex._speaks_for_itself(failure, None) or "")
     assert ex._speaks_for_itself(m.Progress(1, 1, "accepted"), 0) is not None
     assert ex._speaks_for_itself(m.Finished(1, 1), 1) is None
+
+
+class _Seat:
+    """A store seat (``--store etcd://...``) that knows ``leader`` as the elected coordinator."""
+
+    def __init__(self, leader: int | None) -> None:
+        self.leader = leader
+
+    def leader_rank(self) -> int | None:
+        return self.leader
+
+
+def test_with_a_store_the_elected_leader_drives_restarts_whatever_its_rank() -> None:
+    ex = _executor(0, [0, 1, 2], {1: RUNNING, 2: RUNNING}, seat=_Seat(2))
+    assert ex.may_coordinate(2) is None  # elected, though node 0 is the lowest live rank
+    assert "node 1 is not the elected coordinator (node 2 is)" in (ex.may_coordinate(1) or "")
+    assert ex.may_coordinate(0) is not None  # never orders from itself over the wire
+    assert ex.may_coordinate(None) is not None
+    # between two leaders (the old one's lease expired, the new one's key not yet seen): its
+    # decisions are fenced in the store, so its orders are taken
+    assert _executor(0, [0, 1, 2], {}, seat=_Seat(None)).may_coordinate(1) is None
