@@ -248,7 +248,11 @@ class TaskRunner:
         self._wake.set()
 
     async def _honour_requests(self) -> None:
-        """At a boundary (no attempt running): pause (and wait for resume) or cancel."""
+        """At a boundary (no attempt running): pause (and wait for resume) or cancel. A request
+        that came as the attempt ended (it completed or failed for good) changes nothing."""
+        if self.lifecycle.terminal:
+            self._stop = None
+            return
         if self._stop is Reason.PAUSE_REQUESTED:
             self._move(TaskState.PAUSED, Reason.PAUSE_REQUESTED)
             self._stop = None

@@ -207,3 +207,31 @@ async def test_in_process_a_bad_target_fails_at_once_and_a_pause_commits_finishe
     result = await _run_with(runner, (2.5, "pause"), (5, "resume"))
     assert unwrap(result) == [0, 1, 2, 3]
     assert taskfuncs.CALLS["tick"] == 4  # s0 and s1 were committed by the pause, not run again
+
+
+class _Finishing:
+    """An attempt whose end cannot be interrupted (like a journal write in a thread): a
+    pause or cancel asked for meanwhile arrives after it returned ``end``."""
+
+    node = "local"
+
+    def __init__(self, end: str) -> None:
+        self.end = end
+
+    async def __call__(self, attempt: int) -> AttemptEnd:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1)
+        if self.end == "error":
+            return AttemptEnd(Outcome(attempt, error_mro=("builtins.OSError",), message="x"))
+        return AttemptEnd(Outcome(attempt, value=b"\x07"))
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+async def test_a_request_that_arrives_as_the_task_ends_leaves_its_final_state(
+    autojump_clock: trio.testing.MockClock, action: str
+) -> None:
+    result = await _run_with(TaskRunner(_spec(), _Finishing("ok")), (0.5, action))
+    assert (result.state, result.value) == (TaskState.COMPLETED, 7)
+    spec = _spec(max_attempts=1)
+    result = await _run_with(TaskRunner(spec, _Finishing("error")), (0.5, action))
+    assert (result.state, result.history[-1].reason) == (TaskState.FAILED, Reason.RETRIES_EXHAUSTED)
