@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import re
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +47,13 @@ def resolve(target: str) -> TaskFunction:
             raise BadTarget(f"task target {target!r}: {module_name} has no {attr}") from None
     if not callable(obj):
         raise BadTarget(f"task target {target!r}: {type(obj).__name__} is not callable")
+    if not (
+        inspect.iscoroutinefunction(obj)
+        or inspect.iscoroutinefunction(getattr(obj, "__call__", None))  # noqa: B004
+    ):
+        raise BadTarget(
+            f"task target {target!r}: not an async function (define it `async def f(ctx, ...)`)"
+        )
     fn: TaskFunction = obj
     return fn
 

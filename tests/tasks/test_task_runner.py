@@ -201,6 +201,13 @@ async def test_in_process_a_bad_target_fails_at_once_and_a_pause_commits_finishe
     result = await TaskRunner(spec, InProcess(spec)).run()
     assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
     assert result.error.endswith("'taskfuncs:nope': taskfuncs has no nope")
+    spec = TaskSpec("taskfuncs:double", task_id="t")  # a plain function: never called
+    result = await TaskRunner(spec, InProcess(spec)).run()
+    assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
+    assert result.error.endswith(
+        "'taskfuncs:double': not an async function (define it `async def f(ctx, ...)`)"
+    )
+    assert taskfuncs.CALLS["double"] == 0
 
     spec = TaskSpec("taskfuncs:ticks", [4], task_id="t", policy=TaskPolicy(checkpoint=Manual()))
     runner = TaskRunner(spec, InProcess(spec))
