@@ -22,7 +22,7 @@ import trio
 
 from supervise._validation import enum_value
 from supervise.runtime.osprocess import OsProcess, ProcessHandle
-from supervise.snapshot.client import AGENT_ENV
+from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
 from supervise.tasks.host import JournalHost, open_journal_host
@@ -118,12 +118,18 @@ class WorkerProcess:
         self.task_dir.mkdir(parents=True, exist_ok=True)
         spec.save(self.task_dir / SPEC_FILE)
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, attempt: int) -> dict[str, str]:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
         if self.host is not None:
-            env.update({AGENT_ENV: self.host.endpoint, SHARD_ENV: str(self.shard)})
+            env.update(
+                {
+                    AGENT_ENV: self.host.endpoint,
+                    SHARD_ENV: str(self.shard),
+                    TOKEN_ENV: self.host.token(self.shard, attempt),  # earlier attempts': void
+                }
+            )
         return env
 
     def _outcome(self) -> Outcome | None:
@@ -141,7 +147,7 @@ class WorkerProcess:
                 str(attempt),
                 self.node,
             ],
-            env=self._env(),
+            env=self._env(attempt),
             cwd=self.cwd,
         )
         async with trio.open_nursery() as nursery:

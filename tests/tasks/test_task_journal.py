@@ -10,6 +10,7 @@ import trio
 
 from supervise.snapshot import ArenaService, LocalOwner, MemoryBudget, RetentionRule
 from supervise.snapshot.client import AgentClient
+from supervise.snapshot.errors import SnapshotError
 from supervise.tasks import (
     CorruptRecord,
     DiskJournal,
@@ -95,13 +96,25 @@ async def test_a_journal_served_to_another_process_grows_past_several_arenas() -
     """Through the local endpoint, as a worker writes it: each growth maps a new arena (a
     dropped arena's name is never reused, or the client would write to the old mapping)."""
     async with open_journal_host() as host:
+        old = host.token(0, 1)
 
         def worker() -> None:
-            j = ArenaJournal(AgentClient(host.endpoint, 0))
+            client = AgentClient(host.endpoint, 0, token=host.token(0, 2))
+            j = ArenaJournal(client)
             for i in range(4):
                 j.commit(_commit(f"s{i}", bytes([i]) * (60_000 * 2**i)))
+            client.close()
+            # no other process of the user, nor the previous attempt's worker, writes it
+            for token in ("", "forged", old):
+                stranger = AgentClient(host.endpoint, 0, token=token, timeout=5)
+                try:
+                    with pytest.raises(SnapshotError, match="token"):
+                        ArenaJournal(stranger)
+                finally:
+                    stranger.close()
 
         await trio.to_thread.run_sync(worker)
+        assert host.service.refused["unauthorized"] == 3
         view = host.journal(0).read()
         assert [len(s.value) for s in view.steps.values()] == [60_000, 120_000, 240_000, 480_000]
         assert all(s.value == bytes([i]) * len(s.value) for i, s in enumerate(view.steps.values()))
