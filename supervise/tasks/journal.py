@@ -19,6 +19,7 @@ from typing import Any, Final, Protocol
 import attrs
 import msgpack
 
+from supervise.runtime.private import open_private, private_dirs
 from supervise.snapshot.checksum import xxh64
 
 _MAGIC: Final = b"SVTASK01"
@@ -148,7 +149,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see all of it or nothing: temporary file,
     fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # 0600
     try:
         view = memoryview(data)
         while view:
@@ -193,8 +194,7 @@ class DiskJournal:
     """A journal in a directory of checksummed, atomically written commit files."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = private_dirs(path)  # 0700 whatever the umask: no one else reads or adds
 
     def _load(self, file: Path) -> Any:
         payload = unseal(file.read_bytes(), str(file))

@@ -22,6 +22,7 @@ import trio
 
 from supervise._validation import enum_value
 from supervise.runtime.osprocess import OsProcess, ProcessHandle
+from supervise.runtime.private import private_dirs
 from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
@@ -115,7 +116,7 @@ class WorkerProcess:
         self.shutdown = shutdown
         self.host = host
         self.shard = shard
-        self.task_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.task_dir)  # 0700: the spec's arguments and the journal are the user's
         spec.save(self.task_dir / SPEC_FILE)
 
     def _env(self, attempt: int) -> dict[str, str]:

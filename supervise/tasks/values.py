@@ -3,7 +3,8 @@ buffers — never pickle.
 
 Supported: None, bool, int (64-bit), float, str, bytes, list, tuple (kept a tuple), dict with
 str or int keys, numpy arrays of plain dtypes and numpy scalars, nested up to 200 levels.
-Anything else (a cycle too) is a one-line `UnsupportedValue` naming where it sits (``result.features[3]: set is not supported``).
+Anything else (a cycle too) is a one-line `UnsupportedValue` naming where it sits
+(``result.features[3]: set is not supported``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ is never used (its steps simply run again), and an outcome is read back as writt
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from supervise.tasks import (
     DiskJournal,
     MemoryJournal,
     Outcome,
+    TaskSpec,
+    WorkerProcess,
     open_journal_host,
 )
 from supervise.tasks.arena_journal import ArenaJournal
@@ -118,3 +122,19 @@ async def test_a_journal_served_to_another_process_grows_past_several_arenas() -
         view = host.journal(0).read()
         assert [len(s.value) for s in view.steps.values()] == [60_000, 120_000, 240_000, 480_000]
         assert all(s.value == bytes([i]) * len(s.value) for i, s in enumerate(view.steps.values()))
+
+
+def test_task_directories_and_journal_files_are_private_under_umask_0(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        spec = TaskSpec("taskfuncs:two_steps", (21,), task_id="t")
+        WorkerProcess(spec, tmp_path / "tasks" / "t")
+        journal = DiskJournal(tmp_path / "tasks" / "t" / "journal")
+        journal.commit(_commit("a", b"x"))
+        journal.finish(Outcome(1, value=b"done"))
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "tasks", tmp_path / "tasks" / "t", journal.path):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    files = [tmp_path / "tasks" / "t" / "spec.rec", *journal.path.iterdir()]
+    assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
