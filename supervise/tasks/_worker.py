@@ -34,7 +34,7 @@ async def _main(task_dir: Path, attempt: int, node: str) -> int:
     spec = TaskSpec.from_bytes((task_dir / SPEC_FILE).read_bytes(), str(task_dir / SPEC_FILE))
     journal = _journal(task_dir)
     try:
-        fn = resolve(spec.target)
+        fn = resolve(spec.target, spec.args, spec.kwargs)
     except BadTarget as exc:
         journal.finish(failure(attempt, exc))
         print(f"supervise task worker: {exc}", file=sys.stderr)

@@ -67,7 +67,7 @@ class InProcess:
 
     async def __call__(self, attempt: int) -> AttemptEnd:
         try:
-            fn = resolve(self.spec.target)
+            fn = resolve(self.spec.target, self.spec.args, self.spec.kwargs)
         except BadTarget as exc:
             self.journal.finish(failure(attempt, exc))
             return AttemptEnd(self.journal.outcome())

@@ -208,6 +208,17 @@ async def test_in_process_a_bad_target_fails_at_once_and_a_pause_commits_finishe
         "'taskfuncs:double': not an async function (define it `async def f(ctx, ...)`)"
     )
     assert taskfuncs.CALLS["double"] == 0
+    for args, kwargs, why in [
+        ((1, 2, 3), {}, "too many positional arguments"),
+        ((), {}, "missing a required argument: 'x'"),
+        ((1,), {"colour": "red"}, "got an unexpected keyword argument 'colour'"),
+    ]:
+        spec = TaskSpec("taskfuncs:two_steps", args, kwargs, task_id="t")
+        result = await TaskRunner(spec, InProcess(spec)).run()
+        assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
+        assert "its arguments do not fit two_steps(ctx: 'TaskContext', x: 'int'" in result.error
+        assert result.error.endswith(why)
+    assert taskfuncs.CALLS["double"] == 0
 
     spec = TaskSpec("taskfuncs:ticks", [4], task_id="t", policy=TaskPolicy(checkpoint=Manual()))
     runner = TaskRunner(spec, InProcess(spec))
