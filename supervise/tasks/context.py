@@ -133,12 +133,15 @@ class TaskContext:
         state = encode(self.state, "state")
         if not self._pending and (state, self._fraction) == self._last:
             return  # nothing new: no write
-        commit = Commit(self._attempt, tuple(self._pending), state, self._fraction)
+        taken = tuple(self._pending)
+        commit = Commit(self._attempt, taken, state, self._fraction)
         await trio.to_thread.run_sync(self._journal.commit, commit)
-        self._last = (state, self._fraction)
-        for s in self._pending:
+        self._last = (state, commit.progress)
+        for s in taken:
             self._committed[s.name] = s
-        self._pending.clear()
+        # only what this commit carried: a step that ended meanwhile (another trio task of the
+        # same attempt) stays pending until a commit holds it
+        self._pending = [s for s in self._pending if s.name not in self._committed]
         self._cadence.committed(self._clock())
 
     async def record(self, outcome: Outcome) -> None:

@@ -127,3 +127,40 @@ async def test_misuse_is_a_one_line_error() -> None:
         await ctx.checkpoint()
     with pytest.raises(ValueError, match=r"^progress = 1.5: must be a number in \[0, 1\]$"):
         ctx.progress(1.5)
+
+
+class _SlowJournal(MemoryJournal):
+    """A journal whose first commit waits (in its thread) until told to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = trio.Event()
+        self.go = threading.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def commit(self, commit: Any) -> None:
+        if not self.go.is_set():
+            trio.from_thread.run_sync(self.writing.set, trio_token=self._token)
+            self.go.wait(30)
+        super().commit(commit)
+
+
+async def _value(v: int) -> int:
+    return v
+
+
+async def test_a_step_that_ends_during_a_checkpoint_stays_pending_until_committed() -> None:
+    journal = _SlowJournal()
+    ctx = _ctx(journal, checkpoint=Manual())
+
+    async def other_branch() -> None:
+        await journal.writing.wait()  # the checkpoint below is writing [x]...
+        await ctx.step("b", _value, 2)  # ...when b ends: not in that commit
+        journal.go.set()
+
+    async with trio.open_nursery() as nursery:
+        await ctx.step("x", _value, 1)
+        nursery.start_soon(other_branch)
+        await ctx.checkpoint()
+    await ctx.checkpoint()  # b is committed now (it was not marked done by the first)
+    assert sorted(journal.read().steps) == ["b", "x"]
