@@ -54,6 +54,7 @@ class TaskContext:
         self._committed: dict[str, StepRecord] = dict(view.steps)
         self._pending: list[StepRecord] = []
         self._seen: set[str] = set()
+        self._writing = trio.Lock()  # one commit at a time: journals number commits in order
         self._fraction = view.progress
         self._last = (view.state or encode({}, "state"), view.progress)  # what is committed
         self.state: dict[str, Any] = {} if view.state is None else decode(view.state)
@@ -129,7 +130,12 @@ class TaskContext:
         return decode(data)
 
     async def checkpoint(self) -> None:
-        """Commit the uncommitted step results, ``state`` and progress now."""
+        """Commit the uncommitted step results, ``state`` and progress now (after a commit
+        another trio task of the attempt started, which it waits for)."""
+        async with self._writing:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
         state = encode(self.state, "state")
         if not self._pending and (state, self._fraction) == self._last:
             return  # nothing new: no write
@@ -146,4 +152,5 @@ class TaskContext:
 
     async def record(self, outcome: Outcome) -> None:
         """Record how this attempt ended (after its last checkpoint)."""
-        await trio.to_thread.run_sync(self._journal.finish, outcome)
+        async with self._writing:
+            await trio.to_thread.run_sync(self._journal.finish, outcome)
