@@ -123,7 +123,9 @@ class WorkerProcess:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
-        if self.host is not None:
+        if self.host is None:  # on disk: not the journal of whatever this process inherited
+            env.update({AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""})
+        else:
             env.update(
                 {
                     AGENT_ENV: self.host.endpoint,

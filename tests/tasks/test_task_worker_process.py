@@ -82,3 +82,24 @@ def test_a_worker_started_wrongly_says_why_in_one_line(
     assert (
         err[1] == "supervise task worker: SUPERVISE_TASK_SHARD='': must be the task's shard (>= 0)"
     )
+
+
+async def test_a_disk_journal_is_used_even_under_a_node_agents_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_local from a process that has a snapshot endpoint in its environment (a training
+    worker, a task worker): the task's worker must not take it for its journal's host."""
+    from supervise.snapshot import AGENT_ENV, TOKEN_ENV
+    from supervise.tasks import run_local, unwrap
+
+    monkeypatch.setenv(AGENT_ENV, f"ipc://{tmp_path}/some-agent.sock")
+    monkeypatch.setenv(TOKEN_ENV, "the parent's")
+    monkeypatch.setenv("SUPERVISE_TASK_SHARD", "0")
+    spec = TaskSpec("taskfuncs:two_steps", (21,), task_id="t3")
+    result = await run_local(spec, tmp_path / "t", journal="disk", env={"PYTHONPATH": str(HERE)})
+    assert (unwrap(result), result.attempts) == ({"a": 42, "attempt": 1}, 1)
+    assert sorted(p.name for p in (tmp_path / "t" / "journal").iterdir()) == [
+        "commit-00000001.rec",
+        "commit-00000002.rec",
+        "outcome.rec",
+    ]
