@@ -156,6 +156,7 @@ def test_the_token_travels_in_the_workers_environment() -> None:
     launch = Launch(("python",), 1, 2, 2, 0, "127.0.0.1", 1, "ipc:///x", tokens={2: "t2"})
     assert launch.environment(0)[TOKEN_ENV] == "t2"
     assert TOKEN_ENV not in launch.environment(1)  # no token issued for rank 3
+    assert "t2" not in repr(launch)  # a secret: not in a log line or an error
 
 
 def mode(path: Path) -> int:
