@@ -190,6 +190,12 @@ def commit_from_wire(d: Any, name: str) -> Commit:
         raise CorruptRecord(f"{name}: malformed commit ({type(e).__name__}: {e})") from None
 
 
+def _seq(file: Path) -> int:
+    """A commit file's number (0 for a stray file that only looks like one)."""
+    number = file.stem.partition("-")[2]
+    return int(number) if number.isdigit() else 0
+
+
 class DiskJournal:
     """A journal in a directory of checksummed, atomically written commit files."""
 
@@ -217,8 +223,7 @@ class DiskJournal:
         return fold(commits, dropped)
 
     def commit(self, commit: Commit) -> None:
-        files = self._files()
-        seq = int(files[-1].stem.split("-")[1]) + 1 if files else 1
+        seq = max((_seq(f) for f in self._files()), default=0) + 1
         payload: bytes = msgpack.packb(commit_to_wire(commit), use_bin_type=True)
         write_atomic(self.path / f"commit-{seq:08d}.rec", seal(payload))
 

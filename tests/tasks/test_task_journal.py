@@ -53,9 +53,10 @@ def test_a_damaged_commit_file_is_never_used(tmp_path: Path) -> None:
     data[-1] ^= 0xFF  # a flipped bit
     files[2].write_bytes(bytes(data))
     (tmp_path / ".commit-00000004.rec.1.tmp").write_bytes(b"half")  # a crash mid-write
+    (tmp_path / "commit-copy.rec").write_bytes(b"stray")  # not one of its files
     view = j.read()
     assert list(view.steps) == ["a"]
-    assert view.dropped == 2
+    assert view.dropped == 3
     j.commit(_commit("b", b"again"))  # the journal goes on after the damage
     assert DiskJournal(tmp_path).read().steps["b"].value == b"again"
 
