@@ -61,7 +61,8 @@ class Launch:
     agent: str
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
-    tokens: Mapping[int, str] = attrs.field(factory=dict)  # global rank -> its worker's token
+    # global rank -> its worker's token (secrets: never in a repr, a log line or an error)
+    tokens: Mapping[int, str] = attrs.field(factory=dict, repr=False)
 
     def ranks(self) -> range:
         """The global ranks this node runs."""

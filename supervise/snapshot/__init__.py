@@ -18,7 +18,7 @@ from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 from supervise.snapshot.persist import DiskEntry, Persister, PersistTier
 from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.snapshot.retention import RetentionRule, VersionInfo
-from supervise.snapshot.service import ArenaService, Candidate, CommitEvent, Shard
+from supervise.snapshot.service import ArenaService, Candidate, CommitEvent, Refusal, Shard
 from supervise.snapshot.tokens import Grant, RankTokens
 
 _LAZY = {"AgentClient", "LocalOwner", "Owner"}  # the zmq client: import on use
@@ -55,6 +55,7 @@ __all__ = [
     "Persister",
     "ProtocolError",
     "RankTokens",
+    "Refusal",
     "RetentionRule",
     "Shard",
     "SlotState",

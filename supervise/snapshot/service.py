@@ -11,6 +11,7 @@ thread.
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import logging
 import os
@@ -100,6 +101,13 @@ class _Worker:
     heartbeat: tuple[int, Mapping[str, float], float] | None = None
 
 
+class Refusal(enum.StrEnum):
+    """Why `ArenaService.handle` refused a request (the keys of ``refused``)."""
+
+    MALFORMED = "malformed"  # not a valid request: undecodable, or a bad argument
+    UNAUTHORIZED = "unauthorized"  # no valid token, or another rank's
+
+
 class ArenaService:
     """Arenas, committed pointers and retention for the workers of one node."""
 
@@ -136,7 +144,7 @@ class ArenaService:
         self.policy: dict[str, Any] = dict(policy or {})
         self._anonymous = anonymous
         self.tokens = tokens
-        self.refused: Counter[str] = Counter()  # requests refused on the wire, by reason
+        self.refused: Counter[Refusal] = Counter()  # requests refused on the wire, by reason
         self._lock = threading.RLock()
         self._workers: dict[int, _Worker] = {}
         self._arenas: dict[str, Arena] = {}
@@ -177,7 +185,7 @@ class ArenaService:
         try:
             envelope = p.decode_request(frame)
         except ProtocolError as exc:
-            self._refuse("malformed", str(exc))
+            self._refuse(Refusal.MALFORMED, str(exc))
             return p.encode_error(None, str(exc))
         rid, req = envelope.id, envelope.request
         try:
@@ -185,7 +193,7 @@ class ArenaService:
             body = self.dispatch(req)
         except (SnapshotError, ValueError, OSError) as exc:
             if isinstance(exc, Unauthorized):
-                self._refuse("unauthorized", str(exc))
+                self._refuse(Refusal.UNAUTHORIZED, str(exc))
             return None if isinstance(req, p.Heartbeat) else p.encode_error(rid, str(exc))
         return None if body is None else p.encode_reply(rid, body)
 
@@ -202,7 +210,7 @@ class ArenaService:
         if grant.rank != req.rank:
             raise Unauthorized(f"{req.OP} for rank {req.rank} with the token of rank {grant.rank}")
 
-    def _refuse(self, reason: str, message: str) -> None:
+    def _refuse(self, reason: Refusal, message: str) -> None:
         """Count a refused request; log it while rare (the 1st, 2nd, 4th, 8th... of a reason),
         so a flood of them cannot flood the log."""
         self.refused[reason] += 1

@@ -3,9 +3,11 @@
 The agent issues one random token per local rank and generation when it starts (or wakes a
 spare for) that rank's worker, and hands it over in the worker's environment
 (``SUPERVISE_AGENT_TOKEN``). Every request carries it; the agent serves a request only for
-the rank its token was issued to, so a process on the host (same user, or a worker of another
-rank) cannot commit, drop or report anything for another rank. A new generation's token
-replaces the rank's previous one (a leftover worker of an old generation is refused too).
+the rank its token was issued to, so a worker of another rank, or a process without a worker's
+environment, cannot commit, drop or report anything for a rank. A new generation's token
+replaces the rank's previous one (a leftover worker of an old generation is refused too). Not
+a boundary against a hostile process of the same user: it can read a worker's environment
+(``/proc/<pid>/environ``) and act for that worker's rank (docs/node.md says so).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ async def _main(task_dir: Path, attempt: int, node: str) -> int:
     spec = TaskSpec.from_bytes((task_dir / SPEC_FILE).read_bytes(), str(task_dir / SPEC_FILE))
     journal = _journal(task_dir)
     try:
-        fn = resolve(spec.target)
+        fn = resolve(spec.target, spec.args, spec.kwargs)
     except BadTarget as exc:
         journal.finish(failure(attempt, exc))
         print(f"supervise task worker: {exc}", file=sys.stderr)
@@ -72,13 +72,16 @@ def _journal(task_dir: Path) -> Journal:
     """The journal in the host's RAM when the parent serves one, else in ``task_dir``."""
     endpoint = os.environ.get(AGENT_ENV, "")
     if endpoint:
-        return ArenaJournal(AgentClient(endpoint, int(os.environ[SHARD_ENV])))
+        shard = os.environ.get(SHARD_ENV, "")
+        if not shard.isdigit():
+            raise SnapshotError(f"{SHARD_ENV}={shard!r}: must be the task's shard (>= 0)")
+        return ArenaJournal(AgentClient(endpoint, int(shard)))
     return DiskJournal(task_dir / JOURNAL_DIR)
 
 
 def main(argv: list[str]) -> int:
     """Run one attempt; the exit code says how it ended."""
-    if len(argv) != 3 or not argv[1].isdigit():
+    if len(argv) != 3 or not argv[1].isdigit() or int(argv[1]) < 1:
         print("usage: python -m supervise.tasks._worker TASK_DIR ATTEMPT NODE", file=sys.stderr)
         return 2
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import re
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,7 +23,8 @@ _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class BadTarget(ValueError):
-    """A ``MODULE:FUNC`` that is malformed, cannot be imported, or is not an async function."""
+    """A ``MODULE:FUNC`` that is malformed, cannot be imported, is not an async function, or
+    does not take the task's arguments."""
 
 
 def check_target(target: str) -> str:
@@ -32,8 +34,11 @@ def check_target(target: str) -> str:
     return target
 
 
-def resolve(target: str) -> TaskFunction:
-    """Import ``module:function``; a one-line BadTarget if that fails."""
+def resolve(
+    target: str, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+) -> TaskFunction:
+    """Import ``module:function`` and check that it takes the context, ``args`` and
+    ``kwargs``; a one-line BadTarget if anything is off (never retried: it cannot get better)."""
     module_name, _, attr = check_target(target).partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -46,6 +51,24 @@ def resolve(target: str) -> TaskFunction:
             raise BadTarget(f"task target {target!r}: {module_name} has no {attr}") from None
     if not callable(obj):
         raise BadTarget(f"task target {target!r}: {type(obj).__name__} is not callable")
+    if not (
+        inspect.iscoroutinefunction(obj)
+        or inspect.iscoroutinefunction(getattr(obj, "__call__", None))  # noqa: B004
+    ):
+        raise BadTarget(
+            f"task target {target!r}: not an async function (define it `async def f(ctx, ...)`)"
+        )
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to check: the call will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, *args, **(kwargs or {}))
+        except TypeError as e:
+            raise BadTarget(
+                f"task target {target!r}: its arguments do not fit {attr}{signature}: {e}"
+            ) from None
     fn: TaskFunction = obj
     return fn
 

@@ -54,6 +54,7 @@ class TaskContext:
         self._committed: dict[str, StepRecord] = dict(view.steps)
         self._pending: list[StepRecord] = []
         self._seen: set[str] = set()
+        self._writing = trio.Lock()  # one commit at a time: journals number commits in order
         self._fraction = view.progress
         self._last = (view.state or encode({}, "state"), view.progress)  # what is committed
         self.state: dict[str, Any] = {} if view.state is None else decode(view.state)
@@ -129,18 +130,27 @@ class TaskContext:
         return decode(data)
 
     async def checkpoint(self) -> None:
-        """Commit the uncommitted step results, ``state`` and progress now."""
+        """Commit the uncommitted step results, ``state`` and progress now (after a commit
+        another trio task of the attempt started, which it waits for)."""
+        async with self._writing:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
         state = encode(self.state, "state")
         if not self._pending and (state, self._fraction) == self._last:
             return  # nothing new: no write
-        commit = Commit(self._attempt, tuple(self._pending), state, self._fraction)
+        taken = tuple(self._pending)
+        commit = Commit(self._attempt, taken, state, self._fraction)
         await trio.to_thread.run_sync(self._journal.commit, commit)
-        self._last = (state, self._fraction)
-        for s in self._pending:
+        self._last = (state, commit.progress)
+        for s in taken:
             self._committed[s.name] = s
-        self._pending.clear()
+        # only what this commit carried: a step that ended meanwhile (another trio task of the
+        # same attempt) stays pending until a commit holds it
+        self._pending = [s for s in self._pending if s.name not in self._committed]
         self._cadence.committed(self._clock())
 
     async def record(self, outcome: Outcome) -> None:
         """Record how this attempt ended (after its last checkpoint)."""
-        await trio.to_thread.run_sync(self._journal.finish, outcome)
+        async with self._writing:
+            await trio.to_thread.run_sync(self._journal.finish, outcome)

@@ -2,8 +2,10 @@
 
 It plays the node agent's part for tasks run on one machine: an `ArenaService` (shared-memory
 arenas, double-buffered, checksummed) answering the snapshot protocol on a local endpoint.
-A worker writes its journal through `AgentClient` (``SUPERVISE_AGENT``); a kill -9 of the
-worker loses nothing that was committed, since the arena belongs to this process. On a farm
+A worker writes its journal through `AgentClient` (``SUPERVISE_AGENT``) with the token `token`
+issued for its shard and attempt (``SUPERVISE_AGENT_TOKEN``): no other process of the user, nor
+an earlier attempt's worker left behind, writes that journal. A kill -9 of the worker loses
+nothing that was committed, since the arena belongs to this process. On a farm
 the node agent hosts the journals instead and replicates them to its group peers.
 """
 
@@ -24,6 +26,7 @@ from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.client import LocalOwner
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService
+from supervise.snapshot.tokens import RankTokens
 from supervise.tasks.arena_journal import ArenaJournal
 
 
@@ -31,8 +34,16 @@ class JournalHost:
     """An arena service for task journals and the endpoint workers reach it on."""
 
     def __init__(self, service: ArenaService, endpoint: str) -> None:
+        if service.tokens is None:
+            raise ValueError("a JournalHost's service must check tokens (tokens=RankTokens())")
         self.service = service
         self.endpoint = endpoint
+        self._tokens = service.tokens
+
+    def token(self, shard: int, attempt: int) -> str:
+        """A fresh credential for the worker of ``shard``'s attempt ``attempt``: the endpoint
+        serves it for that shard only, and the shard's previous token stops working."""
+        return self._tokens.issue(shard, attempt)
 
     def journal(self, shard: int) -> ArenaJournal:
         """The journal of ``shard``, read in this process — only while no worker writes it
@@ -56,6 +67,7 @@ async def open_journal_host(
         budget=MemoryBudget(int(total_ram() * budget), source="task journal budget"),
         node=f"tasks-{os.getpid()}",  # arena files workers open by name; removed at the end
         adopt=False,
+        tokens=RankTokens(),  # a worker writes its own task's journal only
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -19,6 +19,7 @@ from typing import Any, Final, Protocol
 import attrs
 import msgpack
 
+from supervise.runtime.private import open_private, private_dirs
 from supervise.snapshot.checksum import xxh64
 
 _MAGIC: Final = b"SVTASK01"
@@ -148,7 +149,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see all of it or nothing: temporary file,
     fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # 0600
     try:
         view = memoryview(data)
         while view:
@@ -189,12 +190,17 @@ def commit_from_wire(d: Any, name: str) -> Commit:
         raise CorruptRecord(f"{name}: malformed commit ({type(e).__name__}: {e})") from None
 
 
+def _seq(file: Path) -> int:
+    """A commit file's number (0 for a stray file that only looks like one)."""
+    number = file.stem.partition("-")[2]
+    return int(number) if number.isdigit() else 0
+
+
 class DiskJournal:
     """A journal in a directory of checksummed, atomically written commit files."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = private_dirs(path)  # 0700 whatever the umask: no one else reads or adds
 
     def _load(self, file: Path) -> Any:
         payload = unseal(file.read_bytes(), str(file))
@@ -217,8 +223,7 @@ class DiskJournal:
         return fold(commits, dropped)
 
     def commit(self, commit: Commit) -> None:
-        files = self._files()
-        seq = int(files[-1].stem.split("-")[1]) + 1 if files else 1
+        seq = max((_seq(f) for f in self._files()), default=0) + 1
         payload: bytes = msgpack.packb(commit_to_wire(commit), use_bin_type=True)
         write_atomic(self.path / f"commit-{seq:08d}.rec", seal(payload))
 

@@ -12,6 +12,7 @@ without spending that budget, up to ``max_losses`` (then the task is dead-letter
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -91,7 +92,9 @@ class Automatic:
 
     def gap(self, n: int) -> float:
         """Seconds to wait after the n-th commit (n >= 0)."""
-        return min(self.max, self.first * self.growth ** min(n, 1000))
+        if n * math.log(self.growth) >= math.log(self.max / self.first):
+            return self.max  # decided in logs: growth ** n overflows a float for large n
+        return min(self.max, self.first * self.growth**n)
 
 
 Checkpoint = EveryStep | EverySeconds | AtMilestones | Manual | Automatic

@@ -22,7 +22,8 @@ import trio
 
 from supervise._validation import enum_value
 from supervise.runtime.osprocess import OsProcess, ProcessHandle
-from supervise.snapshot.client import AGENT_ENV
+from supervise.runtime.private import private_dirs
+from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
 from supervise.tasks.host import JournalHost, open_journal_host
@@ -66,7 +67,7 @@ class InProcess:
 
     async def __call__(self, attempt: int) -> AttemptEnd:
         try:
-            fn = resolve(self.spec.target)
+            fn = resolve(self.spec.target, self.spec.args, self.spec.kwargs)
         except BadTarget as exc:
             self.journal.finish(failure(attempt, exc))
             return AttemptEnd(self.journal.outcome())
@@ -115,15 +116,23 @@ class WorkerProcess:
         self.shutdown = shutdown
         self.host = host
         self.shard = shard
-        self.task_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.task_dir)  # 0700: the spec's arguments and the journal are the user's
         spec.save(self.task_dir / SPEC_FILE)
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, attempt: int) -> dict[str, str]:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
-        if self.host is not None:
-            env.update({AGENT_ENV: self.host.endpoint, SHARD_ENV: str(self.shard)})
+        if self.host is None:  # on disk: not the journal of whatever this process inherited
+            env.update({AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""})
+        else:
+            env.update(
+                {
+                    AGENT_ENV: self.host.endpoint,
+                    SHARD_ENV: str(self.shard),
+                    TOKEN_ENV: self.host.token(self.shard, attempt),  # earlier attempts': void
+                }
+            )
         return env
 
     def _outcome(self) -> Outcome | None:
@@ -141,7 +150,7 @@ class WorkerProcess:
                 str(attempt),
                 self.node,
             ],
-            env=self._env(),
+            env=self._env(attempt),
             cwd=self.cwd,
         )
         async with trio.open_nursery() as nursery:
@@ -248,7 +257,11 @@ class TaskRunner:
         self._wake.set()
 
     async def _honour_requests(self) -> None:
-        """At a boundary (no attempt running): pause (and wait for resume) or cancel."""
+        """At a boundary (no attempt running): pause (and wait for resume) or cancel. A request
+        that came as the attempt ended (it completed or failed for good) changes nothing."""
+        if self.lifecycle.terminal:
+            self._stop = None
+            return
         if self._stop is Reason.PAUSE_REQUESTED:
             self._move(TaskState.PAUSED, Reason.PAUSE_REQUESTED)
             self._stop = None

@@ -2,8 +2,9 @@
 buffers — never pickle.
 
 Supported: None, bool, int (64-bit), float, str, bytes, list, tuple (kept a tuple), dict with
-str or int keys, numpy arrays of plain dtypes and numpy scalars. Anything else is a one-line
-`UnsupportedValue` naming where it sits (``result.features[3]: set is not supported``).
+str or int keys, numpy arrays of plain dtypes and numpy scalars, nested up to 200 levels.
+Anything else (a cycle too) is a one-line `UnsupportedValue` naming where it sits
+(``result.features[3]: set is not supported``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _EXT_TUPLE: Final = 1
 _EXT_ARRAY: Final = 2
 _EXT_SCALAR: Final = 3
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_MAX_DEPTH: Final = 200  # well below msgpack's nesting limit (511) and Python's recursion limit
 
 
 class UnsupportedValue(TypeError):
@@ -42,26 +44,34 @@ def _array_ext(path: str, arr: np.ndarray[Any, Any], code: int) -> msgpack.ExtTy
     return msgpack.ExtType(code, len(header).to_bytes(4, "little") + header + data)
 
 
-def _plain(value: Any, path: str) -> Any:
+def _int(value: int, path: str, what: str = "int") -> int:
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise UnsupportedValue(f"{path}: {what} {value} does not fit in 64 bits")
+    return int(value)
+
+
+def _plain(value: Any, path: str, depth: int = 0) -> Any:
     """``value`` as msgpack-ready data (extensions for tuples and arrays), or UnsupportedValue."""
     if value is None or isinstance(value, bool | str | bytes):
         return value
     if isinstance(value, np.generic):
         return _array_ext(path, np.asarray(value), _EXT_SCALAR)
     if isinstance(value, int):
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise UnsupportedValue(f"{path}: int {value} does not fit in 64 bits")
-        return int(value)
+        return _int(value, path)
     if isinstance(value, float):
         return float(value)
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     if isinstance(value, np.ndarray):
         return _array_ext(path, value, _EXT_ARRAY)
+    if depth >= _MAX_DEPTH and isinstance(value, list | tuple | dict):
+        where = path if len(path) <= 60 else f"{path[:60]}..."
+        raise UnsupportedValue(f"{where}: nested more than {_MAX_DEPTH} levels deep (a cycle?)")
+    depth += 1
     if isinstance(value, list):
-        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_plain(v, f"{path}[{i}]", depth) for i, v in enumerate(value)]
     if isinstance(value, tuple):
-        items = [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_plain(v, f"{path}[{i}]", depth) for i, v in enumerate(value)]
         return msgpack.ExtType(_EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
     if isinstance(value, dict):
         out = {}
@@ -71,7 +81,8 @@ def _plain(value: Any, path: str) -> Any:
                     f"{path}: dict key {k!r} ({type(k).__name__}) is not supported "
                     "(keys must be str or int)"
                 )
-            out[k] = _plain(v, key_path(path, k))
+            key = _int(k, path, "dict key") if isinstance(k, int) else k
+            out[key] = _plain(v, key_path(path, key), depth)
         return out
     raise UnsupportedValue(f"{path}: {type(value).__name__} is not supported")
 

@@ -21,7 +21,14 @@ from test_service import commit_version, hello
 from supervise.agents.rundir import NodeLock, claim_run_dir
 from supervise.agents.workers import Launch, Spare
 from supervise.cluster.keys import generate_keys
-from supervise.snapshot import TOKEN_ENV, AgentClient, PersistTier, RankTokens, SnapshotError
+from supervise.snapshot import (
+    TOKEN_ENV,
+    AgentClient,
+    PersistTier,
+    RankTokens,
+    Refusal,
+    SnapshotError,
+)
 from supervise.snapshot import protocol as p
 from supervise.snapshot.service import FRESH, ArenaService
 
@@ -87,7 +94,7 @@ def test_a_worker_acts_only_for_the_rank_of_its_token(tmp_path: Path) -> None:
         assert [v.step for v in own.versions()] == [5]
         assert svc.versions(1) == [] and svc.versions(4242) == []
         assert heard == []
-        assert svc.refused["unauthorized"] == refused + 5  # and the five heartbeats
+        assert svc.refused[Refusal.UNAUTHORIZED] == refused + 5  # and the five heartbeats
         own.heartbeat(6, {"loss": 0.5})
         assert [v.step for v in own.versions()] == [5]
         assert heard == [("beat", 0, 6, {"loss": 0.5})]
@@ -139,7 +146,7 @@ def test_bad_arguments_are_errors(tmp_path: Path) -> None:
         reply = p.decode_reply(svc.handle(frame) or b"")
         assert reply["ok"] is False and message in reply["error"], reply
     svc.handle(raw_request("heartbeat", rank=0, step=-1, metrics={}))
-    assert svc.refused["malformed"] == 10
+    assert svc.refused[Refusal.MALFORMED] == 10
     with pytest.raises(ValueError, match="which = 'garbage'"):
         p.Restore(0, "garbage")
     svc.close()
@@ -149,6 +156,7 @@ def test_the_token_travels_in_the_workers_environment() -> None:
     launch = Launch(("python",), 1, 2, 2, 0, "127.0.0.1", 1, "ipc:///x", tokens={2: "t2"})
     assert launch.environment(0)[TOKEN_ENV] == "t2"
     assert TOKEN_ENV not in launch.environment(1)  # no token issued for rank 3
+    assert "t2" not in repr(launch)  # a secret: not in a log line or an error
 
 
 def mode(path: Path) -> int:

@@ -127,3 +127,87 @@ async def test_misuse_is_a_one_line_error() -> None:
         await ctx.checkpoint()
     with pytest.raises(ValueError, match=r"^progress = 1.5: must be a number in \[0, 1\]$"):
         ctx.progress(1.5)
+
+
+class _SlowJournal(MemoryJournal):
+    """A journal whose first commit waits (in its thread) until told to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = trio.Event()
+        self.go = threading.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def commit(self, commit: Any) -> None:
+        if not self.go.is_set():
+            trio.from_thread.run_sync(self.writing.set, trio_token=self._token)
+            self.go.wait(30)
+        super().commit(commit)
+
+
+async def _value(v: int) -> int:
+    return v
+
+
+async def test_a_step_that_ends_during_a_checkpoint_stays_pending_until_committed() -> None:
+    journal = _SlowJournal()
+    ctx = _ctx(journal, checkpoint=Manual())
+
+    async def other_branch() -> None:
+        await journal.writing.wait()  # the checkpoint below is writing [x]...
+        await ctx.step("b", _value, 2)  # ...when b ends: not in that commit
+        journal.go.set()
+
+    async with trio.open_nursery() as nursery:
+        await ctx.step("x", _value, 1)
+        nursery.start_soon(other_branch)
+        await ctx.checkpoint()
+    await ctx.checkpoint()  # b is committed now (it was not marked done by the first)
+    assert sorted(journal.read().steps) == ["b", "x"]
+
+
+class _OverlapJournal(MemoryJournal):
+    """Notes commits that overlap; the first waits (in its thread) until told to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = trio.Event()
+        self.go = threading.Event()
+        self.overlap = False
+        self._active = 0
+        self._lock = threading.Lock()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def commit(self, commit: Any) -> None:
+        with self._lock:
+            self._active += 1
+            first = not self.writing.is_set()
+            self.overlap |= self._active > 1
+        if self.overlap:
+            self.go.set()
+        if first:
+            trio.from_thread.run_sync(self.writing.set, trio_token=self._token)
+            self.go.wait(30)
+        super().commit(commit)
+        with self._lock:
+            self._active -= 1
+
+
+async def test_commits_of_steps_ending_together_never_overlap() -> None:
+    """Journals number their commits in order (a disk journal's next file, an arena journal's
+    next version): two at once would write the same number and one would replace the other."""
+    journal = _OverlapJournal()
+    ctx = _ctx(journal)
+
+    async def other_branch() -> None:
+        await journal.writing.wait()  # x's commit is being written...
+        nursery.start_soon(ctx.step, "b", _value, 2)  # ...when b ends and commits
+        while not journal.overlap and ctx._writing.statistics().tasks_waiting == 0:  # noqa: ASYNC110
+            await trio.sleep(0.001)  # until b's commit overlaps x's, or waits for it
+        journal.go.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_branch)
+        await ctx.step("x", _value, 1)
+    assert not journal.overlap
+    assert sorted(journal.read().steps) == ["b", "x"]

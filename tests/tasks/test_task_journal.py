@@ -3,6 +3,8 @@ is never used (its steps simply run again), and an outcome is read back as writt
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,14 @@ import trio
 
 from supervise.snapshot import ArenaService, LocalOwner, MemoryBudget, RetentionRule
 from supervise.snapshot.client import AgentClient
+from supervise.snapshot.errors import SnapshotError
 from supervise.tasks import (
     CorruptRecord,
     DiskJournal,
     MemoryJournal,
     Outcome,
+    TaskSpec,
+    WorkerProcess,
     open_journal_host,
 )
 from supervise.tasks.arena_journal import ArenaJournal
@@ -48,9 +53,10 @@ def test_a_damaged_commit_file_is_never_used(tmp_path: Path) -> None:
     data[-1] ^= 0xFF  # a flipped bit
     files[2].write_bytes(bytes(data))
     (tmp_path / ".commit-00000004.rec.1.tmp").write_bytes(b"half")  # a crash mid-write
+    (tmp_path / "commit-copy.rec").write_bytes(b"stray")  # not one of its files
     view = j.read()
     assert list(view.steps) == ["a"]
-    assert view.dropped == 2
+    assert view.dropped == 3
     j.commit(_commit("b", b"again"))  # the journal goes on after the damage
     assert DiskJournal(tmp_path).read().steps["b"].value == b"again"
 
@@ -95,13 +101,41 @@ async def test_a_journal_served_to_another_process_grows_past_several_arenas() -
     """Through the local endpoint, as a worker writes it: each growth maps a new arena (a
     dropped arena's name is never reused, or the client would write to the old mapping)."""
     async with open_journal_host() as host:
+        old = host.token(0, 1)
 
         def worker() -> None:
-            j = ArenaJournal(AgentClient(host.endpoint, 0))
+            client = AgentClient(host.endpoint, 0, token=host.token(0, 2))
+            j = ArenaJournal(client)
             for i in range(4):
                 j.commit(_commit(f"s{i}", bytes([i]) * (60_000 * 2**i)))
+            client.close()
+            # no other process of the user, nor the previous attempt's worker, writes it
+            for token in ("", "forged", old):
+                stranger = AgentClient(host.endpoint, 0, token=token, timeout=5)
+                try:
+                    with pytest.raises(SnapshotError, match="token"):
+                        ArenaJournal(stranger)
+                finally:
+                    stranger.close()
 
         await trio.to_thread.run_sync(worker)
+        assert host.service.refused["unauthorized"] == 3
         view = host.journal(0).read()
         assert [len(s.value) for s in view.steps.values()] == [60_000, 120_000, 240_000, 480_000]
         assert all(s.value == bytes([i]) * len(s.value) for i, s in enumerate(view.steps.values()))
+
+
+def test_task_directories_and_journal_files_are_private_under_umask_0(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        spec = TaskSpec("taskfuncs:two_steps", (21,), task_id="t")
+        WorkerProcess(spec, tmp_path / "tasks" / "t")
+        journal = DiskJournal(tmp_path / "tasks" / "t" / "journal")
+        journal.commit(_commit("a", b"x"))
+        journal.finish(Outcome(1, value=b"done"))
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "tasks", tmp_path / "tasks" / "t", journal.path):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    files = [tmp_path / "tasks" / "t" / "spec.rec", *journal.path.iterdir()]
+    assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)

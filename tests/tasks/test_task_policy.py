@@ -38,3 +38,9 @@ def test_checkpoint_specs_travel_as_plain_data(spec: object) -> None:
 def test_automatic_is_denser_early_and_sparser_late() -> None:
     gaps = [Automatic(first=1, max=10, growth=2).gap(n) for n in range(6)]
     assert gaps == [1, 2, 4, 8, 10, 10]
+
+
+def test_automatic_gaps_stay_at_max_after_many_commits() -> None:
+    spec = Automatic(first=0.5, max=30, growth=3)  # 3 ** 647 no longer fits a float
+    assert [spec.gap(n) for n in (0, 1, 100, 700, 10**6)] == [0.5, 1.5, 30, 30, 30]
+    assert Automatic(first=2, max=2, growth=1).gap(10**6) == 2

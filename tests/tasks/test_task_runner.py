@@ -201,9 +201,55 @@ async def test_in_process_a_bad_target_fails_at_once_and_a_pause_commits_finishe
     result = await TaskRunner(spec, InProcess(spec)).run()
     assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
     assert result.error.endswith("'taskfuncs:nope': taskfuncs has no nope")
+    spec = TaskSpec("taskfuncs:double", task_id="t")  # a plain function: never called
+    result = await TaskRunner(spec, InProcess(spec)).run()
+    assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
+    assert result.error.endswith(
+        "'taskfuncs:double': not an async function (define it `async def f(ctx, ...)`)"
+    )
+    assert taskfuncs.CALLS["double"] == 0
+    for args, kwargs, why in [
+        ((1, 2, 3), {}, "too many positional arguments"),
+        ((), {}, "missing a required argument: 'x'"),
+        ((1,), {"colour": "red"}, "got an unexpected keyword argument 'colour'"),
+    ]:
+        spec = TaskSpec("taskfuncs:two_steps", args, kwargs, task_id="t")
+        result = await TaskRunner(spec, InProcess(spec)).run()
+        assert (result.history[-1].reason, result.attempts) == (Reason.NON_RETRYABLE, 1)
+        assert "its arguments do not fit two_steps(ctx: 'TaskContext', x: 'int'" in result.error
+        assert result.error.endswith(why)
+    assert taskfuncs.CALLS["double"] == 0
 
     spec = TaskSpec("taskfuncs:ticks", [4], task_id="t", policy=TaskPolicy(checkpoint=Manual()))
     runner = TaskRunner(spec, InProcess(spec))
     result = await _run_with(runner, (2.5, "pause"), (5, "resume"))
     assert unwrap(result) == [0, 1, 2, 3]
     assert taskfuncs.CALLS["tick"] == 4  # s0 and s1 were committed by the pause, not run again
+
+
+class _Finishing:
+    """An attempt whose end cannot be interrupted (like a journal write in a thread): a
+    pause or cancel asked for meanwhile arrives after it returned ``end``."""
+
+    node = "local"
+
+    def __init__(self, end: str) -> None:
+        self.end = end
+
+    async def __call__(self, attempt: int) -> AttemptEnd:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1)
+        if self.end == "error":
+            return AttemptEnd(Outcome(attempt, error_mro=("builtins.OSError",), message="x"))
+        return AttemptEnd(Outcome(attempt, value=b"\x07"))
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+async def test_a_request_that_arrives_as_the_task_ends_leaves_its_final_state(
+    autojump_clock: trio.testing.MockClock, action: str
+) -> None:
+    result = await _run_with(TaskRunner(_spec(), _Finishing("ok")), (0.5, action))
+    assert (result.state, result.value) == (TaskState.COMPLETED, 7)
+    spec = _spec(max_attempts=1)
+    result = await _run_with(TaskRunner(spec, _Finishing("error")), (0.5, action))
+    assert (result.state, result.history[-1].reason) == (TaskState.FAILED, Reason.RETRIES_EXHAUSTED)

@@ -48,6 +48,23 @@ def test_numpy_arrays_and_scalars_come_back_bit_for_bit() -> None:
     back["x"][0, 0] = 9  # a writable copy, not a view of the bytes
 
 
+def _cycle() -> list[object]:
+    loop: list[object] = []
+    loop.append(loop)
+    return loop
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deeply_nested_values_up_to_the_limit_come_back() -> None:
+    assert decode(encode(_nested(200))) == _nested(200)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -56,6 +73,9 @@ def test_numpy_arrays_and_scalars_come_back_bit_for_bit() -> None:
         ({(1, 2): 1}, r"^result: dict key \(1, 2\) \(tuple\) is not supported"),
         ([np.array([object()])], r"^result\[0\]: numpy dtype object is not supported$"),
         (2**64, r"^result: int 18446744073709551616 does not fit in 64 bits$"),
+        ({"m": {2**70: 1}}, r"^result\.m: dict key 1180591620717411303424 does not fit in 64"),
+        (_cycle(), r"^result(\[0\])+\.\.\.: nested more than 200 levels deep \(a cycle\?\)$"),
+        (_nested(201), r": nested more than 200 levels deep"),
     ],
 )
 def test_what_cannot_go_is_named_by_its_path(value: object, message: str) -> None:

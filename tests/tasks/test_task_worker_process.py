@@ -64,3 +64,42 @@ async def test_pause_then_an_error_resume_from_the_journal_and_run_no_step_twice
         Reason.APP_ERROR,
     ]
     assert "builtins.RuntimeError: attempt 2 fails" in result[0].history[-4].detail
+
+
+def test_a_worker_started_wrongly_says_why_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from supervise.snapshot import AGENT_ENV
+    from supervise.tasks._worker import main
+
+    TaskSpec("taskfuncs:two_steps", task_id="t").save(tmp_path / "spec.rec")
+    assert main([str(tmp_path), "0", "n"]) == 2  # attempts count from 1
+    monkeypatch.setenv(AGENT_ENV, f"ipc://{tmp_path}/nobody.sock")
+    monkeypatch.delenv("SUPERVISE_TASK_SHARD", raising=False)
+    assert main([str(tmp_path), "1", "n"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: python -m supervise.tasks._worker")
+    assert (
+        err[1] == "supervise task worker: SUPERVISE_TASK_SHARD='': must be the task's shard (>= 0)"
+    )
+
+
+async def test_a_disk_journal_is_used_even_under_a_node_agents_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_local from a process that has a snapshot endpoint in its environment (a training
+    worker, a task worker): the task's worker must not take it for its journal's host."""
+    from supervise.snapshot import AGENT_ENV, TOKEN_ENV
+    from supervise.tasks import run_local, unwrap
+
+    monkeypatch.setenv(AGENT_ENV, f"ipc://{tmp_path}/some-agent.sock")
+    monkeypatch.setenv(TOKEN_ENV, "the parent's")
+    monkeypatch.setenv("SUPERVISE_TASK_SHARD", "0")
+    spec = TaskSpec("taskfuncs:two_steps", (21,), task_id="t3")
+    result = await run_local(spec, tmp_path / "t", journal="disk", env={"PYTHONPATH": str(HERE)})
+    assert (unwrap(result), result.attempts) == ({"a": 42, "attempt": 1}, 1)
+    assert sorted(p.name for p in (tmp_path / "t" / "journal").iterdir()) == [
+        "commit-00000001.rec",
+        "commit-00000002.rec",
+        "outcome.rec",
+    ]
