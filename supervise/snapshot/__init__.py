@@ -1,4 +1,4 @@
-"""Torch-free snapshot storage: shared-memory arenas, manifests with xxhash64 checksums,
+"""Torch-free snapshot storage: shared-memory arenas, manifests with XXH3 checksums,
 retention, the safetensors persist tier, and the worker <-> agent local protocol."""
 
 from typing import Any
@@ -12,7 +12,9 @@ from supervise.snapshot.errors import (
     FinishedJob,
     ProtocolError,
     SnapshotError,
+    UnsupportedFormat,
 )
+from supervise.snapshot.hashing import Checksum
 from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 from supervise.snapshot.persist import DiskEntry, Persister, PersistTier
 from supervise.snapshot.retention import RetentionRule, VersionInfo
@@ -37,6 +39,7 @@ __all__ = [
     "ArenaService",
     "Candidate",
     "CapacityError",
+    "Checksum",
     "CommitEvent",
     "CorruptSnapshot",
     "DiskEntry",
@@ -54,5 +57,6 @@ __all__ = [
     "SlotState",
     "SnapshotError",
     "TensorEntry",
+    "UnsupportedFormat",
     "VersionInfo",
 ]

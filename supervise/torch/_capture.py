@@ -367,7 +367,8 @@ class Capturer:
             job.cuda.synchronize()
         job.copy_s = time.perf_counter() - t
         t = time.perf_counter()
-        sums = digests(manifest.tensors, slot.arena.data(slot.slot, manifest.nbytes))
+        data = slot.arena.data(slot.slot, manifest.nbytes)
+        sums = digests(manifest.tensors, data, kind=manifest.checksum)
         tensors = tuple(
             TensorEntry(e.name, e.dtype, e.shape, e.offset, e.nbytes, h)
             for e, h in zip(manifest.tensors, sums, strict=True)

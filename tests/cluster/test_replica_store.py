@@ -26,7 +26,7 @@ def make_shard(
     data = rng.integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
     checks, off = [], 0
     for i, n in enumerate(sizes):
-        checks.append(Check(f"t{i}", off, n, xxhash.xxh64_intdigest(data[off : off + n])))
+        checks.append(Check(f"t{i}", off, n, xxhash.xxh3_64_intdigest(data[off : off + n])))
         off += n
     return ShardMeta(rank, version, generation, len(data), checks, b"manifest"), data
 
@@ -57,7 +57,7 @@ def test_verifier_any_chunking(sizes: list[int], chunk: int, flip: int | None) -
     buf = bytearray(data)
     if flip is not None and data:
         buf[flip % len(buf)] ^= 0x40
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     mv = memoryview(bytes(buf))
     if flip is not None and data:
         with pytest.raises(ChecksumMismatch, match=r"tensor 't\d+' \(bytes \d+\.\.\d+\)"):
@@ -84,7 +84,7 @@ def test_verifier_feed_into_hashes_and_copies_block_by_block(
     buf = bytearray(data)
     if flip is not None and data:
         buf[flip % len(buf)] ^= 0x40
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     mv, dest = memoryview(bytes(buf)), bytearray(len(buf))
     out = memoryview(dest)
     if flip is not None and data:
@@ -99,7 +99,7 @@ def test_verifier_feed_into_hashes_and_copies_block_by_block(
 
 def test_verifier_feed_into_needs_a_destination_of_the_same_size() -> None:
     meta, data = make_shard(0, 1, [100])
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     with pytest.raises(ValueError, match="destination of 99 bytes for 100 bytes"):
         v.feed_into(memoryview(data), memoryview(bytearray(99)))
     assert v.position == 0
@@ -116,7 +116,7 @@ def test_shard_meta_validation() -> None:
 
 def test_verifier_rejects_overrun() -> None:
     meta, data = make_shard(0, 1, [100])
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     with pytest.raises(ChecksumMismatch, match="beyond the data region"):
         v.feed(memoryview(data + b"x"))
 

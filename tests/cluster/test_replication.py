@@ -111,7 +111,12 @@ async def test_truncated_push_is_never_served(
     owner, _, endpoint = pair
     meta, data = make_shard(0, 10, [2 * MiB])
     begin = PushBegin(
-        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+        0,
+        10,
+        0,
+        meta.nbytes,
+        [(c.name, c.offset, c.nbytes, c.digest) for c in meta.checks],
+        checksum=meta.checksum.value,
     )
     ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
     tid = ready.body.transfer
@@ -166,7 +171,12 @@ async def test_chunks_from_a_stranger_are_refused(
     owner, holder, endpoint = pair
     meta, data = make_shard(0, 10, [2 * MiB])
     begin = PushBegin(
-        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+        0,
+        10,
+        0,
+        meta.nbytes,
+        [(c.name, c.offset, c.nbytes, c.digest) for c in meta.checks],
+        checksum=meta.checksum.value,
     )
     ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
     tid = ready.body.transfer
