@@ -21,8 +21,8 @@ import numpy as np
 
 from supervise.snapshot import protocol as p
 from supervise.snapshot.checksum import mismatches
-from supervise.snapshot.hashing import digest
 from supervise.snapshot.client import AgentClient
+from supervise.snapshot.hashing import digest
 from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 
 SIZE = 1 << 16  # float64 elements: 512 KiB of "model"

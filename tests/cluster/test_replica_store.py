@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from supervise.cluster import ChecksumMismatch, ProtocolError
 from supervise.cluster.replica_store import Refused, ReplicaStore
 from supervise.cluster.shard import Check, ShardMeta, StreamVerifier
-from supervise.snapshot import CapacityError, MemoryBudget
+from supervise.snapshot import CapacityError, Checksum, MemoryBudget
 
 KiB = 1024
 
@@ -112,6 +112,28 @@ def test_shard_meta_validation() -> None:
         ShardMeta(0, 1, 0, 100, [Check("a", 90, 20, 0)])
     with pytest.raises(ValueError, match="version"):
         ShardMeta(0, -1, 0, 100, [])
+
+
+def test_verifier_checks_shards_written_before_xxh3_with_xxhash64() -> None:
+    data = bytes(range(200))
+    checks = [
+        Check("a", 0, 120, xxhash.xxh64_intdigest(data[:120])),
+        Check("e", 120, 0, xxhash.xxh64_intdigest(b"")),
+        Check("b", 120, 80, xxhash.xxh64_intdigest(data[120:])),
+    ]
+    meta = ShardMeta(0, 1, 0, 200, checks, b"m", "xxh64")
+    assert meta.checksum is Checksum.XXH64
+    v = StreamVerifier.for_shard(meta)
+    v.feed(memoryview(data))
+    assert v.complete and v.verified == 2
+    xxh3 = [Check("a", 0, 200, xxhash.xxh3_64_intdigest(data))]
+    StreamVerifier.for_shard(ShardMeta(0, 1, 0, 200, xxh3, b"m")).feed(memoryview(data))
+    with pytest.raises(ChecksumMismatch, match="tensor 'a'"):  # the algorithms differ
+        StreamVerifier.for_shard(ShardMeta(0, 1, 0, 200, xxh3, b"m", "xxh64")).feed(
+            memoryview(data)
+        )
+    with pytest.raises(ValueError, match=r"unknown checksum 'crc32' \(known: xxh64, xxh3_64\)"):
+        ShardMeta(0, 1, 0, 200, checks, b"m", "crc32")
 
 
 def test_verifier_rejects_overrun() -> None:

@@ -596,3 +596,25 @@ def test_finished_job_is_not_resumed_unless_asked(
     assert run_job(tmp_path, range(3, 4)) == 2
     monkeypatch.delenv(RESUME_FINISHED_ENV)
     assert run_job(tmp_path, range(4, 5)) == 3  # running again, not finished: resumes
+
+
+def test_restore_verifies_with_the_manifests_checksum_xxh3_or_legacy_xxhash64() -> None:
+    import xxhash
+
+    from supervise.snapshot import Checksum, TensorEntry
+    from supervise.torch._copy import copy_and_verify
+
+    src = torch.arange(3 << 18, dtype=torch.float32)  # 3 MiB: several hash-and-copy chunks
+    raw = src.numpy().tobytes()
+    for kind, fn in (
+        (Checksum.XXH3_64, xxhash.xxh3_64_intdigest),
+        (Checksum.XXH64, xxhash.xxh64_intdigest),
+    ):
+        entry = TensorEntry("w", "float32", tuple(src.shape), 0, len(raw), fn(raw))
+        dst = torch.zeros_like(src)
+        assert copy_and_verify([(entry, src, dst, src.data_ptr())], 2, kind) == []
+        assert torch.equal(dst, src)
+        other = Checksum.XXH64 if kind is Checksum.XXH3_64 else Checksum.XXH3_64
+        assert copy_and_verify([(entry, src, torch.zeros_like(src), src.data_ptr())], 1, other) == [
+            "w"
+        ]
