@@ -187,3 +187,30 @@ def test_an_unknown_arena_format_is_refused_in_one_line(tmp_path: Path) -> None:
         f.write(struct.pack("<I", 9))
     with pytest.raises(UnsupportedFormat, match=r"arena format 9 is not one this version reads"):
         Arena.open(path)
+
+
+def test_an_agent_adopts_a_format1_arena_and_leaves_an_unknown_one_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from snaphelp import make_service
+
+    old = tmp_path / "supervise-n7-r00000-0000.arena"
+    shutil.copy(DATA / "format1.arena", old)
+    future = tmp_path / "supervise-n7-r00001-0000.arena"
+    Arena.create(future, data_capacity=4096, n_slots=1, rank=1).close()
+    with open(future, "r+b") as f:
+        f.seek(8)
+        f.write(struct.pack("<I", 9))
+    with caplog.at_level(logging.WARNING):
+        svc = make_service(tmp_path, node="n7")
+    try:
+        assert [v.step for v in svc.versions(0)] == [5]
+        with svc.shard(0, 5) as sh:
+            assert bytes(sh.data) == OLD_BYTES
+            assert sh.manifest.checksum is Checksum.XXH64
+            assert mismatches(sh.manifest, sh.data) == []
+        assert svc.versions(1) == []
+        assert f"not adopting {future}" in caplog.text and "arena format 9" in caplog.text
+        assert future.exists()  # another version's arena: neither adopted nor removed
+    finally:
+        svc.close()
