@@ -7,12 +7,12 @@ of load on the shared machine hits all cases alike; ratios are taken within a re
 - raw pyzmq: the same bytes in messages of the same size (copy=False) from this process to 1
   or 2 sink processes that receive and drop them; no protocol, no acks, no checksums. Also
   to a sink with the allocator setting the holders use (``keep_receive_buffers``), and the
-  cost of the guarantees without any protocol: a sink that hashes (xxhash64) each message in
+  cost of the guarantees without any protocol: a sink that hashes (XXH3-64) each message in
   libzmq's buffer, one that receives each into its place in a buffer (``recv_into``, a
   256 MiB ring mapped like the holders' buffers) and hashes it there, and one that hashes each
   in libzmq's buffer and copies it into the ring block by block (what replication does);
 - replication: ``push_shard`` to 1 or 2 holder processes (``ReplicaEndpoint`` +
-  ``ReplicaStore``): chunks with credits and acks, each verified (xxhash64 per tensor) and
+  ``ReplicaStore``): chunks with credits and acks, each verified (XXH3-64 per tensor) and
   copied into a recycled buffer on receipt. The very first push maps fresh
   memory (reported once); every repetition after that is the steady state;
 - fetch: ``fetch_shard`` from a holder into a preallocated buffer and into fresh memory,
@@ -98,14 +98,14 @@ def run_sink(port: int, tuned: bool, nbytes: int) -> None:
                 sock.recv(copy=False)  # header
                 pos = 0 if pos + chunk_max > len(view) else pos
                 n = sock.recv_into(view[pos : pos + chunk_max])
-                xxhash.xxh64_intdigest(view[pos : pos + n])
+                xxhash.xxh3_64_intdigest(view[pos : pos + n])
                 got += n
                 pos += n
             elif mode == b"hashcopy":
                 frame = sock.recv_multipart(copy=False)[2]
                 data, n = frame.buffer, len(frame)
                 pos = 0 if pos + n > len(view) else pos
-                h = xxhash.xxh64()
+                h = xxhash.xxh3_64()
                 for lo in range(0, n, HASH_BLOCK):
                     piece = data[lo : lo + HASH_BLOCK]
                     h.update(piece)
@@ -115,7 +115,7 @@ def run_sink(port: int, tuned: bool, nbytes: int) -> None:
                 pos += n
             elif mode == b"hash":  # checksum libzmq's buffer in place: no copy at all
                 frame = sock.recv_multipart(copy=False)[2]
-                xxhash.xxh64_intdigest(frame.buffer)
+                xxhash.xxh3_64_intdigest(frame.buffer)
                 got += len(frame)
             else:
                 got += len(sock.recv_multipart(copy=False)[2])
@@ -171,8 +171,10 @@ def spawn(*args: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def make_snapshot(nbytes: int, tensors: int = 64) -> tuple[Any, np.ndarray]:
-    """A snapshot-like shard: ``tensors`` ranges with their xxhash64, random-ish bytes."""
+    """A snapshot-like shard: ``tensors`` ranges with their checksums (the library's
+    default algorithm, XXH3-64), random-ish bytes."""
     from supervise.cluster.shard import Check, ShardMeta
+    from supervise.snapshot.hashing import digest
 
     data = np.empty(nbytes, dtype=np.uint8)
     block = np.random.default_rng(1).integers(0, 256, 64 * MiB, dtype=np.uint8)
@@ -183,10 +185,18 @@ def make_snapshot(nbytes: int, tensors: int = 64) -> tuple[Any, np.ndarray]:
     step = nbytes // tensors
     checks = []
     view = memoryview(data)
+    legacy = []  # the same shard as written before manifest format 2 (xxhash64)
     for i in range(tensors):
         lo, hi = i * step, (nbytes if i == tensors - 1 else (i + 1) * step)
-        checks.append(Check(f"layer{i}.weight", lo, hi - lo, xxhash.xxh64_intdigest(view[lo:hi])))
-    return (lambda version: ShardMeta(0, version, 0, nbytes, checks, b"manifest")), data
+        checks.append(Check(f"layer{i}.weight", lo, hi - lo, digest(view[lo:hi])))
+        legacy.append(Check(f"layer{i}.weight", lo, hi - lo, xxhash.xxh64_intdigest(view[lo:hi])))
+
+    def meta_of(version: int, checksum: str = "") -> ShardMeta:
+        if checksum == "xxh64":
+            return ShardMeta(0, version, 0, nbytes, legacy, b"manifest", "xxh64")
+        return ShardMeta(0, version, 0, nbytes, checks, b"manifest")
+
+    return meta_of, data
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -284,10 +294,10 @@ def bench_all(
         peers = sorted(holder_ports)
         version = 0
 
-        async def push_all(to: list[int]) -> float:
+        async def push_all(to: list[int], checksum: str = "") -> float:
             nonlocal version
             version += 1
-            meta = meta_of(version)
+            meta = meta_of(version, checksum)
             t0 = time.perf_counter()
             async with trio.open_nursery() as n:
                 for p in to:
@@ -315,6 +325,7 @@ def bench_all(
                 record("floor1", await raw_round(["t"], b"verify"))
                 await measured("floor1b", "t", lambda: raw_round(["t"], b"hashcopy"))
                 await measured("rep1", "1", lambda: push_all(peers[:1]))
+                await measured("rep1_xxh64", "1", lambda: push_all(peers[:1], "xxh64"))
                 record("raw2", await raw_round(["a", "b"]))
                 record("rep2", await push_all(peers))
 
@@ -386,10 +397,16 @@ def report(args: argparse.Namespace, nbytes: int, memcpy: list[float], rep: dict
         ("memcpy into a preallocated buffer (numpy)", "memcpy", 1, None),
         ("raw pyzmq to 1 peer (copy=False, receiver drops)", "raw1", 1, None),
         ("raw pyzmq to 1 peer, receiver with the holders' malloc setting", "raw1_tuned", 1, None),
-        ("raw pyzmq to 1 peer + xxh64 of each message in place (no copy)", "hash1", 1, None),
-        ("raw pyzmq to 1 peer + `recv_into` + xxh64 (no protocol)", "floor1", 1, None),
-        ("raw pyzmq to 1 peer + xxh64 in place + block copy (no protocol)", "floor1b", 1, None),
+        ("raw pyzmq to 1 peer + XXH3 of each message in place (no copy)", "hash1", 1, None),
+        ("raw pyzmq to 1 peer + `recv_into` + XXH3 (no protocol)", "floor1", 1, None),
+        ("raw pyzmq to 1 peer + XXH3 in place + block copy (no protocol)", "floor1b", 1, None),
         ("**replication to 1 peer**, steady state", "rep1", 1, "raw1"),
+        (
+            "replication to 1 peer, xxhash64 checksums (the format before XXH3)",
+            "rep1_xxh64",
+            1,
+            "raw1",
+        ),
         ("raw pyzmq to 2 peers", "raw2", 2, None),
         ("**replication to 2 peers**, steady state", "rep2", 2, "raw2"),
         (f"**fetch {size}** from a peer into a preallocated buffer, verified", "fetch", 1, None),
@@ -406,7 +423,7 @@ def report(args: argparse.Namespace, nbytes: int, memcpy: list[float], rep: dict
         )
     first = rep["first_push"]
     lines.insert(
-        7,
+        8,
         f"| replication to 1 peer, first push (the holder maps fresh memory) | {first:.3f} s "
         f"| {nbytes / first / 1e9:.2f} GB/s | |",
     )
@@ -433,8 +450,9 @@ def report(args: argparse.Namespace, nbytes: int, memcpy: list[float], rep: dict
             f"{label} {per_gib[k]:.2f}"
             for label, k in (
                 ("raw pyzmq", "raw1"),
-                ("raw + xxh64 in place + block copy", "floor1b"),
+                ("raw + XXH3 in place + block copy", "floor1b"),
                 ("replication to 1 peer", "rep1"),
+                ("the same with xxhash64", "rep1_xxh64"),
                 ("fetch", "fetch"),
             )
         )
@@ -454,7 +472,7 @@ def report(args: argparse.Namespace, nbytes: int, memcpy: list[float], rep: dict
     )
     return f"""{SECTION}
 
-Replicating one {size} snapshot (64 tensors, xxhash64 each) over loopback TCP; messages of
+Replicating one {size} snapshot (64 tensors, XXH3-64 each) over loopback TCP; messages of
 {args.chunk_mib} MiB everywhere (the library's default chunk), credit window {args.window}
 chunks. Every case ran once per repetition, interleaved, {args.repeat} repetitions; times are
 medians, ratios are the median of the per-repetition ratios (same load for both sides).
@@ -468,7 +486,7 @@ medians, ratios are the median of the per-repetition ratios (same load for both 
 {cpu_line}
 
 Replication = `push_shard` from this process to holder processes (`ReplicaEndpoint`): an ack
-every {every} chunks returns credits; every chunk is hashed in libzmq's buffer (xxhash64, verified
+every {every} chunks returns credits; every chunk is hashed in libzmq's buffer (XXH3-64, verified
 per tensor) and copied into the holder's recycled buffer block by block while the block is in
 cache (one trip through memory) before the next one; a shard is servable only once complete
 and verified. Raw pyzmq moves the same bytes with no acks, no copy and no checksum; ratios in

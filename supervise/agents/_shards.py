@@ -15,7 +15,7 @@ from supervise.telemetry import Source
 
 def shard_meta(manifest: Manifest, raw: bytes | None = None) -> ShardMeta:
     """The data plane's view of a manifest: identity, size and per-tensor checksums."""
-    checks = [Check(t.name, t.offset, t.nbytes, t.xxh64) for t in manifest.tensors]
+    checks = [Check(t.name, t.offset, t.nbytes, t.digest) for t in manifest.tensors]
     return ShardMeta(
         manifest.rank,
         manifest.step,
@@ -23,6 +23,7 @@ def shard_meta(manifest: Manifest, raw: bytes | None = None) -> ShardMeta:
         manifest.nbytes,
         checks,
         manifest.to_bytes() if raw is None else raw,
+        manifest.checksum,
     )
 
 

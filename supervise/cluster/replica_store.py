@@ -342,7 +342,7 @@ class ReplicaStore:
             self.abort(rec.id)  # superseded (or the same version pushed again)
         slab = self._allocate(meta.nbytes, meta.label)
         try:
-            verifier = StreamVerifier(meta.checks, meta.nbytes)
+            verifier = StreamVerifier.for_shard(meta)
         except ChecksumMismatch:
             self._in_use -= slab.capacity
             self._pool.give(slab)

@@ -7,7 +7,7 @@ Push (the owner of a shard -> a group peer)::
     PushEnd(transfer)                   -> PushDone                       (verified: servable)
 
 The receiver grants ``window`` credits; each ack returns one, so a slow receiver slows the
-sender down instead of buffering. Each chunk is hashed (xxhash64 per tensor) in libzmq's
+sender down instead of buffering. Each chunk is hashed (XXH3-64 per tensor) in libzmq's
 receive buffer and copied into its place in a recycled buffer block by block, while the block
 is still in cache: one trip through memory (receiving it in place with ``recv_into`` and then
 hashing the copy measured ~20% more CPU on the receiver). Only a complete, verified shard
@@ -34,7 +34,7 @@ import contextlib
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import structlog
@@ -48,6 +48,7 @@ from supervise.cluster.messages import message_kind
 from supervise.cluster.replica_store import Refused, Replica, ReplicaStore
 from supervise.cluster.shard import Check, ShardMeta, StreamVerifier
 from supervise.cluster.transport import Incoming, PendingReply, Reply, Transport
+from supervise.snapshot.hashing import Checksum, checksum_kind
 
 log = structlog.get_logger("supervise.cluster.replication")
 
@@ -76,13 +77,25 @@ CheckTuple = tuple[str, int, int, int]
 
 
 def _checks_out(meta: ShardMeta) -> list[CheckTuple]:
-    return [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+    return [(c.name, c.offset, c.nbytes, c.digest) for c in meta.checks]
+
+
+#: The checks' algorithm when a message names none (a peer from before manifest format 2).
+_LEGACY_CHECKSUM: Final = Checksum.XXH64.value
 
 
 def _meta_in(body: PushBegin | FetchMeta, manifest: bytes) -> ShardMeta:
     try:
         checks = [Check(*c) for c in body.checks]
-        return ShardMeta(body.rank, body.version, body.generation, body.nbytes, checks, manifest)
+        return ShardMeta(
+            body.rank,
+            body.version,
+            body.generation,
+            body.nbytes,
+            checks,
+            manifest,
+            checksum_kind(body.checksum),
+        )
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"bad shard description: {exc}") from None
 
@@ -99,6 +112,7 @@ class PushBegin:
     nbytes: int
     checks: list[CheckTuple]
     window: int = DEFAULT_WINDOW
+    checksum: str = _LEGACY_CHECKSUM
 
 
 @message_kind("replica.push_ready")
@@ -158,6 +172,7 @@ class FetchMeta:
     generation: int
     nbytes: int
     checks: list[CheckTuple]
+    checksum: str = _LEGACY_CHECKSUM
 
 
 @message_kind("replica.fetch_range")
@@ -395,7 +410,9 @@ class ReplicaEndpoint:
         lid = next(self._lease_ids)
         self._leases[lid] = _Lease(rep, msg.sender, trio.current_time())
         m = rep.meta
-        body = FetchMeta(lid, m.rank, m.version, m.generation, m.nbytes, _checks_out(m))
+        body = FetchMeta(
+            lid, m.rank, m.version, m.generation, m.nbytes, _checks_out(m), m.checksum.value
+        )
         return Reply(body, frames=[m.manifest])
 
     async def _fetch_range(self, msg: Incoming[FetchRange]) -> object:
@@ -426,7 +443,7 @@ class ReplicaEndpoint:
 
         def verify() -> str:
             try:
-                StreamVerifier(meta.checks, meta.nbytes).feed(rep.data())
+                StreamVerifier.for_shard(meta).feed(rep.data())
             except ChecksumMismatch as exc:
                 return str(exc)
             return ""
@@ -478,7 +495,13 @@ async def push_shard(
         raise ValueError(f"{meta.label}: {len(data)} bytes given, the manifest says {meta.nbytes}")
     transport.kinds.register(*KINDS)
     begin = PushBegin(
-        meta.rank, meta.version, meta.generation, meta.nbytes, _checks_out(meta), window
+        meta.rank,
+        meta.version,
+        meta.generation,
+        meta.nbytes,
+        _checks_out(meta),
+        window,
+        meta.checksum.value,
     )
     ready = (
         await transport.request(
@@ -573,7 +596,7 @@ async def fetch_shard(
     dest = into(meta) if into is not None else anonymous(meta.nbytes)
     if len(dest) < meta.nbytes:
         raise ValueError(f"{meta.label}: destination of {len(dest)} bytes is too small")
-    verifier = StreamVerifier(meta.checks, meta.nbytes)
+    verifier = StreamVerifier.for_shard(meta)
     inflight: deque[tuple[int, int, PendingReply]] = deque()
     corrupt = ""  # told to the holder, which then checks its copy and drops it if bad
     try:

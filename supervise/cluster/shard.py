@@ -2,7 +2,8 @@
 
 A shard (one rank's snapshot at one version) is a manifest (opaque msgpack bytes owned by
 ``supervise.snapshot``) plus one data region. The data plane only needs the identity, size and
-per-tensor xxhash64 ranges, carried by :class:`ShardMeta`; :class:`StreamVerifier` checks them
+per-tensor checksum ranges (the manifest's algorithm: XXH3-64, or xxhash64 for shards written
+before manifest format 2), carried by :class:`ShardMeta`; :class:`StreamVerifier` checks them
 while the region arrives in order, so verification costs no second pass over the bytes.
 """
 
@@ -11,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-import xxhash
 
 from supervise._validation import number
 from supervise.cluster.errors import ChecksumMismatch
+from supervise.snapshot.hashing import DEFAULT_CHECKSUM, Checksum, checksum_kind, digest, hasher
 
 
 @attrs.frozen(slots=True)
@@ -24,7 +25,7 @@ class Check:
     name: str
     offset: int = attrs.field(validator=number(ge=0, integer=True))
     nbytes: int = attrs.field(validator=number(ge=0, integer=True))
-    xxh64: int = attrs.field(validator=number(ge=0, integer=True))
+    digest: int = attrs.field(validator=number(ge=0, integer=True))
 
 
 def _checks(value: Sequence[Check]) -> tuple[Check, ...]:
@@ -33,7 +34,8 @@ def _checks(value: Sequence[Check]) -> tuple[Check, ...]:
 
 @attrs.frozen(slots=True)
 class ShardMeta:
-    """Identity, size and checksums of one shard; ``manifest`` is the snapshot's own bytes."""
+    """Identity, size and checksums of one shard; ``manifest`` is the snapshot's own bytes,
+    ``checksum`` the algorithm of the checks."""
 
     rank: int = attrs.field(validator=number(ge=0, integer=True))
     version: int = attrs.field(validator=number(ge=0, integer=True))
@@ -41,6 +43,7 @@ class ShardMeta:
     nbytes: int = attrs.field(validator=number(ge=0, integer=True))
     checks: tuple[Check, ...] = attrs.field(converter=_checks)
     manifest: bytes = attrs.field(default=b"", repr=False)
+    checksum: Checksum = attrs.field(default=DEFAULT_CHECKSUM, converter=checksum_kind)
 
     def __attrs_post_init__(self) -> None:
         end = 0
@@ -71,23 +74,29 @@ overhead is negligible (measured best of 64 KiB..8 MiB on the benchmark machine)
 
 class StreamVerifier:
     """Feed a data region front to back in pieces; raises ChecksumMismatch at the end of the
-    first tensor whose bytes differ from the manifest's xxhash64.
+    first tensor whose bytes differ from its checksum.
     """
 
     __slots__ = ("_checks", "_hasher", "_i", "_pos", "_total", "verified")
 
-    def __init__(self, checks: Sequence[Check], nbytes: int) -> None:
+    def __init__(self, checks: Sequence[Check], nbytes: int, checksum: Checksum) -> None:
         self._checks = [c for c in checks if c.nbytes > 0]
         self._total = nbytes
         self._pos = 0
         self._i = 0
-        self._hasher = xxhash.xxh64()
+        self._hasher = hasher(checksum)
         self.verified = 0  # tensors verified so far
-        self._skip_empty(checks)
+        self._skip_empty(checks, checksum)
 
-    def _skip_empty(self, checks: Sequence[Check]) -> None:
+    @classmethod
+    def for_shard(cls, meta: ShardMeta) -> StreamVerifier:
+        """A verifier for ``meta``'s data region."""
+        return cls(meta.checks, meta.nbytes, meta.checksum)
+
+    def _skip_empty(self, checks: Sequence[Check], checksum: Checksum) -> None:
+        empty = digest(b"", checksum)
         for c in checks:
-            if c.nbytes == 0 and c.xxh64 != xxhash.xxh64_intdigest(b""):
+            if c.nbytes == 0 and c.digest != empty:
                 raise ChecksumMismatch(f"tensor {c.name!r} is empty but its checksum is not")
 
     @property
@@ -112,10 +121,10 @@ class StreamVerifier:
             if hi > lo:
                 self._hasher.update(data[lo - start : hi - start])
             if hi == c.offset + c.nbytes:
-                digest = self._hasher.intdigest()
+                got = self._hasher.intdigest()
                 self._hasher.reset()
                 self._i += 1
-                if digest != c.xxh64:
+                if got != c.digest:
                     raise ChecksumMismatch(
                         f"tensor {c.name!r} (bytes {c.offset}..{c.offset + c.nbytes}) does not "
                         "match its checksum"

@@ -1,4 +1,4 @@
-"""Torch-free snapshot storage: shared-memory arenas, manifests with xxhash64 checksums,
+"""Torch-free snapshot storage: shared-memory arenas, manifests with XXH3 checksums,
 retention, the safetensors persist tier, and the worker <-> agent local protocol."""
 
 from typing import Any
@@ -13,7 +13,9 @@ from supervise.snapshot.errors import (
     ProtocolError,
     SnapshotError,
     Unauthorized,
+    UnsupportedFormat,
 )
+from supervise.snapshot.hashing import Checksum
 from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 from supervise.snapshot.persist import DiskEntry, Persister, PersistTier
 from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
@@ -41,6 +43,7 @@ __all__ = [
     "ArenaService",
     "Candidate",
     "CapacityError",
+    "Checksum",
     "CommitEvent",
     "CorruptSnapshot",
     "DiskEntry",
@@ -62,5 +65,6 @@ __all__ = [
     "SnapshotError",
     "TensorEntry",
     "Unauthorized",
+    "UnsupportedFormat",
     "VersionInfo",
 ]

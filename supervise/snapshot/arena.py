@@ -4,7 +4,11 @@ Layout (all little-endian)::
 
     [header page]  magic, format, slot count, slot stride, data capacity, manifest capacity, rank
     [slot 0] [slot 1] ...   each: 32-byte slot header (state, seq, manifest length, manifest
-                            xxhash64), the committed manifest, then the page-aligned data region
+                            checksum), the committed manifest, then the page-aligned data region
+
+Formats: 2 (created now) checksums each slot's manifest with XXH3-64; 1 (created before) with
+xxhash64. An owner re-adopting a format-1 arena keeps committing in format 1; any other
+format is refused in one line.
 
 The writer fills a slot the owner handed out (marked WRITING first); the owner commits it by
 writing the manifest and then, last, the state word. A crash at any point leaves every other
@@ -31,16 +35,18 @@ from typing import Final
 import attrs
 
 from supervise.snapshot.budget import check_free_space, fmt_bytes
-from supervise.snapshot.checksum import xxh64
-from supervise.snapshot.errors import CapacityError, CorruptSnapshot
+from supervise.snapshot.errors import CapacityError, CorruptSnapshot, UnsupportedFormat
+from supervise.snapshot.hashing import Checksum, digest
 
 MAGIC: Final = b"SVARENA\x01"
 PAGE: Final = 4096
 # magic, format, n_slots, stride, data capacity, manifest capacity, rank, created
 _HEADER: Final = struct.Struct("<8sIIQQQqd")
-_SLOT: Final = struct.Struct("<QQQQ")  # state, seq, manifest length, manifest xxh64
+_SLOT: Final = struct.Struct("<QQQQ")  # state, seq, manifest length, manifest checksum
 _SLOT_HEADER_SIZE: Final = 64
-FORMAT: Final = 1
+#: The arena format created; each format this version opens, with its manifests' checksum.
+FORMAT: Final = 2
+_SLOT_CHECKSUM: Final = {1: Checksum.XXH64, 2: Checksum.XXH3_64}
 
 
 class SlotState(enum.IntEnum):
@@ -81,9 +87,17 @@ class Arena:
         self._unlinked = unlinked
         self._view = memoryview(mm)
         magic, fmt, n_slots, stride, data_cap, man_cap, rank, created = _HEADER.unpack_from(mm, 0)
-        if magic != MAGIC or fmt != FORMAT:
+        if magic != MAGIC:
             self.close()
-            raise CorruptSnapshot(f"{path} is not a supervise arena (bad magic or format)")
+            raise CorruptSnapshot(f"{path} is not a supervise arena (bad magic)")
+        if fmt not in _SLOT_CHECKSUM:
+            self.close()
+            reads = " and ".join(str(f) for f in _SLOT_CHECKSUM)
+            raise UnsupportedFormat(
+                f"{path}: arena format {fmt} is not one this version reads ({reads})"
+            )
+        self.format: int = fmt
+        self._checksum = _SLOT_CHECKSUM[fmt]
         self.n_slots: int = n_slots
         self.stride: int = stride
         self.data_capacity: int = data_cap
@@ -232,7 +246,8 @@ class Arena:
             )
         base = self._slot_base(slot)
         self._mm[base + _SLOT_HEADER_SIZE : base + _SLOT_HEADER_SIZE + len(manifest)] = manifest
-        struct.pack_into("<QQQ", self._mm, base + 8, seq, len(manifest), xxh64(manifest))
+        mhash = digest(manifest, self._checksum)
+        struct.pack_into("<QQQ", self._mm, base + 8, seq, len(manifest), mhash)
         struct.pack_into("<Q", self._mm, base, int(SlotState.COMMITTED))
 
     def committed(self) -> list[Committed]:
@@ -244,7 +259,7 @@ class Arena:
             if state != SlotState.COMMITTED or mlen > self.manifest_capacity:
                 continue
             manifest = bytes(self._mm[base + _SLOT_HEADER_SIZE : base + _SLOT_HEADER_SIZE + mlen])
-            if xxh64(manifest) == mhash:
+            if digest(manifest, self._checksum) == mhash:
                 out.append(Committed(slot, seq, manifest))
         return out
 

@@ -15,6 +15,11 @@ class CorruptSnapshot(SnapshotError):
     """Stored bytes do not match their manifest (checksum, size or header)."""
 
 
+class UnsupportedFormat(CorruptSnapshot):
+    """Stored in a format this version does not read (written by another supervise version):
+    refused in one line and left in place (never quarantined or removed)."""
+
+
 class FinishedJob(SnapshotError):
     """The job finished before and resuming it was not asked for."""
 

@@ -1,5 +1,8 @@
-"""Manifest: what a shard's data region holds (per-tensor placement and xxhash64) plus
+"""Manifest: what a shard's data region holds (per-tensor placement and checksum) plus
 the step, generation, rank, metrics and opaque extra state of the capture.
+
+Formats: 2 (written now) names its checksum algorithm (``"checksum": "xxh3_64"``); 1 (written
+before) names none and means xxhash64. Both are read; any other is refused in one line.
 
 A shard is a manifest plus one contiguous data region of ``manifest.nbytes`` bytes; the pair
 is the unit the arena commits, replication ships and the persist tier writes.
@@ -15,21 +18,25 @@ import attrs
 import msgpack
 
 from supervise.snapshot._dtypes import DTYPES, itemsize
-from supervise.snapshot.errors import CorruptSnapshot
+from supervise.snapshot.errors import CorruptSnapshot, UnsupportedFormat
+from supervise.snapshot.hashing import DEFAULT_CHECKSUM, Checksum, checksum_kind
 
-FORMAT: Final = 1
+#: The manifest format written; READS lists every format this version reads.
+FORMAT: Final = 2
+READS: Final = (1, 2)
 
 
 @attrs.frozen(slots=True)
 class TensorEntry:
-    """One tensor's place in the data region and the xxhash64 of its bytes."""
+    """One tensor's place in the data region and the checksum of its bytes (the algorithm is
+    the manifest's ``checksum``)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    xxh64: int = 0
+    digest: int = 0
 
 
 @attrs.frozen(slots=True)
@@ -85,6 +92,7 @@ class Manifest:
     metrics: Mapping[str, float] = attrs.field(factory=dict)
     extra: bytes = b""
     aliases: Mapping[str, str] = attrs.field(factory=dict)
+    checksum: Checksum = DEFAULT_CHECKSUM
 
     @property
     def version(self) -> int:
@@ -106,8 +114,9 @@ class Manifest:
                 "metrics": dict(self.metrics),
                 "extra": self.extra,
                 "aliases": dict(self.aliases),
+                "checksum": self.checksum.value,
                 "tensors": [
-                    [t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.xxh64]
+                    [t.name, t.dtype, list(t.shape), t.offset, t.nbytes, t.digest]
                     for t in self.tensors
                 ],
             },
@@ -124,6 +133,12 @@ class Manifest:
             raise CorruptSnapshot(f"manifest is not valid msgpack: {exc}") from None
         if not isinstance(raw, dict):
             raise CorruptSnapshot("manifest is not a map")
+        fmt = raw.get("format")
+        if isinstance(fmt, bool) or fmt not in READS:
+            reads = " and ".join(str(f) for f in READS)
+            raise UnsupportedFormat(
+                f"manifest format {fmt!r} is not one this version reads ({reads})"
+            )
         try:
             manifest = _from_dict(raw)
         except (KeyError, TypeError, ValueError) as exc:
@@ -158,8 +173,7 @@ class Manifest:
 
 
 def _from_dict(raw: dict[str, Any]) -> Manifest:
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"unknown manifest format {raw.get('format')!r} (expected {FORMAT})")
+    checksum = Checksum.XXH64 if raw["format"] == 1 else checksum_kind(raw["checksum"])
     if raw["version"] != raw["step"]:
         raise ValueError("version and step differ")
     tensors = tuple(
@@ -169,9 +183,9 @@ def _from_dict(raw: dict[str, Any]) -> Manifest:
             tuple(_typed(d, int) for d in shape),
             _typed(offset, int),
             _typed(nbytes, int),
-            _typed(xxh, int),
+            _typed(checksum_value, int),
         )
-        for name, dtype, shape, offset, nbytes, xxh in raw["tensors"]
+        for name, dtype, shape, offset, nbytes, checksum_value in raw["tensors"]
     )
     metrics = {_typed(k, str): float(_typed(v, (int, float))) for k, v in raw["metrics"].items()}
     aliases = {_typed(k, str): _typed(v, str) for k, v in raw["aliases"].items()}
@@ -186,6 +200,7 @@ def _from_dict(raw: dict[str, Any]) -> Manifest:
         metrics=metrics,
         extra=_typed(raw["extra"], bytes),
         aliases=aliases,
+        checksum=checksum,
     )
 
 

@@ -42,7 +42,13 @@ from supervise.runtime.private import open_private, private_dirs, write_private
 from supervise.snapshot._dtypes import DTYPES
 from supervise.snapshot.budget import check_free_space
 from supervise.snapshot.checksum import mismatches
-from supervise.snapshot.errors import CapacityError, CorruptSnapshot, FinishedJob, SnapshotError
+from supervise.snapshot.errors import (
+    CapacityError,
+    CorruptSnapshot,
+    FinishedJob,
+    SnapshotError,
+    UnsupportedFormat,
+)
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.retention import VersionInfo
 from supervise.telemetry import snapshot_span
@@ -105,7 +111,7 @@ def safetensors_header(manifest: Manifest, job: str | None = None) -> bytes:
     """The header (length prefix + JSON, padded to 8 bytes) for a manifest's data region,
     naming ``job`` when given."""
     meta = {
-        "format": "supervise.snapshot/1",
+        "format": "supervise.snapshot/1",  # the file layout; the manifest has its own format
         "step": str(manifest.step),
         "rank": str(manifest.rank),
         META_KEY: base64.b64encode(manifest.to_bytes()).decode("ascii"),
@@ -155,6 +161,7 @@ class PersistTier:
         self._told: set[Path] = set()  # files already named in a skipped/accepted line
         self._looked_around = False  # other jobs' directories listed once
         self._bad: set[Path] = set()  # failed verification but could not be renamed aside
+        self._unsupported: set[Path] = set()  # another supervise version's format: named once
 
     def filename(self, step: int) -> Path:
         """Where version ``step`` of this rank lives."""
@@ -225,6 +232,11 @@ class PersistTier:
                 continue
             try:
                 entry = read_entry(p)
+            except UnsupportedFormat as exc:
+                if p not in self._unsupported:
+                    log.warning("skipping checkpoint %s, left in place: %s", p, exc)
+                self._unsupported.add(p)
+                continue
             except CorruptSnapshot as exc:
                 self.quarantine(p, str(exc))
                 continue

@@ -36,6 +36,7 @@ from supervise.snapshot.errors import (
     ProtocolError,
     SnapshotError,
     Unauthorized,
+    UnsupportedFormat,
 )
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.retention import RetentionRule, VersionInfo, candidates, retained
@@ -637,6 +638,9 @@ class ArenaService:
                 continue
             try:
                 arena = Arena.open(path)
+            except UnsupportedFormat as exc:
+                log.warning("not adopting %s: %s", path, exc)  # another version's: left alone
+                continue
             except CorruptSnapshot as exc:
                 # this node's, unreadable (e.g. its agent was killed while creating it): it
                 # holds nothing to adopt, and nobody else would ever remove it

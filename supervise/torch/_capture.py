@@ -2,17 +2,21 @@
 
 What may change before the next optimizer step (buffers, RNG, extras) is copied before
 ``capture`` returns; parameters and optimizer state are copied by a worker thread (CPU) or on a
-side stream (CUDA) while the next forward/backward runs, then checksummed and committed.
+side stream (CUDA) while the next forward/backward runs, then checksummed by a thread of the
+lowest priority (nice 19: that work has no deadline, so it takes only what the training leaves
+of the cores; the copy keeps normal priority, the next optimizer step waits for it) and
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import torch
@@ -34,6 +38,15 @@ from supervise.torch._copy import (
 )
 
 log = logging.getLogger("supervise.torch.snapshotter")
+
+#: The nice value of the thread that checksums and commits captures (the lowest priority).
+CHECKSUM_NICE: Final = 19
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (only) the lowest priority, where the OS allows it."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKSUM_NICE)
 
 
 @attrs.frozen(slots=True)
@@ -158,6 +171,9 @@ class Capturer:
         self._job: _Job | None = None
         self._error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervise-capture")
+        self._checksum_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="supervise-checksum", initializer=_lower_priority
+        )
         self._layout: Layout | None = None
         self._layout_key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
         self._streams: dict[torch.device, Any] = {}
@@ -245,8 +261,9 @@ class Capturer:
             raise SnapshotError(f"a background capture failed: {err}") from err
 
     def close(self) -> None:
-        """Stop the worker thread once its work is done."""
+        """Stop the worker threads once their work is done."""
         self._pool.shutdown(wait=True)
+        self._checksum_pool.shutdown(wait=True)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -316,6 +333,7 @@ class Capturer:
     def _finish(self, job: _Job, slot: Slot, manifest: Manifest) -> None:
         """Background: finish the copies, checksum, commit (or abort on any failure)."""
         committed = False
+        checksum_cpu = 0.0
         cpu0 = time.thread_time()
         try:
             # Under a node agent the agent records the capture span: it outlives this process.
@@ -334,7 +352,7 @@ class Capturer:
                 else contextlib.nullcontext()
             )
             with traced:
-                self._copy_checksum_commit(job, slot, manifest)
+                checksum_cpu = self._copy_checksum_commit(job, slot, manifest)
             committed = True
         except BaseException as exc:
             self._error = exc
@@ -350,10 +368,12 @@ class Capturer:
                 job.copy_s,
                 job.checksum_s,
                 committed,
-                time.thread_time() - cpu0,
+                time.thread_time() - cpu0 + checksum_cpu,
             )
 
-    def _copy_checksum_commit(self, job: _Job, slot: Slot, manifest: Manifest) -> None:
+    def _copy_checksum_commit(self, job: _Job, slot: Slot, manifest: Manifest) -> float:
+        """Finish the copies here, checksum on the low-priority thread, commit here; returns
+        the CPU seconds the low-priority thread spent."""
         t = time.perf_counter()
         try:
             job.work.run(helper=False)
@@ -367,13 +387,23 @@ class Capturer:
             job.cuda.synchronize()
         job.copy_s = time.perf_counter() - t
         t = time.perf_counter()
-        sums = digests(manifest.tensors, slot.arena.data(slot.slot, manifest.nbytes))
+        sums, cpu = self._checksum_pool.submit(self._checksums, slot, manifest).result()
+        job.checksum_s = time.perf_counter() - t
         tensors = tuple(
             TensorEntry(e.name, e.dtype, e.shape, e.offset, e.nbytes, h)
             for e, h in zip(manifest.tensors, sums, strict=True)
         )
-        job.checksum_s = time.perf_counter() - t
+        # committed from this thread: the low-priority one never holds the agent client's lock
         self._owner.commit(slot, attrs.evolve(manifest, tensors=tensors).to_bytes())
+        return cpu
+
+    @staticmethod
+    def _checksums(slot: Slot, manifest: Manifest) -> tuple[list[int], float]:
+        """The checksums of the filled slot, and the CPU seconds they took."""
+        cpu0 = time.thread_time()
+        data = slot.arena.data(slot.slot, manifest.nbytes)
+        sums = digests(manifest.tensors, data, kind=manifest.checksum)
+        return sums, time.thread_time() - cpu0
 
 
 def any_rank(flag: bool) -> bool:

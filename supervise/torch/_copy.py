@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 import torch
-import xxhash
 
 from supervise.snapshot.arena import Arena
 from supervise.snapshot.checksum import split_balanced
+from supervise.snapshot.hashing import Checksum, hasher
 from supervise.snapshot.manifest import TensorEntry
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ def memcopy_into_arena(dst_address: int, src: torch.Tensor, dst_view: torch.Tens
 def copy_and_verify(
     items: Sequence[tuple[TensorEntry, torch.Tensor, torch.Tensor, int]],
     threads: int,
+    checksum: Checksum,
 ) -> list[str]:
-    """Copy every arena view into its destination while checking the view's xxhash64.
+    """Copy every arena view into its destination while checking the view's ``checksum``.
 
     ``items``: (entry, arena view, destination, arena address of the view). Returns the
     names whose checksum does not match. Contiguous CPU destinations are filled chunk by
@@ -140,7 +141,7 @@ def copy_and_verify(
     def hash_copy(indices: list[int]) -> None:
         for i in indices:
             e, _, dst, src_addr = items[i]
-            h = xxhash.xxh64()
+            h = hasher(checksum)
             view = (ctypes.c_char * e.nbytes).from_address(src_addr) if e.nbytes else b""
             mv = memoryview(view).cast("B") if e.nbytes else memoryview(b"")
             dst_addr = dst.data_ptr()
@@ -168,7 +169,7 @@ def copy_and_verify(
             f.result()
     if any(items[i][2].device.type == "cuda" for i in slow):
         torch.cuda.synchronize()
-    return [items[i][0].name for i in range(len(items)) if digests[i] != items[i][0].xxh64]
+    return [items[i][0].name for i in range(len(items)) if digests[i] != items[i][0].digest]
 
 
 def cuda_devices(tensors: Sequence[torch.Tensor]) -> list[torch.device]:

@@ -113,7 +113,7 @@ class Restorer:
             e = entries[name]
             items.append((e, views.view(slot.slot, e), dst, views.address_of(slot.slot, e)))
         with torch.no_grad():
-            bad = copy_and_verify(items, self._threads)
+            bad = copy_and_verify(items, self._threads, manifest.checksum)
         if bad:
             raise CorruptSnapshot(f"checksum mismatch in {len(bad)} tensor(s), first {bad[0]!r}")
         _state.apply_restore(

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from supervise.snapshot import protocol as p
-from supervise.snapshot.checksum import mismatches, xxh64
+from supervise.snapshot.checksum import mismatches
 from supervise.snapshot.client import AgentClient
+from supervise.snapshot.hashing import digest
 from supervise.snapshot.manifest import Layout, Manifest, TensorEntry
 
 SIZE = 1 << 16  # float64 elements: 512 KiB of "model"
@@ -151,7 +152,7 @@ def main() -> int:
                         entry.shape,
                         entry.offset,
                         entry.nbytes,
-                        xxh64(view[: entry.nbytes]),
+                        digest(view[: entry.nbytes]),
                     ),
                 )
                 manifest = Manifest(

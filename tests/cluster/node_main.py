@@ -45,7 +45,7 @@ def shard(rank: int, version: int, size: int) -> tuple[ShardMeta, bytes]:
     checks = []
     for i in range(TENSORS):
         lo, hi = i * step, (size if i == TENSORS - 1 else (i + 1) * step)
-        checks.append(Check(f"t{i}", lo, hi - lo, xxhash.xxh64_intdigest(data[lo:hi])))
+        checks.append(Check(f"t{i}", lo, hi - lo, xxhash.xxh3_64_intdigest(data[lo:hi])))
     manifest = json.dumps({"rank": rank, "version": version}).encode()
     return ShardMeta(rank, version, 0, size, checks, manifest), data
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from supervise.cluster import ChecksumMismatch, ProtocolError
 from supervise.cluster.replica_store import GROWTH, SLACK, Refused, ReplicaStore
 from supervise.cluster.shard import Check, ShardMeta, StreamVerifier
-from supervise.snapshot import CapacityError, MemoryBudget
+from supervise.snapshot import CapacityError, Checksum, MemoryBudget
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -32,7 +32,7 @@ def make_shard(
     data = rng.integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
     checks, off = [], 0
     for i, n in enumerate(sizes):
-        checks.append(Check(f"t{i}", off, n, xxhash.xxh64_intdigest(data[off : off + n])))
+        checks.append(Check(f"t{i}", off, n, xxhash.xxh3_64_intdigest(data[off : off + n])))
         off += n
     return ShardMeta(rank, version, generation, len(data), checks, b"manifest"), data
 
@@ -63,7 +63,7 @@ def test_verifier_any_chunking(sizes: list[int], chunk: int, flip: int | None) -
     buf = bytearray(data)
     if flip is not None and data:
         buf[flip % len(buf)] ^= 0x40
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     mv = memoryview(bytes(buf))
     if flip is not None and data:
         with pytest.raises(ChecksumMismatch, match=r"tensor 't\d+' \(bytes \d+\.\.\d+\)"):
@@ -90,7 +90,7 @@ def test_verifier_feed_into_hashes_and_copies_block_by_block(
     buf = bytearray(data)
     if flip is not None and data:
         buf[flip % len(buf)] ^= 0x40
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     mv, dest = memoryview(bytes(buf)), bytearray(len(buf))
     out = memoryview(dest)
     if flip is not None and data:
@@ -105,7 +105,7 @@ def test_verifier_feed_into_hashes_and_copies_block_by_block(
 
 def test_verifier_feed_into_needs_a_destination_of_the_same_size() -> None:
     meta, data = make_shard(0, 1, [100])
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     with pytest.raises(ValueError, match="destination of 99 bytes for 100 bytes"):
         v.feed_into(memoryview(data), memoryview(bytearray(99)))
     assert v.position == 0
@@ -120,9 +120,31 @@ def test_shard_meta_validation() -> None:
         ShardMeta(0, -1, 0, 100, [])
 
 
+def test_verifier_checks_shards_written_before_xxh3_with_xxhash64() -> None:
+    data = bytes(range(200))
+    checks = [
+        Check("a", 0, 120, xxhash.xxh64_intdigest(data[:120])),
+        Check("e", 120, 0, xxhash.xxh64_intdigest(b"")),
+        Check("b", 120, 80, xxhash.xxh64_intdigest(data[120:])),
+    ]
+    meta = ShardMeta(0, 1, 0, 200, checks, b"m", "xxh64")
+    assert meta.checksum is Checksum.XXH64
+    v = StreamVerifier.for_shard(meta)
+    v.feed(memoryview(data))
+    assert v.complete and v.verified == 2
+    xxh3 = [Check("a", 0, 200, xxhash.xxh3_64_intdigest(data))]
+    StreamVerifier.for_shard(ShardMeta(0, 1, 0, 200, xxh3, b"m")).feed(memoryview(data))
+    with pytest.raises(ChecksumMismatch, match="tensor 'a'"):  # the algorithms differ
+        StreamVerifier.for_shard(ShardMeta(0, 1, 0, 200, xxh3, b"m", "xxh64")).feed(
+            memoryview(data)
+        )
+    with pytest.raises(ValueError, match=r"unknown checksum 'crc32' \(known: xxh64, xxh3_64\)"):
+        ShardMeta(0, 1, 0, 200, checks, b"m", "crc32")
+
+
 def test_verifier_rejects_overrun() -> None:
     meta, data = make_shard(0, 1, [100])
-    v = StreamVerifier(meta.checks, meta.nbytes)
+    v = StreamVerifier.for_shard(meta)
     with pytest.raises(ChecksumMismatch, match="beyond the data region"):
         v.feed(memoryview(data + b"x"))
 

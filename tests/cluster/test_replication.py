@@ -111,7 +111,12 @@ async def test_truncated_push_is_never_served(
     owner, _, endpoint = pair
     meta, data = make_shard(0, 10, [2 * MiB])
     begin = PushBegin(
-        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+        0,
+        10,
+        0,
+        meta.nbytes,
+        [(c.name, c.offset, c.nbytes, c.digest) for c in meta.checks],
+        checksum=meta.checksum.value,
     )
     ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
     tid = ready.body.transfer
@@ -166,7 +171,12 @@ async def test_chunks_from_a_stranger_are_refused(
     owner, holder, endpoint = pair
     meta, data = make_shard(0, 10, [2 * MiB])
     begin = PushBegin(
-        0, 10, 0, meta.nbytes, [(c.name, c.offset, c.nbytes, c.xxh64) for c in meta.checks]
+        0,
+        10,
+        0,
+        meta.nbytes,
+        [(c.name, c.offset, c.nbytes, c.digest) for c in meta.checks],
+        checksum=meta.checksum.value,
     )
     ready = await owner.request(1, begin, [meta.manifest], expect=PushReady)
     tid = ready.body.transfer
@@ -257,3 +267,17 @@ async def test_waits_for_acks_and_ranges_scale_with_the_bytes_they_cover(
     waits.clear()
     await fetch_shard(owner, 1, 0, chunk_size=MiB, window=2, timeout=1.0, min_rate=MiB)
     assert [t for kind, t in waits if kind == "replica.fetch_range"] == [2.0] * 3, waits
+
+
+def test_the_wire_names_the_checksum_and_an_unknown_one_is_a_protocol_error() -> None:
+    from supervise.cluster import ProtocolError
+    from supervise.cluster.replication import _meta_in
+    from supervise.snapshot import Checksum
+
+    checks = [("t0", 0, 4, 1)]
+    assert _meta_in(PushBegin(0, 1, 0, 4, checks), b"").checksum is Checksum.XXH64  # legacy
+    assert _meta_in(PushBegin(0, 1, 0, 4, checks, checksum="xxh3_64"), b"").checksum is (
+        Checksum.XXH3_64
+    )
+    with pytest.raises(ProtocolError, match="unknown checksum 'md5'"):
+        _meta_in(PushBegin(0, 1, 0, 4, checks, checksum="md5"), b"")

@@ -596,3 +596,54 @@ def test_finished_job_is_not_resumed_unless_asked(
     assert run_job(tmp_path, range(3, 4)) == 2
     monkeypatch.delenv(RESUME_FINISHED_ENV)
     assert run_job(tmp_path, range(4, 5)) == 3  # running again, not finished: resumes
+
+
+def test_restore_verifies_with_the_manifests_checksum_xxh3_or_legacy_xxhash64() -> None:
+    import xxhash
+
+    from supervise.snapshot import Checksum, TensorEntry
+    from supervise.torch._copy import copy_and_verify
+
+    src = torch.arange(3 << 18, dtype=torch.float32)  # 3 MiB: several hash-and-copy chunks
+    raw = src.numpy().tobytes()
+    for kind, fn in (
+        (Checksum.XXH3_64, xxhash.xxh3_64_intdigest),
+        (Checksum.XXH64, xxhash.xxh64_intdigest),
+    ):
+        entry = TensorEntry("w", "float32", tuple(src.shape), 0, len(raw), fn(raw))
+        dst = torch.zeros_like(src)
+        assert copy_and_verify([(entry, src, dst, src.data_ptr())], 2, kind) == []
+        assert torch.equal(dst, src)
+        other = Checksum.XXH64 if kind is Checksum.XXH3_64 else Checksum.XXH3_64
+        assert copy_and_verify([(entry, src, torch.zeros_like(src), src.data_ptr())], 1, other) == [
+            "w"
+        ]
+
+
+def test_checksums_run_at_the_lowest_priority_off_the_training_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import threading
+
+    from supervise.snapshot import checksum
+    from supervise.torch import _capture
+
+    seen: list[tuple[int, int]] = []
+    real = checksum.digests
+
+    def spy(*args: Any, **kw: Any) -> list[int]:
+        tid = threading.get_native_id()
+        seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_capture, "digests", spy)
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+    with Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
+        snap.capture(3)
+        snap.flush()
+        assert snap.restore() == 3  # committed with the checksums it computed
+    [(tid, nice)] = seen
+    assert tid != me and nice == _capture.CHECKSUM_NICE
+    assert os.getpriority(os.PRIO_PROCESS, me) == before  # the training thread keeps its own
