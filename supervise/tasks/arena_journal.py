@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from supervise.snapshot.checksum import mismatches, xxh64
+from supervise.snapshot.checksum import mismatches
 from supervise.snapshot.errors import CapacityError
+from supervise.snapshot.hashing import digest
 from supervise.snapshot.manifest import Manifest, TensorEntry
 from supervise.snapshot.protocol import Hello
 from supervise.tasks.journal import (
@@ -98,7 +99,7 @@ class ArenaJournal:
                 rank=self.owner.rank,
                 world_size=self.owner.rank + 1,  # one shard per task: its rank is its id
                 nbytes=n,
-                tensors=(TensorEntry(_TENSOR, "uint8", (n,), 0, n, xxh64(dst)),),
+                tensors=(TensorEntry(_TENSOR, "uint8", (n,), 0, n, digest(dst)),),
                 wall_time=time.time(),
             )
             self.owner.commit(slot, manifest.to_bytes())

@@ -20,10 +20,10 @@ import attrs
 import msgpack
 
 from supervise.runtime.private import open_private, private_dirs
-from supervise.snapshot.checksum import xxh64
+from supervise.snapshot.hashing import digest
 
 _MAGIC: Final = b"SVTASK01"
-_HEADER: Final = struct.Struct("<8sQQ")  # magic, xxh64 of the payload, payload length
+_HEADER: Final = struct.Struct("<8sQQ")  # magic, XXH3-64 of the payload, payload length
 _COMMIT_GLOB: Final = "commit-*.rec"
 _OUTCOME: Final = "outcome.rec"
 
@@ -127,20 +127,20 @@ class MemoryJournal:
 
 def seal(payload: bytes) -> bytes:
     """A record: header (magic, checksum, length) + payload."""
-    return _HEADER.pack(_MAGIC, xxh64(payload), len(payload)) + payload
+    return _HEADER.pack(_MAGIC, digest(payload), len(payload)) + payload
 
 
 def unseal(data: bytes, name: str) -> bytes:
     """The payload of a record; `CorruptRecord` (one line naming ``name``) if anything is off."""
     if len(data) < _HEADER.size:
         raise CorruptRecord(f"{name}: {len(data)} bytes is shorter than a record header")
-    magic, digest, length = _HEADER.unpack_from(data)
+    magic, expected, length = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise CorruptRecord(f"{name}: not a task journal record (magic {magic!r})")
     payload = data[_HEADER.size :]
     if len(payload) != length:
         raise CorruptRecord(f"{name}: {len(payload)} payload bytes, header says {length}")
-    if xxh64(payload) != digest:
+    if digest(payload) != expected:
         raise CorruptRecord(f"{name}: checksum mismatch")
     return payload
 
