@@ -1,9 +1,11 @@
 """Monitor: notices what goes wrong with this node's workers and says so with evidence.
 
-Hangs (no `Snapshotter.step` heartbeat within ``recovery.heartbeat_timeout``, or no first one
-within ``recovery.startup_timeout`` of the spawn) and non-finite metrics (``recovery.on_nan``)
-are seen here; worker exits are seen by the executor, peer loss by membership, corrupted
-shards by the arena service. Every detection becomes a `Detection` handed to ``report``.
+Hangs (no `Snapshotter.step` heartbeat for longer than the rank's own step history makes
+probable — `hang_detector` — and never longer than ``recovery.heartbeat_timeout``; no first
+one within ``recovery.startup_timeout`` of the spawn) and non-finite metrics
+(``recovery.on_nan``) are seen here; worker exits are seen by the executor, peer loss by
+membership, corrupted shards by the arena service. Every detection becomes a `Detection`
+handed to ``report``.
 
 A hang stops every rank that waits for the hung one in a collective, so silence alone does not
 say who hung: a hang's evidence lists every stalled rank's `Beat` (last step, when, the
@@ -25,6 +27,7 @@ import attrs
 import structlog
 import trio
 
+from supervise.agents.hang_detector import HangRule, StepPace
 from supervise.policy import Policy, Recovery
 from supervise.runtime.procfs import stat_fields
 from supervise.telemetry import Trigger, get_telemetry
@@ -83,7 +86,8 @@ def proc_state(pid: int) -> ProcState:
 class Beat:
     """One rank's heartbeat record when a hang is judged: its last completed step (None: none
     since the spawn), when that was (wall clock; the spawn's when none), how long it has been
-    silent, and its process's state."""
+    silent, its process's state, and the silence that makes it hung (``limit_s``; None: not
+    known, the policy's timeout)."""
 
     rank: int = attrs.field(validator=attrs.validators.instance_of(int))
     pid: int = attrs.field(validator=attrs.validators.instance_of(int))
@@ -93,12 +97,22 @@ class Beat:
     last_beat: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
     silent_for_s: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
     state: ProcState = attrs.field(converter=ProcState)
+    limit_s: float | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of((int, float))),
+    )
+
+    def limit(self, recovery: Recovery) -> float:
+        """The silence that makes this rank hung: its own, else the policy's timeout
+        (heartbeat, or startup before the first heartbeat)."""
+        if self.limit_s is not None:
+            return self.limit_s
+        return recovery.startup_timeout if self.last_step is None else recovery.heartbeat_timeout
 
     def stalled(self, recovery: Recovery) -> bool:
-        """Silent for at least `STALLED_FRACTION` of its timeout (heartbeat, or startup
-        before the first heartbeat): stopped together with whichever rank hung."""
-        limit = recovery.startup_timeout if self.last_step is None else recovery.heartbeat_timeout
-        return self.silent_for_s >= STALLED_FRACTION * limit
+        """Silent for at least `STALLED_FRACTION` of its limit: stopped together with
+        whichever rank hung."""
+        return self.silent_for_s >= STALLED_FRACTION * self.limit(recovery)
 
     def suspicion(self) -> tuple[int, int, float]:
         """The order `blame` sorts by: process state, last step, time of the last beat."""
@@ -114,13 +128,14 @@ class Beat:
             "last_beat": round(self.last_beat, 3),
             "silent_for_s": round(self.silent_for_s, 3),
             "state": self.state.value,
+            "limit_s": None if self.limit_s is None else round(self.limit_s, 3),
         }
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Beat:
         """Back from `to_wire`; ValueError naming what is wrong."""
         try:
-            step = data["last_step"]
+            step, limit = data["last_step"], data.get("limit_s")
             return cls(
                 int(data["rank"]),
                 int(data["pid"]),
@@ -128,6 +143,7 @@ class Beat:
                 float(data["last_beat"]),
                 float(data["silent_for_s"]),
                 ProcState(data["state"]),
+                None if limit is None else float(limit),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad heartbeat record {dict(data)!r}: {exc!r}") from None
@@ -204,16 +220,28 @@ class _Watch:
     pid: int
     spawned: float  # trio clock
     spawned_wall: float
+    pace: StepPace
+    startup_timeout: float
     last_beat: float | None = None  # trio clock
     last_beat_wall: float | None = None
     last_step: int | None = None
     reported: bool = False
 
+    def limit(self) -> float:
+        """The silence since the last heartbeat (the spawn before the first) that is a hang."""
+        limit = self.pace.limit()
+        return self.startup_timeout if limit is None else limit
+
+    def deadline(self) -> float:
+        """When this rank is hung if it stays silent (trio clock)."""
+        return (self.spawned if self.last_beat is None else self.last_beat) + self.limit()
+
     def beat(self, rank: int, now: float) -> Beat:
         """This rank's record now (``now``: the trio clock), with its process's state."""
         last = self.spawned if self.last_beat is None else self.last_beat
         wall = self.spawned_wall if self.last_beat_wall is None else self.last_beat_wall
-        return Beat(rank, self.pid, self.last_step, wall, now - last, proc_state(self.pid))
+        state = proc_state(self.pid)
+        return Beat(rank, self.pid, self.last_step, wall, now - last, state, self.limit())
 
 
 class Monitor:
@@ -227,13 +255,17 @@ class Monitor:
         # status during a recovery still says where each rank stopped.
         self._last: dict[int, tuple[int, float]] = {}
         self._wakeup = trio.Event()
+        self._wake_at = math.inf  # when the watch loop wakes up next (trio clock)
         self._nan_warned = False
+        self._rule = HangRule.from_recovery(policy.recovery)
 
     # -- what the executor and the arena service tell us ----------------------------------
 
     def arm(self, rank: int, pid: int) -> None:
         """A worker for ``rank`` was spawned: its startup deadline starts now."""
-        self._watches[rank] = _Watch(pid, trio.current_time(), time.time())
+        startup = self._policy.recovery.startup_timeout
+        now = trio.current_time()
+        self._watches[rank] = _Watch(pid, now, time.time(), StepPace(self._rule), startup)
         self._wakeup.set()
 
     def disarm(self, rank: int | None = None) -> None:
@@ -248,18 +280,38 @@ class Monitor:
         watch = self._watches.get(rank)
         if watch is None:
             return  # a late beat from a worker we already stopped
-        if watch.last_beat is None:
-            # The deadline moves from the startup timeout to the (usually shorter) heartbeat
-            # timeout: the watch loop must recompute it now, not at the old deadline.
-            self._wakeup.set()
-        watch.last_beat = trio.current_time()
+        watch.last_beat = now = trio.current_time()
         watch.last_beat_wall = time.time()
         watch.last_step = step
-        self._last[rank] = (step, watch.last_beat)
+        watch.pace.beat(now)
+        self._last[rank] = (step, now)
+        self._rewake(watch)
         get_telemetry().metrics.training_steps.add(1)
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         if bad and not watch.reported:
             self._non_finite(rank, step, bad, watch)
+
+    def pause(self, rank: int, paused: bool) -> None:
+        """The worker of ``rank`` says that a long phase starts (``paused``) or ended
+        (`Snapshotter.pause`): meanwhile only the heartbeat timeout applies to it."""
+        watch = self._watches.get(rank)
+        if watch is None or watch.pace.paused == paused:
+            return
+        now = trio.current_time()
+        if paused:
+            watch.pace.pause(now)
+        else:
+            watch.pace.resume(now)
+        log.info(
+            "training paused" if paused else "training resumed", rank=rank, step=watch.last_step
+        )
+        self._rewake(watch)
+
+    def _rewake(self, watch: _Watch) -> None:
+        """The watch loop recomputes its deadlines now when ``watch``'s came earlier than
+        the loop's wake-up (the first heartbeat, a history long enough to judge, a resume)."""
+        if watch.deadline() < self._wake_at:
+            self._wakeup.set()
 
     def progress(self) -> dict[int, RankProgress]:
         """Every rank seen so far: its last step and how long ago (trio clock, now)."""
@@ -319,12 +371,6 @@ class Monitor:
         log.warning("heartbeat timeout", **evidence)
         self._report(Detection(Trigger.HEARTBEAT_TIMEOUT, victim.last_beat, time.time(), evidence))
 
-    def _deadline(self, w: _Watch) -> float:
-        r = self._policy.recovery
-        if w.last_beat is None:
-            return w.spawned + r.startup_timeout
-        return w.last_beat + r.heartbeat_timeout
-
     async def run(
         self, *, task_status: trio.TaskStatus[Monitor] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -334,9 +380,10 @@ class Monitor:
             now = trio.current_time()
             pending = [(r, w) for r, w in self._watches.items() if not w.reported]
             for rank, w in pending:
-                if now >= self._deadline(w):
+                if now >= w.deadline():
                     self._hang(rank, w, now)
-            upcoming = [self._deadline(w) for w in self._watches.values() if not w.reported]
+            upcoming = [w.deadline() for w in self._watches.values() if not w.reported]
             self._wakeup = trio.Event()
-            with trio.move_on_at(min(upcoming, default=math.inf)):
+            self._wake_at = min(upcoming, default=math.inf)
+            with trio.move_on_at(self._wake_at):
                 await self._wakeup.wait()

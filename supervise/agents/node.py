@@ -174,6 +174,7 @@ class NodeRuntime:
             keeper=self.keeper,
         )
         self.arenas.add_heartbeat_hook(self._heartbeat)
+        self.arenas.add_pause_hook(self._pause)
         self.arenas.add_corrupt_hook(self._corrupt)
         self.arenas.add_request_hook(self._request)
         self.arenas.add_commit_hook(self._committed)
@@ -194,6 +195,10 @@ class NodeRuntime:
     def _heartbeat(self, rank: int, step: int, metrics: Mapping[str, float]) -> None:
         if self.monitor is not None:
             self.monitor.heartbeat(rank, step, metrics)
+
+    def _pause(self, rank: int, paused: bool) -> None:
+        if self.monitor is not None:
+            self.monitor.pause(rank, paused)
 
     def _corrupt(self, rank: int, step: int, reason: str) -> None:
         if self.executor is not None:

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -101,6 +101,7 @@ class Snapshotter:
         self.local_rank = env_int("LOCAL_RANK", 0)
         self.generation = env_int("SUPERVISE_GENERATION", 0)
         self._closed = False
+        self._pauses = 0  # nested `pause` blocks open now
         self.last_restore: RestoreStats | None = None
         hello = p.Hello(self.rank, self.local_rank, self.world_size, self.generation, os.getpid())
         wiring = connect(hello, policy, shm_dir)
@@ -165,6 +166,23 @@ class Snapshotter:
         if self._collective:
             due = any_rank(due)
         return self._capture_now(step, values) if due else False
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """A long phase runs in this block (an evaluation, a checkpoint to disk, a data
+        reload): the agent's hang detector does not judge it by the step history, only by
+        ``recovery.heartbeat_timeout`` from the block's start. Blocks may nest; the agent
+        is told when the outermost one starts and ends (standalone: nothing to tell)."""
+        self._check_open()
+        if self._pauses == 0:
+            self._owner.pause(True)
+        self._pauses += 1
+        try:
+            yield
+        finally:
+            self._pauses -= 1
+            if self._pauses == 0 and not self._closed:
+                self._owner.pause(False)
 
     def capture(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
         """Capture now, whatever the schedule. Returns False (with a warning) when the owner

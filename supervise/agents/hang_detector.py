@@ -1,0 +1,129 @@
+"""When a worker's silence is a hang: judged from its own step-interval history, not only a
+fixed timeout (sans-IO: every time is the caller's clock).
+
+The idea is the phi-accrual failure detector of Hayashibara et al. (as in Akka and Cassandra,
+and `supervise.cluster.failure_detector` for peers), applied to training steps: once a rank
+has a history of ``MIN_SAMPLES`` step intervals, its silence is a hang when it is both
+improbable given that history (phi = -log10 P(a step takes longer) reaches
+``recovery.hang_phi``, intervals modelled as a normal distribution) and longer than a
+minimum: ``recovery.hang_min_steps`` typical (median) intervals and ``recovery.hang_min_silence``
+seconds, so a loaded machine's jitter is no hang. ``recovery.heartbeat_timeout`` stays the
+upper bound, and is the only rule before the history exists and while the training script
+says that a long phase runs (``Snapshotter.pause``); the interval that spans a pause is kept
+out of the history.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Final
+
+import attrs
+
+from supervise.policy import Recovery
+
+#: Step intervals a rank needs before its history is trusted; until then the timeout rules.
+MIN_SAMPLES: Final = 5
+#: Step intervals kept per rank (the newest): the detector follows a pace that changes.
+WINDOW: Final = 64
+#: The least standard deviation, as a fraction of the mean: a perfectly regular history does
+#: not make a slightly late step certain to be a hang.
+MIN_STD_FRACTION: Final = 0.1
+
+_NORMAL: Final = statistics.NormalDist()
+
+
+@attrs.frozen(slots=True)
+class HangRule:
+    """The policy's hang rule: adaptive or timeout only, and the adaptive rule's bounds."""
+
+    adaptive: bool
+    timeout: float
+    phi: float
+    min_steps: float
+    min_silence: float
+
+    @classmethod
+    def from_recovery(cls, r: Recovery) -> HangRule:
+        """The rule a `Recovery` section sets."""
+        return cls(
+            r.hang_detection == "adaptive",
+            r.heartbeat_timeout,
+            r.hang_phi,
+            r.hang_min_steps,
+            r.hang_min_silence,
+        )
+
+    def bound(self, intervals: deque[float]) -> float | None:
+        """The silence that makes a rank with these step intervals hung (None: too few to
+        judge by, the timeout rules): at most the timeout, at least the two minimums."""
+        if not self.adaptive or len(intervals) < MIN_SAMPLES:
+            return None
+        mean = statistics.fmean(intervals)
+        std = max(statistics.pstdev(intervals, mean), MIN_STD_FRACTION * mean)
+        # phi(t) = -log10 P(X > t) for X ~ N(mean, std) reaches `phi` at this silence:
+        improbable = mean - std * _NORMAL.inv_cdf(10.0**-self.phi)
+        typical = statistics.median(intervals)
+        return min(self.timeout, max(self.min_silence, self.min_steps * typical, improbable))
+
+
+class StepPace:
+    """One worker's heartbeats and pauses: the silence since its last heartbeat that makes
+    it hung (`limit`). Before its first heartbeat the caller's startup rule applies."""
+
+    __slots__ = ("_bound", "_intervals", "_last", "_paused_at", "_resumed_at", "_rule", "_skip")
+
+    def __init__(self, rule: HangRule) -> None:
+        self._rule = rule
+        self._intervals: deque[float] = deque(maxlen=WINDOW)
+        self._bound: float | None = None  # the adaptive bound of the current history
+        self._last: float | None = None  # the last heartbeat
+        self._paused_at: float | None = None  # a long phase runs since then
+        self._resumed_at: float | None = None  # the last pause ended then (no beat since)
+        self._skip = False  # the next interval spans a pause: not a step's time
+
+    @property
+    def paused(self) -> bool:
+        """Whether the training script said that a long phase runs now."""
+        return self._paused_at is not None
+
+    @property
+    def samples(self) -> int:
+        """How many step intervals the history holds."""
+        return len(self._intervals)
+
+    def beat(self, now: float) -> None:
+        """A step completed at ``now``."""
+        if self._last is not None and not self._skip:
+            self._intervals.append(now - self._last)
+            self._bound = self._rule.bound(self._intervals)
+        self._skip = self.paused
+        self._last = now
+        self._resumed_at = None
+
+    def pause(self, now: float) -> None:
+        """A long phase starts at ``now`` (a second call while paused changes nothing)."""
+        if self._paused_at is None:
+            self._paused_at = now
+            self._skip = True
+
+    def resume(self, now: float) -> None:
+        """The long phase ended at ``now``."""
+        if self._paused_at is not None:
+            self._paused_at = None
+            self._resumed_at = now
+
+    def limit(self) -> float | None:
+        """The silence since the last heartbeat that makes this rank hung (None: no heartbeat
+        yet). Paused: the timeout from the pause's start; just resumed: the usual bound from
+        the resume; else the adaptive bound, or the timeout while the history is short."""
+        if self._last is None:
+            return None
+        anchor = self._last
+        bound = self._rule.timeout if self._bound is None else self._bound
+        if self._paused_at is not None:
+            anchor, bound = max(anchor, self._paused_at), self._rule.timeout
+        elif self._resumed_at is not None:
+            anchor = max(anchor, self._resumed_at)
+        return anchor - self._last + bound
