@@ -380,7 +380,8 @@ class Monitor:
             now = trio.current_time()
             pending = [(r, w) for r, w in self._watches.items() if not w.reported]
             for rank, w in pending:
-                if now >= w.deadline():
+                # not w.reported: an earlier hang this round may have reported it stalled
+                if not w.reported and now >= w.deadline():
                     self._hang(rank, w, now)
             upcoming = [w.deadline() for w in self._watches.values() if not w.reported]
             self._wakeup = trio.Event()
