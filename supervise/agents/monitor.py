@@ -302,9 +302,7 @@ class Monitor:
             watch.pace.pause(now)
         else:
             watch.pace.resume(now)
-        log.info(
-            "training paused" if paused else "training resumed", rank=rank, step=watch.last_step
-        )
+        log.info("pause started" if paused else "pause ended", rank=rank, step=watch.last_step)
         self._rewake(watch)
 
     def _rewake(self, watch: _Watch) -> None:

@@ -46,9 +46,7 @@ async def detections(
     return seen
 
 
-def steps(
-    intervals: Iterable[float], rank: int = 0, first: int = 0
-) -> Callable[[Monitor], Any]:
+def steps(intervals: Iterable[float], rank: int = 0, first: int = 0) -> Callable[[Monitor], Any]:
     async def run(monitor: Monitor) -> None:
         for step, interval in enumerate(intervals, start=first):
             await trio.sleep(interval)
