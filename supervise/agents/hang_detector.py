@@ -15,6 +15,8 @@ out of the history.
 
 from __future__ import annotations
 
+import bisect
+import math
 import statistics
 from collections import deque
 from typing import Final
@@ -34,6 +36,51 @@ MIN_STD_FRACTION: Final = 0.1
 _NORMAL: Final = statistics.NormalDist()
 
 
+class History:
+    """The newest `WINDOW` step intervals, with their mean, deviation and median in O(1) per
+    interval (running sums, a sorted copy): the agent judges every heartbeat of every rank."""
+
+    __slots__ = ("_added", "_sorted", "_sum", "_sumsq", "_values")
+
+    def __init__(self) -> None:
+        self._values: deque[float] = deque()
+        self._sorted: list[float] = []
+        self._sum = 0.0
+        self._sumsq = 0.0
+        self._added = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, interval: float) -> None:
+        """Record one interval (the oldest goes when the window is full)."""
+        self._values.append(interval)
+        bisect.insort(self._sorted, interval)
+        self._sum += interval
+        self._sumsq += interval * interval
+        if len(self._values) > WINDOW:
+            old = self._values.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            self._sum -= old
+            self._sumsq -= old * old
+        self._added += 1
+        if self._added % WINDOW == 0:  # the running sums, exact again (no drift in long runs)
+            self._sum = math.fsum(self._values)
+            self._sumsq = math.fsum(x * x for x in self._values)
+
+    def mean(self) -> float:
+        return self._sum / len(self._values)
+
+    def std(self) -> float:
+        """The population standard deviation."""
+        mean = self.mean()
+        return math.sqrt(max(0.0, self._sumsq / len(self._values) - mean * mean))
+
+    def median(self) -> float:
+        s, n = self._sorted, len(self._sorted)
+        return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 @attrs.frozen(slots=True)
 class HangRule:
     """The policy's hang rule: adaptive or timeout only, and the adaptive rule's bounds."""
@@ -43,6 +90,12 @@ class HangRule:
     phi: float
     min_steps: float
     min_silence: float
+    # phi(t) = -log10 P(X > t) for X ~ N(mean, std) reaches `phi` at t = mean + z * std
+    z: float = attrs.field(init=False)
+
+    @z.default
+    def _z(self) -> float:
+        return -_NORMAL.inv_cdf(10.0**-self.phi)
 
     @classmethod
     def from_recovery(cls, r: Recovery) -> HangRule:
@@ -55,16 +108,15 @@ class HangRule:
             r.hang_min_silence,
         )
 
-    def bound(self, intervals: deque[float]) -> float | None:
-        """The silence that makes a rank with these step intervals hung (None: too few to
-        judge by, the timeout rules): at most the timeout, at least the two minimums."""
-        if not self.adaptive or len(intervals) < MIN_SAMPLES:
+    def bound(self, history: History) -> float | None:
+        """The silence that makes a rank with this step history hung (None: too few
+        intervals to judge by, the timeout rules): at most the timeout, at least the two
+        minimums."""
+        if not self.adaptive or len(history) < MIN_SAMPLES:
             return None
-        mean = statistics.fmean(intervals)
-        std = max(statistics.pstdev(intervals, mean), MIN_STD_FRACTION * mean)
-        # phi(t) = -log10 P(X > t) for X ~ N(mean, std) reaches `phi` at this silence:
-        improbable = mean - std * _NORMAL.inv_cdf(10.0**-self.phi)
-        typical = statistics.median(intervals)
+        mean = history.mean()
+        improbable = mean + self.z * max(history.std(), MIN_STD_FRACTION * mean)
+        typical = history.median()
         return min(self.timeout, max(self.min_silence, self.min_steps * typical, improbable))
 
 
@@ -76,7 +128,7 @@ class StepPace:
 
     def __init__(self, rule: HangRule) -> None:
         self._rule = rule
-        self._intervals: deque[float] = deque(maxlen=WINDOW)
+        self._intervals = History()
         self._bound: float | None = None  # the adaptive bound of the current history
         self._last: float | None = None  # the last heartbeat
         self._paused_at: float | None = None  # a long phase runs since then
@@ -96,7 +148,7 @@ class StepPace:
     def beat(self, now: float) -> None:
         """A step completed at ``now``."""
         if self._last is not None and not self._skip:
-            self._intervals.append(now - self._last)
+            self._intervals.add(now - self._last)
             self._bound = self._rule.bound(self._intervals)
         self._skip = self.paused
         self._last = now

@@ -6,6 +6,7 @@ the upper bound."""
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from supervise.agents.hang_detector import MIN_SAMPLES, HangRule, StepPace
+from supervise.agents.hang_detector import MIN_SAMPLES, WINDOW, HangRule, History, StepPace
 from supervise.agents.monitor import Beat, Detection, Monitor, ProcState
 from supervise.policy import Policy, Recovery
 from supervise.telemetry import Trigger
@@ -197,3 +198,17 @@ def test_a_beat_with_its_limit_survives_the_wire_and_judges_stalled_by_it() -> N
     old = {k: v for k, v in b.to_wire().items() if k != "limit_s"}  # an older agent's record
     assert Beat.from_wire(old).limit_s is None
     assert not Beat.from_wire(old).stalled(recovery)  # judged by the timeout: 0.6 of 60 s
+
+
+def test_the_history_keeps_the_newest_window_with_its_statistics() -> None:
+    rng = random.Random(3)
+    history, seen = History(), []
+    for _ in range(5 * WINDOW + 7):
+        x = rng.expovariate(3.0)
+        history.add(x)
+        seen.append(x)
+        window = seen[-WINDOW:]
+        assert len(history) == len(window)
+        assert history.mean() == pytest.approx(statistics.fmean(window))
+        assert history.std() == pytest.approx(statistics.pstdev(window), abs=1e-9)
+        assert history.median() == statistics.median(window)
