@@ -124,7 +124,16 @@ class StepPace:
     """One worker's heartbeats and pauses: the silence since its last heartbeat that makes
     it hung (`limit`). Before its first heartbeat the caller's startup rule applies."""
 
-    __slots__ = ("_bound", "_intervals", "_last", "_paused_at", "_resumed_at", "_rule", "_skip")
+    __slots__ = (
+        "_bound",
+        "_intervals",
+        "_last",
+        "_paused_at",
+        "_resumed_at",
+        "_rule",
+        "_skip",
+        "_suspended",
+    )
 
     def __init__(self, rule: HangRule) -> None:
         self._rule = rule
@@ -134,11 +143,17 @@ class StepPace:
         self._paused_at: float | None = None  # a long phase runs since then
         self._resumed_at: float | None = None  # the last pause ended then (no beat since)
         self._skip = False  # the next interval spans a pause: not a step's time
+        self._suspended = False  # busy, not hung: the timeout until the next heartbeat
 
     @property
     def paused(self) -> bool:
         """Whether the training script said that a long phase runs now."""
         return self._paused_at is not None
+
+    @property
+    def by_history(self) -> bool:
+        """Whether `limit` is the step history's verdict now (else the timeout's)."""
+        return not (self._suspended or self.paused or self._bound is None or self._last is None)
 
     @property
     def samples(self) -> int:
@@ -153,6 +168,13 @@ class StepPace:
         self._skip = self.paused
         self._last = now
         self._resumed_at = None
+        self._suspended = False
+
+    def suspend(self) -> None:
+        """Its silence passed the history's limit but the process was busy (computing, not
+        stuck): only the timeout applies until its next heartbeat, and the interval up to it,
+        a long phase nobody announced, stays out of the history."""
+        self._suspended = self._skip = True
 
     def pause(self, now: float) -> None:
         """A long phase starts at ``now`` (a second call while paused changes nothing)."""
@@ -173,7 +195,7 @@ class StepPace:
         if self._last is None:
             return None
         anchor = self._last
-        bound = self._rule.timeout if self._bound is None else self._bound
+        bound = self._rule.timeout if self._bound is None or self._suspended else self._bound
         if self._paused_at is not None:
             anchor, bound = max(anchor, self._paused_at), self._rule.timeout
         elif self._resumed_at is not None:

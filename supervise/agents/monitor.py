@@ -29,13 +29,21 @@ import trio
 
 from supervise.agents.hang_detector import HangRule, StepPace
 from supervise.policy import Policy, Recovery
-from supervise.runtime.procfs import stat_fields
+from supervise.runtime.procfs import cpu_seconds, stat_fields
 from supervise.telemetry import Trigger, get_telemetry
 
 log = structlog.get_logger("supervise.agents.monitor")
 
 #: A rank silent for this fraction of its timeout when another rank's expires stalled with it.
 STALLED_FRACTION = 0.5
+#: Before a step history's verdict, the process's CPU time is read this long (at most: half
+#: the limit) ahead of it; a process that used this fraction of a core meanwhile is busy
+#: (a long phase nobody announced: the end of training, a final save), not stuck, and is left
+#: to the timeout. A stopped, deadlocked or waiting process uses next to none.
+BUSY_WINDOW_S = 1.0
+BUSY_CPU_FRACTION = 0.25
+#: The least window the CPU time is compared over (a loop that woke late takes a new mark).
+MIN_BUSY_WINDOW_S = 0.1
 
 
 class ProcState(enum.StrEnum):
@@ -226,6 +234,8 @@ class _Watch:
     last_beat_wall: float | None = None
     last_step: int | None = None
     reported: bool = False
+    cpu_mark: tuple[float, float | None] | None = None  # (trio clock, CPU seconds) ahead of
+    # the step history's verdict, to tell a busy process from a stuck one
 
     def limit(self) -> float:
         """The silence since the last heartbeat (the spawn before the first) that is a hang."""
@@ -235,6 +245,16 @@ class _Watch:
     def deadline(self) -> float:
         """When this rank is hung if it stays silent (trio clock)."""
         return (self.spawned if self.last_beat is None else self.last_beat) + self.limit()
+
+    def next_look(self) -> float:
+        """When the watch loop must look at this rank again (trio clock): its deadline; with
+        the step history's verdict, first to read its CPU time, then not before a window."""
+        deadline = self.deadline()
+        if not self.pace.by_history:
+            return deadline
+        if self.cpu_mark is None:
+            return deadline - min(BUSY_WINDOW_S, 0.5 * self.limit())
+        return max(deadline, self.cpu_mark[0] + MIN_BUSY_WINDOW_S)
 
     def beat(self, rank: int, now: float) -> Beat:
         """This rank's record now (``now``: the trio clock), with its process's state."""
@@ -247,9 +267,16 @@ class _Watch:
 class Monitor:
     """Deadlines for the running workers' heartbeats, and the metrics they carry."""
 
-    def __init__(self, policy: Policy, report: Callable[[Detection], None]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        report: Callable[[Detection], None],
+        *,
+        cpu: Callable[[int], float | None] = cpu_seconds,
+    ) -> None:
         self._policy = policy
         self._report = report
+        self._cpu = cpu  # a process's CPU seconds so far (None: unknown)
         self._watches: dict[int, _Watch] = {}
         # rank -> (last step, trio time of its beat): kept across a worker's exit, so a
         # status during a recovery still says where each rank stopped.
@@ -284,6 +311,7 @@ class Monitor:
         watch.last_beat_wall = time.time()
         watch.last_step = step
         watch.pace.beat(now)
+        watch.cpu_mark = None
         self._last[rank] = (step, now)
         self._rewake(watch)
         get_telemetry().metrics.training_steps.add(1)
@@ -302,13 +330,14 @@ class Monitor:
             watch.pace.pause(now)
         else:
             watch.pace.resume(now)
+        watch.cpu_mark = None
         log.info("pause started" if paused else "pause ended", rank=rank, step=watch.last_step)
         self._rewake(watch)
 
     def _rewake(self, watch: _Watch) -> None:
         """The watch loop recomputes its deadlines now when ``watch``'s came earlier than
         the loop's wake-up (the first heartbeat, a history long enough to judge, a resume)."""
-        if watch.deadline() < self._wake_at:
+        if watch.next_look() < self._wake_at:
             self._wakeup.set()
 
     def progress(self) -> dict[int, RankProgress]:
@@ -350,6 +379,38 @@ class Monitor:
         log.error("non-finite metric", action=action, **evidence)
         self._report(Detection(Trigger.NAN, now, now, evidence, stop=action == "stop"))
 
+    def _look(self, rank: int, w: _Watch, now: float) -> None:
+        """Judge ``rank`` now: hung past its limit, unless the step history's verdict finds
+        its process busy (then the timeout rules until its next heartbeat)."""
+        if not w.pace.by_history:
+            if now >= w.deadline():
+                self._hang(rank, w, now)
+            return
+        if w.cpu_mark is None:
+            if now >= w.next_look():
+                w.cpu_mark = (now, self._cpu(w.pid))
+            return
+        if now < w.next_look():
+            return
+        since, before = w.cpu_mark
+        after = self._cpu(w.pid)
+        w.cpu_mark = None
+        if before is not None and after is not None:
+            used = after - before
+            if used >= BUSY_CPU_FRACTION * (now - since):
+                w.pace.suspend()
+                log.info(
+                    "silent past its step history but busy: judged by the timeout",
+                    rank=rank,
+                    pid=w.pid,
+                    last_step=w.last_step,
+                    silent_for_s=round(now - (w.last_beat or w.spawned), 3),
+                    cpu_s=round(used, 3),
+                    window_s=round(now - since, 3),
+                )
+                return
+        self._hang(rank, w, now)
+
     def _hang(self, rank: int, w: _Watch, now: float) -> None:
         """``rank``'s deadline passed: judge every rank stalled with it, report the first."""
         recovery = self._policy.recovery
@@ -379,9 +440,9 @@ class Monitor:
             pending = [(r, w) for r, w in self._watches.items() if not w.reported]
             for rank, w in pending:
                 # not w.reported: an earlier hang this round may have reported it stalled
-                if not w.reported and now >= w.deadline():
-                    self._hang(rank, w, now)
-            upcoming = [w.deadline() for w in self._watches.values() if not w.reported]
+                if not w.reported:
+                    self._look(rank, w, now)
+            upcoming = [w.next_look() for w in self._watches.values() if not w.reported]
             self._wakeup = trio.Event()
             self._wake_at = min(upcoming, default=math.inf)
             with trio.move_on_at(self._wake_at):

@@ -133,6 +133,35 @@ async def test_after_a_pause_the_usual_bound_counts_from_its_end(
     assert [at - resumed for at, _ in seen] == [pytest.approx(1.0)]
 
 
+async def test_a_busy_process_past_its_history_is_left_to_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # After its last step a rank saves its model (busy: a core's worth of CPU time) without
+    # a pause: not hung by the step history, only at the timeout if it never ends.
+    seen: list[tuple[float, Detection]] = []
+    busy = {"on": False}
+
+    def cpu(pid: int) -> float:
+        return trio.current_time() if busy["on"] else 0.0
+
+    monitor = Monitor(
+        policy(hang_min_silence=0.5), lambda d: seen.append((trio.current_time(), d)), cpu=cpu
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        monitor.arm(0, PID)
+        await steps([0.2] * 20)(monitor)
+        busy["on"] = True
+        await trio.sleep(30.0)
+        assert seen == []  # 30 s busy: no verdict by the history
+        busy["on"] = False
+        await steps([0.2] * 3, first=20)(monitor)  # steps again: the history judges again
+        last = trio.current_time()
+        await trio.sleep(300.0)
+        nursery.cancel_scope.cancel()
+    assert [at - last for at, _ in seen] == [pytest.approx(1.0)]  # idle: a hang
+
+
 def test_the_interval_spanning_a_pause_stays_out_of_the_history() -> None:
     rule = HangRule.from_recovery(Recovery(hang_min_silence=0.1))
     pace = StepPace(rule)
