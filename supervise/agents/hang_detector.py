@@ -23,7 +23,7 @@ from typing import Final
 
 import attrs
 
-from supervise.policy import Recovery
+from supervise.policy import Policy
 
 #: Step intervals a rank needs before its history is trusted; until then the timeout rules.
 MIN_SAMPLES: Final = 5
@@ -32,6 +32,11 @@ WINDOW: Final = 64
 #: The least standard deviation, as a fraction of the mean: a perfectly regular history does
 #: not make a slightly late step certain to be a hang.
 MIN_STD_FRACTION: Final = 0.1
+
+#: A peer node silent this many of its heartbeat intervals may be lost: a step history's
+#: verdict waits while the membership decides (peer_lost: the ranks here stall waiting for
+#: the lost ones, they did not hang); so no verdict comes before one more interval than that.
+QUIET_PEER_BEATS: Final = 2
 
 _NORMAL: Final = statistics.NormalDist()
 
@@ -98,14 +103,17 @@ class HangRule:
         return -_NORMAL.inv_cdf(10.0**-self.phi)
 
     @classmethod
-    def from_recovery(cls, r: Recovery) -> HangRule:
-        """The rule a `Recovery` section sets."""
+    def from_policy(cls, policy: Policy) -> HangRule:
+        """The rule a policy sets: its ``recovery.hang_*`` keys; the least silence is also
+        more than a quiet peer's (`QUIET_PEER_BEATS` cluster heartbeat intervals)."""
+        r = policy.recovery
+        quiet = (QUIET_PEER_BEATS + 1) * policy.cluster.heartbeat_interval
         return cls(
             r.hang_detection == "adaptive",
             r.heartbeat_timeout,
             r.hang_phi,
             r.hang_min_steps,
-            r.hang_min_silence,
+            max(r.hang_min_silence, quiet),
         )
 
     def bound(self, history: History) -> float | None:

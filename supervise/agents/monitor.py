@@ -27,7 +27,7 @@ import attrs
 import structlog
 import trio
 
-from supervise.agents.hang_detector import HangRule, StepPace
+from supervise.agents.hang_detector import QUIET_PEER_BEATS, HangRule, StepPace
 from supervise.policy import Policy, Recovery
 from supervise.runtime.procfs import cpu_seconds, stat_fields
 from supervise.telemetry import Trigger, get_telemetry
@@ -236,6 +236,7 @@ class _Watch:
     reported: bool = False
     cpu_mark: tuple[float, float | None] | None = None  # (trio clock, CPU seconds) ahead of
     # the step history's verdict, to tell a busy process from a stuck one
+    hold_until: float = -math.inf  # no verdict by the step history before (a quiet peer)
 
     def limit(self) -> float:
         """The silence since the last heartbeat (the spawn before the first) that is a hang."""
@@ -254,7 +255,7 @@ class _Watch:
             return deadline
         if self.cpu_mark is None:
             return deadline - min(BUSY_WINDOW_S, 0.5 * self.limit())
-        return max(deadline, self.cpu_mark[0] + MIN_BUSY_WINDOW_S)
+        return max(deadline, self.cpu_mark[0] + MIN_BUSY_WINDOW_S, self.hold_until)
 
     def beat(self, rank: int, now: float) -> Beat:
         """This rank's record now (``now``: the trio clock), with its process's state."""
@@ -273,10 +274,13 @@ class Monitor:
         report: Callable[[Detection], None],
         *,
         cpu: Callable[[int], float | None] = cpu_seconds,
+        peers_quiet_for: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._policy = policy
         self._report = report
         self._cpu = cpu  # a process's CPU seconds so far (None: unknown)
+        self._peers_quiet_for = peers_quiet_for  # the longest silence of a live peer node
+        self._quiet_peer_s = QUIET_PEER_BEATS * policy.cluster.heartbeat_interval
         self._watches: dict[int, _Watch] = {}
         # rank -> (last step, trio time of its beat): kept across a worker's exit, so a
         # status during a recovery still says where each rank stopped.
@@ -284,7 +288,7 @@ class Monitor:
         self._wakeup = trio.Event()
         self._wake_at = math.inf  # when the watch loop wakes up next (trio clock)
         self._nan_warned = False
-        self._rule = HangRule.from_recovery(policy.recovery)
+        self._rule = HangRule.from_policy(policy)
 
     # -- what the executor and the arena service tell us ----------------------------------
 
@@ -381,7 +385,8 @@ class Monitor:
 
     def _look(self, rank: int, w: _Watch, now: float) -> None:
         """Judge ``rank`` now: hung past its limit, unless the step history's verdict finds
-        its process busy (then the timeout rules until its next heartbeat)."""
+        its process busy, or a peer node silent (a node loss in the making stalls the ranks
+        here too): then the timeout rules until its next heartbeat."""
         if not w.pace.by_history:
             if now >= w.deadline():
                 self._hang(rank, w, now)
@@ -409,6 +414,17 @@ class Monitor:
                     window_s=round(now - since, 3),
                 )
                 return
+        quiet = self._peers_quiet_for()
+        if quiet >= self._quiet_peer_s:
+            w.cpu_mark = (now, after)
+            w.hold_until = now + self._policy.cluster.heartbeat_interval
+            log.debug(
+                "silent past its step history while a peer node is silent: waiting",
+                rank=rank,
+                last_step=w.last_step,
+                peer_silent_for_s=round(quiet, 3),
+            )
+            return
         self._hang(rank, w, now)
 
     def _hang(self, rank: int, w: _Watch, now: float) -> None:

@@ -264,7 +264,7 @@ class NodeRuntime:
     async def serve_monitor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        monitor = Monitor(self.policy, self._detected)
+        monitor = Monitor(self.policy, self._detected, peers_quiet_for=self.membership.quiet_for)
         self.monitor = monitor
         try:
             async with trio.open_nursery() as nursery:

@@ -138,6 +138,11 @@ class FailureDetector:
         p.alive, p.seen, p.last, p.incarnation = True, True, now, incarnation
         return events
 
+    def silence(self, rank: int, now: float) -> float:
+        """Seconds since ``rank``'s last heartbeat (since watching began: never heard)."""
+        p = self._peers.get(rank)
+        return math.inf if p is None else max(0.0, now - p.last)
+
     def phi(self, rank: int, now: float) -> float:
         """Suspicion level of a peer: -log10 P(its next heartbeat is still to come at ``now``)."""
         p = self._peers.get(rank)

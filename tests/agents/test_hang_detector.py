@@ -16,14 +16,19 @@ import trio.testing
 
 from supervise.agents.hang_detector import MIN_SAMPLES, WINDOW, HangRule, History, StepPace
 from supervise.agents.monitor import Beat, Detection, Monitor, ProcState
-from supervise.policy import Policy, Recovery
+from supervise.policy import Cluster, Policy, Recovery
 from supervise.telemetry import Trigger
 
 PID = 1234  # no such worker: its process state is only evidence
 
 
 def policy(**recovery: Any) -> Policy:
-    return Policy.from_dict({"recovery": {"heartbeat_timeout": 60.0, **recovery}})
+    return Policy.from_dict(
+        {
+            "recovery": {"heartbeat_timeout": 60.0, **recovery},
+            "cluster": {"heartbeat_interval": 0.1},
+        }
+    )
 
 
 async def detections(
@@ -162,8 +167,43 @@ async def test_a_busy_process_past_its_history_is_left_to_the_timeout(
     assert [at - last for at, _ in seen] == [pytest.approx(1.0)]  # idle: a hang
 
 
+async def test_no_verdict_by_the_history_while_a_peer_node_is_silent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A node loss stalls the ranks here too (they wait for the lost ranks in a collective):
+    # the membership's peer_lost must name it, not a hang of the survivors. The verdict waits
+    # while a peer node is silent, and comes once the peer is heard again.
+    seen: list[tuple[float, Detection]] = []
+    quiet_since: dict[str, float | None] = {"t": None}
+
+    def peers_quiet_for() -> float:
+        t = quiet_since["t"]
+        return 0.0 if t is None else trio.current_time() - t
+
+    monitor = Monitor(
+        Policy.from_dict({"recovery": {"heartbeat_timeout": 60.0, "hang_min_silence": 0.5}}),
+        lambda d: seen.append((trio.current_time(), d)),
+        peers_quiet_for=peers_quiet_for,
+    )  # membership heartbeats every 1 s: no verdict before 3 s (a quiet peer is 2 s)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run)
+        monitor.arm(0, PID)
+        await steps([0.2] * 20)(monitor)
+        quiet_since["t"] = trio.current_time()  # the peer node went silent with our last step
+        await trio.sleep(8.0)
+        assert seen == []  # 8 s: past the history's 3 s, the peer still silent
+        quiet_since["t"] = None  # heard again (it was only slow): the verdict comes
+        back = trio.current_time()
+        await trio.sleep(60.0)
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 1
+    assert seen[0][0] - back <= 1.0  # within a membership heartbeat interval
+
+
 def test_the_interval_spanning_a_pause_stays_out_of_the_history() -> None:
-    rule = HangRule.from_recovery(Recovery(hang_min_silence=0.1))
+    rule = HangRule.from_policy(
+        Policy(recovery=Recovery(hang_min_silence=0.1), cluster=Cluster(heartbeat_interval=0.01))
+    )
     pace = StepPace(rule)
     assert pace.limit() is None  # no heartbeat yet: the startup rule is the caller's
     for t in range(MIN_SAMPLES + 1):
