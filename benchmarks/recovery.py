@@ -73,6 +73,7 @@ class Config:
     sv_preload: tuple[str, ...] | None = None  # None: the policy's default
     bl_every: int = 0  # 0: Young's interval from the measured save time, for N = 60 s
     hang_timeout: float = 10.0
+    hang_detection: str = "adaptive"  # supervise's recovery.hang_detection ("timeout": before)
     peer_timeout: float = 2.0
     heartbeat_interval: float = 0.5
     worker_shutdown: float = 5.0
@@ -178,6 +179,7 @@ replicas = 2
 [recovery]
 {preload_line(cfg)}max_attempts = 10
 heartbeat_timeout = {cfg.hang_timeout}
+hang_detection = "{cfg.hang_detection}"
 startup_timeout = 120.0
 on_nan = "rollback"
 [recovery.backoff]
@@ -906,7 +908,8 @@ def report(
     bare, sv_ref, bl_ref = refs["bare"], refs[SUPERVISE], refs[BASELINE]
     add(
         f"Settings: supervise snapshots every {cfg.sv_every} steps (RAM, replicated to the "
-        f"peer; keep_last 2), heartbeat_timeout {cfg.hang_timeout:g} s, peer_timeout "
+        f"peer; keep_last 2), heartbeat_timeout {cfg.hang_timeout:g} s (hang_detection "
+        f"{cfg.hang_detection}), peer_timeout "
         f"{cfg.peer_timeout:g} s (heartbeats every {cfg.heartbeat_interval:g} s), first "
         "restart without backoff (`recovery.backoff.initial = 0`; the default policy's 1 s "
         "would add 1 s to every recovery). Status quo: `torch.save` every "
@@ -1167,6 +1170,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         "--bl-every", type=int, default=0, help="status quo: checkpoint every K steps (0: Young)"
     )
     ap.add_argument("--hang-timeout", type=float, default=10.0)
+    ap.add_argument(
+        "--sv-hang-detection",
+        choices=("adaptive", "timeout"),
+        default="adaptive",
+        help="supervise: recovery.hang_detection (timeout: heartbeat_timeout alone)",
+    )
     ap.add_argument("--peer-timeout", type=float, default=2.0)
     ap.add_argument("--settle-steps", type=int, default=40, help="steps between two trials")
     ap.add_argument("--quick", action="store_true", help="1 trial per kind, goodput N=20 only")
@@ -1184,6 +1193,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         else tuple(m.strip() for m in args.sv_preload.split(",") if m.strip()),
         bl_every=args.bl_every,
         hang_timeout=args.hang_timeout,
+        hang_detection=args.sv_hang_detection,
         peer_timeout=args.peer_timeout,
         reps=args.reps,
         kinds=tuple(k for k in args.kinds.split(",") if k),

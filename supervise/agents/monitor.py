@@ -1,9 +1,11 @@
 """Monitor: notices what goes wrong with this node's workers and says so with evidence.
 
-Hangs (no `Snapshotter.step` heartbeat within ``recovery.heartbeat_timeout``, or no first one
-within ``recovery.startup_timeout`` of the spawn) and non-finite metrics (``recovery.on_nan``)
-are seen here; worker exits are seen by the executor, peer loss by membership, corrupted
-shards by the arena service. Every detection becomes a `Detection` handed to ``report``.
+Hangs (no `Snapshotter.step` heartbeat for longer than the rank's own step history makes
+probable — `hang_detector` — and never longer than ``recovery.heartbeat_timeout``; no first
+one within ``recovery.startup_timeout`` of the spawn) and non-finite metrics
+(``recovery.on_nan``) are seen here; worker exits are seen by the executor, peer loss by
+membership, corrupted shards by the arena service. Every detection becomes a `Detection`
+handed to ``report``.
 
 A hang stops every rank that waits for the hung one in a collective, so silence alone does not
 say who hung: a hang's evidence lists every stalled rank's `Beat` (last step, when, the
@@ -25,14 +27,23 @@ import attrs
 import structlog
 import trio
 
+from supervise.agents.hang_detector import QUIET_PEER_BEATS, HangRule, StepPace
 from supervise.policy import Policy, Recovery
-from supervise.runtime.procfs import stat_fields
+from supervise.runtime.procfs import cpu_seconds, stat_fields
 from supervise.telemetry import Trigger, get_telemetry
 
 log = structlog.get_logger("supervise.agents.monitor")
 
 #: A rank silent for this fraction of its timeout when another rank's expires stalled with it.
 STALLED_FRACTION = 0.5
+#: Before a step history's verdict, the process's CPU time is read this long (at most: half
+#: the limit) ahead of it; a process that used this fraction of a core meanwhile is busy
+#: (a long phase nobody announced: the end of training, a final save), not stuck, and is left
+#: to the timeout. A stopped, deadlocked or waiting process uses next to none.
+BUSY_WINDOW_S = 1.0
+BUSY_CPU_FRACTION = 0.25
+#: The least window the CPU time is compared over (a loop that woke late takes a new mark).
+MIN_BUSY_WINDOW_S = 0.1
 
 
 class ProcState(enum.StrEnum):
@@ -83,7 +94,8 @@ def proc_state(pid: int) -> ProcState:
 class Beat:
     """One rank's heartbeat record when a hang is judged: its last completed step (None: none
     since the spawn), when that was (wall clock; the spawn's when none), how long it has been
-    silent, and its process's state."""
+    silent, its process's state, and the silence that makes it hung (``limit_s``; None: not
+    known, the policy's timeout)."""
 
     rank: int = attrs.field(validator=attrs.validators.instance_of(int))
     pid: int = attrs.field(validator=attrs.validators.instance_of(int))
@@ -93,12 +105,22 @@ class Beat:
     last_beat: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
     silent_for_s: float = attrs.field(validator=attrs.validators.instance_of((int, float)))
     state: ProcState = attrs.field(converter=ProcState)
+    limit_s: float | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of((int, float))),
+    )
+
+    def limit(self, recovery: Recovery) -> float:
+        """The silence that makes this rank hung: its own, else the policy's timeout
+        (heartbeat, or startup before the first heartbeat)."""
+        if self.limit_s is not None:
+            return self.limit_s
+        return recovery.startup_timeout if self.last_step is None else recovery.heartbeat_timeout
 
     def stalled(self, recovery: Recovery) -> bool:
-        """Silent for at least `STALLED_FRACTION` of its timeout (heartbeat, or startup
-        before the first heartbeat): stopped together with whichever rank hung."""
-        limit = recovery.startup_timeout if self.last_step is None else recovery.heartbeat_timeout
-        return self.silent_for_s >= STALLED_FRACTION * limit
+        """Silent for at least `STALLED_FRACTION` of its limit: stopped together with
+        whichever rank hung."""
+        return self.silent_for_s >= STALLED_FRACTION * self.limit(recovery)
 
     def suspicion(self) -> tuple[int, int, float]:
         """The order `blame` sorts by: process state, last step, time of the last beat."""
@@ -114,13 +136,14 @@ class Beat:
             "last_beat": round(self.last_beat, 3),
             "silent_for_s": round(self.silent_for_s, 3),
             "state": self.state.value,
+            "limit_s": None if self.limit_s is None else round(self.limit_s, 3),
         }
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Beat:
         """Back from `to_wire`; ValueError naming what is wrong."""
         try:
-            step = data["last_step"]
+            step, limit = data["last_step"], data.get("limit_s")
             return cls(
                 int(data["rank"]),
                 int(data["pid"]),
@@ -128,6 +151,7 @@ class Beat:
                 float(data["last_beat"]),
                 float(data["silent_for_s"]),
                 ProcState(data["state"]),
+                None if limit is None else float(limit),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad heartbeat record {dict(data)!r}: {exc!r}") from None
@@ -204,36 +228,75 @@ class _Watch:
     pid: int
     spawned: float  # trio clock
     spawned_wall: float
+    pace: StepPace
+    startup_timeout: float
     last_beat: float | None = None  # trio clock
     last_beat_wall: float | None = None
     last_step: int | None = None
     reported: bool = False
+    cpu_mark: tuple[float, float | None] | None = None  # (trio clock, CPU seconds) ahead of
+    # the step history's verdict, to tell a busy process from a stuck one
+    hold_until: float = -math.inf  # no verdict by the step history before (a quiet peer)
+
+    def limit(self) -> float:
+        """The silence since the last heartbeat (the spawn before the first) that is a hang."""
+        limit = self.pace.limit()
+        return self.startup_timeout if limit is None else limit
+
+    def deadline(self) -> float:
+        """When this rank is hung if it stays silent (trio clock)."""
+        return (self.spawned if self.last_beat is None else self.last_beat) + self.limit()
+
+    def next_look(self) -> float:
+        """When the watch loop must look at this rank again (trio clock): its deadline; with
+        the step history's verdict, first to read its CPU time, then not before a window."""
+        deadline = self.deadline()
+        if not self.pace.by_history:
+            return deadline
+        if self.cpu_mark is None:
+            return deadline - min(BUSY_WINDOW_S, 0.5 * self.limit())
+        return max(deadline, self.cpu_mark[0] + MIN_BUSY_WINDOW_S, self.hold_until)
 
     def beat(self, rank: int, now: float) -> Beat:
         """This rank's record now (``now``: the trio clock), with its process's state."""
         last = self.spawned if self.last_beat is None else self.last_beat
         wall = self.spawned_wall if self.last_beat_wall is None else self.last_beat_wall
-        return Beat(rank, self.pid, self.last_step, wall, now - last, proc_state(self.pid))
+        state = proc_state(self.pid)
+        return Beat(rank, self.pid, self.last_step, wall, now - last, state, self.limit())
 
 
 class Monitor:
     """Deadlines for the running workers' heartbeats, and the metrics they carry."""
 
-    def __init__(self, policy: Policy, report: Callable[[Detection], None]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        report: Callable[[Detection], None],
+        *,
+        cpu: Callable[[int], float | None] = cpu_seconds,
+        peers_quiet_for: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self._policy = policy
         self._report = report
+        self._cpu = cpu  # a process's CPU seconds so far (None: unknown)
+        self._peers_quiet_for = peers_quiet_for  # the longest silence of a live peer node
+        self._quiet_peer_s = QUIET_PEER_BEATS * policy.cluster.heartbeat_interval
         self._watches: dict[int, _Watch] = {}
         # rank -> (last step, trio time of its beat): kept across a worker's exit, so a
         # status during a recovery still says where each rank stopped.
         self._last: dict[int, tuple[int, float]] = {}
         self._wakeup = trio.Event()
+        self._wake_at = math.inf  # when the watch loop wakes up next (trio clock)
         self._nan_warned = False
+        self._rule = HangRule.from_policy(policy)
 
     # -- what the executor and the arena service tell us ----------------------------------
 
     def arm(self, rank: int, pid: int) -> None:
         """A worker for ``rank`` was spawned: its startup deadline starts now."""
-        self._watches[rank] = _Watch(pid, trio.current_time(), time.time())
+        startup = self._policy.recovery.startup_timeout
+        now = trio.current_time()
+        self._watches[rank] = _Watch(pid, now, time.time(), StepPace(self._rule), startup)
         self._wakeup.set()
 
     def disarm(self, rank: int | None = None) -> None:
@@ -248,18 +311,38 @@ class Monitor:
         watch = self._watches.get(rank)
         if watch is None:
             return  # a late beat from a worker we already stopped
-        if watch.last_beat is None:
-            # The deadline moves from the startup timeout to the (usually shorter) heartbeat
-            # timeout: the watch loop must recompute it now, not at the old deadline.
-            self._wakeup.set()
-        watch.last_beat = trio.current_time()
+        watch.last_beat = now = trio.current_time()
         watch.last_beat_wall = time.time()
         watch.last_step = step
-        self._last[rank] = (step, watch.last_beat)
+        watch.pace.beat(now)
+        watch.cpu_mark = None
+        self._last[rank] = (step, now)
+        self._rewake(watch)
         get_telemetry().metrics.training_steps.add(1)
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         if bad and not watch.reported:
             self._non_finite(rank, step, bad, watch)
+
+    def pause(self, rank: int, paused: bool) -> None:
+        """The worker of ``rank`` says that a long phase starts (``paused``) or ended
+        (`Snapshotter.pause`): meanwhile only the heartbeat timeout applies to it."""
+        watch = self._watches.get(rank)
+        if watch is None or watch.pace.paused == paused:
+            return
+        now = trio.current_time()
+        if paused:
+            watch.pace.pause(now)
+        else:
+            watch.pace.resume(now)
+        watch.cpu_mark = None
+        log.info("pause started" if paused else "pause ended", rank=rank, step=watch.last_step)
+        self._rewake(watch)
+
+    def _rewake(self, watch: _Watch) -> None:
+        """The watch loop recomputes its deadlines now when ``watch``'s came earlier than
+        the loop's wake-up (the first heartbeat, a history long enough to judge, a resume)."""
+        if watch.next_look() < self._wake_at:
+            self._wakeup.set()
 
     def progress(self) -> dict[int, RankProgress]:
         """Every rank seen so far: its last step and how long ago (trio clock, now)."""
@@ -300,6 +383,50 @@ class Monitor:
         log.error("non-finite metric", action=action, **evidence)
         self._report(Detection(Trigger.NAN, now, now, evidence, stop=action == "stop"))
 
+    def _look(self, rank: int, w: _Watch, now: float) -> None:
+        """Judge ``rank`` now: hung past its limit, unless the step history's verdict finds
+        its process busy, or a peer node silent (a node loss in the making stalls the ranks
+        here too): then the timeout rules until its next heartbeat."""
+        if not w.pace.by_history:
+            if now >= w.deadline():
+                self._hang(rank, w, now)
+            return
+        if w.cpu_mark is None:
+            if now >= w.next_look():
+                w.cpu_mark = (now, self._cpu(w.pid))
+            return
+        if now < w.next_look():
+            return
+        since, before = w.cpu_mark
+        after = self._cpu(w.pid)
+        w.cpu_mark = None
+        if before is not None and after is not None:
+            used = after - before
+            if used >= BUSY_CPU_FRACTION * (now - since):
+                w.pace.suspend()
+                log.info(
+                    "silent past its step history but busy: judged by the timeout",
+                    rank=rank,
+                    pid=w.pid,
+                    last_step=w.last_step,
+                    silent_for_s=round(now - (w.last_beat or w.spawned), 3),
+                    cpu_s=round(used, 3),
+                    window_s=round(now - since, 3),
+                )
+                return
+        quiet = self._peers_quiet_for()
+        if quiet >= self._quiet_peer_s:
+            w.cpu_mark = (now, after)
+            w.hold_until = now + self._policy.cluster.heartbeat_interval
+            log.debug(
+                "silent past its step history while a peer node is silent: waiting",
+                rank=rank,
+                last_step=w.last_step,
+                peer_silent_for_s=round(quiet, 3),
+            )
+            return
+        self._hang(rank, w, now)
+
     def _hang(self, rank: int, w: _Watch, now: float) -> None:
         """``rank``'s deadline passed: judge every rank stalled with it, report the first."""
         recovery = self._policy.recovery
@@ -319,12 +446,6 @@ class Monitor:
         log.warning("heartbeat timeout", **evidence)
         self._report(Detection(Trigger.HEARTBEAT_TIMEOUT, victim.last_beat, time.time(), evidence))
 
-    def _deadline(self, w: _Watch) -> float:
-        r = self._policy.recovery
-        if w.last_beat is None:
-            return w.spawned + r.startup_timeout
-        return w.last_beat + r.heartbeat_timeout
-
     async def run(
         self, *, task_status: trio.TaskStatus[Monitor] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -334,9 +455,11 @@ class Monitor:
             now = trio.current_time()
             pending = [(r, w) for r, w in self._watches.items() if not w.reported]
             for rank, w in pending:
-                if now >= self._deadline(w):
-                    self._hang(rank, w, now)
-            upcoming = [self._deadline(w) for w in self._watches.values() if not w.reported]
+                # not w.reported: an earlier hang this round may have reported it stalled
+                if not w.reported:
+                    self._look(rank, w, now)
+            upcoming = [w.next_look() for w in self._watches.values() if not w.reported]
             self._wakeup = trio.Event()
-            with trio.move_on_at(min(upcoming, default=math.inf)):
+            self._wake_at = min(upcoming, default=math.inf)
+            with trio.move_on_at(self._wake_at):
                 await self._wakeup.wait()

@@ -188,6 +188,7 @@ class NodeRuntime:
             seat=self.seat,
         )
         self.arenas.add_heartbeat_hook(self._heartbeat)
+        self.arenas.add_pause_hook(self._pause)
         self.arenas.add_corrupt_hook(self._corrupt)
         self.arenas.add_request_hook(self._request)
         self.arenas.add_commit_hook(self._committed)
@@ -208,6 +209,10 @@ class NodeRuntime:
     def _heartbeat(self, rank: int, step: int, metrics: Mapping[str, float]) -> None:
         if self.monitor is not None:
             self.monitor.heartbeat(rank, step, metrics)
+
+    def _pause(self, rank: int, paused: bool) -> None:
+        if self.monitor is not None:
+            self.monitor.pause(rank, paused)
 
     def _corrupt(self, rank: int, step: int, reason: str) -> None:
         if self.executor is not None:
@@ -273,7 +278,7 @@ class NodeRuntime:
     async def serve_monitor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        monitor = Monitor(self.policy, self._detected)
+        monitor = Monitor(self.policy, self._detected, peers_quiet_for=self.membership.quiet_for)
         self.monitor = monitor
         try:
             async with trio.open_nursery() as nursery:

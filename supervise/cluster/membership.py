@@ -147,6 +147,15 @@ class Membership:
         """The info map from the peer's latest heartbeat."""
         return self._infos.get(rank)
 
+    def quiet_for(self) -> float:
+        """The longest silence of a live peer, in seconds (0 with no peer or no detector):
+        a peer loss in the making, before ``peer_timeout`` says so."""
+        det = self._detector
+        if det is None:
+            return 0.0
+        now = trio.current_time()
+        return max((det.silence(r, now) for r in det.live()), default=0.0)
+
     def phi(self, rank: int) -> float:
         det = self._detector
         return math.inf if det is None else det.phi(rank, trio.current_time())

@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 import attrs
 
-from supervise._validation import InvalidValue
+from supervise._validation import InvalidValue, number
 from supervise.policy._fields import (
     boolean,
     choice,
@@ -155,7 +155,11 @@ class Recovery:
     that spare worker processes import ahead of a restart (Python commands only; [] = start
     workers cold); the default covers what every supervised training script imports: torch,
     ``torch._dynamo`` (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and
-    the Snapshotter.
+    the Snapshotter. ``hang_detection``: "adaptive" also flags a hang from each rank's own
+    step-interval history (``hang_phi``, at least ``hang_min_steps`` typical steps and
+    ``hang_min_silence`` seconds), well before ``heartbeat_timeout``, which stays the bound and
+    the only rule before that history exists and inside ``Snapshotter.pause()``; "timeout":
+    ``heartbeat_timeout`` alone.
     """
 
     max_attempts: int = attrs.field(default=3, validator=integer(ge=0))
@@ -169,6 +173,14 @@ class Recovery:
     )
     startup_timeout: float = attrs.field(
         default=300.0, converter=to_seconds, validator=seconds(gt=0)
+    )
+    hang_detection: Literal["adaptive", "timeout"] = attrs.field(
+        default="adaptive", validator=choice("adaptive", "timeout")
+    )
+    hang_phi: float = attrs.field(default=8.0, validator=number(gt=0, le=100))
+    hang_min_steps: float = attrs.field(default=5.0, validator=number(ge=1, le=1000))
+    hang_min_silence: float = attrs.field(
+        default=3.0, converter=to_seconds, validator=seconds(gt=0)
     )
     on_nan: Literal["rollback", "ignore", "stop"] = attrs.field(
         default="rollback", validator=choice("rollback", "ignore", "stop")

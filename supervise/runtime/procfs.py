@@ -3,6 +3,7 @@ hung, whose run dir is stale) and the test harness (which processes are left).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -11,3 +12,16 @@ def stat_fields(pid: int) -> list[str]:
     OSError (FileNotFoundError: no such process) when it cannot be read."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     return raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parens
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The user + system CPU time process ``pid`` (all its threads) used so far, in
+    seconds; None when it cannot be read (no such process, no ``/proc``)."""
+    try:
+        fields = stat_fields(pid)
+        return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    except (OSError, IndexError, ValueError):
+        return None

@@ -69,6 +69,7 @@ class Owner(Protocol):
     def commit(self, slot: Slot, manifest: bytes, source: str = "local") -> None: ...
     def abort(self, slot: Slot) -> None: ...
     def heartbeat(self, step: int, metrics: Mapping[str, float]) -> None: ...
+    def pause(self, paused: bool) -> None: ...
     def restore(self, which: str | int) -> list[RestoreCandidate]: ...
     def restored(self, step: int) -> None: ...
     def corrupt(self, step: int, reason: str) -> None: ...
@@ -102,6 +103,9 @@ class LocalOwner:
 
     def heartbeat(self, step: int, metrics: Mapping[str, float]) -> None:
         self.service.heartbeat(self.rank, step, metrics)
+
+    def pause(self, paused: bool) -> None:
+        self.service.pause(self.rank, paused)
 
     def restore(self, which: str | int) -> list[RestoreCandidate]:
         return [
@@ -228,6 +232,11 @@ class AgentClient:
             self._flush_beat()
         finally:
             self._lock.release()
+
+    def pause(self, paused: bool) -> None:
+        """Tell the agent that a long phase starts (``paused``) or ended; answered, so the
+        agent knows before the phase runs."""
+        self._call(p.Pause(self.rank, paused))
 
     def restore(self, which: str | int) -> list[RestoreCandidate]:
         r = self._call(p.Restore(self.rank, which))

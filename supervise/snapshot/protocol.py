@@ -11,6 +11,8 @@ A request is ``{"op": <name>, "id": <int>, ...fields}``; the agent answers every
 - ``commit``: the slot is filled and checksummed, here is its manifest;
 - ``abort``: give a slot back unwritten;
 - ``heartbeat``: the training step and metrics (no reply; dropped when the agent is slow);
+- ``pause``: a long phase (evaluation, a checkpoint to disk) starts (``paused`` true) or ended:
+  meanwhile the hang detector applies only the heartbeat timeout (`Snapshotter.pause`);
 - ``restore``: which version to load -> candidates, the chosen one first, then fallbacks;
 - ``restored`` / ``corrupt``: the outcome of a restore attempt;
 - ``versions`` -> the versions held for the rank.
@@ -141,6 +143,15 @@ class Heartbeat:
 
 
 @attrs.frozen(slots=True)
+class Pause:
+    """A long phase starts (``paused``) or ended: no adaptive hang verdict meanwhile."""
+
+    OP: ClassVar[str] = "pause"
+    rank: int
+    paused: bool
+
+
+@attrs.frozen(slots=True)
 class Restore:
     """Which version to load: "latest", "best" or a version number."""
 
@@ -177,11 +188,23 @@ class Versions:
 
 
 Request = Union[  # noqa: UP007 (a runtime value, used for isinstance-free dispatch tables)
-    Hello, Attach, Begin, Commit, Abort, Heartbeat, Restore, Restored, Corrupt, Versions
+    Hello, Attach, Begin, Commit, Abort, Heartbeat, Pause, Restore, Restored, Corrupt, Versions
 ]
 REQUESTS: Final[dict[str, type[Any]]] = {
     c.OP: c
-    for c in (Hello, Attach, Begin, Commit, Abort, Heartbeat, Restore, Restored, Corrupt, Versions)
+    for c in (
+        Hello,
+        Attach,
+        Begin,
+        Commit,
+        Abort,
+        Heartbeat,
+        Pause,
+        Restore,
+        Restored,
+        Corrupt,
+        Versions,
+    )
 }
 
 
@@ -201,6 +224,10 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             _check(k, str, where): float(_check(v, int | float, f"{where}.{k}"))
             for k, v in value.items()
         }
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected true or false, got {value!r}")
+        return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ProtocolError(f"{where}: expected a number, got {value!r}")

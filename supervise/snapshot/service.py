@@ -154,6 +154,7 @@ class ArenaService:
         self._next_name: dict[int, int] = {}  # per rank: arena names are never reused
         self._commit_hooks: list[Callable[[CommitEvent], None]] = []
         self._heartbeat_hooks: list[Callable[[int, int, Mapping[str, float]], None]] = []
+        self._pause_hooks: list[Callable[[int, bool], None]] = []
         self._corrupt_hooks: list[Callable[[int, int, str], None]] = []
         self._request_hooks: list[Callable[[p.Request], None]] = []
         if adopt and not anonymous and self.directory.is_dir():
@@ -168,6 +169,10 @@ class ArenaService:
     def add_heartbeat_hook(self, fn: Callable[[int, int, Mapping[str, float]], None]) -> None:
         """Call ``fn(rank, step, metrics)`` on every worker heartbeat (the Monitor)."""
         self._heartbeat_hooks.append(fn)
+
+    def add_pause_hook(self, fn: Callable[[int, bool], None]) -> None:
+        """Call ``fn(rank, paused)`` when a worker says a long phase starts or ended."""
+        self._pause_hooks.append(fn)
 
     def add_corrupt_hook(self, fn: Callable[[int, int, str], None]) -> None:
         """Call ``fn(rank, step, reason)`` when a version fails verification."""
@@ -230,6 +235,9 @@ class ArenaService:
             case p.Heartbeat():
                 self.heartbeat(req.rank, req.step, req.metrics)
                 return None
+            case p.Pause():
+                self.pause(req.rank, req.paused)
+                return {}
             case p.Hello():
                 self.hello(req)
                 return {
@@ -424,6 +432,14 @@ class ArenaService:
                 hook(rank, step, metrics)
             except Exception:
                 log.exception("heartbeat hook %r failed", hook)
+
+    def pause(self, rank: int, paused: bool) -> None:
+        """A worker's long phase starts (``paused``) or ended: tell the pause hooks."""
+        for hook in self._pause_hooks:
+            try:
+                hook(rank, paused)
+            except Exception:
+                log.exception("pause hook %r failed", hook)
 
     def restore(self, rank: int, which: str | int) -> list[Candidate]:
         """Versions to try, chosen one first then older fallbacks.

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -101,6 +101,9 @@ class Snapshotter:
         self.local_rank = env_int("LOCAL_RANK", 0)
         self.generation = env_int("SUPERVISE_GENERATION", 0)
         self._closed = False
+        self._pauses = 0  # nested `pause` blocks open now
+        self._ending = False  # the last step is done: what follows is the end of training
+        self._total_steps = total_steps
         self.last_restore: RestoreStats | None = None
         hello = p.Hello(self.rank, self.local_rank, self.world_size, self.generation, os.getpid())
         wiring = connect(hello, policy, shm_dir)
@@ -160,11 +163,39 @@ class Snapshotter:
         values = _metrics(metrics)
         self._capture.raise_background_error()
         self._owner.heartbeat(step, values)
+        if self._total_steps is not None and step >= self._total_steps - 1:
+            self._end()  # the last step: no more heartbeats, whatever follows takes
         now = time.time()
         due = self._schedule.decide(self._sched, step, now, values) is not None
         if self._collective:
             due = any_rank(due)
         return self._capture_now(step, values) if due else False
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """A long phase runs in this block (an evaluation, a checkpoint to disk, a data
+        reload): the agent's hang detector does not judge it by the step history, only by
+        ``recovery.heartbeat_timeout`` from the block's start. Blocks may nest; the agent
+        is told when the outermost one starts and ends (standalone: nothing to tell)."""
+        self._check_open()
+        if self._pauses == 0 and not self._ending:
+            self._owner.pause(True)
+        self._pauses += 1
+        try:
+            yield
+        finally:
+            self._pauses -= 1
+            if self._pauses == 0 and not (self._closed or self._ending):
+                self._owner.pause(False)
+
+    def _end(self) -> None:
+        """Training's steps are over (the last of ``total_steps``, or `finish`): tell the
+        agent once, as a pause that never ends, so that the final save or evaluation that
+        follows is judged by ``recovery.heartbeat_timeout`` alone, not the step history."""
+        if not self._ending:
+            self._ending = True
+            if self._pauses == 0:
+                self._owner.pause(True)
 
     def capture(self, step: int, metrics: Mapping[str, Any] | None = None) -> bool:
         """Capture now, whatever the schedule. Returns False (with a warning) when the owner
@@ -250,8 +281,10 @@ class Snapshotter:
         """Say that training completed: pending writes are flushed and, standalone, the job is
         marked finished in the persist directory, so a later run of the same job does not
         resume it unless ``SUPERVISE_RESUME_FINISHED=1``. Under a node agent the agent marks
-        it once every worker exited 0; this only flushes."""
+        it once every worker exited 0; this flushes, and tells the agent that no step follows
+        (what the process does until it exits is judged by the heartbeat timeout alone)."""
         self._check_open()
+        self._end()
         self.flush()
         if self.standalone:
             self._tier.mark_finished()

@@ -6,6 +6,8 @@ as one that had none. It starts in a fraction of a second (no torch import).
 Faults are files in ``--faults DIR``, each consumed once by the rank it names:
 ``crash-rank<R>`` (exit 7 at the next step), ``hang-rank<R>`` (stop stepping, stay alive),
 ``nan-rank<R>`` (the state and the reported loss become NaN), ``exit0-rank<R>`` (exit 0 early).
+``--pause-at STEP --pause-s S``: after STEP, every rank runs a long phase of S seconds (an
+"evaluation") inside a pause, as `Snapshotter.pause` does.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--delay", type=float, default=0.02)
     ap.add_argument("--faults", type=Path)
+    ap.add_argument("--pause-at", type=int, default=-1)
+    ap.add_argument("--pause-s", type=float, default=0.0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     rank = int(os.environ["RANK"])
@@ -167,6 +171,11 @@ def main() -> int:
                 )
                 client.commit(slot, manifest.to_bytes())
         client.heartbeat(step, {"loss": loss})
+        if step == args.pause_at:
+            client.pause(True)
+            print(f"rank {rank}: evaluating after step {step}", flush=True)
+            time.sleep(args.pause_s)
+            client.pause(False)
         time.sleep(args.delay)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"final-rank{rank}.npy").write_bytes(state.tobytes())

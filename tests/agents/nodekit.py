@@ -50,6 +50,7 @@ class Nodes(LocalCluster):
         *,
         policy: str = FAST_POLICY,
         worker: list[str] | None = None,
+        worker_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         steps: int = 120,
     ) -> None:
@@ -65,6 +66,7 @@ class Nodes(LocalCluster):
             str(self.out),
             "--steps",
             str(steps),
+            *(worker_args or []),
         ]
         super().__init__(
             tmp,

@@ -60,16 +60,39 @@ def test_worker_crash_recovers_from_ram_and_finishes_exactly(tmp_path: Path) -> 
         assert c.orphans() == []
 
 
-def test_hang_is_detected_by_heartbeat_timeout(tmp_path: Path) -> None:
-    with nodes(tmp_path, 2) as c:
+PAUSE_AT, PAUSE_S = 20, 2.5  # an "evaluation" of ~100 step times, under the timeout
+HANG_TIMEOUT = 30.0
+ADAPTIVE_POLICY = FAST_POLICY.replace(
+    "heartbeat_timeout = 3.0",
+    f'heartbeat_timeout = {HANG_TIMEOUT}\nhang_detection = "adaptive"\nhang_min_silence = 1.5',
+)
+
+
+def test_hang_is_flagged_in_a_few_step_times_and_a_paused_evaluation_is_not(
+    tmp_path: Path,
+) -> None:
+    # The adaptive detector flags a SIGSTOPped worker within a few of its step times (here
+    # its 1.5 s floor), far inside heartbeat_timeout, and the cluster recovers; an evaluation
+    # of many step times inside a pause (`Snapshotter.pause`'s request) is no hang.
+    assert ADAPTIVE_POLICY != FAST_POLICY
+    args = ["--pause-at", str(PAUSE_AT), "--pause-s", str(PAUSE_S)]
+    with nodes(tmp_path, 2, policy=ADAPTIVE_POLICY, worker_args=args) as c:
         c.start_all()
         c.wait_resumed(1)
-        c.wait("a snapshot", lambda: len(c.events(1, "replica stored")) >= 1)
-        c.fault("hang", 0)
+        c.wait(
+            "both ranks to end their evaluation",
+            lambda: all(c.events(node, "pause ended") for node in (0, 1)),
+        )
+        c.wait("snapshots after it", lambda: len(c.events(0, "replica stored")) >= 7)
+        assert c.recoveries(0) == [], "the paused evaluation was taken for a hang"
+        c.hang_worker(1)
         c.wait_resumed(2)
         rec = c.recoveries(0)[0]
+        evidence = rec["evidence"]
         assert rec["trigger"] == "heartbeat_timeout"
-        assert rec["evidence"]["heartbeat_timeout_s"] == 3.0
+        assert (evidence["rank"], evidence["state"]) == (1, "stopped"), evidence
+        assert evidence["heartbeat_timeout_s"] == HANG_TIMEOUT
+        assert evidence["limit_s"] < HANG_TIMEOUT / 4, evidence  # the step history's verdict
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2)
         assert c.orphans() == []

@@ -51,6 +51,17 @@ def test_sv_preload_sets_the_policy_of_the_supervise_runs() -> None:
     assert preload([]) == Policy().recovery.preload
 
 
+def test_sv_hang_detection_sets_the_policy_of_the_supervise_runs() -> None:
+    from supervise.policy import Policy
+
+    def detection(argv: list[str]) -> str:
+        cfg, _ = recovery.parse(argv)
+        return Policy.from_toml_text(recovery.policy_text(cfg)).recovery.hang_detection
+
+    assert detection([]) == "adaptive"
+    assert detection(["--sv-hang-detection", "timeout"]) == "timeout"  # the status before
+
+
 def test_goodput_compares_each_interval_with_the_windows_around_it() -> None:
     g = recovery.Goodput(
         recovery.SUPERVISE,

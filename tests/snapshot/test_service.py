@@ -217,6 +217,7 @@ def test_wire_errors_are_one_line_replies(tmp_path: Path) -> None:
         (msgpack.packb({"op": "begin", "id": 1, "rank": "0"}), "expected int"),
         (msgpack.packb({"op": "begin", "id": 1, "rank": 0, "x": 1}), "unknown field"),
         (msgpack.packb({"op": "begin", "id": 2, "rank": 0}), "no arena: attach first"),
+        (msgpack.packb({"op": "pause", "id": 4, "rank": 0, "paused": 1}), "expected true or"),
         (
             msgpack.packb(
                 {"op": "commit", "id": 3, "rank": 0, "arena": "a", "slot": 0, "manifest": b""}
@@ -236,11 +237,17 @@ def test_agent_client_over_zmq(tmp_path: Path) -> None:
     svc.policy = {"snapshot": {"every_steps": 5}}
     agent = ThreadedAgent(svc, f"ipc://{tmp_path}/agent.sock")
     client = AgentClient(agent.endpoint, 0, timeout=5)
+    pauses: list[tuple[int, bool]] = []
+    svc.add_pause_hook(lambda rank, paused: pauses.append((rank, paused)))
     try:
         greeting = client.hello(hello())
         assert greeting.policy == {"snapshot": {"every_steps": 5}}
         m, data = commit_version(client, 3)
         client.heartbeat(4, {"loss": 0.1})
+        client.pause(True)  # answered: the agent knows before the long phase runs
+        assert pauses == [(0, True)]
+        client.pause(False)
+        assert pauses == [(0, True), (0, False)]
         [cand] = client.restore("latest")
         assert cand.manifest == m
         assert bytes(cand.slot.arena.data(cand.slot.slot, m.nbytes)) == bytes(data)

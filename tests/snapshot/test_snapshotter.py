@@ -333,6 +333,48 @@ def test_schedule_and_best(tmp_path: Path) -> None:
     snap.close()
 
 
+def test_pause_tells_the_owner_once_for_nested_blocks_and_ends_with_the_outermost(
+    tmp_path: Path,
+) -> None:
+    with Snapshotter(Net(), policy=make_policy(tmp_path), shm_dir=tmp_path) as snap:
+        told: list[bool] = []
+        snap._owner.service.add_pause_hook(lambda rank, paused: told.append(paused))
+        with snap.pause():
+            assert told == [True]  # before the long phase runs
+            with snap.pause():  # e.g. a checkpoint inside an evaluation
+                snap.step(0)  # stepping inside a pause is allowed
+            assert told == [True]
+        assert told == [True, False]
+        with pytest.raises(RuntimeError, match="boom"), snap.pause():
+            raise RuntimeError("boom")
+        assert told == [True, False, True, False]  # ended by leaving the block, however
+    with pytest.raises(SnapshotError, match="closed"), snap.pause():
+        pass
+
+
+def test_the_last_step_and_finish_tell_the_owner_that_training_ends(tmp_path: Path) -> None:
+    policy = make_policy(tmp_path)
+    with Snapshotter(Net(), policy=policy, shm_dir=tmp_path, total_steps=3) as snap:
+        told: list[bool] = []
+        snap._owner.service.add_pause_hook(lambda rank, paused: told.append(paused))
+        snap.step(0)
+        snap.step(1)
+        assert told == []
+        snap.step(2)  # the last of total_steps: a pause that never ends
+        assert told == [True]
+        with snap.pause():  # the final evaluation
+            pass
+        snap.finish()
+        assert told == [True]
+    policy = make_policy(tmp_path / "another")  # another job directory: the first finished
+    with Snapshotter(Net(), policy=policy, shm_dir=tmp_path) as snap:  # no total_steps
+        told = []
+        snap._owner.service.add_pause_hook(lambda rank, paused: told.append(paused))
+        snap.step(5)
+        snap.finish()
+        assert told == [True]
+
+
 def test_memory_budget_too_small_is_a_clear_error(tmp_path: Path) -> None:
     pol = Policy.from_dict(
         {"retention": {"memory_budget": "4KiB"}, "persist": {"path": str(tmp_path / "c")}}
