@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -13,7 +13,7 @@ import attrs
 if TYPE_CHECKING:
     from supervise.agents.messages import Entry, Status, WorkerStatus
 
-__all__ = ["register"]
+__all__ = ["no_answer_hint", "register"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -124,6 +124,9 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(peers, answers), indent=2))
     else:
         print(_table(answers))
+    hint = no_answer_hint(answers.values(), args.curve_keys)
+    if hint:
+        print(f"supervise status: {hint}", file=sys.stderr)
     return 0 if all(not isinstance(a, Exception) for a in answers.values()) else 1
 
 
@@ -139,6 +142,7 @@ def _recover(args: argparse.Namespace) -> int:
     if version < -1:
         return _fail("recover", f"--version {version}: must be >= 0")
     request = m.Recover(version)
+    failures: list[object] = []
     for node in peers:  # the first node that answers forwards it to the coordinator
         answer = trio.run(_ask, peers, args.curve_keys, args.timeout, request, [node])[node]
         if isinstance(answer, m.RecoverReply):
@@ -147,8 +151,24 @@ def _recover(args: argparse.Namespace) -> int:
                 return 0
             print(f"supervise recover: {answer.detail}", file=sys.stderr)
             return 1
+        failures.append(answer)
         print(f"node {node}: unreachable ({_one_line(answer)})", file=sys.stderr)
+    hint = no_answer_hint(failures, args.curve_keys)
+    if hint:
+        print(f"supervise recover: {hint}", file=sys.stderr)
     return 1
+
+
+def no_answer_hint(answers: Iterable[object], curve_keys: str | None) -> str | None:
+    """What to try when no node answered and no keys were given: a cluster that runs with
+    CURVE drops a client's plaintext handshake silently, which looks like a node that is down."""
+    answers = list(answers)
+    if curve_keys or not answers or not all(isinstance(a, Exception) for a in answers):
+        return None
+    return (
+        "no node answered; if the cluster runs with replication.curve = true, "
+        "pass --curve-keys DIR (the directory `supervise keys generate` wrote)"
+    )
 
 
 def _one_line(exc: Exception) -> str:

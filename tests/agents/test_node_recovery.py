@@ -404,6 +404,7 @@ def test_status_reports_an_unreachable_node(tmp_path: Path) -> None:
     status = cli("status", "--nodes", dead, "--timeout", "0.5")
     assert status.returncode == 1
     assert "node 0: unreachable" in status.stdout
+    assert "--curve-keys DIR" in status.stderr  # the hint: a CURVE cluster looks down without keys
     as_json = cli("status", "--nodes", dead, "--timeout", "0.5", "--json")
     assert as_json.returncode == 1
     doc = json.loads(as_json.stdout)

@@ -4,7 +4,7 @@ newest replica a group peer holds and how far it trails the owner's newest versi
 from __future__ import annotations
 
 from supervise.agents import messages as m
-from supervise.cli.status import _table, rank_views
+from supervise.cli.status import _table, no_answer_hint, rank_views
 
 
 def entry(rank: int, step: int) -> m.Entry:
@@ -79,3 +79,12 @@ def test_table_shows_each_rank_worker_step_age_and_lag() -> None:
     ]  # fmt: skip
     assert lines[5].split()[-1] == "0"  # rank 1: the replica is current
     assert "  rank 0 v20: node 1 RAM (replica)" in lines
+
+
+def test_no_answer_hints_at_curve_keys_only_when_none_were_given() -> None:
+    down = [TimeoutError("no reply"), TimeoutError("no reply")]
+    hint = no_answer_hint(down, None)
+    assert hint is not None and "--curve-keys DIR" in hint
+    assert no_answer_hint(down, "keys") is None  # keys given: the nodes are down indeed
+    assert no_answer_hint([TimeoutError("no reply"), status(1, [])], None) is None  # one answered
+    assert no_answer_hint([], None) is None
