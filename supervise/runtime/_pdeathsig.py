@@ -46,3 +46,14 @@ def preexec_for(parent_pid: int) -> Callable[[], None] | None:
             os.kill(os.getpid(), sigkill)
 
     return arm
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper(on: bool) -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux >= 3.4): a process
+    forked by one of our children becomes our child once its own parent exits. Returns
+    whether the OS did it (False where it has no such thing)."""
+    prctl = _prctl
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
