@@ -155,7 +155,8 @@ class Recovery:
     that spare worker processes import ahead of a restart (Python commands only; [] = start
     workers cold); the default covers what every supervised training script imports: torch,
     ``torch._dynamo`` (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and
-    the Snapshotter.
+    the Snapshotter. ``fork_server``: spares are forked from a template process that imported
+    ``preload`` once (false: each spare imports it itself, in the idle scheduling class).
     """
 
     max_attempts: int = attrs.field(default=3, validator=integer(ge=0))
@@ -183,6 +184,7 @@ class Recovery:
         converter=to_names,
         validator=module_names,
     )
+    fork_server: bool = attrs.field(default=True, validator=boolean)
     backoff: Backoff = attrs.field(
         default=DEFAULT_BACKOFF, validator=policy_backoff, metadata={"table": Backoff}
     )
