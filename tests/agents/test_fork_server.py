@@ -62,14 +62,14 @@ async def test_the_template_is_restarted_and_spawning_covers_meanwhile(
             assert parent_and_group(first.pid) == (os.getpid(), first.pid)
 
             os.kill(old, signal.SIGKILL)  # the template dies...
-            await wait_until_async(lambda: not template.up, what="the template seen gone", timeout_s=30)
+            await wait_until_async(
+                lambda: not template.up, what="the template seen gone", timeout_s=30
+            )
             await pool.fill(nursery, 2)  # ...and spares are spawned meanwhile
             spawned = pool._ready[1]
             pids.add(spawned.pid, "spawned spare")
             assert not spawned.forked
-            await wait_until_async(
-                lambda: template.up, what="the template restarted", timeout_s=60
-            )
+            await wait_until_async(lambda: template.up, what="the template restarted", timeout_s=60)
             assert template.pid not in (None, old)
             pids.add(template.pid or 0, "template")
             await pool.fill(nursery, 3)
