@@ -31,6 +31,7 @@ from supervise.runtime import (
     ProcessHandle,
     Spawned,
     adopt,
+    child_subreaper,
     set_child_subreaper,
 )
 from supervise.runtime.procfs import stat_fields
@@ -145,6 +146,7 @@ class ForkServer:
         go_file: Path,
         fds: tuple[int, int],
     ) -> int:
+        was = child_subreaper()
         if not set_child_subreaper(True):
             raise OSError("this OS cannot adopt a forked spare (no PR_SET_CHILD_SUBREAPER)")
         reply = b""
@@ -158,7 +160,7 @@ class ForkServer:
         except OSError as exc:
             reply = json.dumps({"error": str(exc)}).encode()
         finally:
-            set_child_subreaper(False)  # orphans of other children go to init again
+            set_child_subreaper(bool(was))  # orphans of other children go where they went
         answer = json.loads(reply) if reply else {"error": "no reply"}
         pid = answer.get("pid")
         if not isinstance(pid, int):

@@ -41,7 +41,7 @@ from supervise.runtime import (
     Spawner,
     Supervisor,
     child,
-    set_child_subreaper,
+    child_subreaper,
 )
 
 log = structlog.get_logger("supervise.agents.workers")
@@ -283,7 +283,7 @@ class SparePool:
         self.enabled = bool(preload) and target is not None
         self._argv = [command[0] if target else sys.executable, "-c", _WARM_BOOT, _WARM_FILE]
         self.template: ForkServer | None = None
-        if self.enabled and fork_server and set_child_subreaper(False):
+        if self.enabled and fork_server and child_subreaper() is not None:
             fd_arg = len(self._argv) + 1  # SOCKET_FD, after "--template"
             self.template = ForkServer(
                 OsProcess(

@@ -3,7 +3,7 @@
 Knows nothing of torch, zmq or training.
 """
 
-from supervise.runtime._pdeathsig import set_child_subreaper
+from supervise.runtime._pdeathsig import child_subreaper, set_child_subreaper
 from supervise.runtime._spawn import Spawned, adopt
 from supervise.runtime.backoff import Backoff
 from supervise.runtime.dynamic import DynamicSupervisor, DynamicSupervisorRef
@@ -75,6 +75,7 @@ __all__ = [
     "TooManyChildren",
     "adopt",
     "child",
+    "child_subreaper",
     "guard_pid",
     "registered",
     "set_child_subreaper",
