@@ -228,7 +228,8 @@ def _serve(sock: socket.socket, agent: int, preload: str) -> _Order | None:
 
 def _fork_spare(go_file: str, fds: list[int]) -> int | _Order:
     """Fork a spare through an intermediate that exits at once; the spare's pid (in the
-    template) or its order (in the spare)."""
+    template, once the spare leads its own process group and the agent adopted it) or its
+    order (in the spare)."""
     threads = threading.active_count()
     if threads > 1:  # a lock another thread holds would stay locked forever in the child
         raise RuntimeError(f"{threads} Python threads run in the template: forking is unsafe")
@@ -242,13 +243,17 @@ def _fork_spare(go_file: str, fds: list[int]) -> int | _Order:
             spare = os.fork()
         except BaseException:
             os._exit(1)
-        if spare == 0:
-            os.close(write_end)
-            return _Order(go_file, fds)
+        if spare != 0:
+            os._exit(0)  # the spare is orphaned: the agent (a child subreaper) adopts it
+        # The spare: its own session and process group (as a spawned worker has) before the
+        # agent hears of it, so that signalling its group by its pid reaches it from then on.
         try:
-            os.write(write_end, b"%d" % spare)
-        finally:
-            os._exit(0)
+            os.setsid()
+            os.write(write_end, b"%d" % os.getpid())
+            os.close(write_end)
+        except BaseException:
+            os._exit(1)  # never back into the template's loop
+        return _Order(go_file, fds)
     os.close(write_end)
     try:
         said = b""
@@ -265,7 +270,6 @@ def _fork_spare(go_file: str, fds: list[int]) -> int | _Order:
 def _spare(order: _Order, sock: socket.socket, agent: int, target: list[str]) -> int:
     """In a forked spare: take over its output, become the agent's, wait for the go order."""
     sock.close()
-    os.setsid()  # its own session and process group, as a spawned worker has
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
