@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from supervise._testing import OtlpSink
 
-    cfg = rec.Config(hidden=args.hidden, kinds=KINDS, settle_steps=30, spares_wait=20.0)
+    cfg = rec.Config(
+        hidden=args.hidden, kinds=KINDS, settle_steps=30, spares_wait=20.0, peer_timeout=10.0
+    )  # a generous peer timeout: no false node loss on a loaded machine
     cfg.workdir = Path(tempfile.mkdtemp(prefix="sparesbench-"))
     floors = rec.Floors(1 << 20)
     rng = random.Random(cfg.seed)
