@@ -38,6 +38,7 @@ BEGIN, END = "<!-- spares-busy:begin -->", "<!-- spares-busy:end -->"
 KINDS = ("crash", "nan")
 LOADS = ("quiet", "one core busy")
 SPARES = ("forked", "spawned")
+SPARES_WAIT = 15.0  # seconds a trial waits for warm spares before it injects anyway
 
 
 class Run(rec.SuperviseRun):
@@ -73,8 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from supervise._testing import OtlpSink
 
     cfg = rec.Config(
-        hidden=args.hidden, kinds=KINDS, settle_steps=30, spares_wait=20.0, peer_timeout=10.0
-    )  # a generous peer timeout: no false node loss on a loaded machine
+        hidden=args.hidden,
+        kinds=KINDS,
+        settle_steps=150,
+        step_delay=0.05,
+        spares_wait=SPARES_WAIT,
+        peer_timeout=10.0,
+    )  # paced, long enough to outlast the waits for spares; no false node loss under load
     cfg.workdir = Path(tempfile.mkdtemp(prefix="sparesbench-"))
     floors = rec.Floors(1 << 20)
     rng = random.Random(cfg.seed)
@@ -147,7 +153,11 @@ def report(
                 f"| {kind} | {load} | {cell(kind, load, 'forked')} | "
                 f"{cell(kind, load, 'spawned')} |"
             )
-    lines += ["", "Spares warm when the failure came (within 20 s of the previous recovery):"]
+    lines += [
+        "",
+        f"Spares warm when the failure came (waited for up to {SPARES_WAIT:g} s, the run paced "
+        "at `--step-delay 0.05`):",
+    ]
     for load in LOADS:
         parts = []
         for spares in SPARES:
