@@ -201,7 +201,8 @@ def _serve(sock: socket.socket, agent: int, preload: str) -> _Order | None:
     None in the template once the agent closed the socket."""
     started = time.monotonic()
     _preload(preload)  # the main thread, normal priority: once per node, while it starts
-    sock.send(json.dumps({"ready": round(time.monotonic() - started, 3)}).encode())
+    ready = {"ready": round(time.monotonic() - started, 3), "threads": threading.active_count()}
+    sock.send(json.dumps(ready).encode())
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_ORDER, 2)

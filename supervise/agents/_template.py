@@ -105,10 +105,20 @@ class ForkServer:
                     theirs.close()
                 self._handle = handle
                 task_status.started(handle)
-                hello = await sock.recv(_MAX_REPLY)
-                if hello:
-                    seconds = json.loads(hello).get("ready")
-                    log.info("spare template ready", pid=handle.pid, seconds=seconds)
+                hello = json.loads(await sock.recv(_MAX_REPLY) or b"{}")
+                threads = hello.get("threads", 1)
+                if threads > 1:  # a fork would copy locks that those threads may hold
+                    log.warning(
+                        "spare template not used: a preload module started threads; "
+                        "spares are spawned",
+                        pid=handle.pid,
+                        threads=threads,
+                    )
+                    self._settled.set()
+                    await handle.stop()
+                    await trio.sleep_forever()  # do not restart it: it would do the same
+                if "ready" in hello:
+                    log.info("spare template ready", pid=handle.pid, seconds=hello["ready"])
                     self._sock = sock
                 self._settled.set()
                 reason = await handle.wait()

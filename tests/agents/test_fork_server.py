@@ -95,6 +95,28 @@ async def test_the_template_is_restarted_and_spawning_covers_meanwhile(
     assert pids.survivors() == []  # the node stopping stops the template and every spare
 
 
+async def test_a_template_whose_imports_started_threads_is_not_used(tmp_path: Path) -> None:
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    )
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    pool = SparePool(
+        (sys.executable, str(script)),
+        ("threaded",),
+        tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+        shutdown=1.0,
+    )
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await pool.fill(nursery, 1)
+            assert not pool._ready[0].forked  # spawned: a fork would copy the thread's locks
+            nursery.cancel_scope.cancel()
+    assert [e["threads"] for e in logs if e["event"].startswith("spare template not used")] == [2]
+
+
 def launch(out: Path, generation: int) -> Launch:
     return Launch(
         command=(
