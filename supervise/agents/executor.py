@@ -227,6 +227,7 @@ class Executor:
             env=config.env,
             cwd=config.cwd,
             shutdown=config.worker_shutdown,
+            fork_server=ctx.policy.recovery.fork_server,
         )
         self._local = LocalRestart(
             ctx, spares=spares, on_exit=self._worker_exited, report=self._restart_progress

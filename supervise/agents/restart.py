@@ -138,6 +138,7 @@ class LocalRestart:
                 step=msg.step,
                 pids=group.pids,
                 warm=sorted(group.warm),
+                forked=sorted(group.forked),
                 master_port=msg.master_port,
             )
             self._report(msg.generation, RestartProgress.STARTED)

@@ -5,7 +5,8 @@ Workers are not restarted here: a worker's exit is a failure of the whole job (c
 break on every rank), so the executor restarts every node's workers together, at one version,
 with a new generation. For a Python command, spare processes that already imported the heavy
 modules (``recovery.preload``) wait for the next generation (:class:`SparePool`), so a restart
-skips the interpreter start and ``import torch``.
+skips the interpreter start and ``import torch``. Spares are forked from the node's template
+process (`ForkServer`), or spawned while it is down.
 """
 
 from __future__ import annotations
@@ -28,7 +29,20 @@ import structlog
 import trio
 import trio.lowlevel
 
-from supervise.runtime import ExitKind, ExitReason, OsProcess, OutputLine, ProcessHandle
+from supervise.agents._template import ForkServer
+from supervise.runtime import (
+    Backoff,
+    ExitKind,
+    ExitReason,
+    GaveUp,
+    OsProcess,
+    OutputLine,
+    ProcessHandle,
+    Spawner,
+    Supervisor,
+    child,
+    child_subreaper,
+)
 from supervise.runtime.private import write_private
 from supervise.snapshot.protocol import AGENT_ENV, TOKEN_ENV
 
@@ -37,6 +51,10 @@ log = structlog.get_logger("supervise.agents.workers")
 GENERATION_ENV = "SUPERVISE_GENERATION"
 NODE_RANK_ENV = "SUPERVISE_NODE_RANK"
 _PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
+# A template that dies is restarted after a pause; more than this many deaths in this many
+# seconds and spares are spawned for the rest of the agent's life.
+_TEMPLATE_RESTARTS = (3, 300.0)
+_TEMPLATE_BACKOFF = Backoff(initial=1.0, max=30.0)
 # A spare runs supervise/_warm.py by its path: ``-m supervise._warm`` would first import the
 # ``supervise`` package (0.4 s of CPU) in the main thread, at normal priority, while training
 # runs; the warm-up imports it later, in its idle-class thread. Through ``-c``, not ``python
@@ -110,6 +128,7 @@ class WorkerGroup:
         self._shutdown = shutdown
         self._spares = spares
         self.warm: set[int] = set()  # ranks that run in a spare process
+        self.forked: set[int] = set()  # those whose spare was forked from the template
         self.handles: dict[int, ProcessHandle] = {}
         self.exits: dict[int, ExitReason] = {}
         self._done = trio.Event()
@@ -143,6 +162,8 @@ class WorkerGroup:
                         else:
                             self.handles[rank] = spare.handle
                             self.warm.add(rank)
+                            if spare.forked:
+                                self.forked.add(rank)
                             nursery.start_soon(self._adopted, spare.handle, rank)
                             continue
                     spec = OsProcess(
@@ -217,9 +238,10 @@ def warm_target(command: tuple[str, ...]) -> list[str] | None:
 class Spare:
     """A spare worker process waiting for its go order (a JSON file it polls for)."""
 
-    def __init__(self, handle: ProcessHandle, go_file: Path) -> None:
+    def __init__(self, handle: ProcessHandle, go_file: Path, *, forked: bool = False) -> None:
         self.handle = handle
         self.go_file = go_file
+        self.forked = forked  # from the template (else spawned: it imports on its own)
         self.taken = False
         self.spawned = trio.current_time()
 
@@ -246,6 +268,9 @@ class SparePool:
 
     Only for Python commands and a non-empty ``preload``; every spare runs inside the
     nursery given to :meth:`fill`, so cancelling it (the node stops) stops the spares too.
+    The first fill starts the template (``fork_server``, where the OS can adopt a forked
+    process) under a small supervisor in that nursery and waits for its imports; spares are
+    forked from it from then on, and spawned while it is down.
     """
 
     def __init__(
@@ -258,10 +283,27 @@ class SparePool:
         cwd: str | None = None,
         on_output: Callable[[OutputLine], None] | None = None,
         shutdown: float = 5.0,
+        fork_server: bool = True,
     ) -> None:
         target = warm_target(command)
         self.enabled = bool(preload) and target is not None
         self._argv = [command[0] if target else sys.executable, "-c", _WARM_BOOT, _WARM_FILE]
+        self.template: ForkServer | None = None
+        if self.enabled and fork_server and child_subreaper() is not None:
+            fd_arg = len(self._argv) + 1  # SOCKET_FD, after "--template"
+            self.template = ForkServer(
+                OsProcess(
+                    [*self._argv, "--template", "-1", str(os.getpid()), ",".join(preload), "--"]
+                    + (target or []),
+                    env={**(env or {}), "PYTHONUNBUFFERED": "1"},
+                    cwd=cwd,
+                    on_output=on_output,
+                ),
+                fd_arg,
+                shutdown=shutdown,
+            )
+        self._template_started = False
+        self._filling = trio.Lock()
         self._target = target or []
         self._preload = ",".join(preload)
         self._run_dir = run_dir
@@ -293,25 +335,80 @@ class SparePool:
 
     async def fill(self, nursery: trio.Nursery, count: int) -> None:
         """Start spares until ``count`` wait (a spawn failure is logged: cold starts then)."""
-        while self.enabled and len(self._ready) < count:
-            go_file = self._run_dir / f"{self._prefix}-{next(self._ids)}.go"
-            spec = OsProcess(
-                [*self._argv, str(go_file), self._preload, "--", *self._target],
-                env={**self._env, "PYTHONUNBUFFERED": "1"},
-                cwd=self._cwd,
-                on_output=self._on_output,
-            )
-            try:
-                handle = await nursery.start(
-                    functools.partial(spec.run, shutdown=self._shutdown, label="spare worker")
+        async with self._filling:
+            while self.enabled and len(self._ready) < count:
+                go_file = self._run_dir / f"{self._prefix}-{next(self._ids)}.go"
+                spec = OsProcess(
+                    [*self._argv, str(go_file), self._preload, "--", *self._target],
+                    env={**self._env, "PYTHONUNBUFFERED": "1"},
+                    cwd=self._cwd,
+                    on_output=self._on_output,
                 )
-            except OSError as exc:
-                log.warning("could not start a spare worker", error=str(exc))
-                return
-            spare = Spare(handle, go_file)
-            self._ready.append(spare)
-            nursery.start_soon(self._forget_when_gone, spare)
-            nursery.start_soon(self._report_preloaded, spare)
+                via = await self._fork_from_template(nursery, go_file)
+                handle = None
+                if via is not None:
+                    started = trio.current_time()
+                    try:
+                        handle = await nursery.start(self._run_spare, spec, via)
+                    except OSError as exc:
+                        log.warning("spare not forked: spawning it", error=str(exc))
+                        via = None
+                    else:
+                        ms = round((trio.current_time() - started) * 1000, 1)
+                        assert self.template is not None
+                        log.info(
+                            "spare worker forked", pid=handle.pid, template=self.template.pid, ms=ms
+                        )
+                if handle is None:
+                    try:
+                        handle = await nursery.start(self._run_spare, spec, None)
+                    except OSError as exc:
+                        log.warning("could not start a spare worker", error=str(exc))
+                        return
+                spare = Spare(handle, go_file, forked=via is not None)
+                self._ready.append(spare)
+                nursery.start_soon(self._forget_when_gone, spare)
+                nursery.start_soon(self._report_preloaded, spare)
+
+    async def _run_spare(
+        self,
+        spec: OsProcess,
+        via: Spawner | None,
+        *,
+        task_status: trio.TaskStatus[ProcessHandle] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await spec.run(
+            shutdown=self._shutdown, label="spare worker", via=via, task_status=task_status
+        )
+
+    async def _fork_from_template(self, nursery: trio.Nursery, go_file: Path) -> Spawner | None:
+        """How the next spare is started: forked by the template if it runs (the first call
+        starts it and waits for its imports), else None (spawned)."""
+        template = self.template
+        if template is None:
+            return None
+        if not self._template_started:
+            self._template_started = True
+            nursery.start_soon(self._supervise_template, template)
+            await template.settled()
+        return functools.partial(template.fork, go_file) if template.up else None
+
+    async def _supervise_template(self, template: ForkServer) -> None:
+        """Keep the template running (restarted after a pause); past the restart intensity,
+        spares are spawned for the rest of the agent's life."""
+        restarts, seconds = _TEMPLATE_RESTARTS
+        tree = Supervisor(
+            [child(template.serve, id="spare-template")],
+            max_restarts=restarts,
+            max_seconds=seconds,
+            backoff=_TEMPLATE_BACKOFF,
+        )
+        try:
+            await tree.run()
+        except GaveUp as exc:
+            log.warning("spare template gave up: spares are spawned from now on", error=str(exc))
+        finally:
+            self.template = None
 
     @staticmethod
     async def _report_preloaded(spare: Spare) -> None:
@@ -319,7 +416,13 @@ class SparePool:
         while spare.handle.returncode is None and spare.handle.reason is None:
             if spare.preloaded:
                 seconds = round(trio.current_time() - spare.spawned, 3)
-                log.info("spare worker ready", pid=spare.pid, seconds=seconds, taken=spare.taken)
+                log.info(
+                    "spare worker ready",
+                    pid=spare.pid,
+                    seconds=seconds,
+                    taken=spare.taken,
+                    forked=spare.forked,
+                )
                 return
             await trio.sleep(_PRELOAD_POLL)
 

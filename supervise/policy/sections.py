@@ -155,7 +155,9 @@ class Recovery:
     that spare worker processes import ahead of a restart (Python commands only; [] = start
     workers cold); the default covers what every supervised training script imports: torch,
     ``torch._dynamo`` (every ``torch.optim`` optimizer imports it when built: 1.2 s here) and
-    the Snapshotter. ``hang_detection``: "adaptive" also flags a hang from each rank's own
+    the Snapshotter. ``fork_server``: spares are forked from a template process that imported
+    ``preload`` once (false: each spare imports it itself, in the idle scheduling class).
+    ``hang_detection``: "adaptive" also flags a hang from each rank's own
     step-interval history (``hang_phi``, at least ``hang_min_steps`` typical steps and
     ``hang_min_silence`` seconds), well before ``heartbeat_timeout``, which stays the bound and
     the only rule before that history exists and inside ``Snapshotter.pause()``; "timeout":
@@ -195,6 +197,7 @@ class Recovery:
         converter=to_names,
         validator=module_names,
     )
+    fork_server: bool = attrs.field(default=True, validator=boolean)
     backoff: Backoff = attrs.field(
         default=DEFAULT_BACKOFF, validator=policy_backoff, metadata={"table": Backoff}
     )

@@ -3,6 +3,8 @@
 Knows nothing of torch, zmq or training.
 """
 
+from supervise.runtime._pdeathsig import child_subreaper, set_child_subreaper
+from supervise.runtime._spawn import Spawned, adopt
 from supervise.runtime.backoff import Backoff
 from supervise.runtime.dynamic import DynamicSupervisor, DynamicSupervisorRef
 from supervise.runtime.errors import (
@@ -21,7 +23,7 @@ from supervise.runtime.errors import (
     TooManyChildren,
 )
 from supervise.runtime.exit import ExitKind, ExitReason
-from supervise.runtime.osprocess import OsProcess, OutputLine, ProcessHandle, guard_pid
+from supervise.runtime.osprocess import OsProcess, OutputLine, ProcessHandle, Spawner, guard_pid
 from supervise.runtime.registry import registered, whereis
 from supervise.runtime.server import Server, ServerRef
 from supervise.runtime.spec import (
@@ -62,6 +64,8 @@ __all__ = [
     "Server",
     "ServerRef",
     "Shutdown",
+    "Spawned",
+    "Spawner",
     "StartFailed",
     "StillRunning",
     "Strategy",
@@ -69,8 +73,11 @@ __all__ = [
     "SupervisorError",
     "SupervisorRef",
     "TooManyChildren",
+    "adopt",
     "child",
+    "child_subreaper",
     "guard_pid",
     "registered",
+    "set_child_subreaper",
     "whereis",
 ]

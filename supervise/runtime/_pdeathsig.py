@@ -46,3 +46,26 @@ def preexec_for(parent_pid: int) -> Callable[[], None] | None:
             os.kill(os.getpid(), sigkill)
 
     return arm
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def set_child_subreaper(on: bool) -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux >= 3.4): a process
+    forked by one of our children becomes our child once its own parent exits. Returns
+    whether the OS did it (False where it has no such thing)."""
+    prctl = _prctl
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def child_subreaper() -> bool | None:
+    """Whether this process is a child subreaper now (None: the OS has no such thing)."""
+    prctl = _prctl
+    if prctl is None:
+        return None
+    flag = ctypes.c_int(0)
+    if prctl(_PR_GET_CHILD_SUBREAPER, ctypes.addressof(flag), 0, 0, 0) != 0:
+        return None
+    return bool(flag.value)

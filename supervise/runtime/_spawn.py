@@ -14,7 +14,7 @@ import queue
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import outcome
 import trio
@@ -50,6 +50,54 @@ class _SpawnerThread:
 _thread = _SpawnerThread()
 
 
+_STATUS_LOST = 255  # an adopted child reaped elsewhere: an abnormal exit of unknown cause
+
+
+class Child(Protocol):
+    """What a `ProcessHandle` needs of a child: `subprocess.Popen`'s pid, returncode, poll
+    and wait (`Adopted` for a child that another process forked and that became ours)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+
+class Adopted:
+    """A child of this process that it did not fork itself (re-parented to it as a child
+    subreaper): reaped with ``waitpid``, its status decoded as `subprocess.Popen` does."""
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reaped(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # not (or no longer) ours to reap: its status is lost
+                self.returncode = _STATUS_LOST
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reaped(os.WNOHANG)
+
+    def wait(self) -> int:
+        code = self._reaped(0)
+        assert code is not None
+        return code
+
+
 class Spawned:
     """A freshly forked child: its `subprocess.Popen` and the trio ends of its output pipes."""
 
@@ -57,7 +105,7 @@ class Spawned:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        popen: Child,
         stdout: trio.lowlevel.FdStream,
         stderr: trio.lowlevel.FdStream,
     ) -> None:
@@ -66,8 +114,17 @@ class Spawned:
         self.stderr = stderr
 
 
-async def spawn(argv: list[str], env: dict[str, str] | None, cwd: str | None) -> Spawned:
-    """Fork ``argv`` in its own session, stdout/stderr piped, SIGKILLed if we die (Linux).
+def adopt(pid: int, stdout: int, stderr: int) -> Spawned:
+    """A `Spawned` for ``pid``, a child of this process forked elsewhere, whose output comes
+    through the read ends ``stdout`` and ``stderr`` (taken over: closed with the handle)."""
+    return Spawned(Adopted(pid), trio.lowlevel.FdStream(stdout), trio.lowlevel.FdStream(stderr))
+
+
+async def spawn(
+    argv: list[str], env: dict[str, str] | None, cwd: str | None, pass_fds: tuple[int, ...] = ()
+) -> Spawned:
+    """Fork ``argv`` in its own session, stdout/stderr piped, SIGKILLed if we die (Linux);
+    ``pass_fds`` stay open in the child (under their numbers).
 
     Not cancellable while the fork is under way (a cancelled spawn must not leak a process):
     the caller gets the child, then the cancellation at its next checkpoint.
@@ -84,6 +141,7 @@ async def spawn(argv: list[str], env: dict[str, str] | None, cwd: str | None) ->
             stderr=err_write,
             env=env,
             cwd=cwd,
+            pass_fds=pass_fds,
             start_new_session=True,  # its own process group: signalled and swept as a whole
             # Thread-safe here: it only calls a pre-bound prctl and getppid, no locks, no imports.
             preexec_fn=preexec,  # noqa: PLW1509

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -29,6 +29,11 @@ from supervise.runtime.spec import LaunchContext
 _MAX_LINE = 64 * 1024  # longer lines are forwarded in pieces
 _DRAIN_GRACE = 1.0  # seconds to read what is left in the pipes after the process exited
 _POLL = 0.05  # exit polling interval where there is no pidfd (not Linux >= 5.3)
+
+Spawner = Callable[["OsProcess"], Awaitable[Spawned]]
+"""Starts the process of an `OsProcess` some other way than forking it here (e.g. a fork
+server whose children become ours): returns it as `adopt` does; raises `OSError` if it
+cannot."""
 
 
 def guard_pid() -> int | None:
@@ -73,6 +78,13 @@ def _cwd(value: str | os.PathLike[str] | None) -> str | None:
     return os.fspath(value)
 
 
+def _fds(value: Sequence[int]) -> tuple[int, ...]:
+    fds = tuple(value)
+    if not all(isinstance(fd, int) and not isinstance(fd, bool) and fd > 2 for fd in fds):
+        raise InvalidValue("pass_fds", value, "must be file descriptor numbers > 2")
+    return fds
+
+
 def _sink(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
         raise InvalidValue(attr.name, value, "must be a callable taking an OutputLine, or None")
@@ -81,7 +93,8 @@ def _sink(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
 @attrs.frozen(slots=True, eq=False)
 class OsProcess:
     """An OS process to run: ``argv``, ``env`` (added to the parent's environment unless
-    ``inherit_env=False``), ``cwd``. Its stdout/stderr lines go to the log and ``on_output``.
+    ``inherit_env=False``), ``cwd``, ``pass_fds`` (descriptors it inherits, under their
+    numbers). Its stdout/stderr lines go to the log and ``on_output``.
 
     A non-zero exit code or death by a signal is an abnormal exit; stopping it sends SIGTERM to
     its process group, waits ``shutdown`` seconds, then SIGKILL.
@@ -99,6 +112,7 @@ class OsProcess:
         default=None, validator=_sink, kw_only=True
     )
     log_output: bool = attrs.field(default=True, kw_only=True)
+    pass_fds: tuple[int, ...] = attrs.field(default=(), converter=_fds, kw_only=True)
 
     def environment(self) -> dict[str, str] | None:
         """The environment the process gets (None: exactly the parent's)."""
@@ -111,25 +125,34 @@ class OsProcess:
         *,
         shutdown: float = 5.0,
         label: str | None = None,
+        via: Spawner | None = None,
         task_status: trio.TaskStatus[ProcessHandle] = trio.TASK_STATUS_IGNORED,
     ) -> ExitReason:
         """Spawn the process and return its `ExitReason` once it exited.
 
         ``task_status.started`` hands out a `ProcessHandle` (pid, wait, stop, signal). If this
         task is cancelled the process is stopped first (SIGTERM, ``shutdown`` s, SIGKILL).
-        Raises `OSError` if it cannot be spawned.
+        ``via`` starts it instead of a fork here (the handle works the same). Raises `OSError`
+        if it cannot be spawned.
         """
         if isinstance(shutdown, bool) or not isinstance(shutdown, int | float) or not shutdown >= 0:
             raise ValueError(f"shutdown = {shutdown!r}: must be seconds >= 0")
-        return await self._run(shutdown, task_status.started, label or self.argv[0])
+        return await self._run(shutdown, task_status.started, label or self.argv[0], via)
 
     async def _supervise_launch(self, ctx: LaunchContext) -> ExitReason:
         return await self._run(ctx.spec.shutdown, ctx.started, ctx.path)
 
     async def _run(
-        self, shutdown: float, started: Callable[[ProcessHandle], None], label: str
+        self,
+        shutdown: float,
+        started: Callable[[ProcessHandle], None],
+        label: str,
+        via: Spawner | None = None,
     ) -> ExitReason:
-        spawned = await spawn(list(self.argv), self.environment(), self.cwd)
+        if via is None:
+            spawned = await spawn(list(self.argv), self.environment(), self.cwd, self.pass_fds)
+        else:
+            spawned = await via(self)
         handle = ProcessHandle(self, spawned, shutdown, label)
         guard.watch(handle.pid)  # its group dies with us, even if we are killed hard
         log.info("process_started", child=label, pid=handle.pid, argv=list(self.argv))
@@ -279,6 +302,7 @@ class ProcessHandle:
                     await trio.sleep(_POLL)
             guard.forget(self.pid)
         returncode = self._popen.returncode
+        assert returncode is not None  # reaped above
         # Its last lines come before its exit: the group is dead, so the pipes close at once
         # (unless something escaped the group and holds them: then only up to the grace).
         with trio.move_on_after(_DRAIN_GRACE):

@@ -52,9 +52,12 @@ def test_worker_crash_recovers_from_ram_and_finishes_exactly(tmp_path: Path) -> 
         assert rec["evidence"]["node"] == 1 and rec["evidence"]["exit_code"] == 7
         restart = next(e for e in c.events(0, "restart sent") if e["generation"] >= 2)
         assert restart["step"] > 0  # restored from a snapshot, not from scratch
-        for node in (0, 1):  # the new generation ran in the spares waiting since the start
+        for node in (0, 1):  # the new generation ran in the spares waiting since the start,
             started = [e for e in c.events(node, "workers started") if e["generation"] >= 2]
             assert started and started[0]["warm"] == [node], started
+            assert started[0]["forked"] == [node], started  # forked from the node's template
+            (template,) = {e["pid"] for e in c.events(node, "spare template ready")}
+            assert {e["template"] for e in c.events(node, "spare worker forked")} == {template}
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2)
         assert c.orphans() == []

@@ -48,6 +48,7 @@ DESIGN_DEFAULTS = {
         "on_recovery": "",
         "on_failure": "",
         "preload": ["torch", "torch._dynamo", "supervise.torch.snapshotter"],
+        "fork_server": True,
         "backoff": {
             "initial": 1.0,
             "max": 60.0,

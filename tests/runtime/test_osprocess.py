@@ -165,6 +165,12 @@ async def test_env_and_cwd(tmp_path: os.PathLike[str]) -> None:
     assert sink.texts() == [f"7 {os.fspath(tmp_path)}"]
 
 
+@pytest.mark.parametrize("fds", [[1], ["3"], [True]])
+def test_pass_fds_must_be_descriptors_above_stderr(fds: list[object]) -> None:
+    with pytest.raises(ValueError, match="pass_fds"):
+        sv.OsProcess(["true"], pass_fds=fds)  # type: ignore[arg-type]
+
+
 async def test_spawn_failure_raises() -> None:
     with pytest.raises(FileNotFoundError):
         await sv.OsProcess(["/nonexistent/definitely-not-here"]).run()
