@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -102,25 +103,66 @@ def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
     assert why in lines[0]
 
 
+def status_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    """``supervise status --json`` run in this process (no interpreter start-up)."""
+    capsys.readouterr()
+    assert main(["status", *argv, "--json"]) == 0, capsys.readouterr().err
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--store", "embedded"], "lives inside the agents; give --nodes"),
+        (["--nodes", "127.0.0.1:1", "--job", "x"], "go with --store"),
+        (["--store", "etcd://nohost"], "expected HOST:PORT"),
+        (["--store", f"etcd://127.0.0.1:{free_ports(1)[0]}"], "store unavailable"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["recover", "--latest"]])
+def test_status_and_recover_with_a_bad_or_unreachable_store_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], command: list[str], argv: list[str], why: str
+) -> None:
+    assert main([*command, *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"supervise {command[0]}: --"), lines
+    assert why in lines[0]
+
+
 @pytest.mark.slow
 def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
-    tmp_path: Path, etcd1: EtcdCluster
+    tmp_path: Path, etcd1: EtcdCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with nodes(tmp_path, 2, steps=LONG) as c:
+    steps = 2 * LONG  # room for a manual recovery after the fenced one
+    with nodes(tmp_path, 2, steps=steps) as c:
         c.options = ["--store", etcd1.url, "--job", "freeze"]
         c.start(0)
         c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
         c.start(1)
         c.wait_resumed(1)
         c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        # `supervise status --store`: the nodes found from their membership keys
+        seen = status_json(capsys, "--store", etcd1.url, "--job", "freeze")
+        assert [(n["node"], n["reachable"]) for n in seen["nodes"]] == [(0, True), (1, True)]
+        assert {n["coordinator"] for n in seen["nodes"]} == {0}
         c.send(0, signal.SIGSTOP)  # the leader's agent freezes for longer than its lease
         try:
             c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+            # membership = live leases: the frozen node's key is gone with its lease
+            alone = status_json(capsys, "--store", etcd1.url, "--job", "freeze")
+            assert [n["node"] for n in alone["nodes"]] == [1]
             c.fault("crash", 1)  # a failure while the old leader still thinks it leads
             c.wait("the crash seen", lambda: c.recoveries(1))
         finally:
             c.send(0, signal.SIGCONT)
         c.wait_resumed(2, timeout=60)
+        # `supervise recover --store`: asked of the elected coordinator, which recovers
+        capsys.readouterr()
+        assert main(["recover", "--store", etcd1.url, "--job", "freeze", "--latest"]) == 0
+        assert "recovery requested" in capsys.readouterr().out
+        c.wait_resumed(3, timeout=60)
+        assert [r["trigger"] for r in c.recoveries(1)][-1] == "manual"
         lost = c.events(0, "store_lease_lost")
         assert lost and lost[0]["level"] == "error"  # loud, not silent
         assert len(c.events(0, "joined the store")) == 2  # it campaigns again, as a follower
@@ -132,7 +174,7 @@ def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
         assert len(sent) == len({gen for gen, _ in sent}), sent
         assert all(rank == 1 for gen, rank in sent if gen >= 2), sent
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, LONG)
+        assert_exact(c.out, 2, steps)
         assert c.orphans() == []
 
 
