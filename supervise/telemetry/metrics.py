@@ -37,6 +37,7 @@ class Instruments:
         self.snapshot_throughput = _histogram(meter, Metric.SNAPSHOT_THROUGHPUT, THROUGHPUT_BUCKETS)
         self.training_steps = _counter(meter, Metric.TRAINING_STEPS)
         self.late_replies = _counter(meter, Metric.LATE_REPLIES)
+        self.recoveries_held = _counter(meter, Metric.RECOVERIES_HELD)
         self._lock = threading.Lock()
         self._sources: dict[int, tuple[str, MemorySource]] = {}
         self._next_token = 0
