@@ -11,10 +11,11 @@ then every node gives up.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -27,11 +28,20 @@ from supervise.agents.context import NodeContext
 from supervise.agents.lifecycle import CLUSTER_START, EXIT_GAVE_UP, ExecutorState, RestartProgress
 from supervise.agents.monitor import Beat, blame, hang_evidence
 from supervise.agents.roles import Executing
+from supervise.agents.seat import SeatNews
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.snapshot.service import FRESH
 from supervise.store import FencedWriteRefused, StoreUnavailable
-from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
+from supervise.telemetry import (
+    Attr,
+    Outcome,
+    Phase,
+    RecoveryEvent,
+    RecoveryTrace,
+    Trigger,
+    get_telemetry,
+)
 
 log = structlog.get_logger("supervise.agents.coordinator")
 
@@ -74,6 +84,10 @@ class Coordinator:
         self._held: collections.deque[tuple[object, dict[str, str]]] = collections.deque(
             maxlen=_HELD
         )
+        self._no_quorum = False  # --store: a recovery is held for want of a quorum (said once)
+        self._recovery: RecoveryTrace | None = None  # the recovery this node runs, if any
+        if ctx.seat is not None:
+            ctx.seat.observer = self._seat_news
 
     # -- inputs (never block) --------------------------------------------------------------
 
@@ -156,7 +170,7 @@ class Coordinator:
         tick = self.ctx.policy.cluster.heartbeat_interval
         while True:
             item: tuple[object, dict[str, str]] = (_Tick(), {})
-            if self._held and self.is_coordinator:
+            if self._held and self.is_coordinator and self._quorate():
                 item = self._held.popleft()  # what arrived before this node was elected
             else:
                 with trio.move_on_after(tick):
@@ -178,9 +192,69 @@ class Coordinator:
             if trigger is None:
                 continue
             kind, since, evidence, version = trigger
+            if not self._quorate():
+                self._hold_for_quorum(kind, item)
+                continue
             if kind is Trigger.HEARTBEAT_TIMEOUT:
                 since, evidence = await self._judge_hang(since, evidence)
             await self._recover(kind, since, evidence, version=version, parent=trace or None)
+
+    @contextlib.contextmanager
+    def _open(self, recovery: RecoveryTrace) -> Iterator[None]:
+        """While ``recovery`` runs, the seat's news are span events on it."""
+        self._recovery = recovery
+        try:
+            yield
+        finally:
+            self._recovery = None
+
+    def _seat_news(self, news: SeatNews) -> None:
+        """An election, a lease lost or regained, a fenced write refused: a span event on the
+        recovery under way (the seat's log lines carry the same evidence otherwise)."""
+        recovery = self._recovery
+        if recovery is None:
+            return
+        evidence: dict[str, object] = {"store_revision": news.revision}
+        if news.lease:
+            evidence["store_lease"] = f"{news.lease:x}"
+        if news.leader is not None:
+            evidence["store_leader"] = news.leader
+        recovery.event(news.event.value, **evidence)
+
+    def _expected(self) -> list[int]:
+        """The nodes a quorum is counted among: every node that has not finished."""
+        return [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
+
+    def _quorate(self) -> bool:
+        """The quorum guard (``--store`` only): a majority of the expected nodes hold a live
+        lease. Said once when it returns after a recovery was held for want of it."""
+        seat = self.ctx.seat
+        if seat is None:
+            return True  # the embedded store has no quorum (docs/store.md)
+        if not seat.quorum(self._expected()):
+            return False
+        if self._no_quorum:
+            self._no_quorum = False
+            log.info("quorum regained", members=sorted(seat.members()))
+        return True
+
+    def _hold_for_quorum(self, kind: Trigger, item: tuple[object, dict[str, str]]) -> None:
+        """Keep a trigger until a majority of the expected nodes is alive again: a minority
+        (cut off, or the survivors of a mass loss) must not restart anything."""
+        seat = self.ctx.seat
+        assert seat is not None
+        self._held.append(item)
+        get_telemetry().metrics.recoveries_held.add(1, {Attr.TRIGGER: kind.value})
+        if not self._no_quorum:
+            self._no_quorum = True
+            expected = self._expected()
+            log.warning(
+                "recovery held: no quorum",
+                trigger=kind.value,
+                members=sorted(seat.members()),
+                expected=expected,
+                needed=len(expected) // 2 + 1,
+            )
 
     def _trigger_of(
         self, message: object
@@ -312,7 +386,7 @@ class Coordinator:
         )
         # The root is current for the whole recovery (its log lines carry the trace id);
         # leaving by an exception (a bug, or cancelled: the node is stopping) ends it failed.
-        with recovery, recovery.activate():
+        with recovery, recovery.activate(), self._open(recovery):
             log.warning("recovery", trigger=trigger.value, evidence=dict(evidence))
             failed = evidence.get("rank")
             if isinstance(failed, int) and not isinstance(failed, bool):

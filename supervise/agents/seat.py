@@ -10,11 +10,13 @@ decided), both written fenced.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+import attrs
 import structlog
 import trio
 
@@ -23,8 +25,10 @@ from supervise.runtime import Backoff
 from supervise.store import (
     Election,
     EventKind,
+    FencedWriteRefused,
     Follow,
     Leadership,
+    LeaseLost,
     Put,
     Record,
     Resync,
@@ -43,6 +47,31 @@ ATTEMPT: Final = "attempt"
 _RETRY: Final = Backoff(initial=0.5, max=10.0, multiplier=2.0)
 
 
+class SeatEvent(enum.StrEnum):
+    """What happened to the seat: span events on an open recovery (see `SeatNews`)."""
+
+    ELECTION_WON = "store_election_won"
+    ELECTION_LOST = "store_election_lost"  # another node leads
+    LEASE_LOST = "store_lease_lost"
+    LEASE_REGAINED = "store_lease_regained"
+    FENCED_WRITE_REFUSED = "store_fenced_write_refused"
+
+
+@attrs.frozen(slots=True)
+class SeatNews:
+    """One `SeatEvent` with its evidence: the store revision it was seen at (0: unknown),
+    the lease concerned (0: none) and the leader's rank (None: unknown)."""
+
+    event: SeatEvent
+    revision: int = 0
+    lease: int = 0
+    leader: int | None = None
+
+
+#: Told each `SeatNews` as it happens (the coordinator: a span event on its open recovery).
+SeatObserver = Callable[[SeatNews], None]
+
+
 class StoreSeat:
     """This node's lease, membership key and campaign; the leader it knows of; fenced
     decisions. ``run`` is a supervised child: a lost lease ends it abnormally (restarted:
@@ -55,12 +84,26 @@ class StoreSeat:
         self.prefix = config.store.prefix
         self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
         self._leader: int | None = None
+        self._members: frozenset[int] = frozenset()  # ranks with a live lease, as last read
         self._leadership: Leadership | None = None
         self._election: Election | None = None
+        self._lost_lease = 0  # the last lease lost, until a fresh one is registered
+        self.observer: SeatObserver | None = None
 
     def leader_rank(self) -> int | None:
         """The elected coordinator's rank as last seen in the store (None: none known)."""
         return self._leader
+
+    def members(self) -> frozenset[int]:
+        """The ranks whose membership key (held by a live lease) the store last showed; empty
+        while the store is unreachable (nothing is known then)."""
+        return self._members
+
+    def quorum(self, expected: Sequence[int]) -> bool:
+        """Whether a majority of the ``expected`` nodes hold a live lease (the quorum guard:
+        no recovery starts without one)."""
+        alive = len(self._members & set(expected))
+        return alive >= len(expected) // 2 + 1
 
     def leads(self) -> bool:
         """Whether this node holds the coordinator's seat."""
@@ -92,7 +135,13 @@ class StoreSeat:
             raise LookupError(f"node {self.rank} does not hold the coordinator's seat")
         body = {**record, "leader": self.rank, "term": leadership.revision}
         encoded = json.dumps(body, sort_keys=True).encode()
-        result = await election.write(leadership, (Put(self.prefix + key, encoded),))
+        try:
+            result = await election.write(leadership, (Put(self.prefix + key, encoded),))
+        except FencedWriteRefused:
+            self._tell(
+                SeatNews(SeatEvent.FENCED_WRITE_REFUSED, leadership.revision, leadership.lease)
+            )
+            raise
         return result.revision
 
     async def claim(self, *, generation: int, attempt: int, trigger: str) -> int:
@@ -119,15 +168,33 @@ class StoreSeat:
             async with trio.open_nursery() as nursery:
                 await nursery.start(keep_alive, store, lease, self.ttl)
                 nursery.start_soon(self._follow_leader, store)
+                nursery.start_soon(self._follow_members, store)
                 self._leadership = await self._campaign(election, lease)
-                log.info("elected coordinator", term=self._leadership.revision, ttl=self.ttl)
+                log.info(
+                    "elected coordinator",
+                    term=self._leadership.revision,
+                    lease=f"{lease:x}",
+                    ttl=self.ttl,
+                )
+                self._tell(
+                    SeatNews(SeatEvent.ELECTION_WON, self._leadership.revision, lease, self.rank)
+                )
+        except* LeaseLost:  # logged loudly by keep_alive; a span event where one is open
+            self._lost_lease = lease
+            self._tell(SeatNews(SeatEvent.LEASE_LOST, lease=lease, leader=self._leader))
+            raise
         finally:
             self._leadership, self._leader, self._election = None, None, None
+            self._members = frozenset()
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if lease:
                     with contextlib.suppress(StoreUnavailable):
                         await store.revoke(lease)  # leave at once rather than after a TTL
                 await store.aclose()
+
+    def _tell(self, news: SeatNews) -> None:
+        if self.observer is not None:
+            self.observer(news)
 
     async def _register(self, store: Store) -> int:
         """A fresh lease and this node's membership key on it, retried with backoff while
@@ -145,6 +212,10 @@ class StoreSeat:
                 await trio.sleep(_RETRY.delay(attempt))
                 continue
             log.info("joined the store", lease=f"{lease:x}", prefix=self.prefix)
+            if self._lost_lease:
+                log.info("store lease regained", lease=f"{lease:x}", lost=f"{self._lost_lease:x}")
+                self._lost_lease = 0
+                self._tell(SeatNews(SeatEvent.LEASE_REGAINED, lease=lease))
             return lease
 
     async def _campaign(self, election: Election, lease: int) -> Leadership:
@@ -166,22 +237,72 @@ class StoreSeat:
         while True:
             try:
                 snapshot = await store.range(key)
-                self._leader = _rank(snapshot.records[0] if snapshot.records else None)
+                self._saw_leader(snapshot.records[0] if snapshot.records else None)
                 async with Follow(
                     store, key, prefix=False, start_revision=snapshot.revision + 1
                 ) as changes:
                     async for change in changes:
                         if isinstance(change, Resync):
                             records = change.snapshot.records
-                            self._leader = _rank(records[0] if records else None)
+                            self._saw_leader(records[0] if records else None)
                             continue
                         last = change[-1]
                         gone = last.kind is EventKind.DELETE
-                        self._leader = None if gone else _rank(last.record)
+                        self._saw_leader(None if gone else last.record)
             except StoreUnavailable as exc:
                 log.warning("store unreachable; leader unknown", error=str(exc))
                 self._leader = None
                 await trio.sleep(_RETRY.max / 4)
+
+    def _saw_leader(self, record: Record | None) -> None:
+        """The leader key as read: another node's term is an election this node lost."""
+        before, self._leader = self._leader, _rank(record)
+        if record is None or self._leader in (None, before, self.rank):
+            return
+        log.info(
+            "following the elected coordinator",
+            leader=self._leader,
+            term=record.create_revision,
+            lease=f"{record.lease:x}",
+        )
+        self._tell(
+            SeatNews(SeatEvent.ELECTION_LOST, record.create_revision, record.lease, self._leader)
+        )
+
+    async def _follow_members(self, store: Store) -> None:
+        """Keep ``members`` current from the membership keys' changes (live leases)."""
+        prefix = self.prefix + MEMBERS
+        while True:
+            try:
+                snapshot = await store.range(prefix, prefix=True)
+                self._members = _ranks(snapshot.records)
+                async with Follow(
+                    store, prefix, prefix=True, start_revision=snapshot.revision + 1
+                ) as changes:
+                    async for change in changes:
+                        if isinstance(change, Resync):
+                            self._members = _ranks(change.snapshot.records)
+                            continue
+                        ranks = set(self._members)
+                        for event in change:
+                            if event.kind is EventKind.DELETE:
+                                ranks -= _ranks((event.record,))
+                            else:
+                                ranks |= _ranks((event.record,))
+                        self._members = frozenset(ranks)
+            except StoreUnavailable:
+                self._members = frozenset()  # unknown: no quorum can be shown
+                await trio.sleep(_RETRY.max / 4)
+
+
+def _ranks(records: Iterable[Record]) -> frozenset[int]:
+    """The ranks membership keys name (their last path part)."""
+    out = set()
+    for record in records:
+        tail = record.key.rsplit("/", 1)[-1]
+        if tail.isdigit():
+            out.add(int(tail))
+    return frozenset(out)
 
 
 def _rank(record: Record | None) -> int | None:

@@ -12,14 +12,24 @@ import attrs
 
 if TYPE_CHECKING:
     from supervise.agents.messages import Entry, Status, WorkerStatus
+    from supervise.store import StoreConfig
 
 __all__ = ["no_answer_hint", "register"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--nodes", required=True, metavar="H:P,H:P,...", help="the node agents' host:port list"
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--nodes", metavar="H:P,H:P,...", help="the node agents' host:port list")
+    where.add_argument(
+        "--store",
+        metavar="URL",
+        help="find the node agents in the job's membership keys instead: "
+        "etcd://HOST:PORT[,HOST:PORT...] or etcd+https:// (as given to `supervise node`)",
     )
+    p.add_argument("--job", metavar="NAME", help="the job's keys in --store (default 'default')")
+    p.add_argument("--store-ca", metavar="FILE", help="CA certificate of etcd+https://")
+    p.add_argument("--store-cert", metavar="FILE", help="client certificate for etcd")
+    p.add_argument("--store-key", metavar="FILE", help="client key for etcd")
     p.add_argument(
         "--curve-keys",
         metavar="DIR",
@@ -60,6 +70,67 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     which.add_argument("--version", type=int, metavar="V", help="the version (step) to restore")
     which.add_argument("--latest", action="store_true", help="what the policy selects")
     recover.set_defaults(handler=_recover)
+
+
+def _peers(args: argparse.Namespace) -> tuple[dict[int, str], int | None] | str:
+    """The node agents to ask (by rank) and the coordinator's rank where the store names one;
+    a one-line error otherwise."""
+    if args.store is None:
+        if args.job or args.store_ca or args.store_cert or args.store_key:
+            return "--job and --store-ca/--store-cert/--store-key go with --store"
+        peers = _endpoints(args.nodes)
+        return peers if isinstance(peers, str) else (peers, None)
+    import trio
+
+    from supervise.store import DEFAULT_JOB, BadStoreUrl, StoreError, StoreKind, parse_store_url
+
+    try:
+        config = parse_store_url(
+            args.store,
+            job=args.job or DEFAULT_JOB,
+            ca=args.store_ca,
+            cert=args.store_cert,
+            key=args.store_key,
+        )
+        config.ssl_context()
+    except BadStoreUrl as exc:
+        return f"--{exc}"
+    if config.kind is StoreKind.EMBEDDED:
+        return "--store embedded: that store lives inside the agents; give --nodes"
+    try:
+        members = trio.run(_members, config)
+    except StoreError as exc:
+        return f"--store {args.store}: {exc}"
+    if isinstance(members, str):
+        return f"--store {args.store}: {members}"
+    return members
+
+
+async def _members(config: StoreConfig) -> tuple[dict[int, str], int | None] | str:
+    """The live members of ``config``'s job (rank -> endpoint) and the elected coordinator."""
+    from supervise.agents.seat import LEADER, MEMBERS
+    from supervise.store import open_store
+
+    store = open_store(config)
+    try:
+        members = await store.range(config.prefix + MEMBERS, prefix=True)
+        leader = await store.get(config.prefix + LEADER)
+    finally:
+        await store.aclose()
+    peers: dict[int, str] = {}
+    for record in members.records:
+        try:
+            body = json.loads(record.value)
+            peers[int(body["rank"])] = str(body["endpoint"])
+        except (ValueError, KeyError, TypeError):
+            return f"membership key {record.key} holds no rank and endpoint"
+    if not peers:
+        return f"no live node agents under {config.prefix} (wrong --job?)"
+    try:
+        coordinator = None if leader is None else int(leader.value)
+    except ValueError:
+        coordinator = None
+    return dict(sorted(peers.items())), coordinator
 
 
 def _endpoints(text: str) -> dict[int, str] | str:
@@ -116,9 +187,10 @@ def _status(args: argparse.Namespace) -> int:
 
     from supervise.agents import messages as m
 
-    peers = _endpoints(args.nodes)
-    if isinstance(peers, str):
-        return _fail("status", peers)
+    found = _peers(args)
+    if isinstance(found, str):
+        return _fail("status", found)
+    peers, _ = found
     answers = trio.run(_ask, peers, args.curve_keys, args.timeout, m.StatusQuery(), list(peers))
     if args.json:
         print(json.dumps(as_json(peers, answers), indent=2))
@@ -135,15 +207,17 @@ def _recover(args: argparse.Namespace) -> int:
 
     from supervise.agents import messages as m
 
-    peers = _endpoints(args.nodes)
-    if isinstance(peers, str):
-        return _fail("recover", peers)
     version = -1 if args.latest else args.version
     if version < -1:
         return _fail("recover", f"--version {version}: must be >= 0")
+    found = _peers(args)
+    if isinstance(found, str):
+        return _fail("recover", found)
+    peers, coordinator = found
     request = m.Recover(version)
     failures: list[object] = []
-    for node in peers:  # the first node that answers forwards it to the coordinator
+    order = sorted(peers, key=lambda node: node != coordinator)  # the elected one first
+    for node in order:  # the first node that answers forwards it to the coordinator
         answer = trio.run(_ask, peers, args.curve_keys, args.timeout, request, [node])[node]
         if isinstance(answer, m.RecoverReply):
             if answer.accepted:

@@ -38,6 +38,7 @@ class Instruments:
         self.training_steps = _counter(meter, Metric.TRAINING_STEPS)
         self.late_replies = _counter(meter, Metric.LATE_REPLIES)
         self.refused = _counter(meter, Metric.REFUSED)
+        self.recoveries_held = _counter(meter, Metric.RECOVERIES_HELD)
         self._lock = threading.Lock()
         self._sources: dict[int, tuple[str, MemorySource]] = {}
         self._next_token = 0

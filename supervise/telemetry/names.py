@@ -117,6 +117,9 @@ class Attr:
     MESSAGE_KIND: Final = (
         "supervise.message.kind"  # a transport message kind, e.g. replica.push_ack
     )
+    STORE_REVISION: Final = "supervise.store.revision"  # the store revision of the evidence
+    STORE_LEASE: Final = "supervise.store.lease"  # a store lease id, in hex
+    STORE_LEADER: Final = "supervise.store.leader"  # the elected coordinator's node rank
 
 
 #: Keyword shorthands accepted by the tracing helpers (``snapshot_version=3``).
@@ -133,6 +136,9 @@ SHORT_ATTRIBUTES: Final[dict[str, str]] = {
     "world_size": Attr.WORLD_SIZE,
     "reason": Attr.REASON,
     "rank": Attr.RANK,
+    "store_revision": Attr.STORE_REVISION,
+    "store_lease": Attr.STORE_LEASE,
+    "store_leader": Attr.STORE_LEADER,
 }
 
 InstrumentKind = Literal["histogram", "counter", "observable_gauge"]
@@ -233,6 +239,13 @@ class Metric:
         "Steps the group peers' replicas of a rank trail its newest local snapshot (the "
         "slowest peer), by rank, from registered sources.",
     )
+    RECOVERIES_HELD: Final = Instrument(
+        "supervise.store.recoveries_held",
+        "{recovery}",
+        "counter",
+        "Recoveries a store-elected coordinator held back because fewer than a majority of the "
+        "expected nodes held a live lease (the quorum guard), by trigger.",
+    )
 
     ALL: Final = (
         RECOVERY_DURATION,
@@ -246,4 +259,5 @@ class Metric:
         LATE_REPLIES,
         REFUSED,
         REPLICA_LAG,
+        RECOVERIES_HELD,
     )

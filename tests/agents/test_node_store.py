@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,16 +35,20 @@ def read_job(url: str, job: str) -> dict[str, Record]:
 
 
 @pytest.mark.slow
-def test_an_elected_coordinator_recovers_a_crash_and_is_succeeded_when_killed(
-    tmp_path: Path, etcd1: EtcdCluster
+def test_an_elected_coordinator_recovers_a_crash_is_succeeded_when_killed_and_outlives_etcd(
+    tmp_path: Path, etcd_binary: Path
 ) -> None:
-    with nodes(tmp_path, 2, steps=LONG) as c:
-        c.options = ["--store", etcd1.url, "--job", "crash"]
+    steps = 2 * LONG  # one cluster for three scenarios: a crash, a killed leader, etcd down
+    with (
+        EtcdCluster(tmp_path / "etcd", binary=etcd_binary) as etcd,
+        nodes(tmp_path, 2, steps=steps) as c,
+    ):
+        c.options = ["--store", etcd.url, "--job", "crash"]
         c.start(1)  # node 1 campaigns first: the coordinator is not the lowest rank now
         c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
         c.start(0)
         c.wait_resumed(1)
-        keys = read_job(etcd1.url, "crash")
+        keys = read_job(etcd.url, "crash")
         assert {"members/0", "members/1", "leader", "attempt", "decision"} <= set(keys)
         assert keys["members/0"].lease and keys["members/1"].lease  # membership = live leases
         first = keys["leader"]
@@ -59,7 +64,7 @@ def test_an_elected_coordinator_recovers_a_crash_and_is_succeeded_when_killed(
         rec = c.recoveries(1)[0]
         assert rec["trigger"] == "worker_exit" and rec["evidence"]["node"] == 0
         assert not c.recoveries(0)
-        decision = json.loads(read_job(etcd1.url, "crash")["decision"].value)
+        decision = json.loads(read_job(etcd.url, "crash")["decision"].value)
         assert decision["generation"] == 2 and decision["step"] > 0  # restored, not from 0
 
         # kill -9 of the leader's agent: node 0 is elected once the lease expires, and leads
@@ -69,17 +74,37 @@ def test_an_elected_coordinator_recovers_a_crash_and_is_succeeded_when_killed(
         c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
         c.start(1)  # the replacement campaigns too, and follows
         c.wait_resumed(3, timeout=60)
-        keys = read_job(etcd1.url, "crash")
+        keys = read_job(etcd.url, "crash")
         assert keys["leader"].value == b"0"
         assert keys["leader"].create_revision > first.create_revision
         decision = json.loads(keys["decision"].value)
         assert (decision["leader"], decision["term"]) == (0, keys["leader"].create_revision)
         assert c.recoveries(0), "the new leader did not recover"
         assert c.events(1, "shard fetched from a peer"), "the replacement did not fetch"
+
+        # etcd stopped during training (SIGKILL): training goes on, every lease lapses loudly
+        etcd.kill(0)
+
+        def lost_everywhere() -> bool:
+            return all(c.events(rank, "store_lease_lost") for rank in (0, 1))
+
+        c.wait("both nodes to lose their lease, loudly", lost_everywhere)
+        assert all(c.agents[rank].running for rank in (0, 1))  # training goes on
+        etcd.restart(0)  # same ports, same data: the agents join again and elect a leader
+
+        def rejoined() -> bool:
+            return all(len(c.events(rank, "joined the store")) >= 2 for rank in (0, 1))
+
+        c.wait("both nodes to join the store again", rejoined)
+        keys = c.wait("a leader again", lambda: _with_leader(read_job(etcd.url, "crash")))
+        leader = int(keys["leader"].value)
+        c.fault("crash", 1 - leader)  # recoveries resume after etcd returns
+        c.wait_resumed(4, timeout=60)
+        assert json.loads(read_job(etcd.url, "crash")["decision"].value)["generation"] == 4
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, LONG)
+        assert_exact(c.out, 2, steps)
         assert c.orphans() == []
-    assert "members/0" not in read_job(etcd1.url, "crash")  # leases revoked on the way out
+        assert "members/0" not in read_job(etcd.url, "crash")  # leases revoked on the way out
 
 
 @pytest.mark.parametrize(
@@ -102,25 +127,68 @@ def test_a_bad_or_unreachable_store_is_one_line_and_exit_2(
     assert why in lines[0]
 
 
+def status_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    """``supervise status --json`` run in this process (no interpreter start-up)."""
+    capsys.readouterr()
+    assert main(["status", *argv, "--json"]) == 0, capsys.readouterr().err
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--store", "embedded"], "lives inside the agents; give --nodes"),
+        (["--nodes", "127.0.0.1:1", "--job", "x"], "go with --store"),
+        (["--store", "etcd://nohost"], "expected HOST:PORT"),
+        (["--store", f"etcd://127.0.0.1:{free_ports(1)[0]}"], "store unavailable"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["recover", "--latest"]])
+def test_status_and_recover_with_a_bad_or_unreachable_store_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], command: list[str], argv: list[str], why: str
+) -> None:
+    assert main([*command, *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"supervise {command[0]}: --"), lines
+    assert why in lines[0]
+
+
 @pytest.mark.slow
 def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
-    tmp_path: Path, etcd1: EtcdCluster
+    tmp_path: Path, etcd1: EtcdCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with nodes(tmp_path, 2, steps=LONG) as c:
+    steps = 2 * LONG  # room for a manual recovery after the fenced one
+    with nodes(tmp_path, 2, steps=steps) as c:
         c.options = ["--store", etcd1.url, "--job", "freeze"]
         c.start(0)
         c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
         c.start(1)
         c.wait_resumed(1)
         c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        # `supervise status --store`: the nodes found from their membership keys
+        seen = status_json(capsys, "--store", etcd1.url, "--job", "freeze")
+        assert [(n["node"], n["reachable"]) for n in seen["nodes"]] == [(0, True), (1, True)]
+        assert {n["coordinator"] for n in seen["nodes"]} == {0}
         c.send(0, signal.SIGSTOP)  # the leader's agent freezes for longer than its lease
         try:
             c.wait("node 1 elected", lambda: c.events(1, "elected coordinator"))
+            # membership = live leases: the frozen node's key is gone with its lease
+            alone = status_json(capsys, "--store", etcd1.url, "--job", "freeze")
+            assert [n["node"] for n in alone["nodes"]] == [1]
             c.fault("crash", 1)  # a failure while the old leader still thinks it leads
-            c.wait("the crash seen", lambda: c.recoveries(1))
+            # the quorum guard: one node of two is no majority, so node 1 holds the recovery
+            c.wait("the recovery held", lambda: c.events(1, "recovery held: no quorum"))
+            assert not c.recoveries(1)
         finally:
             c.send(0, signal.SIGCONT)
         c.wait_resumed(2, timeout=60)
+        # `supervise recover --store`: asked of the elected coordinator, which recovers
+        capsys.readouterr()
+        assert main(["recover", "--store", etcd1.url, "--job", "freeze", "--latest"]) == 0
+        assert "recovery requested" in capsys.readouterr().out
+        c.wait_resumed(3, timeout=60)
+        assert [r["trigger"] for r in c.recoveries(1)][-1] == "manual"
         lost = c.events(0, "store_lease_lost")
         assert lost and lost[0]["level"] == "error"  # loud, not silent
         assert len(c.events(0, "joined the store")) == 2  # it campaigns again, as a follower
@@ -132,42 +200,7 @@ def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
         assert len(sent) == len({gen for gen, _ in sent}), sent
         assert all(rank == 1 for gen, rank in sent if gen >= 2), sent
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, LONG)
-        assert c.orphans() == []
-
-
-@pytest.mark.slow
-def test_training_goes_on_while_etcd_is_down_and_recovery_resumes_after(
-    tmp_path: Path, etcd_binary: Path
-) -> None:
-    with (
-        EtcdCluster(tmp_path / "etcd", binary=etcd_binary) as etcd,
-        nodes(tmp_path, 2, steps=LONG) as c,
-    ):
-        c.options = ["--store", etcd.url, "--job", "outage"]
-        c.start_all()
-        c.wait_resumed(1)
-        c.wait("a few snapshots", lambda: len(c.events(0, "replica stored")) >= 2)
-        etcd.kill(0)  # etcd gone (SIGKILL): every lease lapses unrenewed
-
-        def lost_everywhere() -> bool:
-            return all(c.events(rank, "store_lease_lost") for rank in (0, 1))
-
-        c.wait("both nodes to lose their lease, loudly", lost_everywhere)
-        assert all(c.agents[rank].running for rank in (0, 1))  # training goes on
-        etcd.restart(0)  # same ports, same data: the agents join again and elect a leader
-
-        def rejoined() -> bool:
-            return all(len(c.events(rank, "joined the store")) >= 2 for rank in (0, 1))
-
-        c.wait("both nodes to join the store again", rejoined)
-        keys = c.wait("a leader again", lambda: _with_leader(read_job(etcd.url, "outage")))
-        leader = int(keys["leader"].value)
-        c.fault("crash", 1 - leader)
-        c.wait_resumed(2, timeout=60)
-        assert json.loads(read_job(etcd.url, "outage")["decision"].value)["generation"] == 2
-        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
-        assert_exact(c.out, 2, LONG)
+        assert_exact(c.out, 2, steps)
         assert c.orphans() == []
 
 

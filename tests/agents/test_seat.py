@@ -3,13 +3,14 @@ leader at a time, and a deposed leader's claims are refused by the store."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 import supervise.runtime as sv
 from supervise.agents.config import NodeConfig
-from supervise.agents.seat import StoreSeat
+from supervise.agents.seat import SeatEvent, SeatNews, StoreSeat
 from supervise.policy import Policy
 from supervise.store import EmbeddedStore, FencedWriteRefused, LeaseLost, parse_store_url
 
@@ -71,4 +72,42 @@ async def test_the_seat_is_a_supervised_child_that_rejoins_after_losing_its_leas
         await trio.sleep(5)  # lost, restarted: a fresh lease, registered, elected again
         new = await store.get("/supervise/seat/members/0")
         assert new is not None and new.lease != old.lease and seat.leads()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_seat_tells_its_news_with_their_evidence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = EmbeddedStore()
+    first, second = _seat(0, store), _seat(1, store)
+    news: dict[int, list[SeatNews]] = {0: [], 1: []}
+    first.observer, second.observer = news[0].append, news[1].append
+    tree = sv.Supervisor([sv.child(first.run, id="seat")], max_restarts=3, max_seconds=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tree.run)
+        await trio.sleep(1)
+        await nursery.start(second.run)
+        await trio.sleep(1)
+        leader = await store.get("/supervise/seat/leader")
+        assert leader is not None
+        won = SeatNews(SeatEvent.ELECTION_WON, leader.create_revision, leader.lease, 0)
+        assert news[0] == [won]
+        assert news[1] == [attrs.evolve(won, event=SeatEvent.ELECTION_LOST)]
+
+        await store.revoke(leader.lease)  # the first's lease ends (as after a freeze)
+        with pytest.raises(FencedWriteRefused):
+            await first.claim(generation=2, attempt=1, trigger="worker_exit")
+        await trio.sleep(5)  # its keep-alive finds the lease gone; restarted, it follows
+        told = {n.event: n for n in news[0]}  # the second's election may come before
+        assert [n.event for n in news[0]][:2] == [
+            SeatEvent.ELECTION_WON,
+            SeatEvent.FENCED_WRITE_REFUSED,
+        ]
+        refused, lost = told[SeatEvent.FENCED_WRITE_REFUSED], told[SeatEvent.LEASE_LOST]
+        assert (refused.revision, refused.lease) == (leader.create_revision, leader.lease)
+        assert lost.lease == leader.lease
+        assert told[SeatEvent.ELECTION_LOST].leader == 1
+        regained = told[SeatEvent.LEASE_REGAINED]
+        assert regained.event is SeatEvent.LEASE_REGAINED and regained.lease != leader.lease
+        assert second.leads() and news[1][-1].event is SeatEvent.ELECTION_WON
         nursery.cancel_scope.cancel()

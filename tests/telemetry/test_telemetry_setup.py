@@ -147,6 +147,7 @@ def test_instruments_have_the_declared_names_and_units(make_node) -> None:
     m.training_steps.add(7)
     m.late_replies.add(1, {Attr.MESSAGE_KIND: "replica.push_ack", Attr.REASON: "cancelled"})
     m.refused.add(1, {Attr.MESSAGE_KIND: "agent.give_up"})
+    m.recoveries_held.add(1, {Attr.TRIGGER: "worker_exit"})
     node.telemetry.register_memory_source("arena", lambda: 123)
     node.telemetry.register_lag_source(lambda: {0: 2})
     data = node.reader.get_metrics_data()
