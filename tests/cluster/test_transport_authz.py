@@ -140,3 +140,26 @@ async def test_refused_handshakes_and_oversized_messages_are_counted(tmp_path: P
             closed = server.stats.links_closed
             await peer.send(0, Ping(3), [b"x" * 100_000])  # libzmq cuts the link
             await eventually(lambda: server.stats.links_closed > closed)
+
+
+async def test_refusals_of_unknown_kinds_share_one_counter_and_log_line() -> None:
+    # the kind is the sender's choice: a flood of new names claiming a live rank must not grow
+    # the refusal counters (or the metric's attributes, or the log throttle) one entry a name
+    import zmq
+
+    server = _server()
+    async with server.running():
+        assert server.endpoint is not None
+        ctx = zmq.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(server.endpoint)
+        try:
+            for i in range(200):  # sender 0: the server's own rank, refused before any lookup
+                raw.send(encode_header(f"made.up.{i}", 0, 0, 0, {}, 0, None))
+            await eventually(lambda: sum(server.stats.refused.values()) == 200)
+        finally:
+            raw.close()
+            ctx.term()
+        assert dict(server.stats.refused) == {"unknown": 200}
+        assert len(server._framing._throttle._last) <= 2
