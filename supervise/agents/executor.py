@@ -55,6 +55,9 @@ class Executor:
         self._restart_scope: trio.CancelScope | None = None
         # (generation, node running its restart); node -1 once that node's process is gone
         self._leader: tuple[int, int] = (-1, -1)
+        # (generation, node whose Prepare this node accepted for it): the node running a
+        # restart may finish it (restart, give_up, its next attempt) once a lower node rejoins
+        self._preparer: tuple[int, int] = (-1, -1)
         self._reported: set[int] = set()
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
         self._done_ranks: set[int] = set()
@@ -102,7 +105,9 @@ class Executor:
         timeout (the coordinator may have declared them lost a moment before this node does);
         a node that is joining takes a sender it has not heard a heartbeat from yet as
         established (a replacement node's first prepare may come before the coordinator's
-        first heartbeat)."""
+        first heartbeat). Without a store, the node running this node's current restart (its
+        Prepare or Restart accepted) may also go on: a lower node that rejoined during the
+        restart becomes the coordinator by the view before that restart is done."""
         if sender is None:
             return "a client sends no prepare, restart or give_up"
         seat = self.ctx.seat
@@ -111,6 +116,8 @@ class Executor:
             if sender == self.rank or (leader is not None and sender != leader):
                 return f"node {sender} is not the elected coordinator (node {leader} is)"
             return None
+        if sender != self.rank and sender in self._driving():
+            return None  # it runs this node's current restart: it finishes what it began
         ms = self.ctx.membership
         grace = self.ctx.policy.cluster.peer_timeout / 2
         live = [
@@ -123,6 +130,16 @@ class Executor:
         if sender != expected or sender == self.rank:
             return f"node {sender} is not the coordinator (node {expected} is)"
         return None
+
+    def _driving(self) -> tuple[int, ...]:
+        """The nodes running this node's current generation's restart: the one whose Prepare
+        it accepted and the one whose Restart it accepted (once a lower node rejoins, the view
+        names that one as the coordinator while the restart under way is not done)."""
+        return tuple(
+            node
+            for gen, node in (self._preparer, self._leader)
+            if gen == self.generation and node >= 0
+        )
 
     def _from_coordinator(self, _body: object, sender: int | None) -> str | None:
         return self.may_coordinate(sender)
@@ -263,6 +280,12 @@ class Executor:
                 # The process that led this generation is gone (a replacement leads nothing
                 # before it joins): coordination and progress go by membership again.
                 self._leader = (self._leader[0], -1)
+            if (
+                isinstance(ev, PeerLost | PeerBack)
+                and ev.rank == self._preparer[1]
+                and (isinstance(ev, PeerLost) or ev.restarted)
+            ):
+                self._preparer = (self._preparer[0], -1)  # (as the leader above)
             if self.coordinator is not None:
                 self.coordinator.membership_event(ev)
             if isinstance(ev, PeerLost | PeerBack):
@@ -371,6 +394,8 @@ class Executor:
         if gen < self.generation:
             raise ValueError(f"prepare for generation {gen}, this node is at {self.generation}")
         assert self._nursery is not None
+        if msg.sender is not None:
+            self._preparer = (gen, msg.sender)
         self._nursery.start_soon(self._prepare, msg)
         return DEFERRED
 

@@ -117,3 +117,29 @@ def test_with_a_store_the_elected_leader_drives_restarts_whatever_its_rank() -> 
     # between two leaders (the old one's lease expired, the new one's key not yet seen): its
     # decisions are fenced in the store, so its orders are taken
     assert _executor(0, [0, 1, 2], {}, seat=_Seat(None)).may_coordinate(1) is None
+
+
+async def test_the_node_running_a_restart_finishes_it_after_a_lower_node_rejoins() -> None:
+    # node 0 was replaced; node 1 leads generation 6. Once the new node 0 took its Restart,
+    # its heartbeat says "starting" and the view names node 0: node 1's Restart, GiveUp and
+    # next attempt (Prepare 7) must still reach node 2, or the recovery never completes.
+    import trio
+
+    ex = _executor(2, [0, 1, 2, 3], {0: JOINING, 1: RUNNING, 3: RUNNING})
+    ex.generation = 5
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+
+        async def prepared(_msg: object) -> None:
+            return None
+
+        ex._prepare = prepared  # type: ignore[method-assign]
+        msg: Any = SimpleNamespace(body=m.Prepare(6), sender=1)
+        assert ex.may_coordinate(1) is None
+        await ex._on_prepare(msg)
+    ex.generation = 6
+    ex.ctx.membership._states[0] = ExecutorState.STARTING.value  # node 0's next heartbeat
+    assert ex.may_coordinate(1) is None  # the restart, a give_up, the next attempt
+    assert ex.may_coordinate(3) is not None  # nobody else
+    ex.generation = 7  # a later generation, led by someone else: node 1 is a peer again
+    assert "node 0 is" in (ex.may_coordinate(1) or "")
