@@ -58,6 +58,7 @@ class Executor:
         # (generation, node whose Prepare this node accepted for it): the node running a
         # restart may finish it (restart, give_up, its next attempt) once a lower node rejoins
         self._preparer: tuple[int, int] = (-1, -1)
+        self._recovering = False  # a `supervise recover` request is being answered
         self._reported: set[int] = set()
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
         self._done_ranks: set[int] = set()
@@ -510,12 +511,33 @@ class Executor:
         return self.status()
 
     async def _on_recover(self, msg: Incoming[m.Recover]) -> object:
+        """Answered from a task of its own: forwarding to the coordinator and its check of
+        every node's holdings take seconds, and the transport's reader (heartbeats
+        included) must not wait for them. One request at a time; another is declined."""
+        if self._recovering or self._nursery is None:
+            return m.RecoverReply(False, f"node {self.rank} is handling a recovery request")
+        self._recovering = True
+        self._nursery.start_soon(self._answer_recover, msg)
+        return DEFERRED
+
+    async def _answer_recover(self, msg: Incoming[m.Recover]) -> None:
+        try:
+            try:
+                reply = await self._recover(msg)
+            except Exception as exc:
+                reply = m.RecoverReply(False, f"{type(exc).__name__}: {exc}")
+            await self.ctx.transport.reply(msg, reply)
+        finally:
+            self._recovering = False
+
+    async def _recover(self, msg: Incoming[m.Recover]) -> m.RecoverReply:
         target = self.coordinator_rank()
         if target != self.rank:
             reply = await self.ctx.transport.request(
                 target, msg.body, trace=msg.trace, timeout=30.0, expect=m.RecoverReply
             )
-            return reply.body
+            body: m.RecoverReply = reply.body
+            return body
         if self.coordinator is None:
             return m.RecoverReply(False, f"node {self.rank} runs no coordinator")
         try:

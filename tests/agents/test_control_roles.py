@@ -143,3 +143,35 @@ async def test_the_node_running_a_restart_finishes_it_after_a_lower_node_rejoins
     assert ex.may_coordinate(3) is not None  # nobody else
     ex.generation = 7  # a later generation, led by someone else: node 1 is a peer again
     assert "node 0 is" in (ex.may_coordinate(1) or "")
+
+
+async def test_a_recover_request_never_holds_up_the_transport_reader(
+    autojump_clock: object,
+) -> None:
+    # `recover` is open to client keys: forwarded to a coordinator that does not answer, it
+    # must not stall the reader (heartbeats wait behind it: peers would be declared lost)
+    import trio
+
+    from supervise.cluster import DEFERRED
+
+    ex = _executor(2, [0, 1, 2], {0: RUNNING, 1: RUNNING})
+    replies: list[object] = []
+
+    class _Silent:
+        async def request(self, *_args: object, **_kw: object) -> object:
+            await trio.sleep(60.0)  # the coordinator does not answer (within 30 s)
+            raise RuntimeError("timed out")
+
+        async def reply(self, _msg: object, body: object) -> None:
+            replies.append(body)
+
+    ex.ctx.transport = _Silent()
+    msg: Any = SimpleNamespace(body=m.Recover(3), trace={}, sender=None)
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+        with trio.fail_after(1.0):
+            assert await ex._on_recover(msg) is DEFERRED
+            busy = await ex._on_recover(msg)  # a flood is declined, not queued
+        assert isinstance(busy, m.RecoverReply) and not busy.accepted
+    assert len(replies) == 1 and not replies[0].accepted  # type: ignore[attr-defined]
+    assert "timed out" in replies[0].detail  # type: ignore[attr-defined]
