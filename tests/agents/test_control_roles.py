@@ -175,3 +175,12 @@ async def test_a_recover_request_never_holds_up_the_transport_reader(
         assert isinstance(busy, m.RecoverReply) and not busy.accepted
     assert len(replies) == 1 and not replies[0].accepted  # type: ignore[attr-defined]
     assert "timed out" in replies[0].detail  # type: ignore[attr-defined]
+
+
+def test_a_silent_rank_connection_is_given_up_by_the_time_the_node_is_lost() -> None:
+    # a replacement for a node whose host crashed (its link never closed) speaks for its rank
+    # once the old link was silent for cluster.peer_timeout, never later than 10 s
+    from supervise.agents.node import transport_limits
+
+    assert transport_limits(3.0).rebind_after == 3.0
+    assert transport_limits(60.0).rebind_after == 10.0
