@@ -115,7 +115,7 @@ class Executor:
         if seat is not None:  # --store etcd://...: the elected leader, whose writes are fenced
             leader = seat.leader_rank()
             if sender == self.rank or (leader is not None and sender != leader):
-                return f"node {sender} is not the elected coordinator (node {leader} is)"
+                return f"node {sender} {m.NOT_COORDINATOR} (node {leader} is elected)"
             return None
         if sender != self.rank and sender in self._driving():
             return None  # it runs this node's current restart: it finishes what it began
@@ -129,7 +129,7 @@ class Executor:
         joining = self.state is ExecutorState.JOINING and ms.peer_info(sender) is None
         expected = self._coordinator_among(live, sender if joining else None)
         if sender != expected or sender == self.rank:
-            return f"node {sender} is not the coordinator (node {expected} is)"
+            return f"node {sender} {m.NOT_COORDINATOR} (node {expected} is)"
         return None
 
     def _driving(self) -> tuple[int, ...]:

@@ -111,7 +111,7 @@ class _Seat:
 def test_with_a_store_the_elected_leader_drives_restarts_whatever_its_rank() -> None:
     ex = _executor(0, [0, 1, 2], {1: RUNNING, 2: RUNNING}, seat=_Seat(2))
     assert ex.may_coordinate(2) is None  # elected, though node 0 is the lowest live rank
-    assert "node 1 is not the elected coordinator (node 2 is)" in (ex.may_coordinate(1) or "")
+    assert "node 1 is not the coordinator (node 2 is elected)" in (ex.may_coordinate(1) or "")
     assert ex.may_coordinate(0) is not None  # never orders from itself over the wire
     assert ex.may_coordinate(None) is not None
     # between two leaders (the old one's lease expired, the new one's key not yet seen): its
