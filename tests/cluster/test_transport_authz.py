@@ -163,3 +163,31 @@ async def test_refusals_of_unknown_kinds_share_one_counter_and_log_line() -> Non
             ctx.term()
         assert dict(server.stats.refused) == {"unknown": 200}
         assert len(server._framing._throttle._last) <= 2
+
+
+async def test_a_closed_link_still_queued_in_the_monitor_frees_its_rank(
+    autojump_clock: object,
+) -> None:
+    # node 1 restarted: libzmq already reported its old link closed, but the reader takes the
+    # new connection's first message before the monitor's task ran; it must not be refused
+    import struct
+
+    import zmq
+
+    server = _server()
+    router = server._router
+    assert router._speaks_for(1, b"old", 7) is None
+
+    class _Queued:
+        def __init__(self) -> None:
+            self.events = [
+                [zmq.Frame(struct.pack("=hi", zmq.EVENT_DISCONNECTED, 7)), zmq.Frame(b"tcp://x")]
+            ]
+
+        def try_recv_multipart(self) -> list[zmq.Frame] | None:
+            return self.events.pop() if self.events else None
+
+    router._monitor = _Queued()  # type: ignore[assignment]
+    assert router._speaks_for(1, b"new", 8) is None
+    assert server.stats.links_closed == 1
+    assert router._speaks_for(1, b"old", 7) is not None  # and the new one holds it now
