@@ -526,7 +526,8 @@ class Executor:
                 reply = await self._recover(msg)
             except Exception as exc:
                 reply = m.RecoverReply(False, f"{type(exc).__name__}: {exc}")
-            await self.ctx.transport.reply(msg, reply)
+            if msg.request_id:  # a one-way recover (a client's send) gets no answer
+                await self.ctx.transport.reply(msg, reply)
         finally:
             self._recovering = False
 

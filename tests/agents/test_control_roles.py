@@ -166,7 +166,7 @@ async def test_a_recover_request_never_holds_up_the_transport_reader(
             replies.append(body)
 
     ex.ctx.transport = _Silent()
-    msg: Any = SimpleNamespace(body=m.Recover(3), trace={}, sender=None)
+    msg: Any = SimpleNamespace(body=m.Recover(3), trace={}, sender=None, request_id=5)
     async with trio.open_nursery() as nursery:
         ex._nursery = nursery
         with trio.fail_after(1.0):
@@ -184,3 +184,27 @@ def test_a_silent_rank_connection_is_given_up_by_the_time_the_node_is_lost() -> 
 
     assert transport_limits(3.0).rebind_after == 3.0
     assert transport_limits(60.0).rebind_after == 10.0
+
+
+async def test_a_one_way_recover_is_not_answered_and_breaks_nothing(
+    autojump_clock: object,
+) -> None:
+    # a client may `send` a recover instead of asking: replying to it raised in the
+    # executor's nursery (the node's tree) before the fix
+    import trio
+
+    ex = _executor(0, [0, 1], {1: RUNNING})
+    ex.coordinator = None  # type: ignore[assignment]
+    replies: list[object] = []
+
+    class _Transport:
+        async def reply(self, msg: Any, body: object) -> None:
+            if not msg.request_id:
+                raise ValueError("agent.recover was not a request: nothing to reply to")
+            replies.append(body)
+
+    ex.ctx.transport = _Transport()
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+        await ex._on_recover(SimpleNamespace(body=m.Recover(), trace={}, sender=None, request_id=0))
+    assert replies == [] and not ex._recovering
