@@ -133,12 +133,13 @@ async def test_the_node_running_a_restart_finishes_it_after_a_lower_node_rejoins
         async def prepared(_msg: object) -> None:
             return None
 
-        ex._prepare = prepared  # type: ignore[method-assign]
+        ex._prepare = prepared  # type: ignore[method-assign,assignment]
         msg: Any = SimpleNamespace(body=m.Prepare(6), sender=1)
         assert ex.may_coordinate(1) is None
         await ex._on_prepare(msg)
     ex.generation = 6
-    ex.ctx.membership._states[0] = ExecutorState.STARTING.value  # node 0's next heartbeat
+    ctx: Any = ex.ctx
+    ctx.membership._states[0] = ExecutorState.STARTING.value  # node 0's next heartbeat
     assert ex.may_coordinate(1) is None  # the restart, a give_up, the next attempt
     assert ex.may_coordinate(3) is not None  # nobody else
     ex.generation = 7  # a later generation, led by someone else: node 1 is a peer again
@@ -165,7 +166,8 @@ async def test_a_recover_request_never_holds_up_the_transport_reader(
         async def reply(self, _msg: object, body: object) -> None:
             replies.append(body)
 
-    ex.ctx.transport = _Silent()
+    ctx: Any = ex.ctx
+    ctx.transport = _Silent()
     msg: Any = SimpleNamespace(body=m.Recover(3), trace={}, sender=None, request_id=5)
     async with trio.open_nursery() as nursery:
         ex._nursery = nursery
@@ -194,7 +196,7 @@ async def test_a_one_way_recover_is_not_answered_and_breaks_nothing(
     import trio
 
     ex = _executor(0, [0, 1], {1: RUNNING})
-    ex.coordinator = None  # type: ignore[assignment]
+    ex.coordinator = None
     replies: list[object] = []
 
     class _Transport:
@@ -203,8 +205,10 @@ async def test_a_one_way_recover_is_not_answered_and_breaks_nothing(
                 raise ValueError("agent.recover was not a request: nothing to reply to")
             replies.append(body)
 
-    ex.ctx.transport = _Transport()
+    ctx: Any = ex.ctx
+    ctx.transport = _Transport()
     async with trio.open_nursery() as nursery:
         ex._nursery = nursery
-        await ex._on_recover(SimpleNamespace(body=m.Recover(), trace={}, sender=None, request_id=0))
+        one_way: Any = SimpleNamespace(body=m.Recover(), trace={}, sender=None, request_id=0)
+        await ex._on_recover(one_way)
     assert replies == [] and not ex._recovering
