@@ -30,6 +30,7 @@ from supervise.agents.monitor import Beat, blame, hang_evidence
 from supervise.agents.roles import Executing
 from supervise.agents.seat import SeatNews
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
+from supervise.cluster import Incoming, RemoteError
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
 from supervise.snapshot.service import FRESH
 from supervise.store import FencedWriteRefused, StoreUnavailable
@@ -559,9 +560,7 @@ class Coordinator:
                 if node == self.rank:
                     replies[node] = await self.node.prepare(gen)
                     return
-                reply = await self.ctx.transport.request(
-                    node, m.Prepare(gen), trace=carrier, timeout=timeout, expect=m.Holding
-                )
+                reply = await self._ask(node, m.Prepare(gen), carrier, timeout, m.Holding)
                 replies[node] = reply.body
             except Exception as exc:
                 errors.append(f"node {node}: {type(exc).__name__}: {exc}")
@@ -638,9 +637,37 @@ class Coordinator:
             self.node.accept_restart(restart, carrier)
             return
         try:
-            await self.ctx.transport.request(node, restart, trace=carrier, timeout=10.0)
+            await self._ask(node, restart, carrier, 10.0, None)
         except Exception as exc:
             raise AttemptFailed(f"node {node} did not accept the restart: {exc}") from exc
+
+    async def _ask(
+        self,
+        node: int,
+        message: object,
+        carrier: dict[str, str],
+        timeout: float,  # noqa: ASYNC109 (per request)
+        expect: type[Any] | None,
+    ) -> Incoming[Any]:
+        """A request to ``node``, asked again every heartbeat interval for up to
+        ``cluster.peer_timeout`` while the node refuses it because it does not see this node
+        as the coordinator yet: views converge within that time (a leader's key reaching it,
+        a lower peer declared lost, a rejoined peer's state), and a refusal in that moment
+        must not cost a recovery attempt."""
+        cluster = self.ctx.policy.cluster
+        deadline = trio.current_time() + cluster.peer_timeout
+        while True:
+            try:
+                return await self.ctx.transport.request(
+                    node, message, trace=carrier, timeout=timeout, expect=expect
+                )
+            except RemoteError as exc:
+                if m.NOT_COORDINATOR not in exc.reason or trio.current_time() >= deadline:
+                    raise
+                log.info(
+                    "not the coordinator in that node's view yet", node=node, reason=exc.reason
+                )
+            await trio.sleep(cluster.heartbeat_interval)
 
     async def _await_resumed(
         self, gen: int, nodes: list[int], recovery: RecoveryTrace | None

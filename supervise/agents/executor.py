@@ -55,6 +55,10 @@ class Executor:
         self._restart_scope: trio.CancelScope | None = None
         # (generation, node running its restart); node -1 once that node's process is gone
         self._leader: tuple[int, int] = (-1, -1)
+        # (generation, node whose Prepare this node accepted for it): the node running a
+        # restart may finish it (restart, give_up, its next attempt) once a lower node rejoins
+        self._preparer: tuple[int, int] = (-1, -1)
+        self._recovering = False  # a `supervise recover` request is being answered
         self._reported: set[int] = set()
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
         self._done_ranks: set[int] = set()
@@ -102,15 +106,19 @@ class Executor:
         timeout (the coordinator may have declared them lost a moment before this node does);
         a node that is joining takes a sender it has not heard a heartbeat from yet as
         established (a replacement node's first prepare may come before the coordinator's
-        first heartbeat)."""
+        first heartbeat). Without a store, the node running this node's current restart (its
+        Prepare or Restart accepted) may also go on: a lower node that rejoined during the
+        restart becomes the coordinator by the view before that restart is done."""
         if sender is None:
             return "a client sends no prepare, restart or give_up"
         seat = self.ctx.seat
         if seat is not None:  # --store etcd://...: the elected leader, whose writes are fenced
             leader = seat.leader_rank()
             if sender == self.rank or (leader is not None and sender != leader):
-                return f"node {sender} is not the elected coordinator (node {leader} is)"
+                return f"node {sender} {m.NOT_COORDINATOR} (node {leader} is elected)"
             return None
+        if sender != self.rank and sender in self._driving():
+            return None  # it runs this node's current restart: it finishes what it began
         ms = self.ctx.membership
         grace = self.ctx.policy.cluster.peer_timeout / 2
         live = [
@@ -121,8 +129,18 @@ class Executor:
         joining = self.state is ExecutorState.JOINING and ms.peer_info(sender) is None
         expected = self._coordinator_among(live, sender if joining else None)
         if sender != expected or sender == self.rank:
-            return f"node {sender} is not the coordinator (node {expected} is)"
+            return f"node {sender} {m.NOT_COORDINATOR} (node {expected} is)"
         return None
+
+    def _driving(self) -> tuple[int, ...]:
+        """The nodes running this node's current generation's restart: the one whose Prepare
+        it accepted and the one whose Restart it accepted (once a lower node rejoins, the view
+        names that one as the coordinator while the restart under way is not done)."""
+        return tuple(
+            node
+            for gen, node in (self._preparer, self._leader)
+            if gen == self.generation and node >= 0
+        )
 
     def _from_coordinator(self, _body: object, sender: int | None) -> str | None:
         return self.may_coordinate(sender)
@@ -264,6 +282,12 @@ class Executor:
                 # The process that led this generation is gone (a replacement leads nothing
                 # before it joins): coordination and progress go by membership again.
                 self._leader = (self._leader[0], -1)
+            if (
+                isinstance(ev, PeerLost | PeerBack)
+                and ev.rank == self._preparer[1]
+                and (isinstance(ev, PeerLost) or ev.restarted)
+            ):
+                self._preparer = (self._preparer[0], -1)  # (as the leader above)
             if self.coordinator is not None:
                 self.coordinator.membership_event(ev)
             if isinstance(ev, PeerLost | PeerBack):
@@ -372,6 +396,8 @@ class Executor:
         if gen < self.generation:
             raise ValueError(f"prepare for generation {gen}, this node is at {self.generation}")
         assert self._nursery is not None
+        if msg.sender is not None:
+            self._preparer = (gen, msg.sender)
         self._nursery.start_soon(self._prepare, msg)
         return DEFERRED
 
@@ -486,12 +512,34 @@ class Executor:
         return self.status()
 
     async def _on_recover(self, msg: Incoming[m.Recover]) -> object:
+        """Answered from a task of its own: forwarding to the coordinator and its check of
+        every node's holdings take seconds, and the transport's reader (heartbeats
+        included) must not wait for them. One request at a time; another is declined."""
+        if self._recovering or self._nursery is None:
+            return m.RecoverReply(False, f"node {self.rank} is handling a recovery request")
+        self._recovering = True
+        self._nursery.start_soon(self._answer_recover, msg)
+        return DEFERRED
+
+    async def _answer_recover(self, msg: Incoming[m.Recover]) -> None:
+        try:
+            try:
+                reply = await self._recover(msg)
+            except Exception as exc:
+                reply = m.RecoverReply(False, f"{type(exc).__name__}: {exc}")
+            if msg.request_id:  # a one-way recover (a client's send) gets no answer
+                await self.ctx.transport.reply(msg, reply)
+        finally:
+            self._recovering = False
+
+    async def _recover(self, msg: Incoming[m.Recover]) -> m.RecoverReply:
         target = self.coordinator_rank()
         if target != self.rank:
             reply = await self.ctx.transport.request(
                 target, msg.body, trace=msg.trace, timeout=30.0, expect=m.RecoverReply
             )
-            return reply.body
+            body: m.RecoverReply = reply.body
+            return body
         if self.coordinator is None:
             return m.RecoverReply(False, f"node {self.rank} runs no coordinator")
         try:

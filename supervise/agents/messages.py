@@ -20,6 +20,9 @@ from supervise.telemetry import Source
 # Heartbeat info keys (membership's small info map): what peers need to know of each other.
 INFO_GENERATION = "gen"
 INFO_STATE = "state"
+#: In the reason a node refuses a prepare, restart or give_up with: the sender is not the
+#: coordinator by that node's view (yet: the coordinator asks again while views converge).
+NOT_COORDINATOR = "is not the coordinator"
 
 #: One held shard version on the wire: ``(rank, step, generation, nbytes, metrics)`` (msgpack
 #: maps take string keys only, so rank-keyed data travels as lists; `supervise status` reads

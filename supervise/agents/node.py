@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import structlog
 import trio
 
@@ -40,7 +41,7 @@ from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
 from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
 from supervise.agents.seat import StoreSeat
-from supervise.cluster import CurveKeys, Transport
+from supervise.cluster import CurveKeys, Transport, TransportLimits
 from supervise.cluster.failure_detector import DetectorConfig
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
@@ -71,6 +72,14 @@ def _stop_signals() -> list[signal.Signals]:
         for s in STOP_SIGNALS
         if s is not signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN
     ]
+
+
+def transport_limits(peer_timeout: float) -> TransportLimits:
+    """The agent's transport limits: a rank's connection silent for ``peer_timeout`` (the
+    node is declared lost by then) no longer holds its rank, so a replacement for a node whose
+    link never closed (its host crashed) is heard as soon as it is due, never later."""
+    default = TransportLimits()
+    return attrs.evolve(default, rebind_after=min(default.rebind_after, peer_timeout))
 
 
 class NodeRuntime:
@@ -153,6 +162,7 @@ class NodeRuntime:
             curve=curve,
             kinds=ALL_KINDS,
             nodes=config.n_nodes,
+            limits=transport_limits(config.policy.cluster.peer_timeout),
         )
         self.membership = Membership(
             self.transport,

@@ -100,6 +100,8 @@ MAX_PORT = 65535
 Handler = Callable[[Incoming[Any]], Awaitable[object]]
 Placer = Callable[[Any, "int | None"], "memoryview | None"]
 """``into(body, sender)``: where the first payload frame of a message goes, or None (a frame)."""
+#: The refusal counters' label for a message kind this transport does not know.
+UNKNOWN_KIND = "unknown"
 Allow = Callable[[Any, "int | None"], "str | None"]
 """``allow(body, sender)``: None when the sender may send this message, else why not."""
 
@@ -213,14 +215,17 @@ class Framing:
 
     def refuse(self, kind: str, sender: int | None, reason: str) -> None:
         """Count a message (or, kind ``handshake``, a connection) refused for who sent it, in
-        the stats and the metric, and log it (at most once a second per kind)."""
-        self.stats.refused[kind] += 1
-        get_telemetry().metrics.refused.add(1, {Attr.MESSAGE_KIND: kind})
-        suppressed = self._throttle(f"refused {kind}")
+        the stats and the metric, and log it (at most once a second per kind). A kind this
+        transport does not know counts as ``unknown``: the name is the sender's choice, and
+        each new one would grow the counters and open a log line of its own."""
+        label = kind if kind == "handshake" or kind in self.kinds else UNKNOWN_KIND
+        self.stats.refused[label] += 1
+        get_telemetry().metrics.refused.add(1, {Attr.MESSAGE_KIND: label})
+        suppressed = self._throttle(f"refused {label}")
         if suppressed is not None:
             log.warning(
                 "message refused",
-                kind=kind,
+                kind=kind[:200],
                 sender=sender,
                 reason=reason,
                 rank=self.rank,

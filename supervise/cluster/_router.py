@@ -149,32 +149,49 @@ class Router:
         mon = self._monitor
         if mon is None:
             return
-        f = self._f
         while True:
             try:
                 parts = await mon.recv_multipart()
             except trio.ClosedResourceError:
                 return
-            try:
-                event = parse_monitor_message([p.bytes for p in parts])
-            except Exception:  # not one of libzmq's events: nothing to count
-                continue
-            peer = event["endpoint"].decode("utf-8", "replace")
-            if event["event"] & _HANDSHAKE_FAILED:
-                f.stats.auth_refused += 1
-                f.refuse("handshake", None, f"handshake from {peer} failed (no or wrong CURVE)")
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                f.stats.links_closed += 1
-                fd = event["value"]
-                for rank, link in list(self._links.items()):
-                    if link.fd == fd:
-                        del self._links[rank]
-                f.note_closed(peer)
+            self._on_event(parts)
+
+    def _take_events(self) -> None:
+        """Handle the monitor's events already queued, without waiting: a link's close may
+        still wait there when its peer's new connection speaks (trio runs ready tasks in any
+        order), and must be known before that connection is judged."""
+        mon = self._monitor
+        while mon is not None:
+            parts = mon.try_recv_multipart()
+            if parts is None:
+                return
+            self._on_event(parts)
+
+    def _on_event(self, parts: list[zmq.Frame]) -> None:
+        f = self._f
+        try:
+            event = parse_monitor_message([p.bytes for p in parts])
+        except Exception:  # not one of libzmq's events: nothing to count
+            return
+        peer = event["endpoint"].decode("utf-8", "replace")
+        if event["event"] & _HANDSHAKE_FAILED:
+            f.stats.auth_refused += 1
+            f.refuse("handshake", None, f"handshake from {peer} failed (no or wrong CURVE)")
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
+            f.stats.links_closed += 1
+            fd = event["value"]
+            for rank, link in list(self._links.items()):
+                if link.fd == fd:
+                    del self._links[rank]
+            f.note_closed(peer)
 
     def _speaks_for(self, rank: int, route: bytes, fd: int) -> str | None:
         """None when the connection ``route`` may speak for ``rank`` (binding it), else why not."""
         now = trio.current_time()
         link = self._links.get(rank)
+        if link is not None and link.route != route:
+            self._take_events()  # the old link's close, if libzmq reported it already
+            link = self._links.get(rank)
         if link is not None and link.route != route:
             if now - link.last < self._f.limits.rebind_after:
                 return f"rank {rank} already speaks on another live connection"

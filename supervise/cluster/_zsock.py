@@ -104,6 +104,17 @@ class ZSocket:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return parts
 
+    def try_recv_multipart(self) -> list[zmq.Frame] | None:
+        """One multipart message if one is here now, else None (never waits)."""
+        if self._closed:
+            return None
+        try:
+            parts: list[zmq.Frame] | None = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            parts = None
+        self._notify()
+        return parts
+
     async def recv_first(self) -> zmq.Frame:
         """Receive the first part of the next message, zero-copy.
 

@@ -111,9 +111,104 @@ class _Seat:
 def test_with_a_store_the_elected_leader_drives_restarts_whatever_its_rank() -> None:
     ex = _executor(0, [0, 1, 2], {1: RUNNING, 2: RUNNING}, seat=_Seat(2))
     assert ex.may_coordinate(2) is None  # elected, though node 0 is the lowest live rank
-    assert "node 1 is not the elected coordinator (node 2 is)" in (ex.may_coordinate(1) or "")
+    assert "node 1 is not the coordinator (node 2 is elected)" in (ex.may_coordinate(1) or "")
     assert ex.may_coordinate(0) is not None  # never orders from itself over the wire
     assert ex.may_coordinate(None) is not None
     # between two leaders (the old one's lease expired, the new one's key not yet seen): its
     # decisions are fenced in the store, so its orders are taken
     assert _executor(0, [0, 1, 2], {}, seat=_Seat(None)).may_coordinate(1) is None
+
+
+async def test_the_node_running_a_restart_finishes_it_after_a_lower_node_rejoins() -> None:
+    # node 0 was replaced; node 1 leads generation 6. Once the new node 0 took its Restart,
+    # its heartbeat says "starting" and the view names node 0: node 1's Restart, GiveUp and
+    # next attempt (Prepare 7) must still reach node 2, or the recovery never completes.
+    import trio
+
+    ex = _executor(2, [0, 1, 2, 3], {0: JOINING, 1: RUNNING, 3: RUNNING})
+    ex.generation = 5
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+
+        async def prepared(_msg: object) -> None:
+            return None
+
+        ex._prepare = prepared  # type: ignore[method-assign,assignment]
+        msg: Any = SimpleNamespace(body=m.Prepare(6), sender=1)
+        assert ex.may_coordinate(1) is None
+        await ex._on_prepare(msg)
+    ex.generation = 6
+    ctx: Any = ex.ctx
+    ctx.membership._states[0] = ExecutorState.STARTING.value  # node 0's next heartbeat
+    assert ex.may_coordinate(1) is None  # the restart, a give_up, the next attempt
+    assert ex.may_coordinate(3) is not None  # nobody else
+    ex.generation = 7  # a later generation, led by someone else: node 1 is a peer again
+    assert "node 0 is" in (ex.may_coordinate(1) or "")
+
+
+async def test_a_recover_request_never_holds_up_the_transport_reader(
+    autojump_clock: object,
+) -> None:
+    # `recover` is open to client keys: forwarded to a coordinator that does not answer, it
+    # must not stall the reader (heartbeats wait behind it: peers would be declared lost)
+    import trio
+
+    from supervise.cluster import DEFERRED
+
+    ex = _executor(2, [0, 1, 2], {0: RUNNING, 1: RUNNING})
+    replies: list[object] = []
+
+    class _Silent:
+        async def request(self, *_args: object, **_kw: object) -> object:
+            await trio.sleep(60.0)  # the coordinator does not answer (within 30 s)
+            raise RuntimeError("timed out")
+
+        async def reply(self, _msg: object, body: object) -> None:
+            replies.append(body)
+
+    ctx: Any = ex.ctx
+    ctx.transport = _Silent()
+    msg: Any = SimpleNamespace(body=m.Recover(3), trace={}, sender=None, request_id=5)
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+        with trio.fail_after(1.0):
+            assert await ex._on_recover(msg) is DEFERRED
+            busy = await ex._on_recover(msg)  # a flood is declined, not queued
+        assert isinstance(busy, m.RecoverReply) and not busy.accepted
+    assert len(replies) == 1 and not replies[0].accepted  # type: ignore[attr-defined]
+    assert "timed out" in replies[0].detail  # type: ignore[attr-defined]
+
+
+def test_a_silent_rank_connection_is_given_up_by_the_time_the_node_is_lost() -> None:
+    # a replacement for a node whose host crashed (its link never closed) speaks for its rank
+    # once the old link was silent for cluster.peer_timeout, never later than 10 s
+    from supervise.agents.node import transport_limits
+
+    assert transport_limits(3.0).rebind_after == 3.0
+    assert transport_limits(60.0).rebind_after == 10.0
+
+
+async def test_a_one_way_recover_is_not_answered_and_breaks_nothing(
+    autojump_clock: object,
+) -> None:
+    # a client may `send` a recover instead of asking: replying to it raised in the
+    # executor's nursery (the node's tree) before the fix
+    import trio
+
+    ex = _executor(0, [0, 1], {1: RUNNING})
+    ex.coordinator = None
+    replies: list[object] = []
+
+    class _Transport:
+        async def reply(self, msg: Any, body: object) -> None:
+            if not msg.request_id:
+                raise ValueError("agent.recover was not a request: nothing to reply to")
+            replies.append(body)
+
+    ctx: Any = ex.ctx
+    ctx.transport = _Transport()
+    async with trio.open_nursery() as nursery:
+        ex._nursery = nursery
+        one_way: Any = SimpleNamespace(body=m.Recover(), trace={}, sender=None, request_id=0)
+        await ex._on_recover(one_way)
+    assert replies == [] and not ex._recovering

@@ -111,9 +111,10 @@ def test_strangers_on_unauthenticated_loopback(tmp_path: Path) -> None:
         trio.run(_loopback_forgeries, *c.endpoints)
         assert rss(c.agents[0].pid) - before < 20 * MiB  # 40 MiB announced: not mapped
         c.wait("real pushes still stored", lambda: len(c.events(0, "replica stored")) > stored)
-        assert {"replica.fetch_open", "replica.push_begin", "agent.give_up"} <= refusals(c, 0)
-        assert {"agent.failure", "membership.heartbeat"} <= refusals(c, 0)
-        assert "agent.give_up" in refusals(c, 1)
+        # one-way messages: their refusals are logged when they arrive (a loaded machine)
+        expected = {"replica.fetch_open", "replica.push_begin", "agent.give_up", "agent.failure"}
+        c.wait("refusals", lambda: expected | {"membership.heartbeat"} <= refusals(c, 0))
+        c.wait("refusals at node 1", lambda: "agent.give_up" in refusals(c, 1))
         c.fault("crash", 1)  # a real failure: restored from the real replicas only
         c.wait_resumed(2)
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
@@ -153,8 +154,8 @@ def test_strangers_with_curve(tmp_path: Path) -> None:
         stored = len(c.events(0, "replica stored"))
         trio.run(_curve_forgeries, keys, c.endpoints[0])
         c.wait("real pushes still stored", lambda: len(c.events(0, "replica stored")) > stored)
-        assert {"replica.fetch_open", "replica.push_begin", "agent.give_up"} <= refusals(c, 0)
-        assert {"agent.failure", "handshake"} <= refusals(c, 0)
+        expected = {"replica.fetch_open", "replica.push_begin", "agent.give_up", "agent.failure"}
+        c.wait("refusals", lambda: expected | {"handshake"} <= refusals(c, 0))
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert c.recoveries(0) == []  # nothing forged ran a recovery
         assert_exact(c.out, STEPS // 2)

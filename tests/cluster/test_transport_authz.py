@@ -140,3 +140,54 @@ async def test_refused_handshakes_and_oversized_messages_are_counted(tmp_path: P
             closed = server.stats.links_closed
             await peer.send(0, Ping(3), [b"x" * 100_000])  # libzmq cuts the link
             await eventually(lambda: server.stats.links_closed > closed)
+
+
+async def test_refusals_of_unknown_kinds_share_one_counter_and_log_line() -> None:
+    # the kind is the sender's choice: a flood of new names claiming a live rank must not grow
+    # the refusal counters (or the metric's attributes, or the log throttle) one entry a name
+    import zmq
+
+    server = _server()
+    async with server.running():
+        assert server.endpoint is not None
+        ctx = zmq.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(server.endpoint)
+        try:
+            for i in range(200):  # sender 0: the server's own rank, refused before any lookup
+                raw.send(encode_header(f"made.up.{i}", 0, 0, 0, {}, 0, None))
+            await eventually(lambda: sum(server.stats.refused.values()) == 200)
+        finally:
+            raw.close()
+            ctx.term()
+        assert dict(server.stats.refused) == {"unknown": 200}
+        assert len(server._framing._throttle._last) <= 2
+
+
+async def test_a_closed_link_still_queued_in_the_monitor_frees_its_rank(
+    autojump_clock: object,
+) -> None:
+    # node 1 restarted: libzmq already reported its old link closed, but the reader takes the
+    # new connection's first message before the monitor's task ran; it must not be refused
+    import struct
+
+    import zmq
+
+    server = _server()
+    router = server._router
+    assert router._speaks_for(1, b"old", 7) is None
+
+    class _Queued:
+        def __init__(self) -> None:
+            self.events = [
+                [zmq.Frame(struct.pack("=hi", zmq.EVENT_DISCONNECTED, 7)), zmq.Frame(b"tcp://x")]
+            ]
+
+        def try_recv_multipart(self) -> list[zmq.Frame] | None:
+            return self.events.pop() if self.events else None
+
+    router._monitor = _Queued()  # type: ignore[assignment]
+    assert router._speaks_for(1, b"new", 8) is None
+    assert server.stats.links_closed == 1
+    assert router._speaks_for(1, b"old", 7) is not None  # and the new one holds it now

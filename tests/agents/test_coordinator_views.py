@@ -1,0 +1,70 @@
+"""A node that does not see this node as the coordinator yet (its view lags by a heartbeat:
+a new leader's key, a lower peer declared lost) refuses its prepare; the coordinator asks
+again while views converge instead of failing the recovery attempt."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from supervise.agents import messages as m
+from supervise.agents.coordinator import AttemptFailed, Coordinator
+from supervise.cluster import RemoteError
+from supervise.policy import Policy
+
+
+class _Transport:
+    """Node 1 refuses ``refusals`` prepares as "not the coordinator", then answers."""
+
+    def __init__(self, refusals: int, reason: str) -> None:
+        self.refusals, self.reason, self.asked = refusals, reason, 0
+
+    async def request(self, node: int, message: object, **_kw: object) -> Any:
+        self.asked += 1
+        if self.asked <= self.refusals:
+            raise RemoteError("agent.prepare", f"refused: node 0 {self.reason}")
+        return SimpleNamespace(body=f"holding of node {node}")
+
+
+def _coordinator(transport: _Transport) -> Coordinator:
+    policy = Policy.from_dict({"cluster": {"heartbeat_interval": 0.5, "peer_timeout": 4.0}})
+
+    class _Node:
+        finished_nodes: set[int] = set()
+
+        async def prepare(self, generation: int) -> str:
+            return "holding of node 0"
+
+    ctx: Any = SimpleNamespace(
+        config=SimpleNamespace(rank=0, n_nodes=2, worker_shutdown=1.0),
+        policy=policy,
+        transport=transport,
+        seat=None,
+    )
+    return Coordinator(ctx, _Node())  # type: ignore[arg-type]
+
+
+async def test_a_prepare_refused_while_views_converge_is_asked_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    transport = _Transport(3, f"{m.NOT_COORDINATOR} (node 1 is elected)")
+    replies: dict[int, Any] = dict(await _coordinator(transport)._prepare_all(7, {}))
+    assert replies == {0: "holding of node 0", 1: "holding of node 1"}
+    assert transport.asked == 4
+
+
+async def test_a_node_that_keeps_refusing_or_refuses_for_another_reason_fails_the_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    start = trio.current_time()
+    with pytest.raises(AttemptFailed, match=m.NOT_COORDINATOR):
+        await _coordinator(_Transport(100, m.NOT_COORDINATOR))._prepare_all(7, {})
+    assert trio.current_time() - start <= 4.0 + 0.5  # for peer_timeout, not longer
+    other = _Transport(1, "asked for rank 9: no")
+    with pytest.raises(AttemptFailed, match="rank 9"):
+        await _coordinator(other)._prepare_all(7, {})
+    assert other.asked == 1
