@@ -85,10 +85,8 @@ class NodeConfig:
         if self.job is not None:
             try:
                 check_job(self.job)
-            except ValueError:
-                raise InvalidValue(
-                    "job", self.job, "use letters, digits, '.', '_' or '-' (1-128 characters)"
-                ) from None
+            except ValueError as exc:
+                raise InvalidValue("job", self.job, str(exc).split(": ", 1)[-1]) from None
 
     @property
     def job_id(self) -> str:

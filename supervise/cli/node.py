@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
     from supervise.snapshot.errors import FinishedJob
+    from supervise.snapshot.persist import check_job
     from supervise.store import DEFAULT_JOB, BadStoreUrl, StoreError, parse_store_url
     from supervise.telemetry import (
         TelemetryError,
@@ -108,6 +109,11 @@ def _run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.job is not None:
+        try:
+            check_job(args.job)
+        except ValueError as exc:
+            return _fail(f"--{exc}")
     try:
         store = parse_store_url(
             args.store,

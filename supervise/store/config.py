@@ -11,6 +11,7 @@ from typing import Final
 
 import attrs
 
+from supervise.snapshot.persist import check_job
 from supervise.store.errors import BadStoreUrl
 
 #: The default ``--store``.
@@ -22,7 +23,6 @@ KEY_ROOT: Final = "/supervise/"
 #: Seconds one request to etcd may take before the store counts as unavailable.
 DEFAULT_TIMEOUT_S: Final = 5.0
 
-_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 
 
@@ -88,8 +88,10 @@ def parse_store_url(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> StoreConfig:
     """Check a ``--store`` value and its companions; `BadStoreUrl` (one line) if unusable."""
-    if not isinstance(job, str) or not _JOB.fullmatch(job):
-        raise BadStoreUrl(url, f"job {job!r}: use letters, digits, '.', '_' or '-' (1-128)")
+    try:
+        check_job(job)
+    except ValueError as exc:
+        raise BadStoreUrl(url, str(exc)) from None
     if not isinstance(timeout_s, int | float) or not timeout_s > 0:
         raise BadStoreUrl(url, f"timeout {timeout_s!r}: must be seconds > 0")
     tls_files = {"--store-ca": ca, "--store-cert": cert, "--store-key": key}

@@ -154,5 +154,6 @@ def test_bad_job_name_is_a_one_line_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "supervise node: --job 'a/b': use letters, digits, '.', '_' or '-' (1-128 characters)"
+        "supervise node: --job 'a/b': use 1-128 letters, digits, '.', '_' or '-', starting with a "
+        "letter or digit"
     ]
