@@ -107,8 +107,11 @@ class Coordinator:
         """`supervise recover`: a recovery at ``version`` (-1: by the policy's rule).
 
         A version that is not complete on the live nodes is refused before any worker is
-        stopped (raises `ValueError` with the reason); training goes on undisturbed.
+        stopped (raises `ValueError` with the reason); training goes on undisturbed. So is a
+        request while a recovery runs (it would be ignored: the caller is told, not misled).
         """
+        if self._recovery is not None:
+            raise ValueError("a recovery is in progress: ask again once training resumed")
         if version >= 0:
             holdings = await self._holdings_now()
             try:

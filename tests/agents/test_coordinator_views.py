@@ -68,3 +68,12 @@ async def test_a_node_that_keeps_refusing_or_refuses_for_another_reason_fails_th
     with pytest.raises(AttemptFailed, match="rank 9"):
         await _coordinator(other)._prepare_all(7, {})
     assert other.asked == 1
+
+
+async def test_a_manual_recovery_asked_during_a_recovery_is_refused_not_ignored() -> None:
+    """`supervise recover` while a recovery runs: refused with the reason (it said "recovery
+    requested" and exit 0, then the coordinator ignored it)."""
+    coordinator = _coordinator(_Transport(0, ""))
+    coordinator._recovery = SimpleNamespace()  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="a recovery is in progress"):
+        await coordinator.manual(-1, {})
