@@ -238,7 +238,9 @@ class TaskRunner:
     def resume(self) -> None:
         """Let a paused task go on (from its journal)."""
         if self._stop is Reason.PAUSE_REQUESTED and self.state is not TaskState.PAUSED:
-            self._stop = None  # asked to pause, not paused yet: nothing to undo
+            # asked to pause, not paused yet: the attempt may already be stopping, so the
+            # pause goes through and the task goes on at once
+            self._resumed = True
             return
         check(self.spec.task_id, self.state, TaskState.PENDING, Reason.RESUME_REQUESTED)
         self._resumed = True

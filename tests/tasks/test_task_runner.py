@@ -253,3 +253,17 @@ async def test_a_request_that_arrives_as_the_task_ends_leaves_its_final_state(
     spec = _spec(max_attempts=1)
     result = await _run_with(TaskRunner(spec, _Finishing("error")), (0.5, action))
     assert (result.state, result.history[-1].reason) == (TaskState.FAILED, Reason.RETRIES_EXHAUSTED)
+
+
+async def test_a_resume_right_after_a_pause_lets_the_pause_finish_then_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """resume() before the pause took effect: the attempt was already stopped, so the task
+    passes through paused and on (it tried running -> assigned and raised InvalidTransition)."""
+    spec = TaskSpec("taskfuncs:ticks", [4], task_id="t", policy=TaskPolicy(checkpoint=Manual()))
+    runner = TaskRunner(spec, InProcess(spec))
+    before = taskfuncs.CALLS["tick"]
+    result = await _run_with(runner, (2.5, "pause"), (2.5, "resume"))
+    assert unwrap(result) == [0, 1, 2, 3]
+    assert taskfuncs.CALLS["tick"] - before == 4  # what the pause committed did not run again
+    assert [t.target for t in result.history].count(TaskState.PAUSED) == 1
