@@ -81,7 +81,7 @@ class DemoConfig:
         """The short run the test suite uses: every fault, two nodes, fewer steps, the
         reference run alongside the supervised one rather than after it."""
         return cls(
-            out_dir=Path(out_dir), nodes=2, steps=300, step_delay=0.03, reference_alongside=True
+            out_dir=Path(out_dir), nodes=2, steps=400, step_delay=0.03, reference_alongside=True
         )
 
     @property

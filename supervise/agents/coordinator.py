@@ -453,7 +453,9 @@ class Coordinator:
     ) -> int:
         """One restart of every node's workers; returns the step restarted at."""
         gen = self.node.known_generation() + 1
-        await self._fence(self._claim(gen, attempt, CLUSTER_START if start else trigger.value))
+        await self._fence(
+            lambda: self._claim(gen, attempt, CLUSTER_START if start else trigger.value)
+        )
         carrier = recovery.inject() if recovery is not None else {}
         with maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
             while True:
@@ -495,7 +497,7 @@ class Coordinator:
         if step != FRESH:
             rewinds.append((gen, step))
         nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
-        await self._fence(self._decide(gen, step, port, attempt, nodes))
+        await self._fence(lambda: self._decide(gen, step, port, attempt, nodes))
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
@@ -523,16 +525,29 @@ class Coordinator:
                 generation=gen, step=step, port=port, attempt=attempt, nodes=nodes
             )
 
-    @staticmethod
-    async def _fence(write: Awaitable[None]) -> None:
+    async def _fence(self, write: Callable[[], Awaitable[None]]) -> None:
         """Run a fenced write: a deposed coordinator (its seat lost: frozen or cut off for
-        longer than its lease) acts on nothing; an unreachable store fails the attempt."""
-        try:
-            await write
-        except (FencedWriteRefused, LookupError) as exc:
-            raise _Deposed(str(exc)) from None
-        except StoreUnavailable as exc:
-            raise AttemptFailed(f"the store did not take the decision: {exc}") from None
+        longer than its lease) acts on nothing; an unreachable store is waited for (with
+        backoff, up to ``cluster.rejoin_timeout``) before the attempt fails, so an etcd outage
+        does not spend the recovery's attempts."""
+        cluster = self.ctx.policy.cluster
+        deadline = trio.current_time() + cluster.rejoin_timeout
+        delay = cluster.heartbeat_interval
+        said = False
+        while True:
+            try:
+                await write()
+                return
+            except (FencedWriteRefused, LookupError) as exc:
+                raise _Deposed(str(exc)) from None
+            except StoreUnavailable as exc:
+                if trio.current_time() + delay > deadline:
+                    raise AttemptFailed(f"the store did not take the decision: {exc}") from None
+                if not said:
+                    log.warning("store unreachable: the recovery waits for it", error=str(exc))
+                    said = True
+            await trio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def _wait_for_nodes(self, recovery: RecoveryTrace | None) -> None:
         missing = self._missing()

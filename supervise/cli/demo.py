@@ -54,7 +54,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="2 nodes, 300 faster steps, the reference run alongside: every fault in about"
+        help="2 nodes, 400 faster steps, the reference run alongside: every fault in about"
         " half the time (the test suite's run)",
     )
     demo.set_defaults(handler=_run)

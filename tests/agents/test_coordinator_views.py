@@ -77,3 +77,30 @@ async def test_a_manual_recovery_asked_during_a_recovery_is_refused_not_ignored(
     coordinator._recovery = SimpleNamespace()  # type: ignore[assignment]
     with pytest.raises(ValueError, match="a recovery is in progress"):
         await coordinator.manual(-1, {})
+
+
+async def test_an_unreachable_store_is_waited_for_not_an_attempt_spent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A fenced write while etcd is down: retried with backoff until the store answers (an
+    outage during a recovery spent every attempt in half a second and the nodes gave up);
+    past ``cluster.rejoin_timeout`` the attempt fails."""
+    from supervise.store import StoreUnavailable
+
+    coordinator = _coordinator(_Transport(0, ""))
+    calls = 0
+
+    async def write(fail: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= fail:
+            raise StoreUnavailable("txn", "etcd down")
+
+    await coordinator._fence(lambda: write(5))
+    assert calls == 6
+    calls = 0
+    start = trio.current_time()
+    with pytest.raises(AttemptFailed, match="the store did not take the decision"):
+        await coordinator._fence(lambda: write(10**9))
+    assert trio.current_time() - start <= coordinator.ctx.policy.cluster.rejoin_timeout
+    assert calls > 5

@@ -77,6 +77,7 @@ class Cluster(LocalCluster):
         persist: int = 0,
         max_attempts: int = 3,
         steps: int = STEPS,
+        cold: bool = False,
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         super().__init__(
@@ -98,7 +99,7 @@ class Cluster(LocalCluster):
                 max_attempts=max_attempts,
                 persist=persist,
                 persist_path=tmp / "checkpoints",
-            ),
+            ).replace("[recovery]\n", "[recovery]\npreload = []\n" if cold else "[recovery]\n"),
             env={
                 **clean,
                 **collector.env(metric_export_interval_ms=1000),
@@ -611,7 +612,9 @@ def test_exhausted_recovery_is_traced_and_flushed_on_giving_up(
 ) -> None:
     """recovery.max_attempts = 1: the restarted worker is killed again before its first step
     -> the recovery is exhausted, every agent gives up (exit 3) and still flushes the trace."""
-    cluster = cluster_factory(2, max_attempts=1)
+    # cold workers: a warm (forked) spare can restore and step before the test's second kill,
+    # and the recovery completes instead of being exhausted
+    cluster = cluster_factory(2, max_attempts=1, cold=True)
     agents = [cluster.start(0), cluster.start(1)]
     victim = cluster.worker_pid(1, generation=1)
     cluster.wait(
@@ -657,7 +660,7 @@ def test_sigterm_during_a_recovery_ends_it_failed_and_flushes(
 ) -> None:
     """SIGTERM to every agent while the restarted workers are still starting: the recovery's
     root is ended (failed, the stop recorded) and exported with its phases, not lost open."""
-    cluster = cluster_factory(2)
+    cluster = cluster_factory(2, cold=True)  # cold workers: the restart is still under way
     agents = [cluster.start(0), cluster.start(1)]
     victim = cluster.worker_pid(1, generation=1)
     cluster.wait(
