@@ -85,12 +85,13 @@ def _run(args: argparse.Namespace) -> int:
     from supervise._validation import InvalidValue
     from supervise.agents.node import NodeConfig, run_node
     from supervise.agents.preflight import StartupError, check_startup
+    from supervise.cli._store import store_from_args
     from supervise.cluster import CurveKeys
     from supervise.cluster.errors import CurveKeyError
     from supervise.policy import Policy, PolicyError
     from supervise.snapshot.errors import FinishedJob
     from supervise.snapshot.persist import check_job
-    from supervise.store import DEFAULT_JOB, BadStoreUrl, StoreError, parse_store_url
+    from supervise.store import BadStoreUrl, StoreError
     from supervise.telemetry import (
         TelemetryError,
         configure_logging,
@@ -115,14 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail(f"--{exc}")
     try:
-        store = parse_store_url(
-            args.store,
-            job=args.job or DEFAULT_JOB,
-            ca=args.store_ca,
-            cert=args.store_cert,
-            key=args.store_key,
-        )
-        store.ssl_context()  # unusable TLS files: a one-line error now, not at the first call
+        store = store_from_args(args)
     except BadStoreUrl as exc:
         return _fail(f"--{exc}")
     try:

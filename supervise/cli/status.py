@@ -82,17 +82,11 @@ def _peers(args: argparse.Namespace) -> tuple[dict[int, str], int | None] | str:
         return peers if isinstance(peers, str) else (peers, None)
     import trio
 
-    from supervise.store import DEFAULT_JOB, BadStoreUrl, StoreError, StoreKind, parse_store_url
+    from supervise.cli._store import store_from_args
+    from supervise.store import BadStoreUrl, StoreError, StoreKind
 
     try:
-        config = parse_store_url(
-            args.store,
-            job=args.job or DEFAULT_JOB,
-            ca=args.store_ca,
-            cert=args.store_cert,
-            key=args.store_key,
-        )
-        config.ssl_context()
+        config = store_from_args(args)
     except BadStoreUrl as exc:
         return f"--{exc}"
     if config.kind is StoreKind.EMBEDDED:
