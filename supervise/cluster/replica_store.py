@@ -18,7 +18,10 @@ Rules (each one tested):
   spare buffers, older replicas and any reception in flight (a push never starves the node's
   own snapshots), never a rank's newest replica;
 - an announced size must be plausible: at most `GROWTH` times the rank's newest held replica
-  (plus `SLACK`), so one small header cannot reserve the budget for a rank of a known size;
+  (plus `SLACK`) or the rank's fair share of the budget (the budget over the ranks held),
+  whichever is larger, so one small header cannot reserve the budget for a rank of a known
+  size, while a rank whose state legitimately grows (optimizer state appearing) is never
+  locked out;
 - an expired reception's memory, or one from a peer found lost, goes back to the system at
   once (not kept for reuse).
 """
@@ -318,6 +321,14 @@ class ReplicaStore:
 
     # ---- transfers -----------------------------------------------------------------------
 
+    def _share(self, rank: int) -> int:
+        """``rank``'s fair share of the budget: the budget over the ranks held (it included)."""
+        return self.budget // len(self._replicas.keys() | {rank})
+
+    def _plausible(self, rank: int, held: int) -> int:
+        """The largest size ``rank`` may announce when its newest replica has ``held`` bytes."""
+        return max(GROWTH * held + SLACK, self._share(rank))
+
     def begin(self, meta: ShardMeta, source: int | None, now: float) -> Reception | None:
         """Start receiving ``meta``; None when it is already held. Raises Refused."""
         if any(r.meta.order == meta.order for r in self._replicas.get(meta.rank, ())):
@@ -326,11 +337,12 @@ class ReplicaStore:
         newest = self.get(meta.rank)
         if newest is not None and newest.meta.order > meta.order and not protected:
             raise Refused("stale", f"{meta.label} is older than the held {newest.meta.label}")
-        if newest is not None and meta.nbytes > GROWTH * newest.meta.nbytes + SLACK:
+        if newest is not None and meta.nbytes > self._plausible(meta.rank, newest.meta.nbytes):
             raise Refused(
                 "too_big",
                 f"{meta.label} announces {meta.nbytes} bytes, the held {newest.meta.label} has "
-                f"{newest.meta.nbytes} (at most {GROWTH}x + {SLACK >> 20} MiB)",
+                f"{newest.meta.nbytes} (at most {GROWTH}x + {SLACK >> 20} MiB, or the rank's "
+                f"share of the budget, {self._share(meta.rank)})",
             )
         for rec in list(self._receptions.values()):
             if rec.meta.rank != meta.rank:

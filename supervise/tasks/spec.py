@@ -12,6 +12,7 @@ import attrs
 import msgpack
 
 from supervise._validation import InvalidValue, instance_of
+from supervise.snapshot.persist import check_job
 from supervise.tasks.attempt import check_target
 from supervise.tasks.journal import CorruptRecord, seal, unseal, write_atomic
 from supervise.tasks.policy import TaskPolicy, checkpoint_from_dict, checkpoint_to_dict
@@ -19,8 +20,11 @@ from supervise.tasks.values import decode, encode
 
 
 def _task_id(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_." for c in value):
-        raise InvalidValue(attr.name, value, "must be a non-empty string of letters, digits, -_.")
+    # a task id names directories and arenas: the job-name rule (no '.', '..', '/', no leading dot)
+    try:
+        check_job(value)
+    except ValueError as e:
+        raise InvalidValue(attr.name, value, str(e).split(": ", 1)[1]) from None
 
 
 def _kwargs(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:

@@ -460,12 +460,25 @@ def test_an_expired_reception_gives_its_memory_back_at_once() -> None:
 
 
 def test_an_announced_size_must_be_plausible_for_the_rank() -> None:
-    store = ReplicaStore(budget=1 << 40)
-    meta, data = make_shard(1, 1, [MiB])
-    push(store, meta, data, chunk=MiB)
+    cap = GROWTH * MiB + SLACK
+    store = ReplicaStore(budget=4 * cap)  # four ranks held: a share of `cap` each
+    for rank in (1, 2, 3, 4):
+        push(store, *make_shard(rank, 1, [MiB]), chunk=MiB)
     with pytest.raises(Refused, match=r"too_big: .* announces"):
-        store.begin(_meta(1, 2, GROWTH * MiB + SLACK + 1), source=1, now=0.0)
+        store.begin(_meta(1, 2, cap + 1), source=1, now=0.0)
     assert store.begin(_meta(1, 2, GROWTH * MiB), source=1, now=0.0) is not None
+
+
+def test_a_rank_may_grow_to_its_share_of_the_budget() -> None:
+    # a first capture before the optimizer's state exists, then the full state: a rank's
+    # replica may grow far beyond GROWTH x + SLACK, up to its fair share, and is never locked out
+    store = ReplicaStore(budget=1 << 40)
+    push(store, *make_shard(1, 1, [MiB]), chunk=MiB)
+    push(store, *make_shard(2, 1, [MiB]), chunk=MiB)
+    big = GROWTH * MiB + SLACK + 1
+    assert store.begin(_meta(1, 2, big), source=1, now=0.0) is not None
+    with pytest.raises(Refused, match=r"too_big: .* share of the budget, 549755813888"):
+        store.begin(_meta(2, 2, (1 << 39) + 1), source=2, now=0.0)
 
 
 def test_the_nodes_own_arenas_reclaim_a_push_in_flight() -> None:

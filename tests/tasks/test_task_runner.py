@@ -138,6 +138,9 @@ def test_a_bad_spec_fails_at_submit_time() -> None:
         TaskSpec("stages:pipeline", kwargs={"data": {1}})
     with pytest.raises(ValueError, match=r"^kwargs = \{1: 2\}: key 1 is not a keyword argument"):
         TaskSpec("stages:pipeline", kwargs={1: 2})
+    for bad in ("..", ".", "a/b", ".hidden", ""):  # a task id names directories and arenas
+        with pytest.raises(ValueError, match=r"^task_id = .*: use 1-128 letters, digits"):
+            TaskSpec("stages:pipeline", task_id=bad)
 
 
 async def _run_with(runner: TaskRunner, *actions: tuple[float, str]) -> TaskResult:
