@@ -13,7 +13,7 @@ import contextlib
 import enum
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -21,12 +21,14 @@ import structlog
 import trio
 
 from supervise.agents.config import NodeConfig
+from supervise.agents.decision import Decision, Fetch
 from supervise.runtime import Backoff
 from supervise.store import (
     Election,
     EventKind,
     FencedWriteRefused,
     Follow,
+    Get,
     Leadership,
     LeaseLost,
     Put,
@@ -70,6 +72,10 @@ class SeatNews:
 
 #: Told each `SeatNews` as it happens (the coordinator: a span event on its open recovery).
 SeatObserver = Callable[[SeatNews], None]
+#: Told each decision the store holds under the current leader's fence (the executor).
+DecisionObserver = Callable[[Decision], object]
+#: Told each rank whose membership key went away (its lease ended: the node is lost).
+MemberObserver = Callable[[int], None]
 
 
 class StoreSeat:
@@ -88,7 +94,10 @@ class StoreSeat:
         self._leadership: Leadership | None = None
         self._election: Election | None = None
         self._lost_lease = 0  # the last lease lost, until a fresh one is registered
+        self._store: Store | None = None  # while running
         self.observer: SeatObserver | None = None
+        self.on_decision: DecisionObserver | None = None
+        self.on_member_lost: MemberObserver | None = None
 
     def leader_rank(self) -> int | None:
         """The elected coordinator's rank as last seen in the store (None: none known)."""
@@ -110,24 +119,62 @@ class StoreSeat:
         return self._leadership is not None
 
     async def decide(
-        self, *, generation: int, step: int, port: int, attempt: int, nodes: Sequence[int]
+        self,
+        *,
+        generation: int,
+        step: int,
+        port: int,
+        attempt: int,
+        nodes: Sequence[int],
+        trigger: str = "",
+        fetch: Mapping[int, Sequence[Fetch]] | None = None,
+        rewinds: Sequence[tuple[int, int]] = (),
+        trace: Mapping[str, str] | None = None,
     ) -> int:
         """Write a restart decision fenced on this node's leadership; the store revision.
+        Followers restart from it (`read_decision`): ``fetch`` per node, ``trace`` the
+        recovery's carrier they join.
 
         Raises `FencedWriteRefused` when the seat was lost meanwhile (act on nothing then),
         `StoreUnavailable` when the store does not answer, and `LookupError` when this node
         does not lead.
         """
-        decision = {
-            "generation": generation,
-            "step": step,
-            "port": port,
-            "attempt": attempt,
-            "nodes": list(nodes),
-        }
-        revision = await self._fenced(DECISION, decision)
+        decision = Decision(
+            generation=generation,
+            step=step,
+            port=port,
+            attempt=attempt,
+            nodes=tuple(nodes),
+            trigger=trigger,
+            fetch=dict(fetch or {}),
+            rewinds=tuple(rewinds),
+            trace=dict(trace or {}),
+        )
+        revision = await self._fenced(DECISION, decision.body())
         log.info("decision written", generation=generation, step=step, revision=revision)
         return revision
+
+    async def read_decision(self) -> Decision | None:
+        """The restart decision in the store, if it was written under the current leader's
+        fence (its term is the leader key's create revision, read in the same transaction);
+        None otherwise: no decision, or one of a leader deposed since. `StoreUnavailable`
+        when the store does not answer (or this seat is not running)."""
+        store = self._store
+        if store is None:
+            raise StoreUnavailable("the decision", "this node's seat is not connected")
+        result = await store.txn((), (Get(self.prefix + DECISION), Get(self.prefix + LEADER)))
+        decisions, leaders = result.reads
+        if not decisions or not leaders:
+            return None
+        try:
+            decision = Decision.from_json(decisions[0].value)
+        except ValueError as exc:
+            log.warning("unreadable decision in the store: ignored", error=str(exc))
+            return None
+        leader = leaders[0]
+        if (leader.create_revision, _rank(leader)) != (decision.term, decision.leader):
+            return None  # written by a leader that is no longer elected
+        return decision
 
     async def _fenced(self, key: str, record: dict[str, object]) -> int:
         leadership, election = self._leadership, self._election
@@ -165,10 +212,12 @@ class StoreSeat:
             lease = await self._register(store)
             election = Election(store, self.prefix + LEADER)
             self._election = election
+            self._store = store
             async with trio.open_nursery() as nursery:
                 await nursery.start(keep_alive, store, lease, self.ttl)
                 nursery.start_soon(self._follow_leader, store)
                 nursery.start_soon(self._follow_members, store)
+                nursery.start_soon(self._follow_decisions, store)
                 self._leadership = await self._campaign(election, lease)
                 log.info(
                     "elected coordinator",
@@ -185,7 +234,7 @@ class StoreSeat:
             raise
         finally:
             self._leadership, self._leader, self._election = None, None, None
-            self._members = frozenset()
+            self._members, self._store = frozenset(), None
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if lease:
                     with contextlib.suppress(StoreUnavailable):
@@ -270,7 +319,9 @@ class StoreSeat:
         )
 
     async def _follow_members(self, store: Store) -> None:
-        """Keep ``members`` current from the membership keys' changes (live leases)."""
+        """Keep ``members`` current from the membership keys' changes (live leases); a key
+        that goes away (its node's lease ended: it died, froze or was cut off for a TTL, or
+        left) is that node lost, told to ``on_member_lost``."""
         prefix = self.prefix + MEMBERS
         while True:
             try:
@@ -281,7 +332,7 @@ class StoreSeat:
                 ) as changes:
                     async for change in changes:
                         if isinstance(change, Resync):
-                            self._members = _ranks(change.snapshot.records)
+                            self._saw_members(_ranks(change.snapshot.records))
                             continue
                         ranks = set(self._members)
                         for event in change:
@@ -289,10 +340,41 @@ class StoreSeat:
                                 ranks -= _ranks((event.record,))
                             else:
                                 ranks |= _ranks((event.record,))
-                        self._members = frozenset(ranks)
+                        self._saw_members(frozenset(ranks))
             except StoreUnavailable:
                 self._members = frozenset()  # unknown: no quorum can be shown
                 await trio.sleep(_RETRY.max / 4)
+
+    def _saw_members(self, ranks: frozenset[int]) -> None:
+        gone = sorted(self._members - ranks - {self.rank})
+        self._members = ranks
+        for rank in gone:
+            log.info("peer lease ended", peer=rank)
+            if self.on_member_lost is not None:
+                self.on_member_lost(rank)
+
+    async def _follow_decisions(self, store: Store) -> None:
+        """Tell ``on_decision`` each restart decision the store holds under the current
+        leader's fence: the one there when the seat joins, then each one written."""
+        key = self.prefix + DECISION
+        while True:
+            try:
+                snapshot = await store.range(key)
+                await self._decided()
+                async with Follow(
+                    store, key, prefix=False, start_revision=snapshot.revision + 1
+                ) as changes:
+                    async for change in changes:
+                        if isinstance(change, Resync) or change[-1].kind is EventKind.PUT:
+                            await self._decided()
+            except StoreUnavailable as exc:
+                log.warning("store unreachable; decisions unknown", error=str(exc))
+                await trio.sleep(_RETRY.max / 4)
+
+    async def _decided(self) -> None:
+        decision = await self.read_decision()
+        if decision is not None and self.on_decision is not None:
+            self.on_decision(decision)
 
 
 def _ranks(records: Iterable[Record]) -> frozenset[int]:
