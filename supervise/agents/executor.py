@@ -64,11 +64,7 @@ class Executor:
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
         self._prepared = -1  # the generation of the last Prepare answered
         # --store: restarts come from the store's decisions (a restart message is a nudge)
-        self._follower = (
-            None
-            if ctx.seat is None
-            else DecisionFollower(self.rank, ctx.seat, self._restart_by, lambda: self._prepared)
-        )
+        self._follower: DecisionFollower | None = None  # made by run()
         self._done_ranks: set[int] = set()
         self._done = trio.Event()
         self._ended: Ended | None = None
@@ -268,7 +264,10 @@ class Executor:
                 nursery.start_soon(self._fill_spares)
                 if ctx.seat is not None:
                     nursery.start_soon(self._resend_unresolved)
-                if ctx.seat is not None and self._follower is not None:
+                if ctx.seat is not None:
+                    self._follower = DecisionFollower(
+                        self.rank, ctx.seat, self._restart_by, lambda: self._prepared
+                    )
                     ctx.seat.on_decision = self._follower.on_store
                 task_status.started()
                 await self._done.wait()
