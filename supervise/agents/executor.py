@@ -8,7 +8,8 @@ worker exited 0) or *gave_up* (the coordinator's GiveUp).
 
 Failures seen here (a worker's exit, the Monitor's hang or NaN, a corrupt shard) are reported
 to the coordinator with their evidence; the coordinator decides (see `coordinator`). The
-restart itself is `restart.LocalRestart`; the coordinator is reached through `roles`.
+restart itself is `restart.LocalRestart`; the coordinator is reached through `roles`. With
+``--store``, a follower restarts from the decision it reads in the store (`follower`).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def revoke(url: str, lease: int) -> None:
 
 
 @pytest.mark.slow
-def test_followers_restart_from_the_store_through_a_nan_a_lease_lapse_and_a_node_loss_on_a_3_member_etcd(
+def test_on_3_etcd_members_followers_restart_from_the_store_after_a_nan_a_lapse_and_a_loss(
     tmp_path: Path, etcd3: EtcdCluster
 ) -> None:
     steps = 2 * LONG  # one cluster: a NaN, a lease that lapses, an etcd member killed, a node lost
