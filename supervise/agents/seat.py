@@ -46,6 +46,7 @@ MEMBERS: Final = "members/"
 LEADER: Final = "leader"
 DECISION: Final = "decision"
 ATTEMPT: Final = "attempt"
+LEAVING: Final = "leaving"  # a membership key's mark: its node leaves (no loss to recover)
 _RETRY: Final = Backoff(initial=0.5, max=10.0, multiplier=2.0)
 
 
@@ -91,6 +92,7 @@ class StoreSeat:
         self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
         self._leader: int | None = None
         self._members: frozenset[int] = frozenset()  # ranks with a live lease, as last read
+        self._leaving: set[int] = set()  # ranks that said they leave (their key goes next)
         self._leadership: Leadership | None = None
         self._election: Election | None = None
         self._lost_lease = 0  # the last lease lost, until a fresh one is registered
@@ -231,15 +233,26 @@ class StoreSeat:
         except* LeaseLost:  # logged loudly by keep_alive; a span event where one is open
             self._lost_lease = lease
             self._tell(SeatNews(SeatEvent.LEASE_LOST, lease=lease, leader=self._leader))
+            lease = 0  # gone: nothing to leave
             raise
         finally:
             self._leadership, self._leader, self._election = None, None, None
             self._members, self._store = frozenset(), None
+            self._leaving.clear()
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if lease:
                     with contextlib.suppress(StoreUnavailable):
-                        await store.revoke(lease)  # leave at once rather than after a TTL
+                        await self._leave(store, lease)
                 await store.aclose()
+
+    async def _leave(self, store: Store, lease: int) -> None:
+        """Leave at once rather than after a TTL, saying so first: the key's end is then no
+        node lost for the peers (a node that stops, or finished; its heartbeats still tell
+        if it is gone for good)."""
+        leaving = {"endpoint": self.config.endpoint, "rank": self.rank, LEAVING: True}
+        key = self.prefix + MEMBERS + str(self.rank)
+        await store.put(key, json.dumps(leaving).encode(), lease=lease)
+        await store.revoke(lease)
 
     def _tell(self, news: SeatNews) -> None:
         if self.observer is not None:
@@ -338,8 +351,13 @@ class StoreSeat:
                         for event in change:
                             if event.kind is EventKind.DELETE:
                                 ranks -= _ranks((event.record,))
-                            else:
-                                ranks |= _ranks((event.record,))
+                                continue
+                            ranks |= _ranks((event.record,))
+                            for rank in _ranks((event.record,)):
+                                if _leaving(event.record):
+                                    self._leaving.add(rank)
+                                else:
+                                    self._leaving.discard(rank)
                         self._saw_members(frozenset(ranks))
             except StoreUnavailable:
                 self._members = frozenset()  # unknown: no quorum can be shown
@@ -349,6 +367,10 @@ class StoreSeat:
         gone = sorted(self._members - ranks - {self.rank})
         self._members = ranks
         for rank in gone:
+            if rank in self._leaving:
+                self._leaving.discard(rank)
+                log.info("peer left the store", peer=rank)
+                continue
             log.info("peer lease ended", peer=rank)
             if self.on_member_lost is not None:
                 self.on_member_lost(rank)
@@ -385,6 +407,15 @@ def _ranks(records: Iterable[Record]) -> frozenset[int]:
         if tail.isdigit():
             out.add(int(tail))
     return frozenset(out)
+
+
+def _leaving(record: Record) -> bool:
+    """Whether a membership key says its node is leaving (it stops, or finished)."""
+    try:
+        body = json.loads(record.value)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get(LEAVING) is True
 
 
 def _rank(record: Record | None) -> int | None:

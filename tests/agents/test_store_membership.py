@@ -1,5 +1,6 @@
 """Membership = live leases (``--store``), in virtual time on one embedded store: a node whose
-lease ends is lost at once, long before its heartbeats' timeout; one that is back, the same
+lease ends is lost at once, long before its heartbeats' timeout (one that says it leaves is
+left to its heartbeats); one that is back, the same
 process, by the time the coordinator handles that loss restarts nothing (membership did not
 change, so the generation does not move)."""
 
@@ -61,9 +62,13 @@ async def test_a_node_whose_lease_ends_is_lost_before_its_heartbeats_time_out(
     seat = _seat(0, store)
     seat.on_member_lost = functools.partial(membership.lose, cause=LossCause.LEASE)
     events = membership.subscribe()
-    leases = {rank: await store.grant(2) for rank in (1, 2)}
-    for rank, lease in leases.items():
-        await store.put(f"{MEMBERS}{rank}", b"{}", lease=lease)
+    lease = await store.grant(2)  # node 1: a lease and its key, renewed by hand below
+    await store.put(f"{MEMBERS}1", b"{}", lease=lease)
+    leaving = trio.CancelScope()  # node 2: a seat that leaves (stops, or finished)
+
+    async def node_2() -> None:
+        with leaving:
+            await _seat(2, store).run()
 
     async def renew(lease: int, until: float) -> None:
         while trio.current_time() < until:
@@ -74,8 +79,8 @@ async def test_a_node_whose_lease_ends_is_lost_before_its_heartbeats_time_out(
         await nursery.start(membership.run)
         await nursery.start(seat.run)
         start = trio.current_time()
-        nursery.start_soon(renew, leases[1], start + 5)  # node 1 freezes after 5 s
-        nursery.start_soon(renew, leases[2], start + 60)
+        nursery.start_soon(renew, lease, start + 5)  # node 1 freezes after 5 s
+        nursery.start_soon(node_2)
         await trio.sleep(1)
         assert seat.members() == {0, 1, 2}
         with trio.fail_after(10):
@@ -85,7 +90,9 @@ async def test_a_node_whose_lease_ends_is_lost_before_its_heartbeats_time_out(
         assert trio.current_time() - start < 8  # a lease TTL after the freeze, not 600 s
         assert membership.live() == [0, 2] and seat.members() == {0, 2}
         membership.lose(1, LossCause.LEASE)  # said once
+        leaving.cancel()  # node 2 leaves, saying so: its key's end is no loss
         await trio.sleep(1)
+        assert seat.members() == {0} and membership.live() == [0, 2]
         assert events.statistics().current_buffer_used == 0
         nursery.cancel_scope.cancel()
 
