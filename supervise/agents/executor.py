@@ -265,7 +265,6 @@ class Executor:
                 nursery.start_soon(self._fill_spares)
                 if ctx.seat is not None:
                     nursery.start_soon(self._resend_unresolved)
-                if ctx.seat is not None:
                     self._follower = DecisionFollower(
                         self.rank, ctx.seat, self._restart_by, lambda: self._prepared
                     )
