@@ -1,7 +1,7 @@
-"""A restart decision as the elected coordinator writes it to the store (``--store``): the
-generation, the selected version, what each node fetches, the rendezvous port, the attempt,
-and the term (the leader key's create revision) it was written fenced on. Followers build
-their restart from it, so a message can only point at it, never replace it."""
+"""What the elected coordinator writes to the store (``--store``), fenced on its term (the
+leader key's create revision): the claim of an attempt (`Claim`) and the restart decision
+(`Decision`: the generation, the selected version, what each node fetches, the rendezvous
+port). Followers act on these, so a message can only point at them, never replace them."""
 
 from __future__ import annotations
 
@@ -109,3 +109,26 @@ class Decision:
             self.step,
             self.port,
         )
+
+
+@attrs.frozen(slots=True)
+class Claim:
+    """A (re)start attempt begun by node ``leader`` in term ``term``, before it stops any
+    worker: followers stop theirs only for the generation claimed."""
+
+    generation: int = attrs.field(validator=_int)
+    attempt: int = attrs.field(validator=_int)
+    trigger: str = attrs.field(validator=attrs.validators.instance_of(str))
+    leader: int = attrs.field(validator=_int)
+    term: int = attrs.field(validator=_int)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Claim:
+        """Back from the store's record; ValueError naming what is wrong."""
+        try:
+            data = json.loads(raw)
+            return cls(
+                data["generation"], data["attempt"], data["trigger"], data["leader"], data["term"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad attempt record {raw[:200]!r}: {exc!r}") from None

@@ -426,6 +426,11 @@ class Executor:
         return m.Holding.of(self.ctx.holdings(), port)
 
     async def _prepare(self, msg: Incoming[m.Prepare]) -> None:
+        follower = self._follower
+        if follower is not None and not await follower.backs_prepare(
+            msg.body.generation, msg.sender
+        ):
+            return  # --store: not claimed in the store by that coordinator: nothing stops
         with joined(msg.trace, self.rank):  # stopping the workers is part of the recovery
             holding = await self.prepare(msg.body.generation)
         await self.ctx.transport.reply(msg, holding)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import structlog
+import trio
 
 from supervise.agents import messages as m
 from supervise.agents.decision import Decision
@@ -15,6 +16,9 @@ from supervise.agents.seat import StoreSeat
 from supervise.store import StoreUnavailable
 
 log = structlog.get_logger("supervise.agents.follower")
+
+#: Waits between reads of a claim while the store does not answer (None: give up).
+_CHECK_RETRIES: tuple[float | None, ...] = (0.2, 0.5, 1.0, None)
 
 #: Begins a restart: (restart, trace carrier, the leader awaiting its progress).
 Act = Callable[[m.Restart, Mapping[str, str], int], None]
@@ -62,6 +66,34 @@ class DecisionFollower:
             self._act(decision.restart_for(self.rank), decision.trace, decision.leader)
         except ValueError as exc:  # a newer generation began meanwhile
             log.warning("store decision outdated", error=str(exc))
+        return True
+
+    async def backs_prepare(self, generation: int, sender: int | None) -> bool:
+        """Whether the store holds ``sender``'s claim of ``generation`` under its current
+        fence: a Prepare (stop the workers) that it does not back goes unanswered (the
+        sender's attempt fails) and stops nothing."""
+        claim = None
+        for delay in _CHECK_RETRIES:
+            try:
+                claim = await self._seat.read_claim()
+                break
+            except StoreUnavailable as exc:
+                if delay is None:
+                    log.warning(
+                        "prepare not checked: store unreachable; refused",
+                        generation=generation,
+                        error=str(exc),
+                    )
+                    return False
+                await trio.sleep(delay)
+        if claim is None or claim.leader != sender or claim.generation != generation:
+            log.warning(
+                "prepare refused: no matching claim in the store",
+                generation=generation,
+                sender=sender,
+                store=None if claim is None else (claim.generation, claim.leader),
+            )
+            return False
         return True
 
     async def nudge(self, restart: m.Restart, sender: int | None) -> None:

@@ -21,7 +21,7 @@ import structlog
 import trio
 
 from supervise.agents.config import NodeConfig
-from supervise.agents.decision import Decision, Fetch
+from supervise.agents.decision import Claim, Decision, Fetch
 from supervise.runtime import Backoff
 from supervise.store import (
     Election,
@@ -161,22 +161,41 @@ class StoreSeat:
         fence (its term is the leader key's create revision, read in the same transaction);
         None otherwise: no decision, or one of a leader deposed since. `StoreUnavailable`
         when the store does not answer (or this seat is not running)."""
-        store = self._store
-        if store is None:
-            raise StoreUnavailable("the decision", "this node's seat is not connected")
-        result = await store.txn((), (Get(self.prefix + DECISION), Get(self.prefix + LEADER)))
-        decisions, leaders = result.reads
-        if not decisions or not leaders:
+        record = await self._read_fenced(DECISION)
+        if record is None:
             return None
         try:
-            decision = Decision.from_json(decisions[0].value)
+            decision = Decision.from_json(record[0])
         except ValueError as exc:
             log.warning("unreadable decision in the store: ignored", error=str(exc))
             return None
-        leader = leaders[0]
-        if (leader.create_revision, _rank(leader)) != (decision.term, decision.leader):
-            return None  # written by a leader that is no longer elected
-        return decision
+        return decision if (decision.term, decision.leader) == record[1] else None
+
+    async def read_claim(self) -> Claim | None:
+        """The attempt claimed in the store, if under the current leader's fence (as
+        `read_decision`)."""
+        record = await self._read_fenced(ATTEMPT)
+        if record is None:
+            return None
+        try:
+            claim = Claim.from_json(record[0])
+        except ValueError as exc:
+            log.warning("unreadable attempt in the store: ignored", error=str(exc))
+            return None
+        return claim if (claim.term, claim.leader) == record[1] else None
+
+    async def _read_fenced(self, key: str) -> tuple[bytes, tuple[int, int | None]] | None:
+        """``key``'s value with the current leader's (term, rank), read in one transaction
+        (None: either is missing). A record whose own term and leader differ was written by
+        a leader deposed since."""
+        store = self._store
+        if store is None:
+            raise StoreUnavailable(f"the {key}", "this node's seat is not connected")
+        result = await store.txn((), (Get(self.prefix + key), Get(self.prefix + LEADER)))
+        records, leaders = result.reads
+        if not records or not leaders:
+            return None
+        return records[0].value, (leaders[0].create_revision, _rank(leaders[0]))
 
     async def _fenced(self, key: str, record: dict[str, object]) -> int:
         leadership, election = self._leadership, self._election

@@ -127,7 +127,7 @@ async def test_a_follower_restarts_from_the_store_and_never_from_a_message_alone
             nursery.cancel_scope.cancel()
 
 
-async def test_a_deposed_leaders_decision_is_not_acted_on(
+async def test_prepares_need_a_claim_and_a_deposed_leaders_records_are_not_acted_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = EmbeddedStore()
@@ -140,6 +140,11 @@ async def test_a_deposed_leaders_decision_is_not_acted_on(
         await trio.sleep(1)
         await nursery.start(seat.run)
         await trio.sleep(1)
+        # a Prepare stops this node's workers only for the generation its sender claimed
+        await first.claim(generation=2, attempt=1, trigger="nan")
+        assert await follower.backs_prepare(2, 0)
+        assert not await follower.backs_prepare(3, 0)  # not claimed
+        assert not await follower.backs_prepare(2, 2)  # claimed, but not by that sender
         await first.decide(generation=2, step=10, port=1, attempt=1, nodes=[0, 1])
         leader = await store.get(PREFIX + "leader")
         assert leader is not None
@@ -147,6 +152,7 @@ async def test_a_deposed_leaders_decision_is_not_acted_on(
         await trio.sleep(3)
         assert seat.leads()  # the follower was elected meanwhile
         assert await seat.read_decision() is None  # the old decision is not its leader's
+        assert not await follower.backs_prepare(2, 0)  # nor the old claim
         await follower.nudge(m.Restart(2, 10, 1, 1, ""), 0)
         assert node.began == []
         nursery.cancel_scope.cancel()
