@@ -281,6 +281,10 @@ def test_on_3_etcd_members_followers_restart_from_the_store_after_a_nan_a_lapse_
         assert c.events(1, "shard fetched from a peer"), "the replacement did not fetch"
         decision = json.loads(read_job(etcd3.url, "three")["decision"].value)
         assert (decision["generation"], decision["leader"]) == (3, 0)
+        # every restart of a follower, the replacement's included, was the store's decision
+        taken = [(a.rank, e["generation"]) for a, e in c.all_events("restart taken from the store")]
+        assert taken == [(1, 1), (1, 2), (1, 3)], taken
+        assert not c.all_events("restart message refused: no matching decision in the store")
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, steps)
         assert c.orphans() == []
