@@ -1,6 +1,8 @@
 """The node's seat in a store-coordinated job (``--store etcd://...``): a membership key held
-by the node's lease, a campaign for the coordinator's seat, and the coordinator's decisions
-written fenced on its leadership, so a deposed coordinator (frozen, cut off) changes nothing.
+by the node's lease (a peer's key that goes away is that peer lost), a campaign for the
+coordinator's seat, and the coordinator's decisions written fenced on its leadership, so a
+deposed coordinator (frozen, cut off) changes nothing; followers read them back
+(`read_decision`, `read_claim`, `on_decision`) and act on nothing else.
 
 Keys under ``/supervise/<job>/``: ``members/<rank>`` (leased), ``leader`` (the elected
 coordinator's rank, leased), ``attempt`` (a (re)start begun) and ``decision`` (the restart
@@ -408,8 +410,8 @@ class StoreSeat:
                     async for change in changes:
                         if isinstance(change, Resync) or change[-1].kind is EventKind.PUT:
                             await self._decided()
-            except StoreUnavailable as exc:
-                log.warning("store unreachable; decisions unknown", error=str(exc))
+            except StoreUnavailable as exc:  # (said by the leader's watch: not twice)
+                log.debug("store unreachable; decisions unknown", error=str(exc))
                 await trio.sleep(_RETRY.max / 4)
 
     async def _decided(self) -> None:
