@@ -93,7 +93,13 @@ from supervise.cluster import (
     generate_keys,
     message_kind,
 )
-from supervise.cluster.failure_detector import DetectorConfig, PeerBack, PeerLost, RootChanged
+from supervise.cluster.failure_detector import (
+    DetectorConfig,
+    LossCause,
+    PeerBack,
+    PeerLost,
+    RootChanged,
+)
 from supervise.cluster.membership import Membership
 from supervise.cluster.placement import place, recoverable_probability
 from supervise.cluster.replica_store import ReplicaStore
@@ -170,6 +176,7 @@ __all__ = [  # noqa: RUF022 -- grouped, not sorted
     "CurveKeys",
     "DetectorConfig",
     "Incoming",
+    "LossCause",
     "Membership",
     "PeerBack",
     "PeerLost",

@@ -274,8 +274,15 @@ class Coordinator:
                 return None
             return Trigger(message.trigger), message.since, evidence, None
         if isinstance(message, PeerLost) and message.rank not in self.node.finished_nodes:
+            if self.ctx.seat is not None and self.ctx.membership.is_alive(message.rank):
+                # --store: back, the same process (a restarted one is its own PeerBack), by
+                # the time its loss is handled (a lease that lapsed in an etcd outage, a
+                # freeze): membership did not change, so no restart and no new generation
+                log.info("peer back before its loss was handled: no restart", peer=message.rank)
+                return None
             since = now - message.silence
-            return Trigger.PEER_LOST, since, {"peer": message.rank}, None
+            evidence = {"peer": message.rank, "cause": message.cause.value}
+            return Trigger.PEER_LOST, since, evidence, None
         if isinstance(message, PeerBack) and message.restarted:
             return Trigger.PEER_LOST, now, {"peer": message.rank, "restarted": True}, None
         if isinstance(message, _Manual):
@@ -497,7 +504,8 @@ class Coordinator:
         if step != FRESH:
             rewinds.append((gen, step))
         nodes = [n for n in range(self.n_nodes) if n not in self.node.finished_nodes]
-        await self._fence(lambda: self._decide(gen, step, port, attempt, nodes))
+        why = CLUSTER_START if start else trigger.value
+        restarts: dict[int, m.Restart] = {}
         for node in nodes:
             fetch: list[tuple[int, str, int]] = []
             if selection is not None:
@@ -505,10 +513,12 @@ class Coordinator:
                     node, self.ctx.config.ranks_of(node)
                 ).items():
                     fetch.append((rank, origin.source.value, origin.node))
-            restart = m.Restart(
-                gen, step, port, attempt, CLUSTER_START if start else trigger.value, fetch, rewinds
-            )
-            await self._deliver(node, restart, carrier)
+            restarts[node] = m.Restart(gen, step, port, attempt, why, fetch, rewinds)
+        # --store: the decision, whole, is in the store before any node hears of it; the
+        # followers restart from it (the messages below only tell them to look now)
+        await self._fence(lambda: self._decide(restarts, nodes, carrier))
+        for node in nodes:
+            await self._deliver(node, restarts[node], carrier)
         log.info("restart sent", generation=gen, step=step, port=port, attempt=attempt)
         await self._await_resumed(gen, nodes, recovery)
         return step
@@ -518,12 +528,24 @@ class Coordinator:
         if self.ctx.seat is not None:
             await self.ctx.seat.claim(generation=gen, attempt=attempt, trigger=trigger)
 
-    async def _decide(self, gen: int, step: int, port: int, attempt: int, nodes: list[int]) -> None:
+    async def _decide(
+        self, restarts: Mapping[int, m.Restart], nodes: list[int], carrier: Mapping[str, str]
+    ) -> None:
         """With a store: write the decision fenced before any node hears of it."""
-        if self.ctx.seat is not None:
-            await self.ctx.seat.decide(
-                generation=gen, step=step, port=port, attempt=attempt, nodes=nodes
-            )
+        if self.ctx.seat is None or not nodes:
+            return
+        one = restarts[nodes[0]]
+        await self.ctx.seat.decide(
+            generation=one.generation,
+            step=one.step,
+            port=one.master_port,
+            attempt=one.attempt,
+            nodes=nodes,
+            trigger=one.trigger,
+            fetch={node: restart.fetch for node, restart in restarts.items()},
+            rewinds=one.rewinds,
+            trace=carrier,
+        )
 
     async def _fence(self, write: Callable[[], Awaitable[None]]) -> None:
         """Run a fenced write: a deposed coordinator (its seat lost: frozen or cut off for
@@ -657,6 +679,9 @@ class Coordinator:
         try:
             await self._ask(node, restart, carrier, 10.0, None)
         except Exception as exc:
+            if self.ctx.seat is not None:  # it restarts from the store's decision all the same
+                log.warning("restart message not delivered", node=node, error=str(exc))
+                return
             raise AttemptFailed(f"node {node} did not accept the restart: {exc}") from exc
 
     async def _ask(

@@ -8,7 +8,8 @@ worker exited 0) or *gave_up* (the coordinator's GiveUp).
 
 Failures seen here (a worker's exit, the Monitor's hang or NaN, a corrupt shard) are reported
 to the coordinator with their evidence; the coordinator decides (see `coordinator`). The
-restart itself is `restart.LocalRestart`; the coordinator is reached through `roles`.
+restart itself is `restart.LocalRestart`; the coordinator is reached through `roles`. With
+``--store``, a follower restarts from the decision it reads in the store (`follower`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 from supervise.agents import messages as m
 from supervise.agents._tracing import joined
 from supervise.agents.context import NodeContext
+from supervise.agents.follower import DecisionFollower
 from supervise.agents.lifecycle import Ended, ExecutorState, RestartProgress
 from supervise.agents.monitor import Detection
 from supervise.agents.restart import LocalRestart
@@ -61,6 +63,9 @@ class Executor:
         self._recovering = False  # a `supervise recover` request is being answered
         self._reported: set[int] = set()
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
+        self._prepared = -1  # the generation of the last Prepare answered
+        # --store: restarts come from the store's decisions (a restart message is a nudge)
+        self._follower: DecisionFollower | None = None  # made by run()
         self._done_ranks: set[int] = set()
         self._done = trio.Event()
         self._ended: Ended | None = None
@@ -260,11 +265,17 @@ class Executor:
                 nursery.start_soon(self._fill_spares)
                 if ctx.seat is not None:
                     nursery.start_soon(self._resend_unresolved)
+                    self._follower = DecisionFollower(
+                        self.rank, ctx.seat, self._restart_by, lambda: self._prepared
+                    )
+                    ctx.seat.on_decision = self._follower.on_store
                 task_status.started()
                 await self._done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            if ctx.seat is not None:
+                ctx.seat.on_decision = None
             for kind, handler, _ in routes:
                 transport.unhandle(kind, handler)
             with trio.CancelScope(shield=True):
@@ -406,6 +417,7 @@ class Executor:
         if self._restart_scope is not None:
             self._restart_scope.cancel()
         self.generation = max(self.generation, generation)
+        self._prepared = generation
         if not self.state.ended and self.state is not ExecutorState.JOINING:
             self.state = ExecutorState.RECOVERING
         await self._stop_workers()
@@ -414,13 +426,29 @@ class Executor:
         return m.Holding.of(self.ctx.holdings(), port)
 
     async def _prepare(self, msg: Incoming[m.Prepare]) -> None:
+        follower = self._follower
+        if follower is not None and not await follower.backs_prepare(
+            msg.body.generation, msg.sender
+        ):
+            return  # --store: not claimed in the store by that coordinator: nothing stops
         with joined(msg.trace, self.rank):  # stopping the workers is part of the recovery
             holding = await self.prepare(msg.body.generation)
         await self.ctx.transport.reply(msg, holding)
 
     async def _on_restart(self, msg: Incoming[m.Restart]) -> object:
-        self.accept_restart(msg.body, msg.trace, leader=msg.sender)
+        if self._follower is not None and self._nursery is not None:
+            # --store: the message only says "read the store now"; the store's decision,
+            # under the current leader's fence, is what this node restarts by
+            self._nursery.start_soon(self._follower.nudge, msg.body, msg.sender)
+        else:
+            self.accept_restart(msg.body, msg.trace, leader=msg.sender)
         return m.Progress(self.rank, msg.body.generation, RestartProgress.ACCEPTED.value)
+
+    def _restart_by(self, restart: m.Restart, trace: Mapping[str, str], leader: int) -> None:
+        """A restart the store decided (``--store``): begun when this node still runs."""
+        if self._nursery is None or self.state.ended:
+            return
+        self.accept_restart(restart, trace, leader=leader)
 
     def accept_restart(
         self, restart: m.Restart, trace: Mapping[str, str], *, leader: int | None = None

@@ -42,7 +42,7 @@ from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
 from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
 from supervise.agents.seat import StoreSeat
 from supervise.cluster import CurveKeys, Transport, TransportLimits
-from supervise.cluster.failure_detector import DetectorConfig
+from supervise.cluster.failure_detector import DetectorConfig, LossCause
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
 from supervise.cluster.recovery_point import PINNED_VERSIONS
@@ -183,6 +183,10 @@ class NodeRuntime:
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
         self.seat = StoreSeat(config) if config.coordinated_by_store else None
+        if self.seat is not None:  # membership = live leases: a lease's end is a node lost
+            self.seat.on_member_lost = functools.partial(
+                self.membership.lose, cause=LossCause.LEASE
+            )
         self.context = NodeContext(
             config=config,
             transport=self.transport,

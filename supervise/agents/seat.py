@@ -1,6 +1,8 @@
 """The node's seat in a store-coordinated job (``--store etcd://...``): a membership key held
-by the node's lease, a campaign for the coordinator's seat, and the coordinator's decisions
-written fenced on its leadership, so a deposed coordinator (frozen, cut off) changes nothing.
+by the node's lease (a peer's key that goes away is that peer lost), a campaign for the
+coordinator's seat, and the coordinator's decisions written fenced on its leadership, so a
+deposed coordinator (frozen, cut off) changes nothing; followers read them back
+(`read_decision`, `read_claim`, `on_decision`) and act on nothing else.
 
 Keys under ``/supervise/<job>/``: ``members/<rank>`` (leased), ``leader`` (the elected
 coordinator's rank, leased), ``attempt`` (a (re)start begun) and ``decision`` (the restart
@@ -13,7 +15,7 @@ import contextlib
 import enum
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -21,12 +23,14 @@ import structlog
 import trio
 
 from supervise.agents.config import NodeConfig
+from supervise.agents.decision import Claim, Decision, Fetch
 from supervise.runtime import Backoff
 from supervise.store import (
     Election,
     EventKind,
     FencedWriteRefused,
     Follow,
+    Get,
     Leadership,
     LeaseLost,
     Put,
@@ -44,6 +48,7 @@ MEMBERS: Final = "members/"
 LEADER: Final = "leader"
 DECISION: Final = "decision"
 ATTEMPT: Final = "attempt"
+LEAVING: Final = "leaving"  # a membership key's mark: its node leaves (no loss to recover)
 _RETRY: Final = Backoff(initial=0.5, max=10.0, multiplier=2.0)
 
 
@@ -70,6 +75,10 @@ class SeatNews:
 
 #: Told each `SeatNews` as it happens (the coordinator: a span event on its open recovery).
 SeatObserver = Callable[[SeatNews], None]
+#: Told each decision the store holds under the current leader's fence (the executor).
+DecisionObserver = Callable[[Decision], object]
+#: Told each rank whose membership key went away (its lease ended: the node is lost).
+MemberObserver = Callable[[int], None]
 
 
 class StoreSeat:
@@ -85,10 +94,14 @@ class StoreSeat:
         self.ttl = max(1, math.ceil(config.policy.cluster.peer_timeout))
         self._leader: int | None = None
         self._members: frozenset[int] = frozenset()  # ranks with a live lease, as last read
+        self._leaving: set[int] = set()  # ranks that said they leave (their key goes next)
         self._leadership: Leadership | None = None
         self._election: Election | None = None
         self._lost_lease = 0  # the last lease lost, until a fresh one is registered
+        self._store: Store | None = None  # while running
         self.observer: SeatObserver | None = None
+        self.on_decision: DecisionObserver | None = None
+        self.on_member_lost: MemberObserver | None = None
 
     def leader_rank(self) -> int | None:
         """The elected coordinator's rank as last seen in the store (None: none known)."""
@@ -110,24 +123,81 @@ class StoreSeat:
         return self._leadership is not None
 
     async def decide(
-        self, *, generation: int, step: int, port: int, attempt: int, nodes: Sequence[int]
+        self,
+        *,
+        generation: int,
+        step: int,
+        port: int,
+        attempt: int,
+        nodes: Sequence[int],
+        trigger: str = "",
+        fetch: Mapping[int, Sequence[Fetch]] | None = None,
+        rewinds: Sequence[tuple[int, int]] = (),
+        trace: Mapping[str, str] | None = None,
     ) -> int:
         """Write a restart decision fenced on this node's leadership; the store revision.
+        Followers restart from it (`read_decision`): ``fetch`` per node, ``trace`` the
+        recovery's carrier they join.
 
         Raises `FencedWriteRefused` when the seat was lost meanwhile (act on nothing then),
         `StoreUnavailable` when the store does not answer, and `LookupError` when this node
         does not lead.
         """
-        decision = {
-            "generation": generation,
-            "step": step,
-            "port": port,
-            "attempt": attempt,
-            "nodes": list(nodes),
-        }
-        revision = await self._fenced(DECISION, decision)
+        decision = Decision(
+            generation=generation,
+            step=step,
+            port=port,
+            attempt=attempt,
+            nodes=tuple(nodes),
+            trigger=trigger,
+            fetch=dict(fetch or {}),
+            rewinds=tuple(rewinds),
+            trace=dict(trace or {}),
+        )
+        revision = await self._fenced(DECISION, decision.body())
         log.info("decision written", generation=generation, step=step, revision=revision)
         return revision
+
+    async def read_decision(self) -> Decision | None:
+        """The restart decision in the store, if it was written under the current leader's
+        fence (its term is the leader key's create revision, read in the same transaction);
+        None otherwise: no decision, or one of a leader deposed since. `StoreUnavailable`
+        when the store does not answer (or this seat is not running)."""
+        record = await self._read_fenced(DECISION)
+        if record is None:
+            return None
+        try:
+            decision = Decision.from_json(record[0])
+        except ValueError as exc:
+            log.warning("unreadable decision in the store: ignored", error=str(exc))
+            return None
+        return decision if (decision.term, decision.leader) == record[1] else None
+
+    async def read_claim(self) -> Claim | None:
+        """The attempt claimed in the store, if under the current leader's fence (as
+        `read_decision`)."""
+        record = await self._read_fenced(ATTEMPT)
+        if record is None:
+            return None
+        try:
+            claim = Claim.from_json(record[0])
+        except ValueError as exc:
+            log.warning("unreadable attempt in the store: ignored", error=str(exc))
+            return None
+        return claim if (claim.term, claim.leader) == record[1] else None
+
+    async def _read_fenced(self, key: str) -> tuple[bytes, tuple[int, int | None]] | None:
+        """``key``'s value with the current leader's (term, rank), read in one transaction
+        (None: either is missing). A record whose own term and leader differ was written by
+        a leader deposed since."""
+        store = self._store
+        if store is None:
+            raise StoreUnavailable(f"the {key}", "this node's seat is not connected")
+        result = await store.txn((), (Get(self.prefix + key), Get(self.prefix + LEADER)))
+        records, leaders = result.reads
+        if not records or not leaders:
+            return None
+        return records[0].value, (leaders[0].create_revision, _rank(leaders[0]))
 
     async def _fenced(self, key: str, record: dict[str, object]) -> int:
         leadership, election = self._leadership, self._election
@@ -165,10 +235,12 @@ class StoreSeat:
             lease = await self._register(store)
             election = Election(store, self.prefix + LEADER)
             self._election = election
+            self._store = store
             async with trio.open_nursery() as nursery:
                 await nursery.start(keep_alive, store, lease, self.ttl)
                 nursery.start_soon(self._follow_leader, store)
                 nursery.start_soon(self._follow_members, store)
+                nursery.start_soon(self._follow_decisions, store)
                 self._leadership = await self._campaign(election, lease)
                 log.info(
                     "elected coordinator",
@@ -182,15 +254,26 @@ class StoreSeat:
         except* LeaseLost:  # logged loudly by keep_alive; a span event where one is open
             self._lost_lease = lease
             self._tell(SeatNews(SeatEvent.LEASE_LOST, lease=lease, leader=self._leader))
+            lease = 0  # gone: nothing to leave
             raise
         finally:
             self._leadership, self._leader, self._election = None, None, None
-            self._members = frozenset()
+            self._members, self._store = frozenset(), None
+            self._leaving.clear()
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if lease:
                     with contextlib.suppress(StoreUnavailable):
-                        await store.revoke(lease)  # leave at once rather than after a TTL
+                        await self._leave(store, lease)
                 await store.aclose()
+
+    async def _leave(self, store: Store, lease: int) -> None:
+        """Leave at once rather than after a TTL, saying so first: the key's end is then no
+        node lost for the peers (a node that stops, or finished; its heartbeats still tell
+        if it is gone for good)."""
+        leaving = {"endpoint": self.config.endpoint, "rank": self.rank, LEAVING: True}
+        key = self.prefix + MEMBERS + str(self.rank)
+        await store.put(key, json.dumps(leaving).encode(), lease=lease)
+        await store.revoke(lease)
 
     def _tell(self, news: SeatNews) -> None:
         if self.observer is not None:
@@ -270,7 +353,9 @@ class StoreSeat:
         )
 
     async def _follow_members(self, store: Store) -> None:
-        """Keep ``members`` current from the membership keys' changes (live leases)."""
+        """Keep ``members`` current from the membership keys' changes (live leases); a key
+        that goes away (its node's lease ended: it died, froze or was cut off for a TTL, or
+        left) is that node lost, told to ``on_member_lost``."""
         prefix = self.prefix + MEMBERS
         while True:
             try:
@@ -281,18 +366,58 @@ class StoreSeat:
                 ) as changes:
                     async for change in changes:
                         if isinstance(change, Resync):
-                            self._members = _ranks(change.snapshot.records)
+                            self._saw_members(_ranks(change.snapshot.records))
                             continue
                         ranks = set(self._members)
                         for event in change:
                             if event.kind is EventKind.DELETE:
                                 ranks -= _ranks((event.record,))
-                            else:
-                                ranks |= _ranks((event.record,))
-                        self._members = frozenset(ranks)
+                                continue
+                            ranks |= _ranks((event.record,))
+                            for rank in _ranks((event.record,)):
+                                if _leaving(event.record):
+                                    self._leaving.add(rank)
+                                else:
+                                    self._leaving.discard(rank)
+                        self._saw_members(frozenset(ranks))
             except StoreUnavailable:
                 self._members = frozenset()  # unknown: no quorum can be shown
                 await trio.sleep(_RETRY.max / 4)
+
+    def _saw_members(self, ranks: frozenset[int]) -> None:
+        gone = sorted(self._members - ranks - {self.rank})
+        self._members = ranks
+        for rank in gone:
+            if rank in self._leaving:
+                self._leaving.discard(rank)
+                log.info("peer left the store", peer=rank)
+                continue
+            log.info("peer lease ended", peer=rank)
+            if self.on_member_lost is not None:
+                self.on_member_lost(rank)
+
+    async def _follow_decisions(self, store: Store) -> None:
+        """Tell ``on_decision`` each restart decision the store holds under the current
+        leader's fence: the one there when the seat joins, then each one written."""
+        key = self.prefix + DECISION
+        while True:
+            try:
+                snapshot = await store.range(key)
+                await self._decided()
+                async with Follow(
+                    store, key, prefix=False, start_revision=snapshot.revision + 1
+                ) as changes:
+                    async for change in changes:
+                        if isinstance(change, Resync) or change[-1].kind is EventKind.PUT:
+                            await self._decided()
+            except StoreUnavailable as exc:  # (said by the leader's watch: not twice)
+                log.debug("store unreachable; decisions unknown", error=str(exc))
+                await trio.sleep(_RETRY.max / 4)
+
+    async def _decided(self) -> None:
+        decision = await self.read_decision()
+        if decision is not None and self.on_decision is not None:
+            self.on_decision(decision)
 
 
 def _ranks(records: Iterable[Record]) -> frozenset[int]:
@@ -303,6 +428,15 @@ def _ranks(records: Iterable[Record]) -> frozenset[int]:
         if tail.isdigit():
             out.add(int(tail))
     return frozenset(out)
+
+
+def _leaving(record: Record) -> bool:
+    """Whether a membership key says its node is leaving (it stops, or finished)."""
+    try:
+        body = json.loads(record.value)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get(LEAVING) is True
 
 
 def _rank(record: Record | None) -> int | None:

@@ -11,6 +11,7 @@ before it was ever heard comes back as ``restarted``: nothing shows it kept its 
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -20,6 +21,13 @@ import attrs
 from supervise._validation import InvalidValue, number
 
 
+class LossCause(enum.StrEnum):
+    """What declared a peer lost."""
+
+    HEARTBEAT = "heartbeat"  # silent for too long
+    LEASE = "lease"  # its lease in the coordination store ended (``--store``)
+
+
 @attrs.frozen(slots=True)
 class PeerLost:
     """A peer went silent: its RAM (and the replicas it held) must be considered gone."""
@@ -27,6 +35,7 @@ class PeerLost:
     rank: int
     silence: float  # seconds since its last heartbeat (or since we started watching)
     kind: str = "peer_lost"
+    cause: LossCause = LossCause.HEARTBEAT
 
 
 @attrs.frozen(slots=True)
@@ -137,6 +146,15 @@ class FailureDetector:
             events.append(PeerBack(rank, incarnation, restarted))
         p.alive, p.seen, p.last, p.incarnation = True, True, now, incarnation
         return events
+
+    def lose(self, rank: int, now: float, cause: LossCause) -> list[Event]:
+        """Declare ``rank`` lost now (something other than its silence says so: ``cause``);
+        a heartbeat brings it back as usual. Nothing when it is already lost."""
+        p = self._peers.get(rank)
+        if p is None or not p.alive:
+            return []
+        p.alive = False
+        return [PeerLost(rank, max(0.0, now - p.last), cause=cause)]
 
     def silence(self, rank: int, now: float) -> float:
         """Seconds since ``rank``'s last heartbeat (or since watching began; inf: unknown)."""

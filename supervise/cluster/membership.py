@@ -23,6 +23,7 @@ from supervise.cluster.failure_detector import (
     DetectorConfig,
     Event,
     FailureDetector,
+    LossCause,
     PeerBack,
     PeerLost,
     RootChanged,
@@ -165,6 +166,17 @@ class Membership:
         send, recv = trio.open_memory_channel[Event](buffer)
         self._subscribers.append(send)
         return recv
+
+    def lose(self, rank: int, cause: LossCause) -> None:
+        """Declare peer ``rank`` lost now for ``cause`` (with ``--store``: its lease ended),
+        whichever comes first of that and its heartbeats' timeout."""
+        det = self._detector
+        if det is None or rank == self.rank:
+            return
+        events = det.lose(rank, trio.current_time(), cause)
+        if events:
+            self._emit(events)
+            self._update_root()
 
     # ---- running -------------------------------------------------------------------------
 

@@ -216,3 +216,75 @@ def test_a_frozen_leader_is_fenced_and_rejoins_as_a_follower(
 
 def _with_leader(keys: dict[str, Record]) -> dict[str, Record] | None:
     return keys if "leader" in keys else None
+
+
+def revoke(url: str, lease: int) -> None:
+    """End ``lease`` in the store now (as after its node froze or was cut off for a TTL)."""
+
+    async def run() -> None:
+        store = open_store(parse_store_url(url))
+        try:
+            await store.revoke(lease)
+        finally:
+            await store.aclose()
+
+    trio.run(run)
+
+
+@pytest.mark.slow
+def test_on_3_etcd_members_followers_restart_from_the_store_after_a_nan_a_lapse_and_a_loss(
+    tmp_path: Path, etcd3: EtcdCluster
+) -> None:
+    steps = 2 * LONG  # one cluster: a NaN, a lease that lapses, an etcd member killed, a node lost
+    with nodes(tmp_path, 2, steps=steps) as c:
+        c.options = ["--store", etcd3.url, "--job", "three"]
+        c.start(0)
+        c.wait("node 0 elected", lambda: c.events(0, "elected coordinator"))
+        c.start(1)
+        c.wait_resumed(1)
+        # the follower's restarts are the store's decisions (the start's included)
+        taken = c.events(1, "restart taken from the store")
+        assert [(e["generation"], e["leader"]) for e in taken] == [(1, 0)]
+
+        # a NaN: rolled back to a finite version, exactly as with the embedded store
+        c.wait("a few snapshots", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.fault("nan", 1)
+        c.wait_resumed(2)
+        rec = c.recoveries(0)[0]
+        assert rec["trigger"] == "nan" and not c.recoveries(1)
+        decision = json.loads(read_job(etcd3.url, "three")["decision"].value)
+        assert (decision["generation"], decision["trigger"]) == (2, "nan")
+        assert 0 < decision["step"] < rec["evidence"]["step"]
+        taken = c.events(1, "restart taken from the store")
+        assert [(e["generation"], e["step"]) for e in taken][-1] == (2, decision["step"])
+
+        # the follower's lease lapses while it lives on: lost by its lease (before any
+        # heartbeat timeout), back unchanged, so nothing restarts (the generation stays 2)
+        revoke(etcd3.url, read_job(etcd3.url, "three")["members/1"].lease)
+        lost = c.wait("node 1 lost by its lease", lambda: c.events(0, "peer lease ended"))
+        assert lost[0]["peer"] == 1
+        c.wait("node 1 back in the store", lambda: len(c.events(1, "joined the store")) >= 2)
+        c.wait(
+            "its loss handled",
+            lambda: c.events(0, "peer back before its loss was handled: no restart"),
+        )
+        assert len(c.recoveries(0)) == 1
+
+        # one etcd member of three killed: the agents fail over, and a node loss recovers
+        etcd3.kill(0)
+        worker = c.worker_pid(1)
+        c.agents[1].proc.send_signal(signal.SIGKILL)
+        c.wait("the lost node's worker to die with it", lambda: worker not in c.orphans(), 20)
+        c.start(1)  # the replacement: same rank, empty RAM
+        c.wait_resumed(3, timeout=60)
+        assert c.recoveries(0)[-1]["trigger"] in ("peer_lost", "worker_exit")
+        assert c.events(1, "shard fetched from a peer"), "the replacement did not fetch"
+        decision = json.loads(read_job(etcd3.url, "three")["decision"].value)
+        assert (decision["generation"], decision["leader"]) == (3, 0)
+        # every restart of a follower, the replacement's included, was the store's decision
+        taken = [(a.rank, e["generation"]) for a, e in c.all_events("restart taken from the store")]
+        assert taken == [(1, 1), (1, 2), (1, 3)], taken
+        assert not c.all_events("restart message refused: no matching decision in the store")
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, steps)
+        assert c.orphans() == []

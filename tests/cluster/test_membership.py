@@ -14,6 +14,7 @@ from supervise.cluster import Incoming, Transport
 from supervise.cluster.failure_detector import (
     DetectorConfig,
     FailureDetector,
+    LossCause,
     PeerBack,
     PeerLost,
     RootChanged,
@@ -222,3 +223,13 @@ async def test_membership_over_transport() -> None:
                 assert await events.receive() == PeerLost(1, pytest.approx(3.0, abs=2))
             assert ma.live() == [0]
             n.cancel_scope.cancel()
+
+
+def test_a_peer_declared_lost_by_its_lease_comes_back_by_heartbeat() -> None:
+    det = FailureDetector(DetectorConfig(interval=1, timeout=5), [1], now=0.0)
+    det.heartbeat(1, 7, 1.0)
+    assert det.lose(1, 2.5, LossCause.LEASE) == [PeerLost(1, 1.5, cause=LossCause.LEASE)]
+    assert det.live() == [] and det.lose(1, 3.0, LossCause.LEASE) == []  # said once
+    assert det.check(100.0) == []  # already lost: the timeout says nothing more
+    assert det.heartbeat(1, 7, 101.0) == [PeerBack(1, 7, restarted=False)]
+    assert det.lose(9, 3.0, LossCause.LEASE) == []  # not a watched peer
