@@ -32,7 +32,7 @@ from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.policy import Verdict, type_name
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition, check
-from supervise.tasks.telemetry import attempt_span
+from supervise.tasks.telemetry import attempt_span, trace_env
 from supervise.tasks.values import UnsupportedValue, decode
 from supervise.telemetry import Attr
 
@@ -142,6 +142,7 @@ class WorkerProcess:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+        env.update(trace_env())  # the worker's step spans: children of this attempt's span
         if self.host is None:  # on disk: not the journal of whatever this process inherited
             env.update({AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""})
         else:

@@ -11,8 +11,10 @@ import contextlib
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from typing import Final
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
@@ -25,11 +27,28 @@ from supervise.telemetry import (
     Attr,
     Instruments,
     Telemetry,
+    extract,
     get_telemetry,
+    inject,
     instruments_for,
 )
 
-__all__ = ["FarmMetrics", "attempt_span", "step_span"]
+__all__ = ["FarmMetrics", "attempt_span", "parent_from_env", "step_span", "trace_env"]
+
+TRACE_ENV: Final = {"traceparent": "TRACEPARENT", "tracestate": "TRACESTATE"}
+"""W3C trace context a worker process gets in its environment (the env-carrier convention)."""
+
+
+def trace_env() -> dict[str, str]:
+    """The current span as ``TRACEPARENT`` / ``TRACESTATE`` for a worker's environment (empty
+    values when nothing is traced, so an inherited context does not leak in)."""
+    carrier = inject()
+    return {env: carrier.get(key, "") for key, env in TRACE_ENV.items()}
+
+
+def parent_from_env(environ: Mapping[str, str]) -> Context:
+    """The context `trace_env` handed this process: its spans are children of that span."""
+    return extract({key: environ.get(env, "") for key, env in TRACE_ENV.items()})
 
 
 def _off(tel: Telemetry) -> bool:

@@ -8,7 +8,7 @@ other nodes through the W3C carrier it ``inject``s into the transport's message 
 
 from supervise.telemetry.attributes import attributes
 from supervise.telemetry.config import SignalConfig, TelemetryConfig, TelemetryError
-from supervise.telemetry.context import extract, inject, untraced
+from supervise.telemetry.context import extract, inject, untraced, using
 from supervise.telemetry.lifecycle import (
     Telemetry,
     get_telemetry,
@@ -74,4 +74,5 @@ __all__ = [
     "shutdown_telemetry",
     "snapshot_span",
     "untraced",
+    "using",
 ]

@@ -5,6 +5,7 @@ the farm's queue gauges and finished counter; with telemetry off nothing is reco
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import attrs
 import pytest
@@ -26,6 +27,7 @@ from supervise.tasks import (
     TaskRunner,
     TaskSpec,
     TaskState,
+    run_local,
     unwrap,
 )
 from supervise.tasks.telemetry import FarmMetrics, attempt_span, step_span
@@ -38,6 +40,9 @@ from supervise.telemetry import (
     TelemetryConfig,
 )
 from supervise.telemetry import lifecycle as telemetry_setup
+from supervise.telemetry.receiver import OtlpSink
+
+HERE = Path(__file__).resolve().parent
 
 
 @attrs.define
@@ -189,3 +194,27 @@ def test_farm_metrics_on_a_given_meter_create_instruments_once() -> None:
         assert values == [3]  # two farms in one process: summed
     finally:
         tel.shutdown()
+
+
+async def test_run_local_workers_send_their_step_spans_as_children_of_the_attempt(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    """A real worker process: its step spans reach the collector its OTEL_* names, in the
+    trace of the runner's attempt span (TRACEPARENT in its environment)."""
+    spec = TaskSpec("taskfuncs:two_steps", (21,), task_id="t4")
+    env = {
+        "PYTHONPATH": str(HERE),
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    with OtlpSink() as sink:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
+        result = await run_local(spec, tmp_path / "t", journal="disk", env=env)
+        assert unwrap(result) == {"a": 42, "attempt": 1}
+        steps = sink.spans(TASK_STEP_SPAN)  # the worker flushed before it exited
+    (attempt,) = recorded.spans(TASK_ATTEMPT_SPAN)
+    assert sorted(s.attributes[Attr.TASK_STEP] for s in steps) == ["double", "explode"]
+    for s in steps:
+        assert s.trace_id == format(attempt.context.trace_id, "032x")
+        assert s.parent_span_id == format(attempt.context.span_id, "016x")
