@@ -117,6 +117,8 @@ class Farm:
         curve_keys: str | os.PathLike[str] | None = None,
         timeout: float = 10.0,
     ) -> None:
+        if nodes is None and store is None:
+            raise FarmError("no farm nodes: pass nodes='host:port,...' (--nodes)")
         self.nodes = nodes
         self.store = store
         self.job = job
