@@ -184,9 +184,10 @@ class FarmControl:
 
     async def _sleep(self) -> None:
         wait = self._tick
-        ready = self.table.next_ready()
+        at = self._clock()
+        ready = self.table.next_ready(at)
         if ready is not None:
-            wait = max(0.0, min(wait, ready - self._clock()))
+            wait = min(wait, ready - at)
         with trio.move_on_after(wait):
             await self._wake.wait()
         self._wake = trio.Event()
@@ -315,6 +316,9 @@ class FarmControl:
         views = self._views()
         if not views:
             return
+        ranks = frozenset(v.rank for v in views)
+        # the node a task was lost from is avoided, unless it is the only one left
+        requests = [attrs.evolve(r, avoid=frozenset()) if ranks <= r.avoid else r for r in requests]
         for placement in place(requests, views, self.strategy):
             rec = self.table.place(placement.task_id, placement.rank, at, self._next_fence)
             self._leases[rec.task_id] = now + self.lease_s
@@ -322,7 +326,7 @@ class FarmControl:
             recovery = self._recoveries.get(rec.task_id)
             if recovery is not None:
                 with recovery.phase(
-                    Phase.SELECT_CHECKPOINT, values={"supervise.placement": str(placement.why)}
+                    Phase.SELECT_CHECKPOINT, {"supervise.placement": str(placement.why)}
                 ):
                     recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=placement.rank)
                 trace = recovery.inject()

@@ -251,9 +251,13 @@ class TaskTable:
             if r.state is TaskState.PENDING and r.not_before <= at
         ]
 
-    def next_ready(self) -> float | None:
-        """The earliest backoff end among pending tasks (None: none waiting)."""
-        waits = [r.not_before for r in self._tasks.values() if r.state is TaskState.PENDING]
+    def next_ready(self, at: float) -> float | None:
+        """The earliest backoff end after ``at`` among pending tasks (None: none waiting)."""
+        waits = [
+            r.not_before
+            for r in self._tasks.values()
+            if r.state is TaskState.PENDING and r.not_before > at
+        ]
         return min(waits, default=None)
 
     # -- durability ------------------------------------------------------------------------
