@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 
+from supervise._testing.poll import wait_until_async
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
@@ -156,8 +157,7 @@ async def test_app_errors_retry_with_backoff_then_exhaust(autojump_clock: Any) -
             f, r, a, AttemptPhase.ERRORED, error="ValueError: x", error_mro=["builtins.ValueError"]
         )
         assert (await info(f, "t"))["state"] == "pending"
-        while len(assigned(f)) < 2:
-            await trio.sleep(0.05)
+        await wait_until_async(lambda: len(assigned(f)) >= 2, what="the retry", timeout_s=30.0)
         assert trio.current_time() - t0 >= 0.5  # the default backoff's first delay
         a2 = assigned(f)[1][1]
         await report(
@@ -323,7 +323,7 @@ async def test_assigned_pause_or_cancel_tells_the_node(autojump_clock: Any, acti
         await f.start(nursery)
         await submit(f, "t")
         await settle()
-        [(r, a)] = assigned(f)
+        [(r, _)] = assigned(f)
         got = await ask(f, Control("t", ControlAction(action)))
         assert got.info["state"] == ("paused" if action == "pause" else "cancelled")
         await settle()
