@@ -146,6 +146,8 @@ class FarmControl:
 
     def _refusal(self) -> FarmRefusal:
         who = self._leader()
+        if who == self.rank:  # taking over: not ready yet, ask again
+            return FarmRefusal(f"rank {self.rank} is taking the farm over; ask again", None)
         return FarmRefusal(f"rank {self.rank} is {NOT_COORDINATOR} (ask rank {who})", who)
 
     def _leads_now(self) -> bool:
