@@ -1,0 +1,733 @@
+"""The farm node: what a node agent run with ``--tasks`` does with the tasks assigned to it.
+
+On ``farm.assign`` it runs the attempt in a worker process under the agent (a crashing task
+is an attempt's end, never the agent's), against the task's journal in the agent's arenas
+(`ArenaService`, one shard per task, served to the worker on a local endpoint with a token for
+that shard and attempt). Each committed journal version is pushed to the node's group peers
+(``farm.journal``, fenced), so after a loss of this whole node the task resumes on another node
+from the replica in its RAM, or fetched (``farm.journal_fetch``) from the ranks the assignment
+names. The node offers its capacity (``farm.offer``), reports phases and throttled progress
+(``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``; an attempt the
+reply names stale is killed at once), and pauses (checkpoint, then stop) or cancels on
+``farm.stop``.
+
+Fencing: every attempt carries the fence of its assignment; the agent refuses a worker's
+commit while the attempt's lease has lapsed (not renewed for ``lease_s``: it may have moved)
+or once it is known stale, and group peers refuse journal versions older than the newest
+fence they know, so a zombie attempt (its node frozen past its lease) commits nowhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from supervise.agents._tracing import maybe_phase
+from supervise.cluster import Reply
+from supervise.cluster.errors import ClusterError
+from supervise.cluster.ipc import ipc_endpoint, serve_requests
+from supervise.snapshot import protocol as p
+from supervise.snapshot.errors import SnapshotError
+from supervise.snapshot.service import ArenaService, CommitEvent
+from supervise.tasks.arena_journal import unpack
+from supervise.tasks.farm_messages import (
+    STALE_FENCE,
+    Ack,
+    Assign,
+    AttemptPhase,
+    Offer,
+    Renew,
+    Renewed,
+    Stop,
+    StopWhy,
+    Update,
+)
+from supervise.tasks.host import JournalHost
+from supervise.tasks.journal_replica import (
+    JournalFetch,
+    JournalHeld,
+    JournalPush,
+    JournalReplicas,
+    Replica,
+    verified,
+)
+from supervise.tasks.layout import FENCE_ENV
+from supervise.tasks.runner import AttemptEnd, WorkerProcess
+from supervise.tasks.spec import TaskSpec
+from supervise.tasks.telemetry import attempt_span
+from supervise.telemetry import Phase, RecoveryTrace, Source
+
+log = structlog.get_logger("supervise.agents.farm_node")
+
+TASK_SHARD_BASE = 50_000
+"""Task journals are shards ``TASK_SHARD_BASE + n`` of the agent's arenas (training ranks are
+below; arena file names hold five digits)."""
+_SHARD_LIMIT = 100_000
+PROGRESS_EVERY_S = 0.5
+"""Progress updates to the coordinator at most this often per attempt."""
+REQUEST_TIMEOUT_S = 2.0
+TASK_ATTR = "supervise.task.id"
+STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
+LAPSED = "lease lapsed"
+"""Why a worker's commit is refused while its attempt's lease was not renewed in time."""
+
+
+class Link(Protocol):
+    """What the farm node needs of the agent's transport."""
+
+    def handle(self, kind: type[Any], handler: Callable[..., Any]) -> None: ...
+    def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None: ...
+    async def request(
+        self,
+        peer: int,
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+        expect: type[Any] | None = None,
+    ) -> Any: ...
+
+
+@attrs.define(eq=False)
+class Running:
+    """An attempt this node runs: its assignment, shard, lease and how to stop its worker."""
+
+    task_id: str
+    attempt: int
+    fence: int
+    spec: TaskSpec
+    lease_s: float
+    shard: int
+    renewed_at: float
+    trace: Mapping[str, str] = attrs.field(factory=dict)
+    fetch_from: tuple[int, ...] = ()
+    stop: StopWhy | None = None  # asked to pause or cancel
+    zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
+    refused: int = 0  # worker commits refused (lapsed lease, stale fence)
+    pid: int | None = None
+    replicas: frozenset[int] = frozenset()
+    pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    ended: trio.Event = attrs.field(factory=trio.Event)
+    signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
+
+    def lapsed(self, now: float) -> bool:
+        """Whether the lease ran out without a renewal (the task may run elsewhere now)."""
+        return now - self.renewed_at > self.lease_s
+
+    def halt(self, *, hard: bool) -> None:
+        """Stop the worker: at once (``hard``: a zombie) or letting it checkpoint (SIGTERM)."""
+        if self.signal_worker is not None:
+            self.signal_worker(hard)
+
+
+class AttemptRunner(Protocol):
+    """Runs one attempt to its end (a worker process by default); sets
+    ``run.signal_worker`` once it can be stopped."""
+
+    async def __call__(self, run: Running) -> AttemptEnd: ...
+
+
+class WorkerRunner:
+    """Attempts in worker processes (`WorkerProcess`) writing their journal to ``host``."""
+
+    def __init__(
+        self,
+        host: JournalHost,
+        task_dirs: Path,
+        *,
+        node: str,
+        shutdown: float = 5.0,
+        on_pid: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.task_dirs = task_dirs
+        self.node = node
+        self.shutdown = shutdown
+        self.on_pid = on_pid
+
+    async def __call__(self, run: Running) -> AttemptEnd:
+        def started(_attempt: int, handle: Any) -> None:
+            run.pid = handle.pid
+            run.signal_worker = lambda hard: handle.signal(
+                signal.SIGKILL if hard else signal.SIGTERM
+            )
+            log.info("task worker started", task=run.task_id, fence=run.fence, pid=handle.pid)
+            if self.on_pid is not None:
+                self.on_pid(run.task_id, handle.pid)
+            if run.zombie:
+                run.halt(hard=True)
+            elif run.stop is not None:
+                run.halt(hard=False)
+
+        launcher = WorkerProcess(
+            run.spec,
+            self.task_dirs / _safe(run.task_id),
+            node=self.node,
+            env={FENCE_ENV: str(run.fence)},
+            on_started=started,
+            shutdown=self.shutdown,
+            host=self.host,
+            shard=run.shard,
+        )
+        return await launcher(run.attempt)
+
+
+def _safe(task_id: str) -> str:
+    """A directory name for a task id."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:100] or "task"
+
+
+def _end_phase(run: Running, end: AttemptEnd) -> tuple[AttemptPhase, dict[str, Any]]:
+    """What an attempt's end is reported as."""
+    o = end.outcome
+    if o is not None and o.ok:
+        return AttemptPhase.COMPLETED, {"result": o.value}
+    if run.stop is StopWhy.CANCEL:
+        return AttemptPhase.CANCELLED, {}
+    if run.stop is StopWhy.PAUSE and (o is None or not o.ok):
+        return AttemptPhase.PAUSED, {}
+    if o is not None:
+        return AttemptPhase.ERRORED, {
+            "error": f"{o.error_type}: {o.message}",
+            "error_mro": list(o.error_mro),
+        }
+    return AttemptPhase.ERRORED, {"error": end.lost, "error_mro": ["WorkerLost"]}
+
+
+class FarmNode:
+    """A farm node's task side. ``peers``: the group peers its journals replicate to;
+    ``coordinator()``: the farm coordinator's rank now (None: not known yet)."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        link: Link,
+        arenas: ArenaService,
+        peers: Sequence[int],
+        coordinator: Callable[[], int | None],
+        capacity: Mapping[str, Any],
+        labels: Sequence[str] = (),
+        run_dir: Path | None = None,
+        runner: AttemptRunner | None = None,
+        worker_shutdown: float = 5.0,
+        on_pid: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if arenas.tokens is None and runner is None:
+            raise ValueError("a farm node's arenas must check tokens (tokens=RankTokens())")
+        self.rank = rank
+        self.link = link
+        self.arenas = arenas
+        self.peers = tuple(pr for pr in peers if pr != rank)
+        self.coordinator = coordinator
+        self.capacity = dict(capacity)
+        self.labels = list(labels)
+        self.run_dir = run_dir
+        self.runner = runner
+        self.worker_shutdown = worker_shutdown
+        self.on_pid = on_pid
+        self.replicas = JournalReplicas()
+        self.running: dict[str, Running] = {}
+        self.refused_pushes = 0  # journal versions from zombies refused here (tests, status)
+        self._by_shard: dict[int, Running] = {}
+        self._shards: dict[str, int] = {}  # task -> its shard here (kept across attempts)
+        self._next_shard = TASK_SHARD_BASE
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._offered: int | None = None  # the coordinator the offer was acked by
+        self._renew = trio.Event()
+        arenas.add_commit_hook(self._committed)
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve assignments until cancelled (every attempt's worker is stopped then)."""
+        self._token = trio.lowlevel.current_trio_token()
+        handlers: list[tuple[type[Any], Callable[..., Any]]] = [
+            (Assign, self._on_assign),
+            (Stop, self._on_stop),
+            (JournalPush, self._on_push),
+            (JournalFetch, self._on_fetch),
+        ]
+        for kind, fn in handlers:
+            self.link.handle(kind, fn)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.runner is None:
+                    await self._serve_workers(nursery)
+                nursery.start_soon(self._offer_loop)
+                nursery.start_soon(self._renew_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for kind, fn in handlers:
+                self.link.unhandle(kind, fn)
+            self.running.clear()
+            self._by_shard.clear()
+
+    async def _serve_workers(self, nursery: trio.Nursery) -> None:
+        """The workers' journal endpoint: the agent's arenas behind the fence check."""
+        base = self.run_dir if self.run_dir is not None else Path()
+        endpoint = await nursery.start(
+            serve_requests, ipc_endpoint(base, f"tasks-{self.rank}"), self.handle_local
+        )
+        host = JournalHost(self.arenas, endpoint)
+        self.runner = WorkerRunner(
+            host,
+            base / "tasks",
+            node=str(self.rank),
+            shutdown=self.worker_shutdown,
+            on_pid=self.on_pid,
+        )
+
+    def handle_local(self, frame: bytes) -> bytes | None:
+        """A worker's journal request: refused while its attempt may not commit, else served
+        by the arenas (which check the worker's token for the shard and attempt)."""
+        with contextlib.suppress(Exception):  # undecodable: the arenas refuse and count it
+            envelope = p.decode_request(frame)
+            req = envelope.request
+            if isinstance(req, p.Begin | p.Commit):
+                why = self.may_commit(req.rank)
+                if why is not None:
+                    run = self._by_shard.get(req.rank)
+                    if run is not None:
+                        run.refused += 1
+                    log.warning("refused a task commit", shard=req.rank, why=why)
+                    return p.encode_error(envelope.id, f"task journal commit refused: {why}")
+        return self.arenas.handle(frame)
+
+    def may_commit(self, shard: int) -> str | None:
+        """None when the attempt writing ``shard`` may commit now, else why not."""
+        run = self._by_shard.get(shard)
+        if run is None:
+            return "no attempt of this node writes this journal"
+        if run.zombie or self.replicas.fence(run.task_id) > run.fence:
+            return STALE_FENCE
+        if run.lapsed(trio.current_time()):
+            return LAPSED
+        return None
+
+    # -- coordinator -> node -----------------------------------------------------------------
+
+    async def _on_assign(self, msg: Any) -> object:
+        a: Assign = msg.body
+        known = self.replicas.fence(a.task_id)
+        current = self.running.get(a.task_id)
+        if current is not None and current.fence == a.fence:
+            return Ack(True, "already running")
+        if a.fence < known or (a.fence == known and current is None and a.task_id in self._shards):
+            return Ack(False, STALE_FENCE)
+        try:
+            spec = TaskSpec.from_bytes(a.spec, f"task {a.task_id}")
+        except Exception as exc:  # a spec this node cannot read: the coordinator's to handle
+            return Ack(False, f"bad spec: {exc}")
+        if self._nursery is None:
+            return Ack(False, "farm node not running")
+        self.replicas.learn(a.task_id, a.fence)
+        if current is not None:  # an older attempt of the task still here: a zombie now
+            self._zombie(current)
+        run = Running(
+            task_id=a.task_id,
+            attempt=max(1, a.attempt),
+            fence=a.fence,
+            spec=spec,
+            lease_s=a.lease_s,
+            shard=self._shard(a.task_id),
+            renewed_at=trio.current_time(),
+            trace=dict(msg.trace),
+            fetch_from=tuple(a.fetch_from),
+        )
+        self.running[a.task_id] = run
+        self._by_shard[run.shard] = run
+        self._nursery.start_soon(self._attempt, run, name=f"task {a.task_id}")
+        self._renew.set()
+        return Ack(True)
+
+    async def _on_stop(self, msg: Any) -> object:
+        s: Stop = msg.body
+        run = self.running.get(s.task_id)
+        if run is None or run.fence != s.fence:
+            return Ack(False, "no such attempt here")
+        if run.stop is not StopWhy.CANCEL:
+            run.stop = s.why
+        run.halt(hard=False)  # SIGTERM: the worker commits what it finished, then exits
+        return Ack(True)
+
+    # -- journals: replicas for peers ---------------------------------------------------------
+
+    async def _on_push(self, msg: Any) -> object:
+        push: JournalPush = msg.body
+        data = b"".join(bytes(b) for b in msg.buffers)
+        try:
+            verified(push.task_id, push.manifest, data)
+        except ValueError as exc:
+            return Ack(False, str(exc))
+        why = self.replicas.offer(
+            Replica(push.task_id, push.fence, push.version, push.manifest, data)
+        )
+        if why is not None:
+            self.refused_pushes += 1
+            log.warning(
+                "refused a journal push", task=push.task_id, fence=push.fence, sender=msg.sender
+            )
+            return Ack(False, why)
+        run = self.running.get(push.task_id)
+        if run is not None and run.fence < push.fence:
+            self._zombie(run)  # the task moved on elsewhere
+        return Ack(True)
+
+    async def _on_fetch(self, msg: Any) -> object:
+        f: JournalFetch = msg.body
+        self.replicas.learn(f.task_id, f.fence)
+        run = self.running.get(f.task_id)
+        if run is not None and run.fence < f.fence:
+            self._zombie(run)
+        best = self._best(f.task_id)
+        if best is None:
+            return JournalHeld(f.task_id)
+        return Reply(
+            JournalHeld(f.task_id, True, best.fence, best.version, best.manifest), [best.data]
+        )
+
+    def _local(self, task_id: str) -> Replica | None:
+        """The newest version of ``task_id``'s journal in this node's own arenas."""
+        shard = self._shards.get(task_id)
+        if shard is None:
+            return None
+        held = self.arenas.versions(shard)
+        if not held:
+            return None
+        newest = max(held, key=lambda v: (v.generation, v.step))
+        try:
+            with self.arenas.shard(shard, newest.step) as s:
+                return Replica(
+                    task_id, s.manifest.generation, s.manifest.step, s.raw, bytes(s.data)
+                )
+        except SnapshotError:
+            return None
+
+    def _best(self, task_id: str) -> Replica | None:
+        """The newest journal of ``task_id`` this node has: its own, or a peer's replica."""
+        found = [r for r in (self._local(task_id), self.replicas.get(task_id)) if r is not None]
+        return max(found, key=lambda r: r.order) if found else None
+
+    def _shard(self, task_id: str) -> int:
+        shard = self._shards.get(task_id)
+        if shard is None:
+            if self._next_shard >= _SHARD_LIMIT:
+                raise SnapshotError("this agent ran out of task journal shards: restart it")
+            shard = self._shards[task_id] = self._next_shard
+            self._next_shard += 1
+        return shard
+
+    def _committed(self, event: CommitEvent) -> None:
+        """Arena commit hook (any thread): a worker committed its task's journal."""
+        if event.rank < TASK_SHARD_BASE or event.info.source != Source.LOCAL:
+            return
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._poke, event.rank)
+
+    def _poke(self, shard: int) -> None:
+        run = self._by_shard.get(shard)
+        if run is not None:
+            run.changed.set()
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _attempt(self, run: Running) -> None:
+        recovery = RecoveryTrace.join(run.trace, rank=self.rank) if run.trace else None
+        try:
+            with _activated(recovery):
+                seeded = await self._seed(run, recovery)
+            if run.zombie:
+                return
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(
+                    attempt_span(run.task_id, run.attempt, self.rank, run.spec.target)
+                )
+                if recovery is not None:
+                    stack.enter_context(_activated(recovery))
+                    stack.enter_context(
+                        recovery.phase(
+                            Phase.RESUME,
+                            {TASK_ATTR: run.task_id, STEPS_ATTR: seeded},
+                            node_rank=self.rank,
+                        )
+                    )
+                await self._update(run, AttemptPhase.STARTED)
+                if _dead(run):
+                    return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._follow, run)
+                    assert self.runner is not None
+                    end = await self.runner(run)
+                    nursery.cancel_scope.cancel()
+            await self._sync(run)  # the last versions reach the peers before the end is told
+            if _dead(run):
+                log.warning("zombie attempt ended", task=run.task_id, fence=run.fence)
+                return
+            if run.refused and (end.outcome is None or not end.outcome.ok):
+                # its commits were refused (lease lapsed): not the task's error; the lease
+                # runs out and the coordinator requeues it
+                log.warning("attempt ended after refused commits", task=run.task_id)
+                return
+            phase, extra = _end_phase(run, end)
+            await self._update(run, phase, final=True, **extra)
+        except SnapshotError as exc:  # the journal could not be seeded here
+            log.error("task attempt could not start", task=run.task_id, error=str(exc))
+            await self._update(run, AttemptPhase.START_FAILED, final=True, error=str(exc))
+        finally:
+            run.ended.set()
+            if self.running.get(run.task_id) is run:
+                del self.running[run.task_id]
+                self._by_shard.pop(run.shard, None)
+
+    async def _seed(self, run: Running, recovery: RecoveryTrace | None) -> int:
+        """Put the newest journal of the task (this node's, a replica held here, or one
+        fetched from ``fetch_from``) in the task's shard; returns its committed steps."""
+        best = self._best(run.task_id)
+        ask = [r for r in run.fetch_from if r != self.rank]
+        if ask and self.rank not in run.fetch_from:
+            with maybe_phase(recovery, Phase.FETCH, node_rank=self.rank) as span:
+                fetched = await self._fetch(run, ask)
+                if span is not None and fetched is not None:
+                    span.set(snapshot_source=Source.PEER.value, bytes=len(fetched.data))
+                elif span is not None:
+                    span.set(reason="no replica on the ranks asked")
+            if fetched is not None and (best is None or fetched.order > best.order):
+                best = fetched
+        elif recovery is not None and best is not None:
+            with recovery.phase(Phase.FETCH, node_rank=self.rank) as span:
+                span.set(snapshot_source=Source.LOCAL.value, bytes=len(best.data))
+        if best is None:
+            return 0
+        local = self._local(run.task_id)
+        if local is None or local.order < best.order:
+            self._ingest(run, best)
+        commit, _ = unpack(best.data)
+        log.info(
+            "task journal seeded",
+            task=run.task_id,
+            fence=run.fence,
+            from_fence=best.fence,
+            steps=len(commit.steps),
+        )
+        return len(commit.steps)
+
+    def _ingest(self, run: Running, replica: Replica) -> None:
+        """Copy ``replica`` into the task's shard as its newest version (this attempt's fence)."""
+        m = verified(run.task_id, replica.manifest, replica.data)
+        held = self.arenas.versions(run.shard)
+        step = max((v.step for v in held), default=0) + 1
+        m = attrs.evolve(
+            m, step=step, generation=run.fence, rank=run.shard, world_size=run.shard + 1
+        )
+        with self.arenas.ingesting(run.shard, m, source=Source.PEER.value) as view:
+            view[:] = replica.data
+
+    async def _fetch(self, run: Running, ranks: Sequence[int]) -> Replica | None:
+        """The newest replica of the task among ``ranks`` (None: none has one)."""
+        best: Replica | None = None
+        for rank in ranks:
+            try:
+                reply = await self.link.request(
+                    rank,
+                    JournalFetch(run.task_id, run.fence),
+                    timeout=REQUEST_TIMEOUT_S,
+                    expect=JournalHeld,
+                )
+            except ClusterError as exc:
+                log.info("journal fetch failed", task=run.task_id, peer=rank, error=str(exc))
+                continue
+            held: JournalHeld = reply.body
+            if not held.found:
+                continue
+            data = b"".join(bytes(b) for b in reply.buffers)
+            try:
+                verified(run.task_id, held.manifest, data)
+            except ValueError as exc:
+                log.warning("fetched journal unusable", task=run.task_id, error=str(exc))
+                continue
+            got = Replica(run.task_id, held.fence, held.version, held.manifest, data)
+            if best is None or got.order > best.order:
+                best = got
+        return best
+
+    async def _follow(self, run: Running) -> None:
+        """While the worker runs: each commit goes to the peers, progress to the coordinator."""
+        last = -PROGRESS_EVERY_S
+        while True:
+            await run.changed.wait()
+            run.changed = trio.Event()
+            view = await self._sync(run)
+            if view is None or run.zombie:
+                continue
+            now = trio.current_time()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                progress, steps = view
+                await self._update(run, AttemptPhase.PROGRESS, progress=progress, steps=steps)
+            else:
+                await trio.sleep(PROGRESS_EVERY_S - (now - last))
+                run.changed.set()  # report the newest after the pause
+
+    async def _sync(self, run: Running) -> tuple[float, int] | None:
+        """Push the newest local version of the task's journal to the peers (once each);
+        its progress and committed steps."""
+        if run.zombie:
+            return None
+        replica = self._local(run.task_id)
+        if replica is None:
+            return None
+        commit, _ = unpack(replica.data)
+        if replica.order != run.pushed:
+            run.pushed = replica.order
+            acked: set[int] = set()
+            async with trio.open_nursery() as nursery:
+                for peer in self.peers:
+                    nursery.start_soon(self._push, run, peer, replica, acked)
+            run.replicas = frozenset(acked | {self.rank})
+        return min(1.0, max(0.0, commit.progress)), len(commit.steps)
+
+    async def _push(self, run: Running, peer: int, replica: Replica, acked: set[int]) -> None:
+        try:
+            reply = await self.link.request(
+                peer,
+                JournalPush(run.task_id, replica.fence, replica.version, replica.manifest),
+                [replica.data],
+                timeout=REQUEST_TIMEOUT_S,
+                expect=Ack,
+            )
+        except ClusterError as exc:
+            log.info("journal push failed", task=run.task_id, peer=peer, error=str(exc))
+            return
+        ack: Ack = reply.body
+        if ack.ok:
+            acked.add(peer)
+        elif ack.reason == STALE_FENCE:
+            self._zombie(run)
+
+    # -- to the coordinator -----------------------------------------------------------------
+
+    async def _update(
+        self, run: Running, phase: AttemptPhase, *, final: bool = False, **fields: Any
+    ) -> None:
+        """Tell the coordinator; a final phase is retried until acknowledged (or stale)."""
+        msg = Update(
+            node=self.rank,
+            task_id=run.task_id,
+            attempt=run.attempt,
+            fence=run.fence,
+            phase=phase,
+            replicas=sorted(run.replicas),
+            **fields,
+        )
+        delay = 0.2
+        while not run.zombie:
+            coord = self.coordinator()
+            if coord is not None:
+                try:
+                    reply = await self._ask(coord, msg, Ack)
+                except ClusterError as exc:
+                    log.info("update not delivered", task=run.task_id, error=str(exc))
+                else:
+                    ack: Ack = reply.body
+                    if ack.ok:
+                        return
+                    if ack.reason == STALE_FENCE:
+                        self._zombie(run)
+                        return
+                    log.info("update refused", task=run.task_id, reason=ack.reason)
+            if not final:
+                return
+            await trio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    async def _ask(self, peer: int, message: object, expect: type[Any]) -> Any:
+        return await self.link.request(peer, message, timeout=REQUEST_TIMEOUT_S, expect=expect)
+
+    async def _offer_loop(self) -> None:
+        """Offer this node's capacity to the coordinator, again whenever it changes."""
+        offer = Offer(self.rank, self.capacity, self.labels)
+        while True:
+            coord = self.coordinator()
+            if coord is not None and coord != self._offered:
+                try:
+                    reply = await self._ask(coord, offer, Ack)
+                except ClusterError as exc:
+                    log.info("offer not delivered", coordinator=coord, error=str(exc))
+                else:
+                    if reply.body.ok:
+                        self._offered = coord
+            await trio.sleep(0.5 if self._offered != coord else 1.0)
+
+    def _lease(self) -> float:
+        return min((r.lease_s for r in self.running.values()), default=3.0)
+
+    async def _renew_loop(self) -> None:
+        """Renew the leases of the attempts held here every ``lease_s / 3``."""
+        while True:
+            with trio.move_on_after(self._lease() / 3):
+                await self._renew.wait()
+            self._renew = trio.Event()
+            held = [r for r in self.running.values() if not r.zombie]
+            coord = self.coordinator()
+            if not held or coord is None:
+                continue
+            sent = trio.current_time()
+            try:
+                reply = await self._ask(
+                    coord, Renew(self.rank, [(r.task_id, r.fence) for r in held]), Renewed
+                )
+            except ClusterError as exc:
+                log.info("lease renewal not delivered", coordinator=coord, error=str(exc))
+                continue
+            answer: Renewed = reply.body
+            if not answer.ok:
+                log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
+                self._offered = None
+                continue
+            stale = set(answer.stale)
+            for r in held:
+                if r.task_id in stale:
+                    self._zombie(r)
+                elif self.running.get(r.task_id) is r:
+                    r.renewed_at = max(r.renewed_at, sent)  # the lease counts from the ask
+
+    def _zombie(self, run: Running) -> None:
+        """``run``'s fence is stale (the task moved): kill its worker at once, its journal
+        writes are refused from now on."""
+        if run.zombie:
+            return
+        run.zombie = True
+        log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
+        run.halt(hard=True)
+        run.changed.set()
+
+
+def _dead(run: Running) -> bool:
+    """Whether ``run`` turned out a zombie (set by other tasks while this one waited)."""
+    return run.zombie
+
+
+@contextlib.contextmanager
+def _activated(recovery: RecoveryTrace | None) -> Iterator[None]:
+    if recovery is None:
+        yield
+        return
+    with recovery.activate():
+        yield
