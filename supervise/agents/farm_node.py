@@ -300,23 +300,23 @@ class FarmNode:
             if isinstance(req, p.Begin | p.Commit):
                 why = self.may_commit(req.rank)
                 if why is not None:
-                    run = self._by_shard.get(req.rank)
-                    if run is not None:
-                        run.refused += 1
                     log.warning("refused a task commit", shard=req.rank, why=why)
                     return p.encode_error(envelope.id, f"task journal commit refused: {why}")
         return self.arenas.handle(frame)
 
     def may_commit(self, shard: int) -> str | None:
-        """None when the attempt writing ``shard`` may commit now, else why not."""
+        """None when the attempt writing ``shard`` may commit now, else why not (counted)."""
         run = self._by_shard.get(shard)
         if run is None:
             return "no attempt of this node writes this journal"
+        why = None
         if run.zombie or self.replicas.fence(run.task_id) > run.fence:
-            return STALE_FENCE
-        if run.lapsed(trio.current_time()):
-            return LAPSED
-        return None
+            why = STALE_FENCE
+        elif run.lapsed(trio.current_time()):
+            why = LAPSED
+        if why is not None:
+            run.refused += 1
+        return why
 
     # -- coordinator -> node -----------------------------------------------------------------
 

@@ -1,0 +1,407 @@
+"""The farm node's task side in virtual time: attempts run in-process against journals in
+each node's arenas, over a fake transport with a fake coordinator. A task's journal reaches
+its group peer; after a node loss another node resumes it from the replica in its RAM or
+fetched, without running a finished step again; a frozen node's zombie attempt commits
+nowhere (its commits refused locally, its pushes by the holder, its updates by the
+coordinator) and the task completes once; pause and cancel; a renewal naming an attempt
+stale kills it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import farmfuncs
+import pytest
+import trio
+
+from supervise.agents.farm_node import LAPSED, FarmNode, Running
+from supervise.cluster import Reply
+from supervise.cluster.errors import RequestTimeout
+from supervise.snapshot import protocol as p
+from supervise.snapshot.budget import MemoryBudget
+from supervise.snapshot.client import LocalOwner
+from supervise.snapshot.errors import SnapshotError
+from supervise.snapshot.retention import RetentionRule
+from supervise.snapshot.service import ArenaService
+from supervise.tasks import ArenaJournal, InProcess, TaskSpec, decode
+from supervise.tasks.farm_messages import (
+    STALE_FENCE,
+    Ack,
+    Assign,
+    AttemptPhase,
+    Offer,
+    Renew,
+    Renewed,
+    Stop,
+    StopWhy,
+    Update,
+)
+from supervise.tasks.runner import AttemptEnd
+
+COORD = 9
+LEASE = 3.0
+
+
+@attrs.frozen
+class FakeIncoming:
+    body: Any
+    sender: int | None
+    buffers: tuple[memoryview, ...] = ()
+    trace: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class FakeNet:
+    """In-process requests between ranks; a rank ``down`` or ``frozen`` never answers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, dict[type[Any], Callable[..., Any]]] = {}
+        self.down: set[int] = set()
+        self.frozen: set[int] = set()
+
+    def link(self, rank: int) -> FakeLink:
+        self.handlers.setdefault(rank, {})
+        return FakeLink(self, rank)
+
+
+class FakeLink:
+    def __init__(self, net: FakeNet, rank: int) -> None:
+        self.net = net
+        self.rank = rank
+
+    def handle(self, kind: type[Any], handler: Callable[..., Any]) -> None:
+        self.net.handlers[self.rank][kind] = handler
+
+    def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None:
+        self.net.handlers[self.rank].pop(kind, None)
+
+    async def request(
+        self,
+        peer: int,
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+        expect: type[Any] | None = None,
+    ) -> Any:
+        net = self.net
+        with trio.move_on_after(timeout):
+            while {self.rank, peer} & (net.down | net.frozen):
+                await trio.sleep(0.05)
+            handler = net.handlers.get(peer, {}).get(type(message))
+            if handler is None:
+                raise RequestTimeout(f"rank {peer} does not serve {type(message).__name__}")
+            bufs = tuple(memoryview(bytes(f)) for f in frames)
+            reply = await handler(FakeIncoming(message, self.rank, bufs, dict(trace or {})))
+            if self.rank in net.down | net.frozen:  # the asker died or froze meanwhile
+                await trio.sleep_forever()
+            if isinstance(reply, Reply):
+                out = tuple(memoryview(bytes(f)) for f in reply.frames)
+                return FakeIncoming(reply.body, peer, out)
+            return FakeIncoming(reply, peer)
+        raise RequestTimeout(f"no reply from rank {peer}")
+
+
+class FakeCoordinator:
+    """Accepts offers, renews current fences, records updates of the current fence only."""
+
+    def __init__(self, net: FakeNet) -> None:
+        self.fences: dict[str, int] = {}
+        self.updates: list[Update] = []
+        self.refused: list[Update] = []
+        self.offers: list[Offer] = []
+        link = net.link(COORD)
+        link.handle(Offer, self._offer)
+        link.handle(Update, self._update)
+        link.handle(Renew, self._renew)
+
+    async def _offer(self, msg: FakeIncoming) -> Ack:
+        self.offers.append(msg.body)
+        return Ack(True)
+
+    async def _update(self, msg: FakeIncoming) -> Ack:
+        u: Update = msg.body
+        if u.fence != self.fences.get(u.task_id):
+            self.refused.append(u)
+            return Ack(False, STALE_FENCE)
+        self.updates.append(u)
+        return Ack(True)
+
+    async def _renew(self, msg: FakeIncoming) -> Renewed:
+        r: Renew = msg.body
+        return Renewed(stale=[t for t, f in r.held if f != self.fences.get(t)])
+
+    def phases(self, task_id: str) -> list[tuple[int, AttemptPhase]]:
+        return [(u.node, u.phase) for u in self.updates if u.task_id == task_id]
+
+    def completed(self, task_id: str) -> list[Update]:
+        return [
+            u for u in self.updates if u.task_id == task_id and u.phase is AttemptPhase.COMPLETED
+        ]
+
+
+class FencedOwner(LocalOwner):
+    """An in-process owner that asks the node first, as the workers' endpoint does."""
+
+    def __init__(self, service: ArenaService, rank: int, node: FarmNode) -> None:
+        super().__init__(service, rank)
+        self.node = node
+
+    def _check(self) -> None:
+        why = self.node.may_commit(self.rank)
+        if why is not None:
+            raise SnapshotError(f"task journal commit refused: {why}")
+
+    def begin(self) -> Any:
+        self._check()
+        return super().begin()
+
+    def commit(self, slot: Any, manifest: bytes) -> Any:
+        self._check()
+        return super().commit(slot, manifest)
+
+
+class InProcessRunner:
+    """Attempts as trio tasks of the test (a hard or soft stop cancels them)."""
+
+    def __init__(self) -> None:
+        self.node: FarmNode | None = None
+
+    async def __call__(self, run: Running) -> AttemptEnd:
+        assert self.node is not None
+        owner = FencedOwner(self.node.arenas, run.shard, self.node)
+        try:
+            journal = ArenaJournal(owner, generation=run.fence)
+            with trio.CancelScope() as scope:
+                run.signal_worker = lambda hard: scope.cancel()
+                if run.stop is not None or run.zombie:
+                    scope.cancel()
+                return await InProcess(run.spec, journal, node=str(self.node.rank))(run.attempt)
+        except SnapshotError as exc:
+            return AttemptEnd(None, lost=f"journal refused: {exc}")
+        return AttemptEnd(None, lost="stopped")
+
+
+class Farm:
+    def __init__(self, tmp: Path, nursery: trio.Nursery, peers: dict[int, list[int]]) -> None:
+        self.net = FakeNet()
+        self.coord = FakeCoordinator(self.net)
+        self.nodes: dict[int, FarmNode] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.tmp = tmp
+        self.nursery = nursery
+        self.peers = peers
+
+    async def start(self, rank: int) -> FarmNode:
+        runner = InProcessRunner()
+        arenas = ArenaService(
+            self.tmp / f"shm{rank}",
+            rule=RetentionRule(keep_last=2),
+            budget=MemoryBudget(1 << 28),
+            node=f"t{rank}",
+            anonymous=True,
+        )
+        node = FarmNode(
+            rank=rank,
+            link=self.net.link(rank),
+            arenas=arenas,
+            peers=self.peers[rank],
+            coordinator=lambda: COORD,
+            capacity={"cpu": 2.0, "memory": 0, "gpus": 0},
+            runner=runner,
+        )
+        runner.node = node
+        scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await node.run(task_status=task_status)
+
+        await self.nursery.start(serve)
+        self.nodes[rank] = node
+        self.scopes[rank] = scope
+        return node
+
+    def kill(self, rank: int) -> None:
+        """The whole node is gone (agent and attempts, its RAM with them)."""
+        self.net.down.add(rank)
+        self.scopes[rank].cancel()
+
+    async def assign(
+        self, rank: int, spec: TaskSpec, fence: int, fetch_from: Sequence[int] = ()
+    ) -> Ack:
+        self.coord.fences[spec.task_id] = fence
+        reply = await self.net.link(COORD).request(
+            rank,
+            Assign(
+                spec.task_id, fence, fence, spec.to_bytes(), {"cpu": 1}, LEASE, list(fetch_from)
+            ),
+        )
+        ack: Ack = reply.body
+        return ack
+
+
+@pytest.fixture(autouse=True)
+def _calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    farmfuncs.CALLS.clear()
+
+    async def inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        return fn(*args)
+
+    # journal commits run inline, not in threads: a thread at work would let the autojump
+    # clock leap past leases (virtual time must only pass where a test sleeps)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
+def _spec(task_id: str, n: int) -> TaskSpec:
+    return TaskSpec("farmfuncs:ticks", (n,), task_id=task_id)
+
+
+async def _until(cond: Callable[[], bool], limit: float = 60.0) -> None:
+    with trio.fail_after(limit):
+        while not cond():
+            await trio.sleep(0.05)
+
+
+async def test_node_loss_resumes_from_the_peer_replica_and_a_fetched_one(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [0], 2: []})
+        a, b, c = [await farm.start(r) for r in (0, 1, 2)]
+        await _until(lambda: len(farm.coord.offers) == 3)
+        spec = _spec("t1", 6)
+        assert (await farm.assign(0, spec, fence=1)).ok
+        await _until(lambda: b.replicas.get("t1") is not None and len(farm.coord.phases("t1")) > 2)
+        # node 0 dies mid-step: steps s0, s1 are done (the replica on node 1 holds them)
+        await _until(lambda: farmfuncs.CALLS["s2"] == 1)
+        await trio.sleep(0.5)
+        farm.kill(0)
+        assert a.replicas.get("t1") is None  # a's own RAM is gone with it; b holds the replica
+        held = b.replicas.get("t1")
+        assert held is not None and held.fence == 1
+        assert (await farm.assign(1, spec, fence=2, fetch_from=[1])).ok
+        await _until(lambda: bool(farm.coord.completed("t1")))
+        done = farm.coord.completed("t1")
+        assert len(done) == 1 and done[0].node == 1 and done[0].fence == 2
+        assert done[0].result is not None and decode(done[0].result) == sum(i * i for i in range(6))
+        assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(6)), farmfuncs.CALLS
+        assert 0 in done[0].replicas or 1 in done[0].replicas
+
+        # a node outside the group fetches the journal from a holder and resumes from it:
+        # node 1 runs t2 until two steps are done, then is lost; node 2 fetches from node 0
+        spec2 = _spec("t2", 4)
+        farm.net.down.discard(0)
+        a = await farm.start(0)  # node 0 back with empty RAM
+        assert (await farm.assign(1, spec2, fence=1)).ok
+        await _until(lambda: farmfuncs.CALLS["s1"] == 2)  # t1's s1 once, t2's s1 once
+        await _until(lambda: (r := a.replicas.get("t2")) is not None and r.version >= 2)
+        farm.kill(1)
+        before = dict(farmfuncs.CALLS)
+        assert (await farm.assign(2, spec2, fence=2, fetch_from=[0])).ok
+        await _until(lambda: bool(farm.coord.completed("t2")))
+        assert decode(farm.coord.completed("t2")[0].result or b"") == 0 + 1 + 4 + 9
+        assert farmfuncs.CALLS["s0"] == before["s0"] and farmfuncs.CALLS["s1"] == before["s1"]
+        assert c.replicas.get("t2") is None  # it fetched into its own arenas, held nothing
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_nodes_zombie_commits_nowhere_and_the_task_completes_once(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [0]})
+        a, b = [await farm.start(r) for r in (0, 1)]
+        spec = _spec("z", 8)
+        assert (await farm.assign(0, spec, fence=1)).ok
+        await _until(lambda: farmfuncs.CALLS["s1"] == 1)
+        run0 = a.running["z"]
+        farm.net.frozen.add(0)  # node 0 can reach nobody: its lease runs out
+        await trio.sleep(LEASE + 1)
+        assert run0.refused >= 1  # its own agent refused the steps it finished since
+        assert a.may_commit(run0.shard) in (LAPSED, "no attempt of this node writes this journal")
+        # the coordinator moves the task to node 1 (fence 2), which resumes from its replica
+        assert (await farm.assign(1, spec, fence=2, fetch_from=[1])).ok
+        await _until(
+            lambda: ((r := b.replicas.get("z")) is not None and r.fence == 2) or "z" in b.running
+        )
+        farm.net.frozen.discard(0)  # thawed: the zombie's writes are refused everywhere
+        await _until(lambda: bool(farm.coord.completed("z")))
+        done = farm.coord.completed("z")
+        assert len(done) == 1 and done[0].fence == 2 and done[0].node == 1
+        assert decode(done[0].result or b"") == sum(i * i for i in range(8))
+        # a stale push reaches the holder: refused
+        assert b.replicas.fence("z") == 2
+        nursery.cancel_scope.cancel()
+    assert all(u.fence == 1 for u in farm.coord.refused)
+    assert not any(u.phase is AttemptPhase.COMPLETED and u.fence == 1 for u in farm.coord.updates)
+
+
+async def test_holders_refuse_a_version_older_than_the_fence_they_know(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [0]})
+        a, b = [await farm.start(r) for r in (0, 1)]
+        spec = _spec("f", 3)
+        assert (await farm.assign(0, spec, fence=5)).ok
+        await _until(lambda: b.replicas.get("f") is not None)
+        b.replicas.learn("f", 6)  # node 1 heard of a newer assignment of the task
+        await _until(lambda: b.refused_pushes >= 1 or not a.running)
+        assert b.refused_pushes >= 1
+        assert "f" not in a.running  # the refusal told node 0 its attempt is a zombie: killed
+        assert not farm.coord.completed("f")
+        # an assignment with an older fence than known is refused too
+        ack = await farm.assign(1, spec, fence=4)
+        assert not ack.ok and ack.reason == STALE_FENCE
+        nursery.cancel_scope.cancel()
+
+
+async def test_pause_checkpoints_then_stops_cancel_stops_and_a_stale_renewal_kills(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [0]})
+        a, b = [await farm.start(r) for r in (0, 1)]
+        coord = farm.net.link(COORD)
+        spec = _spec("p", 5)
+        assert (await farm.assign(0, spec, fence=1)).ok
+        await _until(lambda: farmfuncs.CALLS["s1"] == 1)
+        assert (await coord.request(0, Stop("p", 1, StopWhy.PAUSE))).body.ok
+        await _until(lambda: (0, AttemptPhase.PAUSED) in farm.coord.phases("p"))
+        held = b.replicas.get("p")
+        assert held is not None  # the checkpoint reached the peer before PAUSED was told
+        # resumed on the same node: steps done before the pause are not run again
+        assert (await farm.assign(0, spec, fence=2, fetch_from=[1])).ok
+        await _until(lambda: bool(farm.coord.completed("p")))
+        assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(5)), farmfuncs.CALLS
+
+        spec = _spec("c", 5)
+        assert (await farm.assign(1, spec, fence=1)).ok
+        await _until(lambda: "c" in b.running)
+        assert (await coord.request(1, Stop("c", 1, StopWhy.CANCEL))).body.ok
+        await _until(lambda: (1, AttemptPhase.CANCELLED) in farm.coord.phases("c"))
+        assert not (await coord.request(1, Stop("c", 1, StopWhy.CANCEL))).body.ok  # gone
+
+        spec = _spec("s", 20)
+        assert (await farm.assign(1, spec, fence=1)).ok
+        await _until(lambda: "s" in b.running)
+        farm.coord.fences["s"] = 2  # the coordinator moved it: the next renewal says stale
+        await _until(lambda: "s" not in b.running)
+        assert not farm.coord.completed("s")
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_workers_endpoint_refuses_commits_of_an_attempt_that_may_not_commit(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        a = await farm.start(0)
+        frame = p.encode_request(p.Begin(rank=50_000), 7)
+        reply = a.handle_local(frame)
+        assert reply is not None and b"no attempt of this node" in reply
+        nursery.cancel_scope.cancel()
