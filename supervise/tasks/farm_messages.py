@@ -200,6 +200,7 @@ class Submit:
     labels: list[str] = attrs.field(factory=list)
     priority: int = 0
     max_attempts: int = attrs.field(default=3, validator=_positive)
+    non_retryable: list[str] = attrs.field(factory=list)  # exception types, ``module.QualName``
 
 
 @message_kind("farm.query")
@@ -264,10 +265,12 @@ class ResultReply:
 class TableUpdate:
     """Coordinator -> every farm node (no store): task records that changed, each the encoded
     record with its own revision; a receiver keeps the highest revision of each task so a new
-    coordinator takes the queue over with nothing lost or duplicated. Reply: `Ack`."""
+    coordinator takes the queue over with nothing lost or duplicated. ``offers``: the nodes'
+    offers ``(rank, capacity, labels)`` the coordinator knows, when they changed. Reply: `Ack`."""
 
     coordinator: int = attrs.field(validator=_ge0)
     records: list[bytes] = attrs.field(factory=list)
+    offers: list[tuple[int, dict[str, Any], list[str]]] = attrs.field(factory=list)
 
 
 @message_kind("farm.table_pull")
