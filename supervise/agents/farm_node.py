@@ -30,9 +30,11 @@ import structlog
 import trio
 
 from supervise.agents._tracing import maybe_phase
+from supervise.agents.context import NodeContext
 from supervise.cluster import Reply
 from supervise.cluster.errors import ClusterError
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
+from supervise.cluster.placement import place
 from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.service import ArenaService, CommitEvent
@@ -80,10 +82,25 @@ LAPSED = "lease lapsed"
 
 
 class Link(Protocol):
-    """What the farm node needs of the agent's transport."""
+    """What the farm node needs to talk with the coordinator (the agent's `FarmLink`: a
+    request to its own rank reaches the local handler)."""
 
     def handle(self, kind: type[Any], handler: Callable[..., Any]) -> None: ...
-    def unhandle(self, kind: type[Any], handler: Callable[..., Any] | None = None) -> None: ...
+    async def request(
+        self,
+        peer: int,
+        message: object,
+        *,
+        trace: Mapping[str, str] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+        expect: type[Any] | None = None,
+    ) -> Any: ...
+
+
+class Wire(Protocol):
+    """What the farm node needs to replicate journals to peers (the agent's `Transport`)."""
+
+    def handle(self, kind: type[Any], handler: Callable[..., Any]) -> None: ...
     async def request(
         self,
         peer: int,
@@ -118,6 +135,8 @@ class Running:
     changed: trio.Event = attrs.field(factory=trio.Event)
     ended: trio.Event = attrs.field(factory=trio.Event)
     signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
+    resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open
+    seeded: tuple[int, int] = (-1, -1)  # (fence, version) of the journal it started from
 
     def lapsed(self, now: float) -> bool:
         """Whether the lease ran out without a renewal (the task may run elsewhere now)."""
@@ -204,14 +223,16 @@ def _end_phase(run: Running, end: AttemptEnd) -> tuple[AttemptPhase, dict[str, A
 
 
 class FarmNode:
-    """A farm node's task side. ``peers``: the group peers its journals replicate to;
-    ``coordinator()``: the farm coordinator's rank now (None: not known yet)."""
+    """A farm node's task side. ``link``: to the coordinator; ``wire``: to the group
+    ``peers`` its journals replicate to; ``coordinator()``: the farm coordinator's rank now
+    (None: not known yet)."""
 
     def __init__(
         self,
         *,
         rank: int,
         link: Link,
+        wire: Wire,
         arenas: ArenaService,
         peers: Sequence[int],
         coordinator: Callable[[], int | None],
@@ -226,6 +247,7 @@ class FarmNode:
             raise ValueError("a farm node's arenas must check tokens (tokens=RankTokens())")
         self.rank = rank
         self.link = link
+        self.wire = wire
         self.arenas = arenas
         self.peers = tuple(pr for pr in peers if pr != rank)
         self.coordinator = coordinator
@@ -252,14 +274,10 @@ class FarmNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve assignments until cancelled (every attempt's worker is stopped then)."""
         self._token = trio.lowlevel.current_trio_token()
-        handlers: list[tuple[type[Any], Callable[..., Any]]] = [
-            (Assign, self._on_assign),
-            (Stop, self._on_stop),
-            (JournalPush, self._on_push),
-            (JournalFetch, self._on_fetch),
-        ]
-        for kind, fn in handlers:
-            self.link.handle(kind, fn)
+        self.link.handle(Assign, self._on_assign)
+        self.link.handle(Stop, self._on_stop)
+        self.wire.handle(JournalPush, self._on_push)
+        self.wire.handle(JournalFetch, self._on_fetch)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -269,10 +287,8 @@ class FarmNode:
                 nursery.start_soon(self._renew_loop)
                 task_status.started()
                 await trio.sleep_forever()
-        finally:
+        finally:  # the handlers stay: they answer "not running" until the next incarnation
             self._nursery = None
-            for kind, fn in handlers:
-                self.link.unhandle(kind, fn)
             self.running.clear()
             self._by_shard.clear()
 
@@ -518,6 +534,8 @@ class FarmNode:
         local = self._local(run.task_id)
         if local is None or local.order < best.order:
             self._ingest(run, best)
+        now = self._local(run.task_id)
+        run.seeded = (-1, -1) if now is None else now.order
         commit, _ = unpack(best.data)
         log.info(
             "task journal seeded",
@@ -544,7 +562,7 @@ class FarmNode:
         best: Replica | None = None
         for rank in ranks:
             try:
-                reply = await self.link.request(
+                reply = await self.wire.request(
                     rank,
                     JournalFetch(run.task_id, run.fence),
                     timeout=REQUEST_TIMEOUT_S,
@@ -594,6 +612,9 @@ class FarmNode:
         if replica is None:
             return None
         commit, _ = unpack(replica.data)
+        if run.resuming is not None and replica.order > run.seeded:
+            run.resuming.close()  # the resumed attempt committed: the recovery is done here
+            run.resuming = None
         if replica.order != run.pushed:
             run.pushed = replica.order
             acked: set[int] = set()
@@ -605,7 +626,7 @@ class FarmNode:
 
     async def _push(self, run: Running, peer: int, replica: Replica, acked: set[int]) -> None:
         try:
-            reply = await self.link.request(
+            reply = await self.wire.request(
                 peer,
                 JournalPush(run.task_id, replica.fence, replica.version, replica.manifest),
                 [replica.data],
@@ -731,3 +752,39 @@ def _activated(recovery: RecoveryTrace | None) -> Iterator[None]:
         return
     with recovery.activate():
         yield
+
+
+def group_peers(rank: int, n_nodes: int, replicas: int, placement: str) -> tuple[int, ...]:
+    """The nodes ``rank``'s task journals replicate to: its group peers under the policy's
+    ``replication`` (the same placement as training snapshots)."""
+    if n_nodes < 2 or replicas < 2:
+        return ()
+    return place(n_nodes, min(replicas, n_nodes), placement)[rank][1:]
+
+
+def agent_farm_node(
+    ctx: NodeContext,
+    link: Link,
+    *,
+    coordinator: Callable[[], int | None],
+    capacity: Mapping[str, Any],
+    labels: Sequence[str] = (),
+) -> FarmNode:
+    """The farm node side of a node agent: its transport, arenas (a shard per task, behind
+    the workers' tokens), run dir and worker grace; ``link`` is the agent's `FarmLink` (shared
+    with its `FarmControl`, so an assignment to the coordinator's own node takes the same
+    path). Run it as a child of the node's tree: ``child(farm_node.run, id="farm_node")``."""
+    config = ctx.config
+    rep = config.policy.replication
+    return FarmNode(
+        rank=config.rank,
+        link=link,
+        wire=ctx.transport,
+        arenas=ctx.arenas,
+        peers=group_peers(config.rank, config.n_nodes, rep.replicas, rep.placement),
+        coordinator=coordinator,
+        capacity=capacity,
+        labels=labels,
+        run_dir=ctx.run_dir,
+        worker_shutdown=config.worker_shutdown,
+    )

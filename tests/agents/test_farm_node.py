@@ -89,7 +89,7 @@ class FakeLink:
     ) -> Any:
         net = self.net
         with trio.move_on_after(timeout):
-            while {self.rank, peer} & (net.down | net.frozen):
+            while {self.rank, peer} & (net.down | net.frozen):  # noqa: ASYNC110 (a fake link polls)
                 await trio.sleep(0.05)
             handler = net.handlers.get(peer, {}).get(type(message))
             if handler is None:
@@ -207,6 +207,7 @@ class Farm:
         node = FarmNode(
             rank=rank,
             link=self.net.link(rank),
+            wire=self.net.link(rank),
             arenas=arenas,
             peers=self.peers[rank],
             coordinator=lambda: COORD,
@@ -262,7 +263,7 @@ def _spec(task_id: str, n: int) -> TaskSpec:
 
 async def _until(cond: Callable[[], bool], limit: float = 60.0) -> None:
     with trio.fail_after(limit):
-        while not cond():
+        while not cond():  # noqa: ASYNC110 (conditions on several objects)
             await trio.sleep(0.05)
 
 
@@ -365,7 +366,7 @@ async def test_pause_checkpoints_then_stops_cancel_stops_and_a_stale_renewal_kil
 ) -> None:
     async with trio.open_nursery() as nursery:
         farm = Farm(tmp_path, nursery, {0: [1], 1: [0]})
-        a, b = [await farm.start(r) for r in (0, 1)]
+        _, b = [await farm.start(r) for r in (0, 1)]
         coord = farm.net.link(COORD)
         spec = _spec("p", 5)
         assert (await farm.assign(0, spec, fence=1)).ok
