@@ -78,6 +78,7 @@ REQUEST_TIMEOUT_S = 2.0
 TASK_ATTR = "supervise.task.id"
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
+_DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
 """Why a worker's commit is refused while its attempt's lease was not renewed in time."""
 
 
@@ -438,6 +439,12 @@ class FarmNode:
         found = [r for r in (self._local(task_id), self.replicas.get(task_id)) if r is not None]
         return max(found, key=lambda r: r.order) if found else None
 
+    def _forget(self, run: Running) -> None:
+        """The task is over: its journal shard goes (the arena back to the budget)."""
+        if self.arenas.release(run.shard):
+            self._shards.pop(run.task_id, None)
+            self._by_shard.pop(run.shard, None)
+
     def _shard(self, task_id: str) -> int:
         shard = self._shards.get(task_id)
         if shard is None:
@@ -503,6 +510,8 @@ class FarmNode:
                 return
             phase, extra = _end_phase(run, end)
             await self._update(run, phase, final=True, **extra)
+            if phase in _DONE and not _dead(run):
+                self._forget(run)
         except SnapshotError as exc:  # the journal could not be seeded here
             log.error("task attempt could not start", task=run.task_id, error=str(exc))
             await self._update(run, AttemptPhase.START_FAILED, final=True, error=str(exc))
