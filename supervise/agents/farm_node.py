@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +75,8 @@ _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
 REQUEST_TIMEOUT_S = 2.0
+PEER_BACKOFF_S = 5.0
+"""A group peer that did not take a journal push is skipped this long (membership says more)."""
 TASK_ATTR = "supervise.task.id"
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
@@ -243,7 +245,10 @@ class FarmNode:
         runner: AttemptRunner | None = None,
         worker_shutdown: float = 5.0,
         on_pid: Callable[[str, int], None] | None = None,
+        live: Callable[[], Iterable[int]] | None = None,
     ) -> None:
+        """``live()``: the peers membership holds alive (None: every peer, until one fails
+        to answer: it is skipped for `PEER_BACKOFF_S` then)."""
         if arenas.tokens is None and runner is None:
             raise ValueError("a farm node's arenas must check tokens (tokens=RankTokens())")
         self.rank = rank
@@ -258,6 +263,8 @@ class FarmNode:
         self.runner = runner
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
+        self.live = live
+        self._silent: dict[int, float] = {}  # peer -> when it last failed to take a push
         self.replicas = JournalReplicas()
         self.running: dict[str, Running] = {}
         self.refused_pushes = 0  # journal versions from zombies refused here (tests, status)
@@ -525,6 +532,9 @@ class FarmNode:
         """Put the newest journal of the task (this node's, a replica held here, or one
         fetched from ``fetch_from``) in the task's shard; returns its committed steps."""
         best = self._best(run.task_id)
+        source = (
+            "" if best is None else ("replica" if best is self.replicas.get(run.task_id) else "own")
+        )
         ask = [r for r in run.fetch_from if r != self.rank]
         if ask and self.rank not in run.fetch_from:
             with maybe_phase(recovery, Phase.FETCH, node_rank=self.rank) as span:
@@ -534,7 +544,7 @@ class FarmNode:
                 elif span is not None:
                     span.set(reason="no replica on the ranks asked")
             if fetched is not None and (best is None or fetched.order > best.order):
-                best = fetched
+                best, source = fetched, "fetched"
         elif recovery is not None and best is not None:
             with recovery.phase(Phase.FETCH, node_rank=self.rank) as span:
                 span.set(snapshot_source=Source.LOCAL.value, bytes=len(best.data))
@@ -552,6 +562,7 @@ class FarmNode:
             fence=run.fence,
             from_fence=best.fence,
             steps=len(commit.steps),
+            source=source,  # own arenas, a replica held here for a peer, or fetched
         )
         return len(commit.steps)
 
@@ -628,10 +639,20 @@ class FarmNode:
             run.pushed = replica.order
             acked: set[int] = set()
             async with trio.open_nursery() as nursery:
-                for peer in self.peers:
+                for peer in self._reachable():
                     nursery.start_soon(self._push, run, peer, replica, acked)
             run.replicas = frozenset(acked | {self.rank})
         return min(1.0, max(0.0, commit.progress)), len(commit.steps)
+
+    def _reachable(self) -> list[int]:
+        """The group peers worth a push now: alive, and none that just failed to answer."""
+        now = trio.current_time()
+        alive = set(self.peers if self.live is None else self.live())
+        return [
+            peer
+            for peer in self.peers
+            if peer in alive and now - self._silent.get(peer, -PEER_BACKOFF_S) >= PEER_BACKOFF_S
+        ]
 
     async def _push(self, run: Running, peer: int, replica: Replica, acked: set[int]) -> None:
         try:
@@ -644,7 +665,9 @@ class FarmNode:
             )
         except ClusterError as exc:
             log.info("journal push failed", task=run.task_id, peer=peer, error=str(exc))
+            self._silent[peer] = trio.current_time()
             return
+        self._silent.pop(peer, None)
         ack: Ack = reply.body
         if ack.ok:
             acked.add(peer)
@@ -796,4 +819,5 @@ def agent_farm_node(
         labels=labels,
         run_dir=ctx.run_dir,
         worker_shutdown=config.worker_shutdown,
+        live=ctx.membership.live,
     )

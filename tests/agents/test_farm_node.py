@@ -16,6 +16,7 @@ import attrs
 import farmfuncs
 import pytest
 import trio
+from farmnodekit import FakeCoordinator
 
 from supervise.agents.farm_node import LAPSED, FarmNode, Running
 from supervise.cluster import Reply
@@ -32,12 +33,8 @@ from supervise.tasks.farm_messages import (
     Ack,
     Assign,
     AttemptPhase,
-    Offer,
-    Renew,
-    Renewed,
     Stop,
     StopWhy,
-    Update,
 )
 from supervise.tasks.runner import AttemptEnd
 
@@ -105,44 +102,6 @@ class FakeLink:
         raise RequestTimeout(f"no reply from rank {peer}")
 
 
-class FakeCoordinator:
-    """Accepts offers, renews current fences, records updates of the current fence only."""
-
-    def __init__(self, net: FakeNet) -> None:
-        self.fences: dict[str, int] = {}
-        self.updates: list[Update] = []
-        self.refused: list[Update] = []
-        self.offers: list[Offer] = []
-        link = net.link(COORD)
-        link.handle(Offer, self._offer)
-        link.handle(Update, self._update)
-        link.handle(Renew, self._renew)
-
-    async def _offer(self, msg: FakeIncoming) -> Ack:
-        self.offers.append(msg.body)
-        return Ack(True)
-
-    async def _update(self, msg: FakeIncoming) -> Ack:
-        u: Update = msg.body
-        if u.fence != self.fences.get(u.task_id):
-            self.refused.append(u)
-            return Ack(False, STALE_FENCE)
-        self.updates.append(u)
-        return Ack(True)
-
-    async def _renew(self, msg: FakeIncoming) -> Renewed:
-        r: Renew = msg.body
-        return Renewed(stale=[t for t, f in r.held if f != self.fences.get(t)])
-
-    def phases(self, task_id: str) -> list[tuple[int, AttemptPhase]]:
-        return [(u.node, u.phase) for u in self.updates if u.task_id == task_id]
-
-    def completed(self, task_id: str) -> list[Update]:
-        return [
-            u for u in self.updates if u.task_id == task_id and u.phase is AttemptPhase.COMPLETED
-        ]
-
-
 class FencedOwner(LocalOwner):
     """An in-process owner that asks the node first, as the workers' endpoint does."""
 
@@ -188,7 +147,7 @@ class InProcessRunner:
 class Farm:
     def __init__(self, tmp: Path, nursery: trio.Nursery, peers: dict[int, list[int]]) -> None:
         self.net = FakeNet()
-        self.coord = FakeCoordinator(self.net)
+        self.coord = FakeCoordinator(self.net.link(COORD))
         self.nodes: dict[int, FarmNode] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
         self.tmp = tmp
