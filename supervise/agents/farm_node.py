@@ -392,6 +392,8 @@ class FarmNode:
 
     async def _on_push(self, msg: Any) -> object:
         push: JournalPush = msg.body
+        if msg.sender is not None:
+            self._silent.pop(msg.sender, None)  # it answers again
         data = b"".join(bytes(b) for b in msg.buffers)
         try:
             verified(push.task_id, push.manifest, data)

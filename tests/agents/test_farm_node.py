@@ -17,8 +17,11 @@ import farmfuncs
 import pytest
 import trio
 from farmnodekit import FakeCoordinator
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from supervise.agents.farm_node import LAPSED, FarmNode, Running
+import supervise.telemetry.lifecycle as telemetry_setup
+from supervise.agents.farm_node import LAPSED, PEER_BACKOFF_S, FarmNode, Running
 from supervise.cluster import Reply
 from supervise.cluster.errors import RequestTimeout
 from supervise.snapshot import protocol as p
@@ -37,6 +40,7 @@ from supervise.tasks.farm_messages import (
     StopWhy,
 )
 from supervise.tasks.runner import AttemptEnd
+from supervise.telemetry import Phase, RecoveryTrace, Telemetry, TelemetryConfig, Trigger
 
 COORD = 9
 LEASE = 3.0
@@ -191,7 +195,12 @@ class Farm:
         self.scopes[rank].cancel()
 
     async def assign(
-        self, rank: int, spec: TaskSpec, fence: int, fetch_from: Sequence[int] = ()
+        self,
+        rank: int,
+        spec: TaskSpec,
+        fence: int,
+        fetch_from: Sequence[int] = (),
+        trace: Mapping[str, str] | None = None,
     ) -> Ack:
         self.coord.fences[spec.task_id] = fence
         reply = await self.net.link(COORD).request(
@@ -199,6 +208,7 @@ class Farm:
             Assign(
                 spec.task_id, fence, fence, spec.to_bytes(), {"cpu": 1}, LEASE, list(fetch_from)
             ),
+            trace=trace,
         )
         ack: Ack = reply.body
         return ack
@@ -257,6 +267,7 @@ async def test_node_loss_resumes_from_the_peer_replica_and_a_fetched_one(
         spec2 = _spec("t2", 4)
         farm.net.down.discard(0)
         a = await farm.start(0)  # node 0 back with empty RAM
+        await trio.sleep(PEER_BACKOFF_S)  # node 1 tries it again (an agent: membership says)
         assert (await farm.assign(1, spec2, fence=1)).ok
         await _until(lambda: farmfuncs.CALLS["s1"] == 2)  # t1's s1 once, t2's s1 once
         await _until(lambda: (r := a.replicas.get("t2")) is not None and r.version >= 2)
@@ -366,3 +377,42 @@ async def test_the_workers_endpoint_refuses_commits_of_an_attempt_that_may_not_c
         reply = a.handle_local(frame)
         assert reply is not None and b"no attempt of this node" in reply
         nursery.cancel_scope.cancel()
+
+
+async def test_the_resume_side_of_a_moved_task_joins_the_coordinators_recovery_trace(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = InMemorySpanExporter()
+    tel = Telemetry.create(
+        TelemetryConfig(), rank=1, span_processors=[SimpleSpanProcessor(exporter)]
+    )
+    monkeypatch.setattr(telemetry_setup._process, "current", tel)
+    try:
+        async with trio.open_nursery() as nursery:
+            farm = Farm(tmp_path, nursery, {0: [1], 1: [0], 2: []})
+            _, b, _ = [await farm.start(r) for r in (0, 1, 2)]
+            spec = _spec("r", 4)
+            assert (await farm.assign(0, spec, fence=1)).ok
+            await _until(lambda: (r := b.replicas.get("r")) is not None and r.version >= 3)
+            farm.kill(0)
+            recovery = RecoveryTrace.begin(Trigger.PEER_LOST, rank=COORD)  # the coordinator's
+            with recovery.phase(Phase.DETECT):
+                pass
+            assert (await farm.assign(2, spec, fence=2, fetch_from=[1], trace=recovery.inject())).ok
+            await _until(lambda: bool(farm.coord.completed("r")))
+            recovery.end("completed")
+            nursery.cancel_scope.cancel()
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        root = spans["supervise.recovery"]
+        fetch, resume = spans["supervise.recovery.fetch"], spans["supervise.recovery.resume"]
+        trace_id = root.context.trace_id
+        assert fetch.context.trace_id == resume.context.trace_id == trace_id
+        assert fetch.attributes is not None and resume.attributes is not None
+        assert fetch.attributes["supervise.snapshot.source"] == "peer"
+        assert fetch.attributes["supervise.bytes"] > 0
+        assert resume.attributes["supervise.task.resumed_steps"] >= 2
+        assert resume.attributes["supervise.node.rank"] == 2
+        assert resume.end_time is not None and fetch.end_time is not None
+        assert resume.end_time >= fetch.end_time
+    finally:
+        tel.shutdown()
