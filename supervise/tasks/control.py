@@ -322,7 +322,7 @@ class FarmControl:
             recovery = self._recoveries.get(rec.task_id)
             if recovery is not None:
                 with recovery.phase(
-                    Phase.SELECT_CHECKPOINT, values={"supervise.placement": str(placement.why)}
+                    Phase.SELECT_CHECKPOINT, {"supervise.placement": str(placement.why)}
                 ):
                     recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=placement.rank)
                 trace = recovery.inject()

@@ -8,6 +8,7 @@ stale kills it."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import supervise.telemetry.lifecycle as telemetry_setup
 from supervise.agents.farm_node import LAPSED, PEER_BACKOFF_S, FarmNode, Running
-from supervise.cluster import Reply
+from supervise.cluster import DEFERRED, Reply
 from supervise.cluster.errors import RequestTimeout
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget
@@ -31,18 +32,26 @@ from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService
 from supervise.tasks import ArenaJournal, InProcess, TaskSpec, decode
+from supervise.tasks.control import FarmControl
+from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
     Assign,
     AttemptPhase,
+    ResultQuery,
+    ResultReply,
     Stop,
     StopWhy,
+    Submit,
+    TaskReply,
 )
+from supervise.tasks.resources import Resources
 from supervise.tasks.runner import AttemptEnd
 from supervise.telemetry import Phase, RecoveryTrace, Telemetry, TelemetryConfig, Trigger
 
 COORD = 9
+_IDS = itertools.count(1)
 LEASE = 3.0
 
 
@@ -52,6 +61,7 @@ class FakeIncoming:
     sender: int | None
     buffers: tuple[memoryview, ...] = ()
     trace: Mapping[str, str] = attrs.field(factory=dict)
+    request_id: int = 0
 
 
 class FakeNet:
@@ -61,6 +71,7 @@ class FakeNet:
         self.handlers: dict[int, dict[type[Any], Callable[..., Any]]] = {}
         self.down: set[int] = set()
         self.frozen: set[int] = set()
+        self.pending: dict[int, trio.MemorySendChannel[object]] = {}
 
     def link(self, rank: int) -> FakeLink:
         self.handlers.setdefault(rank, {})
@@ -96,7 +107,17 @@ class FakeLink:
             if handler is None:
                 raise RequestTimeout(f"rank {peer} does not serve {type(message).__name__}")
             bufs = tuple(memoryview(bytes(f)) for f in frames)
-            reply = await handler(FakeIncoming(message, self.rank, bufs, dict(trace or {})))
+            rid = next(_IDS)
+            send, receive = trio.open_memory_channel[object](1)
+            net.pending[rid] = send
+            try:
+                reply = await handler(
+                    FakeIncoming(message, self.rank, bufs, dict(trace or {}), rid)
+                )
+                if reply is DEFERRED:  # answered later, with `reply`
+                    reply = await receive.receive()
+            finally:
+                net.pending.pop(rid, None)
             if self.rank in net.down | net.frozen:  # the asker died or froze meanwhile
                 await trio.sleep_forever()
             if isinstance(reply, Reply):
@@ -104,6 +125,13 @@ class FakeLink:
                 return FakeIncoming(reply.body, peer, out)
             return FakeIncoming(reply, peer)
         raise RequestTimeout(f"no reply from rank {peer}")
+
+    async def reply(
+        self, request: Any, message: object, *, trace: Mapping[str, str] | None = None
+    ) -> None:
+        send = self.net.pending.get(request.request_id)
+        if send is not None:
+            send.send_nowait(message)
 
 
 class FencedOwner(LocalOwner):
@@ -416,3 +444,89 @@ async def test_the_resume_side_of_a_moved_task_joins_the_coordinators_recovery_t
         assert resume.end_time >= fetch.end_time
     finally:
         tel.shutdown()
+
+
+async def test_with_the_farms_control_plane_a_lost_nodes_task_resumes_and_completes(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The node side under the real coordinator (`FarmControl`, `FarmLink`): submitted,
+    placed, run; its node lost mid-task -> requeued, resumed from a replica, completed once."""
+    net = FakeNet()
+    live = {0, 1, 2}
+    nodes: dict[int, FarmNode] = {}
+    scopes: dict[int, trio.CancelScope] = {}
+
+    def leader() -> int | None:
+        return min(live) if live else None
+
+    async with trio.open_nursery() as nursery:
+        for rank in range(3):
+            wire = net.link(rank)
+            flink = FarmLink(wire)  # type: ignore[arg-type]
+            control = FarmControl(
+                flink,
+                leader=leader,
+                live=lambda: sorted(live),
+                lease_s=LEASE,
+                clock=trio.current_time,
+                request_timeout=1.0,
+            )
+            runner = InProcessRunner()
+            node = FarmNode(
+                rank=rank,
+                link=flink,
+                wire=wire,
+                arenas=ArenaService(
+                    tmp_path / f"shm{rank}",
+                    rule=RetentionRule(keep_last=2),
+                    budget=MemoryBudget(1 << 28),
+                    node=f"c{rank}",
+                    anonymous=True,
+                ),
+                peers=[r for r in range(3) if r != rank],
+                coordinator=control.coordinator,
+                capacity=Resources(2.0, 1 << 30, 0).to_json(),
+                runner=runner,
+                live=lambda: sorted(live),
+            )
+            runner.node = node
+            nodes[rank] = node
+            scope = scopes[rank] = trio.CancelScope()
+
+            async def serve(
+                task_status: trio.TaskStatus[None],
+                control: FarmControl = control,
+                node: FarmNode = node,
+                scope: trio.CancelScope = scope,
+            ) -> None:
+                with scope:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(control.run)
+                        await inner.start(node.run)
+                        task_status.started()
+
+            await nursery.start(serve)
+        client = FarmLink(net.link(7))  # type: ignore[arg-type]
+        spec = _spec("cp", 6)
+        got = await client.request(
+            0, Submit(spec.to_bytes(), Resources(1.0).to_json()), expect=TaskReply
+        )
+        assert got.body.info["id"] == "cp"
+        await _until(lambda: any("cp" in n.running for n in nodes.values()))
+        (first,) = [r for r, n in nodes.items() if "cp" in n.running]
+        await _until(lambda: farmfuncs.CALLS["s2"] == 1)
+        live.discard(first)  # the node is lost: agent, attempt and RAM
+        net.down.add(first)
+        scopes[first].cancel()
+
+        async def result() -> ResultReply | None:
+            reply = await client.request(leader() or 0, ResultQuery("cp"), timeout=1.0)
+            out = reply.body  # a FarmRefusal while a new coordinator takes over
+            return out if isinstance(out, ResultReply) and out.state == "completed" else None
+
+        with trio.fail_after(120):
+            while (res := await result()) is None:  # noqa: ASYNC110 (polls the coordinator)
+                await trio.sleep(0.5)
+        assert decode(res.result or b"") == sum(i * i for i in range(6))
+        assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(6)), farmfuncs.CALLS
+        nursery.cancel_scope.cancel()
