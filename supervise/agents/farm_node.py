@@ -197,10 +197,23 @@ class WorkerRunner:
             env={FENCE_ENV: str(run.fence)},
             on_started=started,
             shutdown=self.shutdown,
-            host=self.host,
+            host=_FencedHost(self.host, run.fence),
             shard=run.shard,
         )
         return await launcher(run.attempt)
+
+
+class _FencedHost(JournalHost):
+    """The journal host as one attempt sees it: its worker's token is issued under the
+    attempt's fence (the grant's generation), so the agent tells its requests from those of
+    an older attempt's worker of the same task not yet dead."""
+
+    def __init__(self, host: JournalHost, fence: int) -> None:
+        super().__init__(host.service, host.endpoint)
+        self.fence = fence
+
+    def token(self, shard: int, attempt: int) -> str:
+        return super().token(shard, self.fence)
 
 
 def _safe(task_id: str) -> str:
@@ -322,18 +335,23 @@ class FarmNode:
             envelope = p.decode_request(frame)
             req = envelope.request
             if isinstance(req, p.Begin | p.Commit):
-                why = self.may_commit(req.rank)
+                tokens = self.arenas.tokens
+                grant = None if tokens is None else tokens.grant(envelope.token)
+                why = self.may_commit(req.rank, None if grant is None else grant.generation)
                 if why is not None:
                     log.warning("refused a task commit", shard=req.rank, why=why)
                     return p.encode_error(envelope.id, f"task journal commit refused: {why}")
         return self.arenas.handle(frame)
 
-    def may_commit(self, shard: int) -> str | None:
-        """None when the attempt writing ``shard`` may commit now, else why not (counted)."""
+    def may_commit(self, shard: int, fence: int | None = None) -> str | None:
+        """None when the attempt writing ``shard`` (under ``fence``, its worker's token's:
+        None, not known) may commit now, else why not (counted)."""
         run = self._by_shard.get(shard)
         if run is None:
             return "no attempt of this node writes this journal"
         why = None
+        if fence is not None and fence != run.fence:
+            return STALE_FENCE  # an older attempt's worker, not killed yet
         if run.zombie or self.replicas.fence(run.task_id) > run.fence:
             why = STALE_FENCE
         elif run.lapsed(trio.current_time()):

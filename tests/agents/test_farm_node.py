@@ -31,6 +31,7 @@ from supervise.snapshot.client import LocalOwner
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService
+from supervise.snapshot.tokens import RankTokens
 from supervise.tasks import ArenaJournal, InProcess, TaskSpec, decode
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
@@ -186,7 +187,7 @@ class Farm:
         self.nursery = nursery
         self.peers = peers
 
-    async def start(self, rank: int) -> FarmNode:
+    async def start(self, rank: int, tokens: RankTokens | None = None) -> FarmNode:
         runner = InProcessRunner()
         arenas = ArenaService(
             self.tmp / f"shm{rank}",
@@ -194,6 +195,7 @@ class Farm:
             budget=MemoryBudget(1 << 28),
             node=f"t{rank}",
             anonymous=True,
+            tokens=tokens,
         )
         node = FarmNode(
             rank=rank,
@@ -400,10 +402,22 @@ async def test_the_workers_endpoint_refuses_commits_of_an_attempt_that_may_not_c
 ) -> None:
     async with trio.open_nursery() as nursery:
         farm = Farm(tmp_path, nursery, {0: []})
-        a = await farm.start(0)
+        tokens = RankTokens()
+        a = await farm.start(0, tokens)
         frame = p.encode_request(p.Begin(rank=50_000), 7)
         reply = a.handle_local(frame)
         assert reply is not None and b"no attempt of this node" in reply
+        spec = _spec("e", 50)
+        assert (await farm.assign(0, spec, fence=2)).ok
+        shard = a.running["e"].shard
+        # a worker of an older attempt of the task, still alive: refused
+        old = p.encode_request(p.Begin(rank=shard), 8, tokens.issue(shard, 1))
+        reply = a.handle_local(old)
+        assert reply is not None and STALE_FENCE.encode() in reply
+        # the current attempt's worker goes through to the arenas (which serve it)
+        new = p.encode_request(p.Begin(rank=shard), 9, tokens.issue(shard, 2))
+        reply = a.handle_local(new)
+        assert reply is not None and b"refused" not in reply
         nursery.cancel_scope.cancel()
 
 
