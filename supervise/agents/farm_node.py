@@ -417,8 +417,13 @@ class FarmNode:
             verified(push.task_id, push.manifest, data)
         except ValueError as exc:
             return Ack(False, str(exc))
+        try:
+            _, outcome = unpack(data)
+        except Exception as exc:  # checksummed, yet not a journal: refused, never held
+            return Ack(False, f"task {push.task_id}: not a journal ({type(exc).__name__})")
+        done = outcome is not None and outcome.ok
         why = self.replicas.offer(
-            Replica(push.task_id, push.fence, push.version, push.manifest, data)
+            Replica(push.task_id, push.fence, push.version, push.manifest, data, done)
         )
         if why is not None:
             self.refused_pushes += 1

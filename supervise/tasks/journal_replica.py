@@ -82,6 +82,7 @@ class Replica:
     version: int
     manifest: bytes
     data: bytes
+    done: bool = False  # the journal holds the task's result: kept only while room is left
 
     @property
     def order(self) -> tuple[int, int]:
@@ -101,11 +102,17 @@ def verified(task_id: str, manifest: bytes, data: bytes | memoryview) -> Manifes
     return m
 
 
+KEEP_DONE = 256
+"""Journals of finished tasks a holder keeps (oldest dropped first; unfinished ones stay)."""
+
+
 class JournalReplicas:
     """The newest journal version per task held for peers, and the newest fence known per
-    task (from assignments, stops, fetches and pushes): older writes are refused."""
+    task (from assignments, stops, fetches and pushes): older writes are refused. Journals
+    that hold their task's result go first when more than ``keep_done`` are held."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_done: int = KEEP_DONE) -> None:
+        self.keep_done = keep_done
         self._held: dict[str, Replica] = {}
         self._fences: dict[str, int] = {}
 
@@ -127,8 +134,15 @@ class JournalReplicas:
             return STALE_FENCE
         held = self._held.get(replica.task_id)
         if held is None or replica.order > held.order:
+            self._held.pop(replica.task_id, None)  # re-inserted: newest last
             self._held[replica.task_id] = replica
+            self._trim()
         return None
+
+    def _trim(self) -> None:
+        done = [t for t, r in self._held.items() if r.done]
+        for task_id in done[: max(0, len(done) - self.keep_done)]:
+            del self._held[task_id]
 
     def get(self, task_id: str) -> Replica | None:
         """The newest version held for ``task_id``."""

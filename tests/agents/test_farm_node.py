@@ -47,6 +47,7 @@ from supervise.tasks.farm_messages import (
     Submit,
     TaskReply,
 )
+from supervise.tasks.journal_replica import JournalReplicas, Replica
 from supervise.tasks.resources import Resources
 from supervise.tasks.runner import AttemptEnd
 from supervise.telemetry import Phase, RecoveryTrace, Telemetry, TelemetryConfig, Trigger
@@ -544,3 +545,14 @@ async def test_with_the_farms_control_plane_a_lost_nodes_task_resumes_and_comple
         assert decode(res.result or b"") == sum(i * i for i in range(6))
         assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(6)), farmfuncs.CALLS
         nursery.cancel_scope.cancel()
+
+
+def test_holders_keep_every_unfinished_journal_and_the_newest_finished_ones() -> None:
+    held = JournalReplicas(keep_done=2)
+    for i in range(4):
+        assert held.offer(Replica(f"d{i}", 1, 1, b"", b"x", done=True)) is None
+        assert held.offer(Replica(f"u{i}", 1, 1, b"", b"x")) is None
+    assert [t for t in ("d0", "d1", "d2", "d3") if held.get(t)] == ["d2", "d3"]
+    assert all(held.get(f"u{i}") for i in range(4))
+    assert held.offer(Replica("u0", 0, 9, b"", b"x")) == STALE_FENCE
+    assert held.fence("d0") == 1  # forgotten journals' fences are still known
