@@ -830,7 +830,9 @@ def agent_farm_node(
     """The farm node side of a node agent: its transport, arenas (a shard per task, behind
     the workers' tokens), run dir and worker grace; ``link`` is the agent's `FarmLink` (shared
     with its `FarmControl`, so an assignment to the coordinator's own node takes the same
-    path). Run it as a child of the node's tree: ``child(farm_node.run, id="farm_node")``."""
+    path). Build it once per `NodeRuntime` (it hooks the arenas' commits) and run it as a
+    child of the node's tree: ``child(farm_node.run, id="farm_node")`` (a restart of the child
+    stops its attempts' workers; the coordinator requeues them when their leases run out)."""
     config = ctx.config
     rep = config.policy.replication
     return FarmNode(

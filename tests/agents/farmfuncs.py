@@ -43,3 +43,14 @@ async def effects(ctx: TaskContext, path: str, n: int, secs: float) -> int:
         total += await ctx.step(f"s{i}", effect, path, key, i, secs)
         ctx.progress((i + 1) / n)
     return total
+
+
+def die() -> None:
+    import os
+
+    os._exit(9)  # a crash no exception handler sees (a segfault, an OOM kill)
+
+
+async def crash(ctx: TaskContext) -> None:
+    """Its worker process dies in the first step."""
+    await ctx.step("die", die)

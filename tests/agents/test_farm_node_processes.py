@@ -2,8 +2,9 @@
 coordinator: a kill -9 of a node (agent and worker) mid-step -> the task completes on another
 node from the journal replicated to it and fetched from a third, no finished step re-runs, the
 result is right; a SIGSTOP of the running node past its lease -> the task resumes elsewhere,
-after SIGCONT the zombie's late commit is refused and the task completes exactly once. One
-farm of three nodes runs both."""
+after SIGCONT the zombie is killed, its late writes refused, and the task completes exactly
+once; a task whose worker crashes is an attempt's error while its node runs on. One farm of
+three nodes runs them all."""
 
 from __future__ import annotations
 
@@ -147,6 +148,17 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
             assert set(keys.values()) == {1}, keys  # no finished step ran again
             assert done_before >= 2
             assert "source=fetched" in farm.log(1)
+
+            # -- a task whose worker crashes: an error of the attempt, never the agent's ------
+            crash = TaskSpec("farmfuncs:crash", task_id="crash")
+            coord.fences["crash"] = 1
+            assert (await transport.request(2, _assign(crash, 1, []))).body.ok
+            await wait(
+                lambda: (2, AttemptPhase.ERRORED) in coord.phases("crash"), "the crash reported"
+            )
+            (err,) = [u for u in coord.updates if u.phase is AttemptPhase.ERRORED]
+            assert "WorkerLost" in err.error_mro and "exit" in (err.error or ""), err
+            assert farm.procs[2].poll() is None  # node 2's agent runs on (it takes the next)
 
             # -- SIGSTOP of node 1 (agent and worker) past its lease -----------------------
             spec = TaskSpec(
