@@ -178,10 +178,14 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
                 assert (await transport.request(2, _assign(spec, 2, [2]))).body.ok
                 await wait(lambda: progressed("frozen", 2, 2, held=1), "resumed on node 2")
             finally:
-                for pid in frozen:
-                    send_signal(pid, signal.SIGCONT)
+                # the worker wakes first: it ends its step and asks the (still frozen) agent
+                # to commit it; the agent wakes to that request with its lease lapsed
+                send_signal(frozen[1], signal.SIGCONT)
+                await trio.sleep(0.5)
+                send_signal(frozen[0], signal.SIGCONT)
             await wait(lambda: completed("frozen"), "the task completed on node 2")
             await wait(lambda: "zombie attempt" in farm.log(1), "node 1 killed its zombie")
+            assert "refused a task commit" in farm.log(1)  # the late commit, by its own agent
             keys = _keys(tmp_path / "frozen.keys")
             assert sorted(keys) == [f"frozen/s{i}" for i in range(5)]
             # at most the step in flight at the freeze ran twice (its effect, never its commit)
