@@ -75,6 +75,8 @@ _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
 REQUEST_TIMEOUT_S = 2.0
+FETCH_ROUNDS = 2
+"""Rounds of asking the ranks an assignment names for the task's journal."""
 PEER_BACKOFF_S = 5.0
 """A group peer that did not take a journal push is skipped this long (membership says more)."""
 TASK_ATTR = "supervise.task.id"
@@ -603,32 +605,45 @@ class FarmNode:
             view[:] = replica.data
 
     async def _fetch(self, run: Running, ranks: Sequence[int]) -> Replica | None:
-        """The newest replica of the task among ``ranks`` (None: none has one)."""
-        best: Replica | None = None
-        for rank in ranks:
-            try:
-                reply = await self.wire.request(
-                    rank,
-                    JournalFetch(run.task_id, run.fence),
-                    timeout=REQUEST_TIMEOUT_S,
-                    expect=JournalHeld,
-                )
-            except ClusterError as exc:
-                log.info("journal fetch failed", task=run.task_id, peer=rank, error=str(exc))
-                continue
-            held: JournalHeld = reply.body
-            if not held.found:
-                continue
-            data = b"".join(bytes(b) for b in reply.buffers)
-            try:
-                verified(run.task_id, held.manifest, data)
-            except ValueError as exc:
-                log.warning("fetched journal unusable", task=run.task_id, error=str(exc))
-                continue
-            got = Replica(run.task_id, held.fence, held.version, held.manifest, data)
-            if best is None or got.order > best.order:
-                best = got
-        return best
+        """The newest replica of the task among ``ranks``, asked at once (None: none has
+        one); asked once more when some did not answer and none had it."""
+        found: list[Replica] = []
+        failed: list[int] = []
+        for round_ in range(FETCH_ROUNDS):
+            failed.clear()
+            async with trio.open_nursery() as nursery:
+                for rank in ranks:
+                    nursery.start_soon(self._fetch_one, run, rank, found, failed)
+            if found or not failed:
+                break
+            if round_ + 1 < FETCH_ROUNDS:
+                await trio.sleep(0.5)
+        return max(found, key=lambda r: r.order) if found else None
+
+    async def _fetch_one(
+        self, run: Running, rank: int, found: list[Replica], failed: list[int]
+    ) -> None:
+        try:
+            reply = await self.wire.request(
+                rank,
+                JournalFetch(run.task_id, run.fence),
+                timeout=REQUEST_TIMEOUT_S,
+                expect=JournalHeld,
+            )
+        except ClusterError as exc:
+            log.info("journal fetch failed", task=run.task_id, peer=rank, error=str(exc))
+            failed.append(rank)
+            return
+        held: JournalHeld = reply.body
+        if not held.found:
+            return
+        data = b"".join(bytes(b) for b in reply.buffers)
+        try:
+            verified(run.task_id, held.manifest, data)
+        except ValueError as exc:
+            log.warning("fetched journal unusable", task=run.task_id, error=str(exc))
+            return
+        found.append(Replica(run.task_id, held.fence, held.version, held.manifest, data))
 
     async def _follow(self, run: Running) -> None:
         """While the worker runs: each commit goes to the peers, progress to the coordinator."""

@@ -22,7 +22,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import supervise.telemetry.lifecycle as telemetry_setup
-from supervise.agents.farm_node import LAPSED, PEER_BACKOFF_S, FarmNode, Running
+from supervise.agents.farm_node import (
+    LAPSED,
+    PEER_BACKOFF_S,
+    REQUEST_TIMEOUT_S,
+    FarmNode,
+    Running,
+)
 from supervise.cluster import DEFERRED, Reply
 from supervise.cluster.errors import RequestTimeout
 from supervise.snapshot import protocol as p
@@ -556,3 +562,28 @@ def test_holders_keep_every_unfinished_journal_and_the_newest_finished_ones() ->
     assert all(held.get(f"u{i}") for i in range(4))
     assert held.offer(Replica("u0", 0, 9, b"", b"x")) == STALE_FENCE
     assert held.fence("d0") == 1  # forgotten journals' fences are still known
+
+
+async def test_a_fetch_from_a_holder_slow_to_answer_is_asked_again(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [], 2: []})
+        _, b, c = [await farm.start(r) for r in (0, 1, 2)]
+        spec = _spec("slow", 4)
+        assert (await farm.assign(0, spec, fence=1)).ok
+        await _until(lambda: (r := b.replicas.get("slow")) is not None and r.version >= 2)
+        farm.kill(0)
+        farm.net.frozen.add(1)  # the holder does not answer the first ask
+
+        async def thaw() -> None:
+            await trio.sleep(REQUEST_TIMEOUT_S + 0.2)  # past the first ask's deadline
+            farm.net.frozen.discard(1)
+
+        nursery.start_soon(thaw)
+        before = dict(farmfuncs.CALLS)
+        assert (await farm.assign(2, spec, fence=2, fetch_from=[1])).ok
+        await _until(lambda: bool(farm.coord.completed("slow")))
+        assert farmfuncs.CALLS["s0"] == before["s0"] == 1
+        assert c.replicas.get("slow") is None
+        nursery.cancel_scope.cancel()
