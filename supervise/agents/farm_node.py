@@ -81,6 +81,7 @@ PEER_BACKOFF_S = 5.0
 """A group peer that did not take a journal push is skipped this long (membership says more)."""
 TASK_ATTR = "supervise.task.id"
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
 LAPSED = "lease lapsed"
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
 """Why a worker's commit is refused while its attempt's lease was not renewed in time."""
@@ -142,6 +143,7 @@ class Running:
     signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
     resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open
     seeded: tuple[int, int] = (-1, -1)  # (fence, version) of the journal it started from
+    gpus: tuple[int, ...] = ()  # the devices its worker sees (CUDA_VISIBLE_DEVICES)
 
     def lapsed(self, now: float) -> bool:
         """Whether the lease ran out without a renewal (the task may run elsewhere now)."""
@@ -196,13 +198,18 @@ class WorkerRunner:
             run.spec,
             self.task_dirs / _safe(run.task_id),
             node=self.node,
-            env={FENCE_ENV: str(run.fence)},
+            env={FENCE_ENV: str(run.fence), **_devices(run.gpus)},
             on_started=started,
             shutdown=self.shutdown,
             host=_FencedHost(self.host, run.fence),
             shard=run.shard,
         )
         return await launcher(run.attempt)
+
+
+def _devices(gpus: tuple[int, ...]) -> dict[str, str]:
+    """The worker's view of the node's GPUs: only those its attempt was given (none: none)."""
+    return {GPU_ENV: ",".join(map(str, gpus))}
 
 
 class _FencedHost(JournalHost):
@@ -274,6 +281,8 @@ class FarmNode:
         self.coordinator = coordinator
         self.capacity = dict(capacity)
         self.labels = list(labels)
+        gpus = capacity.get("gpus", 0)
+        self._free_gpus = list(range(gpus if isinstance(gpus, int) else 0))
         self.run_dir = run_dir
         self.runner = runner
         self.worker_shutdown = worker_shutdown
@@ -378,9 +387,15 @@ class FarmNode:
             return Ack(False, f"bad spec: {exc}")
         if self._nursery is None:
             return Ack(False, "farm node not running")
-        self.replicas.learn(a.task_id, a.fence)
+        want = a.needs.get("gpus", 0)
+        want = want if isinstance(want, int) and want > 0 else 0
         if current is not None:  # an older attempt of the task still here: a zombie now
             self._zombie(current)
+            self._free(current)
+        if want > len(self._free_gpus):
+            return Ack(False, f"needs {want} GPU(s), {len(self._free_gpus)} free here")
+        gpus, self._free_gpus = tuple(self._free_gpus[:want]), self._free_gpus[want:]
+        self.replicas.learn(a.task_id, a.fence)
         run = Running(
             task_id=a.task_id,
             attempt=max(1, a.attempt),
@@ -391,6 +406,7 @@ class FarmNode:
             renewed_at=trio.current_time(),
             trace=dict(msg.trace),
             fetch_from=tuple(a.fetch_from),
+            gpus=gpus,
         )
         self.running[a.task_id] = run
         self._by_shard[run.shard] = run
@@ -473,6 +489,11 @@ class FarmNode:
         found = [r for r in (self._local(task_id), self.replicas.get(task_id)) if r is not None]
         return max(found, key=lambda r: r.order) if found else None
 
+    def _free(self, run: Running) -> None:
+        """Give ``run``'s GPUs back (once)."""
+        self._free_gpus = sorted({*self._free_gpus, *run.gpus})
+        run.gpus = ()
+
     def _forget(self, run: Running) -> None:
         """The task is over: its journal shard goes (the arena back to the budget)."""
         if self.arenas.release(run.shard):
@@ -551,6 +572,7 @@ class FarmNode:
             await self._update(run, AttemptPhase.START_FAILED, final=True, error=str(exc))
         finally:
             run.ended.set()
+            self._free(run)
             if self.running.get(run.task_id) is run:
                 del self.running[run.task_id]
                 self._by_shard.pop(run.shard, None)

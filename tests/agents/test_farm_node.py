@@ -28,6 +28,7 @@ from supervise.agents.farm_node import (
     REQUEST_TIMEOUT_S,
     FarmNode,
     Running,
+    _devices,
 )
 from supervise.cluster import DEFERRED, Reply
 from supervise.cluster.errors import RequestTimeout
@@ -194,7 +195,7 @@ class Farm:
         self.nursery = nursery
         self.peers = peers
 
-    async def start(self, rank: int, tokens: RankTokens | None = None) -> FarmNode:
+    async def start(self, rank: int, tokens: RankTokens | None = None, gpus: int = 0) -> FarmNode:
         runner = InProcessRunner()
         arenas = ArenaService(
             self.tmp / f"shm{rank}",
@@ -211,7 +212,7 @@ class Farm:
             arenas=arenas,
             peers=self.peers[rank],
             coordinator=lambda: COORD,
-            capacity={"cpu": 2.0, "memory": 0, "gpus": 0},
+            capacity={"cpu": 2.0, "memory": 0, "gpus": gpus},
             runner=runner,
         )
         runner.node = node
@@ -238,12 +239,19 @@ class Farm:
         fence: int,
         fetch_from: Sequence[int] = (),
         trace: Mapping[str, str] | None = None,
+        gpus: int = 0,
     ) -> Ack:
         self.coord.fences[spec.task_id] = fence
         reply = await self.net.link(COORD).request(
             rank,
             Assign(
-                spec.task_id, fence, fence, spec.to_bytes(), {"cpu": 1}, LEASE, list(fetch_from)
+                spec.task_id,
+                fence,
+                fence,
+                spec.to_bytes(),
+                {"cpu": 1, "gpus": gpus},
+                LEASE,
+                list(fetch_from),
             ),
             trace=trace,
         )
@@ -587,3 +595,22 @@ async def test_a_fetch_from_a_holder_slow_to_answer_is_asked_again(
         assert farmfuncs.CALLS["s0"] == before["s0"] == 1
         assert c.replicas.get("slow") is None
         nursery.cancel_scope.cancel()
+
+
+async def test_each_attempt_sees_only_the_gpus_it_was_given(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        a = await farm.start(0, gpus=3)
+        assert (await farm.assign(0, _spec("g1", 3), fence=1, gpus=2)).ok
+        assert (await farm.assign(0, _spec("g2", 3), fence=1, gpus=1)).ok
+        assert {a.running["g1"].gpus, a.running["g2"].gpus} == {(0, 1), (2,)}
+        ack = await farm.assign(0, _spec("g3", 3), fence=1, gpus=1)
+        assert not ack.ok and "GPU" in ack.reason
+        await _until(lambda: bool(farm.coord.completed("g1")))
+        assert (await farm.assign(0, _spec("g3", 3), fence=2, gpus=2)).ok
+        assert a.running["g3"].gpus == (0, 1)  # given back when g1 ended
+        nursery.cancel_scope.cancel()
+    assert _devices((0, 1)) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert _devices(()) == {"CUDA_VISIBLE_DEVICES": ""}  # a task that asked for none sees none
