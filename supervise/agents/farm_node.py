@@ -20,7 +20,6 @@ fence they know, so a zombie attempt (its node frozen past its lease) commits no
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +30,8 @@ import trio
 
 from supervise.agents._tracing import maybe_phase
 from supervise.agents.context import NodeContext
-from supervise.cluster import Reply
+from supervise.agents.farm_attempt import AttemptRunner, Running, WorkerRunner, end_phase
+from supervise.agents.farm_journals import REQUEST_TIMEOUT_S, JournalPeers, Wire
 from supervise.cluster.errors import ClusterError
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.placement import place
@@ -39,6 +39,7 @@ from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.tasks.arena_journal import unpack
+from supervise.tasks.control import TASK_ID_ATTR
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
@@ -53,15 +54,9 @@ from supervise.tasks.farm_messages import (
 )
 from supervise.tasks.host import JournalHost
 from supervise.tasks.journal_replica import (
-    JournalFetch,
-    JournalHeld,
-    JournalPush,
-    JournalReplicas,
     Replica,
     verified,
 )
-from supervise.tasks.layout import FENCE_ENV
-from supervise.tasks.runner import AttemptEnd, WorkerProcess
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.telemetry import attempt_span
 from supervise.telemetry import Phase, RecoveryTrace, Source
@@ -74,14 +69,7 @@ below; arena file names hold five digits)."""
 _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
-REQUEST_TIMEOUT_S = 2.0
-FETCH_ROUNDS = 2
-"""Rounds of asking the ranks an assignment names for the task's journal."""
-PEER_BACKOFF_S = 5.0
-"""A group peer that did not take a journal push is skipped this long (membership says more)."""
-TASK_ATTR = "supervise.task.id"
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
-GPU_ENV = "CUDA_VISIBLE_DEVICES"
 LAPSED = "lease lapsed"
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
 """Why a worker's commit is refused while its attempt's lease was not renewed in time."""
@@ -101,150 +89,6 @@ class Link(Protocol):
         timeout: float = 5.0,  # noqa: ASYNC109
         expect: type[Any] | None = None,
     ) -> Any: ...
-
-
-class Wire(Protocol):
-    """What the farm node needs to replicate journals to peers (the agent's `Transport`)."""
-
-    def handle(self, kind: type[Any], handler: Callable[..., Any]) -> None: ...
-    async def request(
-        self,
-        peer: int,
-        message: object,
-        frames: Sequence[Any] = (),
-        *,
-        trace: Mapping[str, str] | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109
-        expect: type[Any] | None = None,
-    ) -> Any: ...
-
-
-@attrs.define(eq=False)
-class Running:
-    """An attempt this node runs: its assignment, shard, lease and how to stop its worker."""
-
-    task_id: str
-    attempt: int
-    fence: int
-    spec: TaskSpec
-    lease_s: float
-    shard: int
-    renewed_at: float
-    trace: Mapping[str, str] = attrs.field(factory=dict)
-    fetch_from: tuple[int, ...] = ()
-    stop: StopWhy | None = None  # asked to pause or cancel
-    zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
-    refused: int = 0  # worker commits refused (lapsed lease, stale fence)
-    pid: int | None = None
-    replicas: frozenset[int] = frozenset()
-    pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
-    changed: trio.Event = attrs.field(factory=trio.Event)
-    ended: trio.Event = attrs.field(factory=trio.Event)
-    signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
-    resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open
-    seeded: tuple[int, int] = (-1, -1)  # (fence, version) of the journal it started from
-    gpus: tuple[int, ...] = ()  # the devices its worker sees (CUDA_VISIBLE_DEVICES)
-
-    def lapsed(self, now: float) -> bool:
-        """Whether the lease ran out without a renewal (the task may run elsewhere now)."""
-        return now - self.renewed_at > self.lease_s
-
-    def halt(self, *, hard: bool) -> None:
-        """Stop the worker: at once (``hard``: a zombie) or letting it checkpoint (SIGTERM)."""
-        if self.signal_worker is not None:
-            self.signal_worker(hard)
-
-
-class AttemptRunner(Protocol):
-    """Runs one attempt to its end (a worker process by default); sets
-    ``run.signal_worker`` once it can be stopped."""
-
-    async def __call__(self, run: Running) -> AttemptEnd: ...
-
-
-class WorkerRunner:
-    """Attempts in worker processes (`WorkerProcess`) writing their journal to ``host``."""
-
-    def __init__(
-        self,
-        host: JournalHost,
-        task_dirs: Path,
-        *,
-        node: str,
-        shutdown: float = 5.0,
-        on_pid: Callable[[str, int], None] | None = None,
-    ) -> None:
-        self.host = host
-        self.task_dirs = task_dirs
-        self.node = node
-        self.shutdown = shutdown
-        self.on_pid = on_pid
-
-    async def __call__(self, run: Running) -> AttemptEnd:
-        def started(_attempt: int, handle: Any) -> None:
-            run.pid = handle.pid
-            run.signal_worker = lambda hard: handle.signal(
-                signal.SIGKILL if hard else signal.SIGTERM
-            )
-            log.info("task worker started", task=run.task_id, fence=run.fence, pid=handle.pid)
-            if self.on_pid is not None:
-                self.on_pid(run.task_id, handle.pid)
-            if run.zombie:
-                run.halt(hard=True)
-            elif run.stop is not None:
-                run.halt(hard=False)
-
-        launcher = WorkerProcess(
-            run.spec,
-            self.task_dirs / _safe(run.task_id),
-            node=self.node,
-            env={FENCE_ENV: str(run.fence), **_devices(run.gpus)},
-            on_started=started,
-            shutdown=self.shutdown,
-            host=_FencedHost(self.host, run.fence),
-            shard=run.shard,
-        )
-        return await launcher(run.attempt)
-
-
-def _devices(gpus: tuple[int, ...]) -> dict[str, str]:
-    """The worker's view of the node's GPUs: only those its attempt was given (none: none)."""
-    return {GPU_ENV: ",".join(map(str, gpus))}
-
-
-class _FencedHost(JournalHost):
-    """The journal host as one attempt sees it: its worker's token is issued under the
-    attempt's fence (the grant's generation), so the agent tells its requests from those of
-    an older attempt's worker of the same task not yet dead."""
-
-    def __init__(self, host: JournalHost, fence: int) -> None:
-        super().__init__(host.service, host.endpoint)
-        self.fence = fence
-
-    def token(self, shard: int, attempt: int) -> str:
-        return super().token(shard, self.fence)
-
-
-def _safe(task_id: str) -> str:
-    """A directory name for a task id."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:100] or "task"
-
-
-def _end_phase(run: Running, end: AttemptEnd) -> tuple[AttemptPhase, dict[str, Any]]:
-    """What an attempt's end is reported as."""
-    o = end.outcome
-    if o is not None and o.ok:
-        return AttemptPhase.COMPLETED, {"result": o.value}
-    if run.stop is StopWhy.CANCEL:
-        return AttemptPhase.CANCELLED, {}
-    if run.stop is StopWhy.PAUSE and (o is None or not o.ok):
-        return AttemptPhase.PAUSED, {}
-    if o is not None:
-        return AttemptPhase.ERRORED, {
-            "error": f"{o.error_type}: {o.message}",
-            "error_mro": list(o.error_mro),
-        }
-    return AttemptPhase.ERRORED, {"error": end.lost, "error_mro": ["WorkerLost"]}
 
 
 class FarmNode:
@@ -288,10 +132,11 @@ class FarmNode:
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
         self.live = live
-        self._silent: dict[int, float] = {}  # peer -> when it last failed to take a push
-        self.replicas = JournalReplicas()
+        self.journals = JournalPeers(
+            wire=wire, peers=self.peers, own=self._local, on_newer=self._newer, live=live
+        )
+        self.replicas = self.journals.replicas
         self.running: dict[str, Running] = {}
-        self.refused_pushes = 0  # journal versions from zombies refused here (tests, status)
         self._by_shard: dict[int, Running] = {}
         self._shards: dict[str, int] = {}  # task -> its shard here (kept across attempts)
         self._next_shard = TASK_SHARD_BASE
@@ -308,8 +153,7 @@ class FarmNode:
         self._token = trio.lowlevel.current_trio_token()
         self.link.handle(Assign, self._on_assign)
         self.link.handle(Stop, self._on_stop)
-        self.wire.handle(JournalPush, self._on_push)
-        self.wire.handle(JournalFetch, self._on_fetch)
+        self.journals.install()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -426,47 +270,6 @@ class FarmNode:
 
     # -- journals: replicas for peers ---------------------------------------------------------
 
-    async def _on_push(self, msg: Any) -> object:
-        push: JournalPush = msg.body
-        if msg.sender is not None:
-            self._silent.pop(msg.sender, None)  # it answers again
-        data = b"".join(bytes(b) for b in msg.buffers)
-        try:
-            verified(push.task_id, push.manifest, data)
-        except ValueError as exc:
-            return Ack(False, str(exc))
-        try:
-            _, outcome = unpack(data)
-        except Exception as exc:  # checksummed, yet not a journal: refused, never held
-            return Ack(False, f"task {push.task_id}: not a journal ({type(exc).__name__})")
-        done = outcome is not None and outcome.ok
-        why = self.replicas.offer(
-            Replica(push.task_id, push.fence, push.version, push.manifest, data, done)
-        )
-        if why is not None:
-            self.refused_pushes += 1
-            log.warning(
-                "refused a journal push", task=push.task_id, fence=push.fence, sender=msg.sender
-            )
-            return Ack(False, why)
-        run = self.running.get(push.task_id)
-        if run is not None and run.fence < push.fence:
-            self._zombie(run)  # the task moved on elsewhere
-        return Ack(True)
-
-    async def _on_fetch(self, msg: Any) -> object:
-        f: JournalFetch = msg.body
-        self.replicas.learn(f.task_id, f.fence)
-        run = self.running.get(f.task_id)
-        if run is not None and run.fence < f.fence:
-            self._zombie(run)
-        best = self._best(f.task_id)
-        if best is None:
-            return JournalHeld(f.task_id)
-        return Reply(
-            JournalHeld(f.task_id, True, best.fence, best.version, best.manifest), [best.data]
-        )
-
     def _local(self, task_id: str) -> Replica | None:
         """The newest version of ``task_id``'s journal in this node's own arenas."""
         shard = self._shards.get(task_id)
@@ -484,10 +287,17 @@ class FarmNode:
         except SnapshotError:
             return None
 
+    def _newer(self, task_id: str, fence: int) -> None:
+        """A peer heard of ``fence`` for the task: an attempt of it here under an older one
+        is a zombie (the task moved on elsewhere)."""
+        run = self.running.get(task_id)
+        if run is not None and run.fence < fence:
+            self._zombie(run)
+
     def _best(self, task_id: str) -> Replica | None:
         """The newest journal of ``task_id`` this node has: its own, or a peer's replica."""
-        found = [r for r in (self._local(task_id), self.replicas.get(task_id)) if r is not None]
-        return max(found, key=lambda r: r.order) if found else None
+        best: Replica | None = self.journals.best(task_id)
+        return best
 
     def _free(self, run: Running) -> None:
         """Give ``run``'s GPUs back (once)."""
@@ -542,7 +352,7 @@ class FarmNode:
                     stack.enter_context(
                         recovery.phase(
                             Phase.RESUME,
-                            {TASK_ATTR: run.task_id, STEPS_ATTR: seeded},
+                            {TASK_ID_ATTR: run.task_id, STEPS_ATTR: seeded},
                             node_rank=self.rank,
                         )
                     )
@@ -563,7 +373,7 @@ class FarmNode:
                 # runs out and the coordinator requeues it
                 log.warning("attempt ended after refused commits", task=run.task_id)
                 return
-            phase, extra = _end_phase(run, end)
+            phase, extra = end_phase(run, end)
             await self._update(run, phase, final=True, **extra)
             if phase in _DONE and not _dead(run):
                 self._forget(run)
@@ -587,7 +397,7 @@ class FarmNode:
         ask = [r for r in run.fetch_from if r != self.rank]
         if ask and self.rank not in run.fetch_from:
             with maybe_phase(recovery, Phase.FETCH, node_rank=self.rank) as span:
-                fetched = await self._fetch(run, ask)
+                fetched = await self.journals.fetch(run.task_id, run.fence, ask)
                 if span is not None and fetched is not None:
                     span.set(snapshot_source=Source.PEER.value, bytes=len(fetched.data))
                 elif span is not None:
@@ -626,47 +436,6 @@ class FarmNode:
         with self.arenas.ingesting(run.shard, m, source=Source.PEER.value) as view:
             view[:] = replica.data
 
-    async def _fetch(self, run: Running, ranks: Sequence[int]) -> Replica | None:
-        """The newest replica of the task among ``ranks``, asked at once (None: none has
-        one); asked once more when some did not answer and none had it."""
-        found: list[Replica] = []
-        failed: list[int] = []
-        for round_ in range(FETCH_ROUNDS):
-            failed.clear()
-            async with trio.open_nursery() as nursery:
-                for rank in ranks:
-                    nursery.start_soon(self._fetch_one, run, rank, found, failed)
-            if found or not failed:
-                break
-            if round_ + 1 < FETCH_ROUNDS:
-                await trio.sleep(0.5)
-        return max(found, key=lambda r: r.order) if found else None
-
-    async def _fetch_one(
-        self, run: Running, rank: int, found: list[Replica], failed: list[int]
-    ) -> None:
-        try:
-            reply = await self.wire.request(
-                rank,
-                JournalFetch(run.task_id, run.fence),
-                timeout=REQUEST_TIMEOUT_S,
-                expect=JournalHeld,
-            )
-        except ClusterError as exc:
-            log.info("journal fetch failed", task=run.task_id, peer=rank, error=str(exc))
-            failed.append(rank)
-            return
-        held: JournalHeld = reply.body
-        if not held.found:
-            return
-        data = b"".join(bytes(b) for b in reply.buffers)
-        try:
-            verified(run.task_id, held.manifest, data)
-        except ValueError as exc:
-            log.warning("fetched journal unusable", task=run.task_id, error=str(exc))
-            return
-        found.append(Replica(run.task_id, held.fence, held.version, held.manifest, data))
-
     async def _follow(self, run: Running) -> None:
         """While the worker runs: each commit goes to the peers, progress to the coordinator."""
         last = -PROGRESS_EVERY_S
@@ -699,42 +468,11 @@ class FarmNode:
             run.resuming = None
         if replica.order != run.pushed:
             run.pushed = replica.order
-            acked: set[int] = set()
-            async with trio.open_nursery() as nursery:
-                for peer in self._reachable():
-                    nursery.start_soon(self._push, run, peer, replica, acked)
-            run.replicas = frozenset(acked | {self.rank})
+            acked, stale = await self.journals.push(replica)
+            if stale:
+                self._zombie(run)
+            run.replicas = acked | {self.rank}
         return min(1.0, max(0.0, commit.progress)), len(commit.steps)
-
-    def _reachable(self) -> list[int]:
-        """The group peers worth a push now: alive, and none that just failed to answer."""
-        now = trio.current_time()
-        alive = set(self.peers if self.live is None else self.live())
-        return [
-            peer
-            for peer in self.peers
-            if peer in alive and now - self._silent.get(peer, -PEER_BACKOFF_S) >= PEER_BACKOFF_S
-        ]
-
-    async def _push(self, run: Running, peer: int, replica: Replica, acked: set[int]) -> None:
-        try:
-            reply = await self.wire.request(
-                peer,
-                JournalPush(run.task_id, replica.fence, replica.version, replica.manifest),
-                [replica.data],
-                timeout=REQUEST_TIMEOUT_S,
-                expect=Ack,
-            )
-        except ClusterError as exc:
-            log.info("journal push failed", task=run.task_id, peer=peer, error=str(exc))
-            self._silent[peer] = trio.current_time()
-            return
-        self._silent.pop(peer, None)
-        ack: Ack = reply.body
-        if ack.ok:
-            acked.add(peer)
-        elif ack.reason == STALE_FENCE:
-            self._zombie(run)
 
     # -- to the coordinator -----------------------------------------------------------------
 

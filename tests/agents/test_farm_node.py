@@ -22,13 +22,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import supervise.telemetry.lifecycle as telemetry_setup
+from supervise.agents.farm_attempt import devices
+from supervise.agents.farm_journals import PEER_BACKOFF_S, REQUEST_TIMEOUT_S
 from supervise.agents.farm_node import (
     LAPSED,
-    PEER_BACKOFF_S,
-    REQUEST_TIMEOUT_S,
     FarmNode,
     Running,
-    _devices,
 )
 from supervise.cluster import DEFERRED, Reply
 from supervise.cluster.errors import RequestTimeout
@@ -367,8 +366,8 @@ async def test_holders_refuse_a_version_older_than_the_fence_they_know(
         assert (await farm.assign(0, spec, fence=5)).ok
         await _until(lambda: b.replicas.get("f") is not None)
         b.replicas.learn("f", 6)  # node 1 heard of a newer assignment of the task
-        await _until(lambda: b.refused_pushes >= 1 or not a.running)
-        assert b.refused_pushes >= 1
+        await _until(lambda: b.journals.refused_pushes >= 1 or not a.running)
+        assert b.journals.refused_pushes >= 1
         assert "f" not in a.running  # the refusal told node 0 its attempt is a zombie: killed
         assert not farm.coord.completed("f")
         # an assignment with an older fence than known is refused too
@@ -612,5 +611,5 @@ async def test_each_attempt_sees_only_the_gpus_it_was_given(
         assert (await farm.assign(0, _spec("g3", 3), fence=2, gpus=2)).ok
         assert a.running["g3"].gpus == (0, 1)  # given back when g1 ended
         nursery.cancel_scope.cancel()
-    assert _devices((0, 1)) == {"CUDA_VISIBLE_DEVICES": "0,1"}
-    assert _devices(()) == {"CUDA_VISIBLE_DEVICES": ""}  # a task that asked for none sees none
+    assert devices((0, 1)) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert devices(()) == {"CUDA_VISIBLE_DEVICES": ""}  # a task that asked for none sees none
