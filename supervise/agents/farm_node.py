@@ -129,6 +129,7 @@ class FarmNode:
         self._free_gpus = list(range(gpus if isinstance(gpus, int) else 0))
         self.run_dir = run_dir
         self.runner = runner
+        self._own_runner = runner is None  # workers on this incarnation's endpoint
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
         self.live = live
@@ -157,7 +158,7 @@ class FarmNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.runner is None:
+                if self._own_runner:  # each incarnation serves its workers anew
                     await self._serve_workers(nursery)
                 nursery.start_soon(self._offer_loop)
                 nursery.start_soon(self._renew_loop)

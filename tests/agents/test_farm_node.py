@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import supervise.telemetry.lifecycle as telemetry_setup
-from supervise.agents.farm_attempt import devices
+from supervise.agents.farm_attempt import WorkerRunner, devices
 from supervise.agents.farm_journals import PEER_BACKOFF_S, REQUEST_TIMEOUT_S
 from supervise.agents.farm_node import (
     LAPSED,
@@ -613,3 +613,36 @@ async def test_each_attempt_sees_only_the_gpus_it_was_given(
         nursery.cancel_scope.cancel()
     assert devices((0, 1)) == {"CUDA_VISIBLE_DEVICES": "0,1"}
     assert devices(()) == {"CUDA_VISIBLE_DEVICES": ""}  # a task that asked for none sees none
+
+
+async def test_a_restarted_farm_node_serves_its_workers_on_a_fresh_endpoint(
+    tmp_path: Path,
+) -> None:
+    arenas = ArenaService(
+        tmp_path / "shm",
+        rule=RetentionRule(keep_last=1),
+        budget=MemoryBudget(1 << 26),
+        node="r0",
+        anonymous=True,
+        tokens=RankTokens(),
+    )
+    node = FarmNode(
+        rank=0,
+        link=FakeNet().link(0),
+        wire=FakeNet().link(0),
+        arenas=arenas,
+        peers=[],
+        coordinator=lambda: None,
+        capacity={"cpu": 1.0},
+        run_dir=tmp_path,
+    )
+    endpoints = []
+    for _ in range(2):  # the node's supervisor restarts the child
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            assert isinstance(node.runner, WorkerRunner)
+            endpoint = node.runner.host.endpoint
+            assert Path(endpoint.removeprefix("ipc://")).exists()  # served by this incarnation
+            endpoints.append(endpoint)
+            nursery.cancel_scope.cancel()
+    assert not Path(endpoints[-1].removeprefix("ipc://")).exists()
