@@ -23,6 +23,8 @@ from supervise.tasks.spec import TaskSpec
 log = structlog.get_logger("supervise.agents.farm_node")
 
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
+LEASE_MARGIN = 0.9
+"""A node deems its lease lapsed at this fraction of ``lease_s`` without a renewal."""
 
 
 @attrs.define(eq=False)
@@ -52,8 +54,10 @@ class Running:
     gpus: tuple[int, ...] = ()  # the devices its worker sees (CUDA_VISIBLE_DEVICES)
 
     def lapsed(self, now: float) -> bool:
-        """Whether the lease ran out without a renewal (the task may run elsewhere now)."""
-        return now - self.renewed_at > self.lease_s
+        """Whether the lease ran out without a renewal (the task may run elsewhere now): a
+        little early, since the coordinator's lease of an assignment began before the node
+        heard of it."""
+        return now - self.renewed_at > self.lease_s * LEASE_MARGIN
 
     def halt(self, *, hard: bool) -> None:
         """Stop the worker: at once (``hard``: a zombie) or letting it checkpoint (SIGTERM)."""
