@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 COORD = 3
 LEASE = 3.0
+N_STEPS = 4
 STEP_S = 1.0  # a step far longer than a push: the kill lands mid-step, never mid-commit
 
 
@@ -125,7 +126,7 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
 
             # -- kill -9 of node 0 (agent and worker) while its task is mid-step ------------
             effects = tmp_path / "killed.keys"
-            spec = TaskSpec("farmfuncs:effects", (str(effects), 5, STEP_S), task_id="killed")
+            spec = TaskSpec("farmfuncs:effects", (str(effects), N_STEPS, STEP_S), task_id="killed")
             coord.fences["killed"] = 1
             reply = await transport.request(0, _assign(spec, 1, []))
             assert reply.body.ok
@@ -142,9 +143,9 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
             await wait(lambda: completed("killed"), "the task completed on node 1")
             (done,) = completed("killed")
             assert done.node == 1 and done.fence == 2
-            assert decode(done.result or b"") == sum(i * i for i in range(5))
+            assert decode(done.result or b"") == sum(i * i for i in range(N_STEPS))
             keys = _keys(effects)
-            assert sorted(keys) == [f"killed/s{i}" for i in range(5)]
+            assert sorted(keys) == [f"killed/s{i}" for i in range(N_STEPS)]
             assert set(keys.values()) == {1}, keys  # no finished step ran again
             assert done_before >= 2
             assert "source=fetched" in farm.log(1)
@@ -162,7 +163,9 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
 
             # -- SIGSTOP of node 1 (agent and worker) past its lease -----------------------
             spec = TaskSpec(
-                "farmfuncs:effects", (str(tmp_path / "frozen.keys"), 5, STEP_S), task_id="frozen"
+                "farmfuncs:effects",
+                (str(tmp_path / "frozen.keys"), N_STEPS, STEP_S),
+                task_id="frozen",
             )
             coord.fences["frozen"] = 1
             assert (await transport.request(1, _assign(spec, 1, []))).body.ok
@@ -187,19 +190,19 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
             await wait(lambda: "zombie attempt" in farm.log(1), "node 1 killed its zombie")
             assert "refused a task commit" in farm.log(1)  # the late commit, by its own agent
             keys = _keys(tmp_path / "frozen.keys")
-            assert sorted(keys) == [f"frozen/s{i}" for i in range(5)]
+            assert sorted(keys) == [f"frozen/s{i}" for i in range(N_STEPS)]
             # at most the step in flight at the freeze ran twice (its effect, never its commit)
-            assert sum(keys.values()) <= 6, keys
+            assert sum(keys.values()) <= N_STEPS + 1, keys
             (done,) = completed("frozen")
             assert done.node == 2 and done.fence == 2
-            assert decode(done.result or b"") == sum(i * i for i in range(5))
+            assert decode(done.result or b"") == sum(i * i for i in range(N_STEPS))
             late = [u for u in coord.refused if u.task_id == "frozen"]
             assert all(u.fence == 1 and u.node == 1 for u in late)
             assert not any(
                 u.task_id == "frozen" and u.fence == 1 and u.phase is AttemptPhase.COMPLETED
                 for u in coord.updates
             )
-            await trio.sleep(LEASE)  # nothing the zombie does now changes the outcome
+            await trio.sleep(1.0)  # nothing the zombie does now changes the outcome
             assert len(completed("frozen")) == 1
     finally:
         for proc in farm.procs.values():
