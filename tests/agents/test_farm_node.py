@@ -22,15 +22,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import supervise.telemetry.lifecycle as telemetry_setup
+from supervise._testing import free_ports
+from supervise.agents.config import NodeConfig
 from supervise.agents.farm_attempt import WorkerRunner, devices
 from supervise.agents.farm_journals import PEER_BACKOFF_S, REQUEST_TIMEOUT_S
 from supervise.agents.farm_node import (
     LAPSED,
     FarmNode,
     Running,
+    group_peers,
 )
+from supervise.agents.node import NodeRuntime
 from supervise.cluster import DEFERRED, Reply
 from supervise.cluster.errors import RequestTimeout
+from supervise.policy import Policy
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget
 from supervise.snapshot.client import LocalOwner
@@ -646,3 +651,29 @@ async def test_a_restarted_farm_node_serves_its_workers_on_a_fresh_endpoint(
             endpoints.append(endpoint)
             nursery.cancel_scope.cancel()
     assert not Path(endpoints[-1].removeprefix("ipc://")).exists()
+
+
+def test_a_node_runtime_builds_its_farm_node_once_with_its_group_peers(tmp_path: Path) -> None:
+    ports = free_ports(3)
+    config = NodeConfig(
+        rank=1,
+        nodes=[f"127.0.0.1:{p}" for p in ports],
+        command=["true"],
+        policy=Policy.from_dict({"replication": {"replicas": 2, "placement": "ring"}}),
+        shm_dir=str(tmp_path / "shm"),
+        run_dir=str(tmp_path),
+    )
+    rt = NodeRuntime(config)
+    try:
+        link = FakeNet().link(1)
+        spec = rt.farm_node_child(link, coordinator=lambda: 0, capacity={"cpu": 4.0})
+        node = rt.farm_node
+        assert node is not None and spec.id == "farm_node"
+        assert node.peers == (2,)  # ring of 2: rank 1 holds itself and rank 2
+        assert node.arenas is rt.arenas and node.wire is rt.transport
+        assert rt.farm_node_child(link, coordinator=lambda: 0, capacity={}) is not None
+        assert rt.farm_node is node  # once per runtime: its arena hook stays
+    finally:
+        rt.close()
+    assert group_peers(0, 1, 2, "group") == ()
+    assert group_peers(0, 4, 2, "group") == (1,)
