@@ -19,7 +19,7 @@ import contextlib
 import functools
 import shutil
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from supervise.agents.config import NodeConfig
 from supervise.agents.context import NodeContext
 from supervise.agents.coordinator import Coordinator
 from supervise.agents.executor import Executor
+from supervise.agents.farm_node import FarmNode, Link, agent_farm_node
 from supervise.agents.keeper import PointKeeper
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
@@ -48,7 +49,7 @@ from supervise.cluster.membership import Membership
 from supervise.cluster.recovery_point import PINNED_VERSIONS
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
-from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
+from supervise.runtime import ChildSpec, GaveUp, StartFailed, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier, check_resumable
@@ -183,6 +184,7 @@ class NodeRuntime:
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
         self.seat = StoreSeat(config) if config.coordinated_by_store else None
+        self.farm_node: FarmNode | None = None  # with --tasks: `farm_node_child`
         self.context = NodeContext(
             config=config,
             transport=self.transport,
@@ -313,6 +315,23 @@ class NodeRuntime:
         finally:
             self.generation = executor.generation
             self.executor = None
+
+    def farm_node_child(
+        self,
+        link: Link,
+        *,
+        coordinator: Callable[[], int | None],
+        capacity: Mapping[str, Any],
+        labels: Sequence[str] = (),
+    ) -> ChildSpec:
+        """The farm node side (``--tasks``): tasks assigned to this node run in workers, their
+        journals in this node's arenas (see `supervise.agents.farm_node`). ``link``: the
+        agent's `FarmLink`, shared with its `FarmControl`. Built once per runtime."""
+        if self.farm_node is None:
+            self.farm_node = agent_farm_node(
+                self.context, link, coordinator=coordinator, capacity=capacity, labels=labels
+            )
+        return child(self.farm_node.run, id="farm_node")
 
     def tree(self) -> Supervisor:
         """The node's supervision tree."""
