@@ -49,7 +49,7 @@ from supervise.tasks.farm_messages import (
 )
 from supervise.tasks.journal import CorruptRecord
 from supervise.tasks.resources import Resources
-from supervise.tasks.scheduler import NodeView, Strategy, place, unschedulable
+from supervise.tasks.scheduler import NodeView, Request, Strategy, place, unschedulable
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import TERMINAL, TaskState
 from supervise.tasks.table import (
@@ -72,6 +72,9 @@ NOT_COORDINATOR = "not the coordinator"
 #: believe they lead (views converging) never hand out the same fence.
 FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
+#: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
+#: round places at most what is free; the next round, at once after any change, goes on).
+PLACE_WINDOW = 128
 
 _QUIET_PHASES = frozenset({AttemptPhase.STARTED, AttemptPhase.PROGRESS})
 
@@ -221,8 +224,10 @@ class FarmControl:
             recovery.end(Outcome.FAILED, reason="the coordinator stepped down")
         self._recoveries.clear()
         replies, self._replies = self._replies, []
-        for request, _ in replies:
-            self._send_reply(request, self._refusal())
+        refusal = self._refusal()
+        for request, _ in replies:  # never made durable here: ask the new coordinator
+            node_report = isinstance(request.body, Update)
+            self._send_reply(request, Ack(False, refusal.reason) if node_report else refusal)
 
     async def _take_over(self) -> None:
         """Become the coordinator: gather the table (store, or every live replica), then
@@ -312,12 +317,14 @@ class FarmControl:
         ]
 
     def _schedule(self, now: float, at: float) -> None:
-        requests = self.table.requests(at)
+        requests = self.table.requests(at, PLACE_WINDOW)
         if not requests:
             return
         views = self._views()
         if not views:
             return
+        if not _room(requests, views):
+            return  # nothing fits anywhere now: the scheduler need not look
         ranks = frozenset(v.rank for v in views)
         # the node a task was lost from is avoided, unless it is the only one left
         requests = [attrs.evolve(r, avoid=frozenset()) if ranks <= r.avoid else r for r in requests]
@@ -577,6 +584,17 @@ class FarmControl:
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
         return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+
+
+def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:
+    """Whether some node has room for the smallest needs of each kind (a cheap lower bound:
+    False means no request fits anywhere)."""
+    least = Resources(
+        min(r.needs.cpu for r in requests),
+        min(r.needs.memory for r in requests),
+        min(r.needs.gpus for r in requests),
+    )
+    return any(least.fits_in(v.capacity - v.used) for v in views)
 
 
 def _stop(order: StopOrder) -> Stop:
