@@ -357,36 +357,38 @@ class FarmControl:
         self.metrics.set_counts(self.table.counts())
 
     async def _flush(self) -> None:
-        """Make the changes durable, then send what depends on them (replies, orders)."""
-        records = self.table.dirty
+        """Make the changes durable, then send what depends on them (replies, orders).
+        What is taken here is what this save covers: changes, replies and orders made while
+        it runs wait for the next one."""
+        encoded = [(r.task_id, r.rev, r.to_bytes()) for r in self.table.dirty]
         offers = self._offers_dirty
-        if records or offers:
+        replies, self._replies = self._replies, []
+        orders, self._orders = self._orders, []
+        if encoded or offers:
             self._offers_dirty = False
             try:
-                await self._save(records, offers)
+                await self._save([(tid, data) for tid, _, data in encoded], offers)
             except Exception as exc:  # a deposed leader's fenced write, a store outage
                 log.warning("farm: saving the table failed; stepping down", error=str(exc))
                 self._offers_dirty = True
-                self._orders.clear()
+                self._replies = replies + self._replies  # refused by the step-down
                 self._step_down()
                 return
-            self.table.flushed(records)
-        replies, self._replies = self._replies, []
+            self.table.flushed({tid: rev for tid, rev, _ in encoded})
         for request, message in replies:
             self._send_reply(request, message)
-        orders, self._orders = self._orders, []
         for peer, message, trace in orders:
             self._spawn(self._order, peer, message, trace)
 
-    async def _save(self, records: list[TaskRecord], offers: bool) -> None:
+    async def _save(self, records: list[tuple[str, bytes]], offers: bool) -> None:
         if self._durable is not None and records:
-            await self._durable.save([(r.task_id, r.to_bytes()) for r in records])
+            await self._durable.save(records)
         peers = self._peers()
         if not peers:
             return
         update = TableUpdate(
             self.rank,
-            [r.to_bytes() for r in records] if self._durable is None else [],
+            [data for _, data in records] if self._durable is None else [],
             self._offer_list() if offers else [],
         )
         if not update.records and not update.offers:
@@ -579,8 +581,10 @@ class FarmControl:
 
     def _take_table(self, update: TableUpdate) -> None:
         self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
+        if self._leading:
+            return  # the nodes offer to this coordinator themselves
         for rank, capacity, labels in update.offers:
-            self.offers.setdefault(rank, _Offer(Resources.from_json(capacity), frozenset(labels)))
+            self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
         return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -281,11 +281,12 @@ class TaskTable:
         """Records changed since the last `flushed`."""
         return [self._tasks[t] for t in sorted(self._dirty)]
 
-    def flushed(self, records: Iterable[TaskRecord]) -> None:
-        """These records are durable at their current revision."""
-        for rec in records:
-            if self._tasks.get(rec.task_id) is rec:
-                self._dirty.discard(rec.task_id)
+    def flushed(self, revisions: Mapping[str, int]) -> None:
+        """These tasks are durable at these revisions (a task changed since stays dirty)."""
+        for task_id, rev in revisions.items():
+            rec = self._tasks.get(task_id)
+            if rec is not None and rec.rev == rev:
+                self._dirty.discard(task_id)
 
     def merge(self, records: Iterable[TaskRecord]) -> int:
         """Keep each task's highest revision (a replica's table, a new coordinator's pull);
