@@ -111,6 +111,7 @@ class FarmControl:
         metrics: FarmMetrics | None = None,
         request_timeout: float = 5.0,
         tick: float = 0.5,
+        changes: Callable[[], trio.MemoryReceiveChannel[Any]] | None = None,
     ) -> None:
         rank = link.rank
         if rank is None:
@@ -136,6 +137,7 @@ class FarmControl:
         self._orders: list[tuple[int, object, Mapping[str, str]]] = []
         self._recoveries: dict[str, RecoveryTrace] = {}
         self._nursery: trio.Nursery | None = None
+        self._changes = changes  # membership's events: a lost node is handled at once
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class FarmControl:
         self.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._changes is not None:
+                nursery.start_soon(self._watch, self._changes())
             task_status.started()
             try:
                 while True:
@@ -186,6 +190,11 @@ class FarmControl:
                 for recovery in self._recoveries.values():
                     recovery.end(Outcome.FAILED, reason="the coordinator stopped")
                 self._recoveries.clear()
+
+    async def _watch(self, changes: trio.MemoryReceiveChannel[Any]) -> None:
+        async with changes:
+            async for _ in changes:
+                self.poke()
 
     async def _sleep(self) -> None:
         wait = self._tick

@@ -10,6 +10,7 @@ import trio
 
 from supervise._testing.poll import wait_until_async
 from supervise.cluster.errors import RequestTimeout
+from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
@@ -383,4 +384,34 @@ async def test_a_thousand_tiny_tasks_through_a_handover(autojump_clock: Any) -> 
         assert sorted(t["id"] for t in listed) == ids
         assert {t["state"] for t in listed} == {"completed"}
         assert len({tid for tid, _ in done}) == 1000 == len(done)  # each completed once
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_membership_change_is_handled_at_once(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=1.0)
+    send, receive = trio.open_memory_channel[object](8)
+    f.controls = [
+        FarmControl(
+            link,
+            leader=f._leader,
+            live=lambda: sorted(f.live),
+            lease_s=1000.0,
+            clock=trio.current_time,
+            tick=60.0,
+            changes=lambda: receive,
+        )
+        for link in f.links
+    ]
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "t")
+        await trio.sleep(0.1)
+        [(r, _)] = [x for x in assigned(f) if x[1].task_id == "t"]
+        assert r == 1
+        f.kill(1)
+        await send.send("peer_down")  # membership's event: no wait for the next round
+        await trio.sleep(0.1)
+        i = await info(f, "t")
+        assert i["state"] == "pending" and i["reason"] == Reason.NODE_LOST
         nursery.cancel_scope.cancel()
