@@ -241,8 +241,10 @@ class FarmControl:
     async def _take_over(self) -> None:
         """Become the coordinator: gather the table (store, or every live replica), then
         give every task on a node a fresh lease to renew with us."""
-        if self._durable is not None:
-            self.table.merge(TaskRecord.from_bytes(b) for b in await self._durable.load())
+        if self._durable is not None:  # the store's table is the truth: unsaved changes go
+            records = [TaskRecord.from_bytes(b) for b in await self._durable.load()]
+            self.table = TaskTable()
+            self.table.merge(records)
         else:
             for peer in self._peers():
                 try:
@@ -443,9 +445,16 @@ class FarmControl:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
             why = str(exc) or type(exc).__name__
-        if why and isinstance(message, Assign) and self._leading:
+        if not why or not self._leading:
+            return
+        if isinstance(message, Assign):
             log.warning("farm: assignment not taken", task=message.task_id, node=peer, why=why)
             self.table.refused(message.task_id, message.fence, peer, self._clock(), why)
+            self.poke()
+        elif isinstance(message, Stop) and self.table.current(message.task_id, message.fence):
+            log.info("farm: stop not delivered; again", task=message.task_id, node=peer, why=why)
+            await trio.sleep(self._tick)  # while the attempt is current (else: moot)
+            self._orders.append((peer, message, trace))
             self.poke()
 
     # -- handlers: farm nodes --------------------------------------------------------------

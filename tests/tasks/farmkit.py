@@ -98,6 +98,7 @@ class FakeNode:
         self.accept = accept
         self.assigned: list[tuple[Assign, Mapping[str, str]]] = []
         self.stops: list[Stop] = []
+        self.drop_stops = 0  # the next N stops fail (a link that drops them)
         link.handle(Assign, self._assign)
         link.handle(Stop, self._stop)
 
@@ -106,6 +107,9 @@ class FakeNode:
         return Ack(self.accept, "" if self.accept else "full")
 
     async def _stop(self, msg: Incoming[Stop]) -> object:
+        if self.drop_stops > 0:
+            self.drop_stops -= 1
+            raise RuntimeError("dropped")
         self.stops.append(msg.body)
         return Ack(True)
 

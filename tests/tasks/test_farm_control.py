@@ -415,3 +415,18 @@ async def test_a_membership_change_is_handled_at_once(autojump_clock: Any) -> No
         i = await info(f, "t")
         assert i["state"] == "pending" and i["reason"] == Reason.NODE_LOST
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pause_not_delivered_is_sent_again(autojump_clock: Any) -> None:
+    f = Farmlet(1)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        await report(f, r, a, AttemptPhase.STARTED)
+        f.nodes[r].drop_stops = 2
+        await ask(f, Control("t", ControlAction.PAUSE))
+        await wait_until_async(lambda: f.nodes[r].stops, what="the stop", timeout_s=30.0)
+        assert [s.why for s in f.nodes[r].stops] == ["pause"]
+        nursery.cancel_scope.cancel()
