@@ -49,7 +49,7 @@ from supervise.tasks.farm_messages import (
 )
 from supervise.tasks.journal import CorruptRecord
 from supervise.tasks.resources import Resources
-from supervise.tasks.scheduler import NodeView, Strategy, place, unschedulable
+from supervise.tasks.scheduler import NodeView, Request, Strategy, place, unschedulable
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import TERMINAL, TaskState
 from supervise.tasks.table import (
@@ -72,6 +72,9 @@ NOT_COORDINATOR = "not the coordinator"
 #: believe they lead (views converging) never hand out the same fence.
 FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
+#: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
+#: round places at most what is free; the next round, at once after any change, goes on).
+PLACE_WINDOW = 128
 
 _QUIET_PHASES = frozenset({AttemptPhase.STARTED, AttemptPhase.PROGRESS})
 
@@ -108,6 +111,7 @@ class FarmControl:
         metrics: FarmMetrics | None = None,
         request_timeout: float = 5.0,
         tick: float = 0.5,
+        changes: Callable[[], trio.MemoryReceiveChannel[Any]] | None = None,
     ) -> None:
         rank = link.rank
         if rank is None:
@@ -133,6 +137,7 @@ class FarmControl:
         self._orders: list[tuple[int, object, Mapping[str, str]]] = []
         self._recoveries: dict[str, RecoveryTrace] = {}
         self._nursery: trio.Nursery | None = None
+        self._changes = changes  # membership's events: a lost node is handled at once
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -146,6 +151,8 @@ class FarmControl:
 
     def _refusal(self) -> FarmRefusal:
         who = self._leader()
+        if who == self.rank:  # taking over: not ready yet, ask again
+            return FarmRefusal(f"rank {self.rank} is taking the farm over; ask again", None)
         return FarmRefusal(f"rank {self.rank} is {NOT_COORDINATOR} (ask rank {who})", who)
 
     def _leads_now(self) -> bool:
@@ -171,6 +178,8 @@ class FarmControl:
         self.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._changes is not None:
+                nursery.start_soon(self._watch, self._changes())
             task_status.started()
             try:
                 while True:
@@ -182,11 +191,17 @@ class FarmControl:
                     recovery.end(Outcome.FAILED, reason="the coordinator stopped")
                 self._recoveries.clear()
 
+    async def _watch(self, changes: trio.MemoryReceiveChannel[Any]) -> None:
+        async with changes:
+            async for _ in changes:
+                self.poke()
+
     async def _sleep(self) -> None:
         wait = self._tick
-        ready = self.table.next_ready()
+        at = self._clock()
+        ready = self.table.next_ready(at)
         if ready is not None:
-            wait = max(0.0, min(wait, ready - self._clock()))
+            wait = min(wait, ready - at)
         with trio.move_on_after(wait):
             await self._wake.wait()
         self._wake = trio.Event()
@@ -218,8 +233,10 @@ class FarmControl:
             recovery.end(Outcome.FAILED, reason="the coordinator stepped down")
         self._recoveries.clear()
         replies, self._replies = self._replies, []
-        for request, _ in replies:
-            self._send_reply(request, self._refusal())
+        refusal = self._refusal()
+        for request, _ in replies:  # never made durable here: ask the new coordinator
+            node_report = isinstance(request.body, Update)
+            self._send_reply(request, Ack(False, refusal.reason) if node_report else refusal)
 
     async def _take_over(self) -> None:
         """Become the coordinator: gather the table (store, or every live replica), then
@@ -309,12 +326,17 @@ class FarmControl:
         ]
 
     def _schedule(self, now: float, at: float) -> None:
-        requests = self.table.requests(at)
+        requests = self.table.requests(at, PLACE_WINDOW)
         if not requests:
             return
         views = self._views()
         if not views:
             return
+        if not _room(requests, views):
+            return  # nothing fits anywhere now: the scheduler need not look
+        ranks = frozenset(v.rank for v in views)
+        # the node a task was lost from is avoided, unless it is the only one left
+        requests = [attrs.evolve(r, avoid=frozenset()) if ranks <= r.avoid else r for r in requests]
         for placement in place(requests, views, self.strategy):
             rec = self.table.place(placement.task_id, placement.rank, at, self._next_fence)
             self._leases[rec.task_id] = now + self.lease_s
@@ -344,36 +366,38 @@ class FarmControl:
         self.metrics.set_counts(self.table.counts())
 
     async def _flush(self) -> None:
-        """Make the changes durable, then send what depends on them (replies, orders)."""
-        records = self.table.dirty
+        """Make the changes durable, then send what depends on them (replies, orders).
+        What is taken here is what this save covers: changes, replies and orders made while
+        it runs wait for the next one."""
+        encoded = [(r.task_id, r.rev, r.to_bytes()) for r in self.table.dirty]
         offers = self._offers_dirty
-        if records or offers:
+        replies, self._replies = self._replies, []
+        orders, self._orders = self._orders, []
+        if encoded or offers:
             self._offers_dirty = False
             try:
-                await self._save(records, offers)
+                await self._save([(tid, data) for tid, _, data in encoded], offers)
             except Exception as exc:  # a deposed leader's fenced write, a store outage
                 log.warning("farm: saving the table failed; stepping down", error=str(exc))
                 self._offers_dirty = True
-                self._orders.clear()
+                self._replies = replies + self._replies  # refused by the step-down
                 self._step_down()
                 return
-            self.table.flushed(records)
-        replies, self._replies = self._replies, []
+            self.table.flushed({tid: rev for tid, rev, _ in encoded})
         for request, message in replies:
             self._send_reply(request, message)
-        orders, self._orders = self._orders, []
         for peer, message, trace in orders:
             self._spawn(self._order, peer, message, trace)
 
-    async def _save(self, records: list[TaskRecord], offers: bool) -> None:
+    async def _save(self, records: list[tuple[str, bytes]], offers: bool) -> None:
         if self._durable is not None and records:
-            await self._durable.save([(r.task_id, r.to_bytes()) for r in records])
+            await self._durable.save(records)
         peers = self._peers()
         if not peers:
             return
         update = TableUpdate(
             self.rank,
-            [r.to_bytes() for r in records] if self._durable is None else [],
+            [data for _, data in records] if self._durable is None else [],
             self._offer_list() if offers else [],
         )
         if not update.records and not update.offers:
@@ -566,11 +590,24 @@ class FarmControl:
 
     def _take_table(self, update: TableUpdate) -> None:
         self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
+        if self._leading:
+            return  # the nodes offer to this coordinator themselves
         for rank, capacity, labels in update.offers:
-            self.offers.setdefault(rank, _Offer(Resources.from_json(capacity), frozenset(labels)))
+            self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
         return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+
+
+def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:
+    """Whether some node has room for the smallest needs of each kind (a cheap lower bound:
+    False means no request fits anywhere)."""
+    least = Resources(
+        min(r.needs.cpu for r in requests),
+        min(r.needs.memory for r in requests),
+        min(r.needs.gpus for r in requests),
+    )
+    return any(least.fits_in(v.capacity - v.used) for v in views)
 
 
 def _stop(order: StopOrder) -> Stop:

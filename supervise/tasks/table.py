@@ -12,7 +12,8 @@ highest revision of each task, so a new coordinator loses and duplicates nothing
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -201,6 +202,23 @@ class TaskTable:
         self._tasks: dict[str, TaskRecord] = {}
         self._dirty: set[str] = set()
         self._seq = 0
+        # indexes by state, kept by `_index` (the coordinator asks for these every round)
+        self._pending: set[str] = set()
+        self._on_nodes: set[str] = set()
+        self._counts: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
+        self._state: dict[str, TaskState] = {}
+
+    def _index(self, rec: TaskRecord) -> None:
+        tid, state = rec.task_id, rec.state
+        old = self._state.get(tid)
+        if old is state:
+            return
+        if old is not None:
+            self._counts[old] -= 1
+        self._counts[state] += 1
+        self._state[tid] = state
+        (self._pending.add if state is TaskState.PENDING else self._pending.discard)(tid)
+        (self._on_nodes.add if state in _LIVE_ON_NODE else self._on_nodes.discard)(tid)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -222,21 +240,22 @@ class TaskTable:
 
     def counts(self) -> dict[TaskState, int]:
         """Tasks by state (every state listed)."""
-        out = dict.fromkeys(TaskState, 0)
-        for rec in self._tasks.values():
-            out[rec.state] += 1
-        return out
+        return dict(self._counts)
 
     def on_node(self, node: int) -> list[TaskRecord]:
         """The tasks assigned to or running on ``node``."""
-        return [r for r in self._tasks.values() if r.node == node and r.state in _LIVE_ON_NODE]
+        return [r for r in self.live_on_nodes() if r.node == node]
 
     def live_on_nodes(self) -> list[TaskRecord]:
         """Every task assigned or running somewhere."""
-        return [r for r in self._tasks.values() if r.state in _LIVE_ON_NODE]
+        return [self._tasks[t] for t in self._on_nodes]
 
-    def requests(self, at: float) -> list[Request]:
-        """Placement requests of the pending tasks whose backoff is over at ``at``."""
+    def requests(self, at: float, limit: int | None = None) -> list[Request]:
+        """Placement requests of the pending tasks whose backoff is over at ``at``: the
+        first ``limit`` by priority, then submission order (all: None)."""
+        ready = [r for r in (self._tasks[t] for t in self._pending) if r.not_before <= at]
+        if limit is not None and len(ready) > limit:
+            ready = heapq.nsmallest(limit, ready, key=lambda r: (-r.priority, r.seq))
         return [
             Request(
                 r.task_id,
@@ -247,13 +266,12 @@ class TaskTable:
                 replica_on=r.replicas,
                 avoid=r.avoid,
             )
-            for r in self._tasks.values()
-            if r.state is TaskState.PENDING and r.not_before <= at
+            for r in ready
         ]
 
-    def next_ready(self) -> float | None:
-        """The earliest backoff end among pending tasks (None: none waiting)."""
-        waits = [r.not_before for r in self._tasks.values() if r.state is TaskState.PENDING]
+    def next_ready(self, at: float) -> float | None:
+        """The earliest backoff end after ``at`` among pending tasks (None: none waiting)."""
+        waits = [r.not_before for r in (self._tasks[t] for t in self._pending) if r.not_before > at]
         return min(waits, default=None)
 
     # -- durability ------------------------------------------------------------------------
@@ -263,11 +281,12 @@ class TaskTable:
         """Records changed since the last `flushed`."""
         return [self._tasks[t] for t in sorted(self._dirty)]
 
-    def flushed(self, records: Iterable[TaskRecord]) -> None:
-        """These records are durable at their current revision."""
-        for rec in records:
-            if self._tasks.get(rec.task_id) is rec:
-                self._dirty.discard(rec.task_id)
+    def flushed(self, revisions: Mapping[str, int]) -> None:
+        """These tasks are durable at these revisions (a task changed since stays dirty)."""
+        for task_id, rev in revisions.items():
+            rec = self._tasks.get(task_id)
+            if rec is not None and rec.rev == rev:
+                self._dirty.discard(task_id)
 
     def merge(self, records: Iterable[TaskRecord]) -> int:
         """Keep each task's highest revision (a replica's table, a new coordinator's pull);
@@ -277,6 +296,7 @@ class TaskTable:
             mine = self._tasks.get(rec.task_id)
             if mine is None or rec.rev > mine.rev:
                 self._tasks[rec.task_id] = rec
+                self._index(rec)
                 self._seq = max(self._seq, rec.seq)
                 taken += 1
         return taken
@@ -289,6 +309,7 @@ class TaskTable:
         self, rec: TaskRecord, target: TaskState, reason: Reason, at: float, detail: str = ""
     ) -> None:
         rec.life.move(target, reason, max(at, rec.life.since), detail)
+        self._index(rec)
         self._touch(rec)
 
     # -- the moves -------------------------------------------------------------------------
@@ -325,6 +346,7 @@ class TaskTable:
             non_retryable=non_retryable,
         )
         self._tasks[rec.task_id] = rec
+        self._index(rec)
         self._touch(rec)
         return rec, True
 
