@@ -461,6 +461,8 @@ class FarmControl:
 
     async def _on_offer(self, msg: Incoming[Offer]) -> object:
         o = msg.body
+        if _forged(msg, o.node):
+            return Ack(False, f"rank {msg.sender} cannot speak for node {o.node}")
         try:
             offer = _Offer(Resources.from_json(o.capacity), frozenset(o.labels))
         except (ValueError, TypeError) as exc:
@@ -473,6 +475,8 @@ class FarmControl:
 
     async def _on_renew(self, msg: Incoming[Renew]) -> object:
         r = msg.body
+        if _forged(msg, r.node):
+            return Renewed(ok=False, reason=f"rank {msg.sender} cannot speak for node {r.node}")
         if not self._leads_now():
             return Renewed(ok=False, reason=self._refusal().reason)
         now = trio.current_time()
@@ -486,6 +490,8 @@ class FarmControl:
 
     async def _on_update(self, msg: Incoming[Update]) -> object:
         u = msg.body
+        if _forged(msg, u.node):
+            return Ack(False, f"rank {msg.sender} cannot speak for node {u.node}")
         if not self._leads_now():
             return Ack(False, self._refusal().reason)
         verdict = self.table.update(u, self._clock())
@@ -606,6 +612,12 @@ class FarmControl:
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
         return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+
+
+def _forged(msg: Incoming[Any], node: int) -> bool:
+    """Whether a farm node's message claims another node than the rank that sent it (a
+    client, with no rank, never sends these)."""
+    return msg.sender != node
 
 
 def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:

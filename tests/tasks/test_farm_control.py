@@ -430,3 +430,20 @@ async def test_a_pause_not_delivered_is_sent_again(autojump_clock: Any) -> None:
         await wait_until_async(lambda: f.nodes[r].stops, what="the stop", timeout_s=30.0)
         assert [s.why for s in f.nodes[r].stops] == ["pause"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_cannot_speak_for_another(autojump_clock: Any) -> None:
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        other = (r + 1) % 3
+        forged = Update(r, "t", a.attempt, a.fence, AttemptPhase.COMPLETED, result=b"")
+        ack = (await f.links[other].request(0, forged)).body
+        assert not ack.ok
+        got = await f.links[other].request(0, Renew(r, [("t", a.fence)]))
+        assert not got.body.ok
+        assert (await info(f, "t"))["state"] == "assigned"
+        nursery.cancel_scope.cancel()
