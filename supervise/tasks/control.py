@@ -8,7 +8,8 @@ fence refused: the zombie is told) and requeues the tasks of a node lost by memb
 whose lease ran out. The others answer clients with a redirect and keep a replica of the table.
 
 Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
-live farm node as `TableUpdate`) before anything acting on it is sent — a reply, an
+live farm node as `TableUpdate`, at least one of them acknowledging) before anything acting on
+it is sent — a reply, an
 assignment — so a new coordinator (which pulls the replicas and keeps each task's highest
 revision) loses and duplicates nothing.
 """
@@ -379,6 +380,13 @@ class FarmControl:
             self._offers_dirty = False
             try:
                 await self._save([(tid, data) for tid, _, data in encoded], offers)
+            except _NotSaved as exc:  # no peer took it: act on nothing yet, try again
+                log.info("farm: table update taken by no peer; again", error=str(exc))
+                self._offers_dirty = self._offers_dirty or offers
+                self._replies = replies + self._replies
+                self._orders = orders + self._orders
+                await trio.sleep(self._tick)
+                return
             except Exception as exc:  # a deposed leader's fenced write, a store outage
                 log.warning("farm: saving the table failed; stepping down", error=str(exc))
                 self._offers_dirty = True
@@ -404,15 +412,20 @@ class FarmControl:
         )
         if not update.records and not update.offers:
             return
+        taken: list[int] = []
         async with trio.open_nursery() as nursery:
             for peer in peers:
-                nursery.start_soon(self._push, peer, update)
+                nursery.start_soon(self._push, peer, update, taken)
+        if update.records and not taken:
+            raise _NotSaved(f"no reply from ranks {peers}")
 
-    async def _push(self, peer: int, update: TableUpdate) -> None:
+    async def _push(self, peer: int, update: TableUpdate, taken: list[int]) -> None:
         try:
             await self.link.request(peer, update, timeout=self._timeout, expect=Ack)
         except ClusterError as exc:  # a lost peer is requeued by membership, not here
             log.info("farm: table update not taken", peer=peer, error=str(exc))
+        else:
+            taken.append(peer)
 
     def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
         return [
@@ -612,6 +625,10 @@ class FarmControl:
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
         return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+
+
+class _NotSaved(Exception):
+    """No live peer took a table update (without a store): nothing may act on it yet."""
 
 
 def _forged(msg: Incoming[Any], node: int) -> bool:

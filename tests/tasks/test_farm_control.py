@@ -447,3 +447,23 @@ async def test_a_node_cannot_speak_for_another(autojump_clock: Any) -> None:
         assert not got.body.ok
         assert (await info(f, "t"))["state"] == "assigned"
         nursery.cancel_scope.cancel()
+
+
+async def test_nothing_is_acted_on_before_a_peer_holds_it(autojump_clock: Any) -> None:
+    f = Farmlet(2)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        f.net.down.add(1)  # rank 1 is silent but not yet declared lost
+        answered: list[Any] = []
+
+        async def submit_t() -> None:
+            answered.append(await submit(f, "t"))
+
+        nursery.start_soon(submit_t)
+        await trio.sleep(2.0)  # (the client's request waits up to 5 s)
+        assert answered == [] and assigned(f) == []  # neither acknowledged nor placed
+        f.net.down.discard(1)
+        await wait_until_async(lambda: answered, what="the reply", timeout_s=30.0)
+        assert isinstance(answered[0], TaskReply)
+        assert "t" in f.controls[1].table  # the replica has it
+        nursery.cancel_scope.cancel()
