@@ -139,6 +139,7 @@ class FarmControl:
         self._recoveries: dict[str, RecoveryTrace] = {}
         self._nursery: trio.Nursery | None = None
         self._changes = changes  # membership's events: a lost node is handled at once
+        self._stalled = False  # this process slept far longer than it asked (SIGSTOP)
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -203,8 +204,11 @@ class FarmControl:
         ready = self.table.next_ready(at)
         if ready is not None:
             wait = min(wait, ready - at)
+        asleep = trio.current_time()
         with trio.move_on_after(wait):
             await self._wake.wait()
+        if trio.current_time() - asleep > wait + self.lease_s / 2:
+            self._stalled = True
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -218,6 +222,11 @@ class FarmControl:
                 log.info("farm: no longer the coordinator", rank=self.rank, leader=self._leader())
                 self._step_down()
             return
+        if self._leading and self._stalled:
+            # frozen past half a lease: another node may have led meanwhile
+            log.warning("farm: stalled; taking the farm over again", rank=self.rank)
+            self._step_down()
+        self._stalled = False
         if not self._leading:
             await self._take_over()
         now = trio.current_time()
@@ -241,12 +250,16 @@ class FarmControl:
 
     async def _take_over(self) -> None:
         """Become the coordinator: gather the table (store, or every live replica), then
-        give every task on a node a fresh lease to renew with us."""
-        if self._durable is not None:  # the store's table is the truth: unsaved changes go
+        give every task on a node a fresh lease to renew with us.
+
+        Changes this node made but never saved (it led before, then froze or lost the lead)
+        were never acknowledged to anyone: the saved versions replace them."""
+        if self._durable is not None:  # the store's table is the truth
             records = [TaskRecord.from_bytes(b) for b in await self._durable.load()]
             self.table = TaskTable()
             self.table.merge(records)
         else:
+            pulled: list[TaskRecord] = []
             for peer in self._peers():
                 try:
                     got = await self.link.request(
@@ -255,12 +268,15 @@ class FarmControl:
                 except ClusterError as exc:
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
                     continue
-                self._take_table(got.body)
+                pulled.extend(TaskRecord.from_bytes(b) for b in got.body.records)
+                self._take_offers(got.body)
+            self.table.drop_unsaved(pulled)
+            self.table.merge(pulled)
         now = trio.current_time()
         for rec in self.table.live_on_nodes():
             self._leases[rec.task_id] = now + self.lease_s
         for rec in self.table:
-            self.table.mark(rec)  # everyone gets the merged table
+            self.table.bump(rec)  # everyone gets the merged table, above any older copy
         self._offers_dirty = True
         self._leading = True
         log.info("farm: coordinator", rank=self.rank, tasks=len(self.table))
@@ -618,6 +634,9 @@ class FarmControl:
 
     def _take_table(self, update: TableUpdate) -> None:
         self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
+        self._take_offers(update)
+
+    def _take_offers(self, update: TableUpdate) -> None:
         if self._leading:
             return  # the nodes offer to this coordinator themselves
         for rank, capacity, labels in update.offers:

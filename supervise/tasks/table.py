@@ -370,9 +370,31 @@ class TaskTable:
         rec.avoid = frozenset()
         return rec
 
-    def mark(self, rec: TaskRecord) -> None:
-        """Save ``rec`` again at the next flush (a new coordinator re-broadcasts its table)."""
-        self._dirty.add(rec.task_id)
+    def bump(self, rec: TaskRecord) -> None:
+        """A new revision of ``rec``, saved at the next flush (a new coordinator re-broadcasts
+        its table above every older copy)."""
+        self._touch(rec)
+
+    def drop_unsaved(self, saved: Iterable[TaskRecord]) -> None:
+        """Replace every change not saved yet by its saved version in ``saved`` (newest
+        revision), or forget the task if none was saved: those changes were never
+        acknowledged to anyone."""
+        newest: dict[str, TaskRecord] = {}
+        for rec in saved:
+            if rec.task_id not in newest or rec.rev > newest[rec.task_id].rev:
+                newest[rec.task_id] = rec
+        for task_id in list(self._dirty):
+            old = self._tasks.pop(task_id)
+            state = self._state.pop(task_id)
+            self._counts[state] -= 1
+            self._pending.discard(task_id)
+            self._on_nodes.discard(task_id)
+            self._dirty.discard(task_id)
+            keep = newest.get(task_id)
+            if keep is not None:
+                self._tasks[task_id] = keep
+                self._index(keep)
+            del old
 
     def refused(self, task_id: str, fence: int, node: int, at: float, why: str) -> bool:
         """The node did not take the assignment under ``fence``: a start failure (back to

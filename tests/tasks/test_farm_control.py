@@ -467,3 +467,43 @@ async def test_nothing_is_acted_on_before_a_peer_holds_it(autojump_clock: Any) -
         assert isinstance(answered[0], TaskReply)
         assert "t" in f.controls[1].table  # the replica has it
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_coordinator_takes_the_newer_table_when_it_wakes(
+    autojump_clock: Any,
+) -> None:
+    f = Farmlet(3, cpu=2.0, lease_s=3.0)
+    frozen = trio.CancelScope()
+
+    async def zero(task_status: trio.TaskStatus[None]) -> None:
+        with frozen:  # cancelled: SIGSTOP (no round runs; its state stays as it was)
+            await f.controls[0].run(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(zero)
+        for c in f.controls[1:]:
+            await nursery.start(c.run)
+        for r in range(3):
+            await f.offer(r)
+        await submit(f, "a")
+        await submit(f, "b")
+        await settle()
+        [(r, a)] = [x for x in assigned(f) if x[1].task_id == "a"]
+        assert r == 0
+        frozen.cancel()
+        f.kill(0)  # the others see it gone
+        await settle()
+        assert f.controls[1].leading and f.controls[0].leading  # it still believes it leads
+        [(r2, a2)] = [x for x in assigned(f) if x[1].task_id == "a" and x[1].fence > a.fence]
+        # SIGCONT: it is back, the lowest rank again, and knows it overslept
+        f.live.add(0)
+        f.net.down.discard(0)
+        f.controls[0]._stalled = True
+        await nursery.start(f.controls[0].run)
+        await settle()
+        assert f.controls[0].leading and not f.controls[1].leading
+        rec = f.controls[0].table.get("a")
+        assert (rec.fence, rec.node) == (a2.fence, r2)  # the newer table, not its own
+        ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"ok")
+        assert ack.ok, ack
+        nursery.cancel_scope.cancel()

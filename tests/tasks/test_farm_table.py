@@ -129,3 +129,14 @@ async def test_a_moved_task_is_one_recovery_trace_with_its_context_in_the_assign
         assert trace["traceparent"].split("-")[1] == f"{root.context.trace_id:032x}"
     finally:
         tel.shutdown()
+
+
+def test_unsaved_changes_give_way_to_the_saved_versions() -> None:
+    t = _table("a", "b")
+    saved = [TaskRecord.from_bytes(r.to_bytes()) for r in t]
+    t.flushed({r.task_id: r.rev for r in t})
+    t.place("a", 1, 2.0)  # changed, never saved
+    t.submit(TaskSpec(TARGET, (1,), task_id="c"), Resources(1.0), 2.0)  # never saved
+    t.drop_unsaved(saved)
+    assert t.get("a").state is TaskState.PENDING and t.get("a").fence == 0
+    assert "c" not in t and len(t) == 2 and t.counts()[TaskState.PENDING] == 2
