@@ -21,13 +21,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
+import msgpack
 import structlog
 import trio
 
 from supervise.cluster.errors import ClusterError
-from supervise.cluster.transport import DEFERRED, Incoming
+from supervise.cluster.transport import DEFERRED, Incoming, Reply
 from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import (
+    MAX_SPEC_BYTES,
     STALE_FENCE,
     Ack,
     Assign,
@@ -73,6 +75,8 @@ NOT_COORDINATOR = "not the coordinator"
 #: believe they lead (views converging) never hand out the same fence.
 FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
+#: Values up to this size travel in a reply's header (64 KiB at most); larger, as its payload.
+INLINE_BYTES = 16 * 1024
 #: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
 #: round places at most what is free; the next round, at once after any change, goes on).
 PLACE_WINDOW = 128
@@ -268,7 +272,7 @@ class FarmControl:
                 except ClusterError as exc:
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
                     continue
-                pulled.extend(TaskRecord.from_bytes(b) for b in got.body.records)
+                pulled.extend(TaskRecord.from_bytes(b) for b in _records(got))
                 self._take_offers(got.body)
             self.table.drop_unsaved(pulled)
             self.table.merge(pulled)
@@ -421,23 +425,23 @@ class FarmControl:
         peers = self._peers()
         if not peers:
             return
-        update = TableUpdate(
-            self.rank,
-            [data for _, data in records] if self._durable is None else [],
-            self._offer_list() if offers else [],
-        )
-        if not update.records and not update.offers:
+        sent = [data for _, data in records] if self._durable is None else []
+        update = TableUpdate(self.rank, [], self._offer_list() if offers else [])
+        if not sent and not update.offers:
             return
+        frames = [_pack(sent)] if sent else []  # records travel as payload, never in the header
         taken: list[int] = []
         async with trio.open_nursery() as nursery:
             for peer in peers:
-                nursery.start_soon(self._push, peer, update, taken)
-        if update.records and not taken:
+                nursery.start_soon(self._push, peer, update, frames, taken)
+        if sent and not taken:
             raise _NotSaved(f"no reply from ranks {peers}")
 
-    async def _push(self, peer: int, update: TableUpdate, taken: list[int]) -> None:
+    async def _push(
+        self, peer: int, update: TableUpdate, frames: list[bytes], taken: list[int]
+    ) -> None:
         try:
-            await self.link.request(peer, update, timeout=self._timeout, expect=Ack)
+            await self.link.request(peer, update, timeout=self._timeout, expect=Ack, frames=frames)
         except ClusterError as exc:  # a lost peer is requeued by membership, not here
             log.info("farm: table update not taken", peer=peer, error=str(exc))
         else:
@@ -474,6 +478,8 @@ class FarmControl:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
             why = str(exc) or type(exc).__name__
+        except ValueError as exc:  # not sendable (a header over the transport's limit)
+            why = str(exc)
         if not why or not self._leading:
             return
         if isinstance(message, Assign):
@@ -521,6 +527,8 @@ class FarmControl:
         u = msg.body
         if _forged(msg, u.node):
             return Ack(False, f"rank {msg.sender} cannot speak for node {u.node}")
+        if u.result is None and u.phase is AttemptPhase.COMPLETED and (blob := _frame(msg)):
+            u = attrs.evolve(u, result=blob)  # a large result comes as the payload
         if not self._leads_now():
             return Ack(False, self._refusal().reason)
         verdict = self.table.update(u, self._clock())
@@ -556,8 +564,14 @@ class FarmControl:
         s = msg.body
         if not self._leads_now():
             return self._refusal()
+        spec_bytes = s.spec or _frame(msg) or b""  # a large spec comes as the payload
+        if len(spec_bytes) > MAX_SPEC_BYTES:
+            return FarmRefusal(
+                f"task spec is {len(spec_bytes)} bytes, at most {MAX_SPEC_BYTES} "
+                "(it travels in the assignment): pass large data by path"
+            )
         try:
-            spec = TaskSpec.from_bytes(s.spec)
+            spec = TaskSpec.from_bytes(spec_bytes)
             needs = Resources.from_json(s.needs)
             labels = frozenset(s.labels)
         except (CorruptRecord, ValueError, TypeError) as exc:
@@ -575,7 +589,7 @@ class FarmControl:
                 priority=s.priority,
                 max_attempts=s.max_attempts,
                 non_retryable=tuple(s.non_retryable),
-                spec_bytes=s.spec,
+                spec_bytes=spec_bytes,
             )
         except TableError as exc:
             return FarmRefusal(str(exc), self.rank)
@@ -588,12 +602,16 @@ class FarmControl:
         if not self._leads_now():
             return self._refusal()
         if q.task_id is None:
-            return TaskList([record_json(r, history=q.history) for r in self.table])
-        try:
-            rec = self.table.get(q.task_id)
-        except UnknownTask as exc:
-            return FarmRefusal(str(exc), self.rank, unknown=True)
-        return TaskList([record_json(rec, history=q.history)])
+            tasks = [record_json(r, history=q.history) for r in self.table]
+        else:
+            try:
+                tasks = [record_json(self.table.get(q.task_id), history=q.history)]
+            except UnknownTask as exc:
+                return FarmRefusal(str(exc), self.rank, unknown=True)
+        packed = _pack(tasks)
+        if len(packed) <= INLINE_BYTES:
+            return TaskList(tasks)
+        return Reply(TaskList([]), frames=[packed])  # a long list: the payload
 
     async def _on_control(self, msg: Incoming[Control]) -> object:
         c = msg.body
@@ -624,17 +642,21 @@ class FarmControl:
             rec = self.table.get(q.task_id)
         except UnknownTask as exc:
             return FarmRefusal(str(exc), self.rank, unknown=True)
-        return ResultReply(rec.task_id, str(rec.state), rec.result, rec.error)
+        result = rec.result
+        if result is None or len(result) <= INLINE_BYTES:
+            return ResultReply(rec.task_id, str(rec.state), result, rec.error)
+        reply = ResultReply(rec.task_id, str(rec.state), None, rec.error)
+        return Reply(reply, frames=[result])  # a large result: the payload
 
     # -- handlers: the replicated table ----------------------------------------------------
 
     async def _on_table(self, msg: Incoming[TableUpdate]) -> object:
-        self._take_table(msg.body)
+        self._take_table(msg)
         return Ack(True)
 
-    def _take_table(self, update: TableUpdate) -> None:
-        self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
-        self._take_offers(update)
+    def _take_table(self, msg: Incoming[TableUpdate]) -> None:
+        self.table.merge(TaskRecord.from_bytes(b) for b in _records(msg))
+        self._take_offers(msg.body)
 
     def _take_offers(self, update: TableUpdate) -> None:
         if self._leading:
@@ -643,7 +665,31 @@ class FarmControl:
             self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
-        return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+        records = [r.to_bytes() for r in self.table]
+        return Reply(TableUpdate(self.rank, [], self._offer_list()), frames=[_pack(records)])
+
+
+def _pack(items: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(items, use_bin_type=True)
+    return packed
+
+
+def _frame(msg: Incoming[Any]) -> bytes | None:
+    """The first payload frame, if any."""
+    buffers = msg.buffers
+    return bytes(buffers[0]) if buffers else None
+
+
+def _records(msg: Incoming[TableUpdate]) -> list[bytes]:
+    """A table update's records: in its header (small) and its payload (a packed list)."""
+    out = list(msg.body.records)
+    blob = _frame(msg)
+    if blob:
+        items = msgpack.unpackb(blob, raw=False)
+        if not isinstance(items, list) or not all(isinstance(b, bytes) for b in items):
+            raise TableError("table update payload: not a list of records")
+        out.extend(items)
+    return out
 
 
 class _NotSaved(Exception):

@@ -15,7 +15,7 @@ from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_messages import Query, Submit, TaskList, TaskReply
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
-from tests.tasks.farmkit import Farmlet
+from tests.tasks.farmkit import Farmlet, unwrap
 
 NODES = ("127.0.0.1:29500", "127.0.0.1:29501")
 
@@ -77,7 +77,7 @@ async def test_the_table_lives_in_the_store_and_survives_the_leader(
             )
             await trio.sleep(2)
             assert not f.controls[0].leading and f.controls[1].leading
-            got = await client.request(1, Query())
-            assert isinstance(got.body, TaskList)
-            assert [t["id"] for t in got.body.tasks] == ["t0", "t1", "t2"]  # "late" never acked
+            got = unwrap(await client.request(1, Query()))
+            assert isinstance(got, TaskList)
+            assert [t["id"] for t in got.tasks] == ["t0", "t1", "t2"]  # "late" never acked
             await trio.sleep_forever()  # the first seat's keep-alive finds its lease gone

@@ -31,7 +31,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
-from tests.tasks.farmkit import Farmlet
+from tests.tasks.farmkit import Farmlet, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -46,7 +46,7 @@ async def submit(
 
 
 async def ask(f: Farmlet, message: object) -> Any:
-    return (await f.client().request(f.coordinator.rank, message)).body
+    return unwrap(await f.client().request(f.coordinator.rank, message))
 
 
 async def info(f: Farmlet, task_id: str) -> dict[str, Any]:
@@ -256,6 +256,10 @@ async def test_submit_checks_and_redirect(autojump_clock: Any) -> None:
         await f.start(nursery)
         bad = await submit(f, "big", cpu=64)
         assert isinstance(bad, FarmRefusal) and bad.unschedulable and "64" in bad.reason
+        huge = TaskSpec(TARGET, ("x" * 60_000,), task_id="huge").to_bytes()
+        msg = Submit(b"", Resources(1.0).to_json())
+        got = unwrap(await f.client().request(0, msg, frames=[huge]))
+        assert isinstance(got, FarmRefusal) and "at most" in got.reason
         redirect = await submit(f, "t", to=1)
         assert isinstance(redirect, FarmRefusal) and redirect.coordinator == 0
         first = await submit(f, "t")
