@@ -2,12 +2,15 @@
 
 A task is an async function taking a `TaskContext`; each ``await ctx.step(name, fn, ...)``
 commits its result before it counts as done, so a resumed attempt (after a crash, a kill -9,
-an error) gets it back instead of running the step again. Torch-free.
+an error) gets it back instead of running the step again. A farm of ``supervise node
+--tasks`` agents schedules them by resources and moves them off lost nodes (`Farm`, the
+client). Torch-free.
 """
 
 from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.attempt import BadTarget
 from supervise.tasks.context import StepError, TaskContext, idempotency_key
+from supervise.tasks.farm import Farm, FarmError, TaskCancelled, TaskInfo, TaskRef, Unschedulable
 from supervise.tasks.host import JournalHost, open_journal_host
 from supervise.tasks.journal import (
     CorruptRecord,
@@ -69,6 +72,8 @@ __all__ = [
     "DiskJournal",
     "EverySeconds",
     "EveryStep",
+    "Farm",
+    "FarmError",
     "InProcess",
     "InvalidTransition",
     "Journal",
@@ -85,14 +90,18 @@ __all__ = [
     "RetryPolicy",
     "StepError",
     "Strategy",
+    "TaskCancelled",
     "TaskContext",
     "TaskFailed",
+    "TaskInfo",
     "TaskPolicy",
+    "TaskRef",
     "TaskResult",
     "TaskRunner",
     "TaskSpec",
     "TaskState",
     "Transition",
+    "Unschedulable",
     "UnsupportedValue",
     "WorkerProcess",
     "decode",
