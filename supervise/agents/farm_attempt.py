@@ -41,6 +41,7 @@ class Running:
     trace: Mapping[str, str] = attrs.field(factory=dict)
     fetch_from: tuple[int, ...] = ()
     stop: StopWhy | None = None  # asked to pause or cancel
+    finished: bool = False  # its worker exited: only its end is left to report
     zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
     refused: int = 0  # worker commits refused (lapsed lease, stale fence)
     pid: int | None = None

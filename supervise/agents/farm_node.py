@@ -376,6 +376,7 @@ class FarmNode:
                     nursery.start_soon(self._follow, run)
                     assert self.runner is not None
                     end = await self.runner(run)
+                    run.finished = True  # its lease is no longer renewed: the end is told
                     nursery.cancel_scope.cancel()
             view = await self._sync(run)  # the last versions reach the peers before the end
             if _dead(run):
@@ -559,7 +560,7 @@ class FarmNode:
             with trio.move_on_after(self._lease() / 3):
                 await self._renew.wait()
             self._renew = trio.Event()
-            held = [r for r in self.running.values() if not r.zombie]
+            held = [r for r in self.running.values() if not (r.zombie or r.finished)]
             coord = self.coordinator()
             if not held or coord is None:
                 continue
