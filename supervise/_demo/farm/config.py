@@ -9,18 +9,23 @@ import attrs
 
 from supervise._validation import InvalidValue, number
 
-MIN_NODES = 2  # a lost node needs a survivor to take its tasks over
+MIN_NODES = 3  # the coordinator (rank 0), the node lost, a node to take its tasks over
 MAX_NODES = 8
-MAX_TASKS = 12
-NODE_CPUS = 2  # each farm node offers two task slots (--cpus 2; a task needs 1 cpu)
+NODE_CPUS = 6  # each farm node offers 6 cpus (--cpus 6) ...
+TASK_CPUS = 2  # ... and a pipeline asks for 2: three pipelines a node
+SLOTS = NODE_CPUS // TASK_CPUS
 
 
 def _tasks_fit(inst: FarmDemoConfig, _attr: attrs.Attribute[int], value: int) -> None:
-    if value > NODE_CPUS * (inst.nodes - 1):
+    most = SLOTS * (inst.nodes - 1)
+    if not SLOTS < value <= most:
         raise InvalidValue(
-            "tasks", value, f"must be <= {NODE_CPUS * (inst.nodes - 1)}: the nodes left after"
-            f" the loss ({inst.nodes - 1} x {NODE_CPUS} cpus) must hold every task",
-        )  # fmt: skip
+            "tasks",
+            value,
+            f"must be {SLOTS + 1}..{most}: more than one node holds ({SLOTS}), so one runs off"
+            f" the coordinator, and no more than the {inst.nodes - 1} nodes left after the"
+            " loss hold",
+        )
 
 
 @attrs.frozen(slots=True)
@@ -29,9 +34,7 @@ class FarmDemoConfig:
 
     out_dir: Path = attrs.field(converter=Path)
     nodes: int = attrs.field(default=3, validator=number(ge=MIN_NODES, le=MAX_NODES, integer=True))
-    tasks: int = attrs.field(
-        default=5, validator=[number(ge=1, le=MAX_TASKS, integer=True), _tasks_fit]
-    )
+    tasks: int = attrs.field(default=5, validator=[number(ge=1, integer=True), _tasks_fit])
     step_delay: float = attrs.field(default=0.5, validator=number(ge=0.1, le=5.0))
     policy: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     keep_shm: bool = False

@@ -17,7 +17,7 @@ import trio
 
 from supervise._demo.cluster import ClusterSpec, DemoCluster, DemoFailure
 from supervise._demo.farm.checks import farm_checks
-from supervise._demo.farm.config import NODE_CPUS, FarmDemoConfig
+from supervise._demo.farm.config import NODE_CPUS, TASK_CPUS, FarmDemoConfig
 from supervise._demo.farm.pipeline import STAGES, TARGET, same
 from supervise._demo.farm.records import (
     NodeLoss,
@@ -117,7 +117,8 @@ def _introduce(say: Narrator, result: FarmResult) -> None:
     )
     say(f"  files: {result.run_dir}")
     say(
-        f"  each node: supervise node --tasks --cpus {NODE_CPUS} (a pipeline needs 1 cpu);"
+        f"  each node: supervise node --tasks --cpus {NODE_CPUS} (a pipeline asks for"
+        f" {TASK_CPUS});"
         f" policy {result.policy_path.name}: peer_timeout {result.peer_timeout:g} s"
     )
 
@@ -200,7 +201,7 @@ async def _submit_all(
                 raise DemoFailure(problem)
             try:
                 await farm.submit(
-                    TARGET, str(effects), seed, config.step_delay, cpu=1, task_id=task_id
+                    TARGET, str(effects), seed, config.step_delay, cpu=TASK_CPUS, task_id=task_id
                 )
                 break
             except FarmError as exc:
