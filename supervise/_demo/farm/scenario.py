@@ -149,35 +149,63 @@ async def _run_farm(
 
     async with trio.open_nursery() as nursery:
         cluster: DemoCluster = await nursery.start(DemoCluster(spec, book).run)
-        for rank in range(config.nodes):
-            agent = await cluster.start_agent(rank)
-            say(f"node {rank}: farm agent pid {agent.pid} on {spec.endpoints[rank]}")
-        with trio.move_on_after(config.limit_s) as limit:
-            async with Farm(nodes=list(spec.endpoints)) as farm:
-                await _submit_all(
-                    farm=farm,
-                    config=config,
-                    effects=effects,
-                    result=result,
-                    say=say,
-                    cluster=cluster,
-                )
-                async with trio.open_nursery() as results:
-                    for view in result.tasks:
-                        results.start_soon(_collect, farm, view, values, say)
-                    await _lose_a_node(
-                        cluster=cluster,
+        try:
+            for rank in range(config.nodes):
+                agent = await cluster.start_agent(rank)
+                say(f"node {rank}: farm agent pid {agent.pid} on {spec.endpoints[rank]}")
+            with trio.move_on_after(config.limit_s) as limit:
+                async with Farm(nodes=list(spec.endpoints)) as farm:
+                    await _submit_all(
+                        farm=farm,
                         config=config,
                         effects=effects,
                         result=result,
-                        book=book,
                         say=say,
+                        cluster=cluster,
                     )
-                result.farm_finished_at = time.time()
-        if limit.cancelled_caught:
-            raise DemoFailure(f"the farm did not finish every task within {config.limit_s:.0f} s")
+                    await _run_through_loss(
+                        farm, cluster, config, effects, result, values, book, say
+                    )
+                    result.farm_finished_at = time.time()
+            if limit.cancelled_caught:
+                raise DemoFailure(
+                    f"the farm did not finish every task within {config.limit_s:.0f} s"
+                )
+        except DemoFailure as exc:  # caught here: out of the nursery it would be a group
+            result.failure = str(exc)
+            say(f"FAILED: {exc}")
         say("stopping the farm (SIGTERM to every agent)")
         nursery.cancel_scope.cancel()
+
+
+async def _run_through_loss(  # noqa: PLR0917 (one call site, the arguments in one place)
+    farm: Any,
+    cluster: DemoCluster,
+    config: FarmDemoConfig,
+    effects: Path,
+    result: FarmResult,
+    values: dict[str, Any],
+    book: PidBook,
+    say: Narrator,
+) -> None:
+    """Collect every result while a node is lost; DemoFailure if the loss could not be made."""
+    failure: list[DemoFailure] = []
+
+    async def lose(results: trio.Nursery) -> None:
+        try:
+            await _lose_a_node(
+                cluster=cluster, config=config, effects=effects, result=result, book=book, say=say
+            )
+        except DemoFailure as exc:
+            failure.append(exc)
+            results.cancel_scope.cancel()
+
+    async with trio.open_nursery() as results:
+        for view in result.tasks:
+            results.start_soon(_collect, farm, view, values, say)
+        results.start_soon(lose, results)
+    if failure:
+        raise failure[0]
 
 
 async def _submit_all(
@@ -277,7 +305,7 @@ async def _collect(farm: Any, view: TaskView, values: dict[str, Any], say: Narra
 
     try:
         values[view.task_id] = await farm.result(view.task_id)
-    except (FarmError, TaskFailed) as exc:
+    except (FarmError, TaskFailed, TimeoutError) as exc:
         view.error = f"{type(exc).__name__}: {exc}"
     try:
         info = await farm.show(view.task_id)
