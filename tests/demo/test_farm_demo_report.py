@@ -137,3 +137,19 @@ def test_config_refuses_more_tasks_than_the_survivors_hold() -> None:
         FarmDemoConfig(out_dir="x", tasks=7, nodes=3)
     with pytest.raises(InvalidValue, match=r"must be 4\.\.6"):
         FarmDemoConfig(out_dir="x", tasks=3, nodes=3)
+
+
+def test_the_victim_is_a_step_early_in_its_run_off_the_coordinator() -> None:
+    import time
+
+    from supervise._demo.farm.scenario import _victim
+
+    now = time.time()
+    coordinator = StepRun("a", "train", 1, "0", 1, now - 0.05, None)
+    too_early = StepRun("b", "clean", 1, "1", 2, now - 0.05, None)
+    too_late = StepRun("c", "features", 1, "2", 3, now - 0.4, None)
+    fits = StepRun("d", "features", 1, "1", 4, now - 0.05, None)
+    finished = StepRun("e", "train", 1, "2", 5, now - 0.05, now)
+    assert _victim([coordinator, too_early, too_late, finished], 0.5, relaxed=False) is None
+    assert _victim([coordinator, too_early, too_late, fits], 0.5, relaxed=False) == fits
+    assert _victim([coordinator, too_early], 0.5, relaxed=True) == too_early
