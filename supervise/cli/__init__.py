@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from supervise._version import __version__
-from supervise.cli import demo, keys, node, policy, status
+from supervise.cli import demo, keys, node, policy, status, tasks
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (node, demo, status, policy, keys)
+COMMANDS: tuple[ModuleType, ...] = (node, demo, status, tasks, policy, keys)
 """Modules that register a subcommand, in the order `--help` lists them."""
 
 

@@ -28,6 +28,7 @@ from supervise.tasks.policy import (
     RetryPolicy,
     TaskPolicy,
 )
+from supervise.tasks.resources import Resources, machine_capacity, parse_labels, parse_size
 from supervise.tasks.runner import (
     AttemptEnd,
     InProcess,
@@ -40,6 +41,7 @@ from supervise.tasks.runner import (
     run_local,
     unwrap,
 )
+from supervise.tasks.scheduler import Strategy
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import (
     ALLOWED,
@@ -79,8 +81,10 @@ __all__ = [
     "MemoryJournal",
     "Outcome",
     "Reason",
+    "Resources",
     "RetryPolicy",
     "StepError",
+    "Strategy",
     "TaskContext",
     "TaskFailed",
     "TaskPolicy",
@@ -94,7 +98,10 @@ __all__ = [
     "decode",
     "encode",
     "idempotency_key",
+    "machine_capacity",
     "open_journal_host",
+    "parse_labels",
+    "parse_size",
     "run_local",
     "unwrap",
 ]

@@ -25,6 +25,8 @@ from supervise.tasks.context import TaskContext
 from supervise.tasks.journal import CorruptRecord, DiskJournal, Journal
 from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.spec import TaskSpec
+from supervise.tasks.telemetry import parent_from_env
+from supervise.telemetry import TelemetryError, setup_telemetry, shutdown_telemetry, using
 
 STOPPED = 3
 """Exit code of a worker stopped by SIGTERM after committing what its attempt had done."""
@@ -84,11 +86,18 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3 or not argv[1].isdigit() or int(argv[1]) < 1:
         print("usage: python -m supervise.tasks._worker TASK_DIR ATTEMPT NODE", file=sys.stderr)
         return 2
+    try:  # OTEL_* of the environment: off (and free) unless it names a collector
+        setup_telemetry()
+    except TelemetryError as exc:  # the task runs all the same, untraced
+        print(f"supervise task worker: telemetry off: {exc}", file=sys.stderr)
     try:
-        return trio.run(_main, Path(argv[0]), int(argv[1]), argv[2])
+        with using(parent_from_env(os.environ)):  # steps: children of the runner's attempt
+            return trio.run(_main, Path(argv[0]), int(argv[1]), argv[2])
     except (OSError, CorruptRecord, SnapshotError) as exc:
         print(f"supervise task worker: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_telemetry(5.0)  # flush its step spans before the exit
 
 
 if __name__ == "__main__":

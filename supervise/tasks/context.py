@@ -18,6 +18,7 @@ import trio
 from supervise._validation import InvalidValue
 from supervise.tasks.journal import Commit, Journal, Outcome, StepRecord
 from supervise.tasks.policy import Cadence, Checkpoint, EveryStep
+from supervise.tasks.telemetry import step_span
 from supervise.tasks.values import decode, encode, key_path
 
 
@@ -114,19 +115,20 @@ class TaskContext:
             return decode(done.value)
         if self._pending and self._cadence.due(self._clock()):  # e.g. a milestone just passed
             await self.checkpoint()
-        self.current_key = self.key(name)
-        try:
-            if inspect.iscoroutinefunction(fn):
-                result = await fn(*args, **kwargs)
-            else:
-                result = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-        finally:
-            self.current_key = None
-        data = encode(result, key_path("steps", name))
-        self._pending.append(StepRecord(name, self.key(name), data, self._attempt))
-        self.ran.append(name)
-        if self._cadence.due(self._clock()):
-            await self.checkpoint()
+        with step_span(self._task_id, self._attempt, name):
+            self.current_key = self.key(name)
+            try:
+                if inspect.iscoroutinefunction(fn):
+                    result = await fn(*args, **kwargs)
+                else:
+                    result = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+            finally:
+                self.current_key = None
+            data = encode(result, key_path("steps", name))
+            self._pending.append(StepRecord(name, self.key(name), data, self._attempt))
+            self.ran.append(name)
+            if self._cadence.due(self._clock()):
+                await self.checkpoint()
         return decode(data)
 
     async def checkpoint(self) -> None:

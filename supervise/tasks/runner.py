@@ -32,7 +32,9 @@ from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.policy import Verdict, type_name
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Lifecycle, Reason, TaskState, Transition, check
+from supervise.tasks.telemetry import attempt_span, trace_env
 from supervise.tasks.values import UnsupportedValue, decode
+from supervise.telemetry import Attr
 
 _ALWAYS_FINAL = frozenset(
     {type_name(UnsupportedValue), type_name(BadTarget)}
@@ -41,12 +43,29 @@ T = TypeVar("T")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the worker runs this same supervise
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How an attempt ended (``supervise.task.outcome`` on its span)."""
+
+    RETURNED = "returned"  # the task function returned
+    RAISED = "raised"  # it raised (an application error)
+    LOST = "lost"  # its worker or node died without an outcome
+    STOPPED = "stopped"  # paused or cancelled on request
+
+
 @attrs.frozen(slots=True)
 class AttemptEnd:
     """How an attempt ended: its recorded ``outcome``, or None and why it was ``lost``."""
 
     outcome: Outcome | None
     lost: str = ""
+
+
+def _attempt_outcome(end: AttemptEnd | None) -> AttemptOutcome:
+    if end is None:
+        return AttemptOutcome.STOPPED
+    if end.outcome is None:
+        return AttemptOutcome.LOST
+    return AttemptOutcome.RETURNED if end.outcome.ok else AttemptOutcome.RAISED
 
 
 class Launcher(Protocol):
@@ -123,6 +142,7 @@ class WorkerProcess:
         given = self.env.get("PYTHONPATH", "").split(os.pathsep)
         parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+        env.update(trace_env())  # the worker's step spans: children of this attempt's span
         if self.host is None:  # on disk: not the journal of whatever this process inherited
             env.update({AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""})
         else:
@@ -300,7 +320,11 @@ class TaskRunner:
             self.attempts += 1
             self._move(TaskState.ASSIGNED, Reason.PLACED, f"node={self.launcher.node}")
             self._move(TaskState.RUNNING, Reason.STARTED, f"attempt={self.attempts}")
-            end = await self._interruptible(self.launcher, self.attempts)
+            with attempt_span(
+                self.spec.task_id, self.attempts, self.launcher.node, self.spec.target
+            ) as span:
+                end = await self._interruptible(self.launcher, self.attempts)
+                span.set_attribute(Attr.TASK_OUTCOME, _attempt_outcome(end))
             if end is None:
                 continue  # stopped on request: neither an error nor a loss
             outcome = end.outcome

@@ -8,7 +8,7 @@ other nodes through the W3C carrier it ``inject``s into the transport's message 
 
 from supervise.telemetry.attributes import attributes
 from supervise.telemetry.config import SignalConfig, TelemetryConfig, TelemetryError
-from supervise.telemetry.context import extract, inject, untraced
+from supervise.telemetry.context import extract, inject, untraced, using
 from supervise.telemetry.lifecycle import (
     Telemetry,
     get_telemetry,
@@ -16,13 +16,15 @@ from supervise.telemetry.lifecycle import (
     shutdown_telemetry,
 )
 from supervise.telemetry.logs import add_trace_context, configure_logging
-from supervise.telemetry.metrics import Instruments
+from supervise.telemetry.metrics import Instruments, instruments_for
 from supervise.telemetry.names import (
     DURATION_BUCKETS_S,
     RECOVERY_SPAN,
     SCOPE,
     SERVICE_NAME,
     SHORT_ATTRIBUTES,
+    TASK_ATTEMPT_SPAN,
+    TASK_STEP_SPAN,
     THROUGHPUT_BUCKETS,
     Attr,
     Instrument,
@@ -42,6 +44,8 @@ __all__ = [
     "SCOPE",
     "SERVICE_NAME",
     "SHORT_ATTRIBUTES",
+    "TASK_ATTEMPT_SPAN",
+    "TASK_STEP_SPAN",
     "THROUGHPUT_BUCKETS",
     "Attr",
     "Instrument",
@@ -65,8 +69,10 @@ __all__ = [
     "extract",
     "get_telemetry",
     "inject",
+    "instruments_for",
     "setup_telemetry",
     "shutdown_telemetry",
     "snapshot_span",
     "untraced",
+    "using",
 ]

@@ -20,7 +20,7 @@ from opentelemetry.util.types import AttributeValue
 
 from supervise._version import __version__
 from supervise.telemetry.config import TelemetryConfig, TelemetryError
-from supervise.telemetry.metrics import Instruments, LagSource, MemorySource
+from supervise.telemetry.metrics import LagSource, MemorySource, instruments_for
 from supervise.telemetry.names import SCOPE, Attr
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class Telemetry:
             if meter_provider is None
             else meter_provider.get_meter(SCOPE, version)
         )
-        self.metrics = Instruments(self.meter)
+        self.metrics = instruments_for(self.meter)
         self._exporters = tuple(exporters)
         self._lock = threading.Lock()
         self._closed = False

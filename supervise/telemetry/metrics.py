@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -22,6 +23,8 @@ log = structlog.get_logger(__name__)
 MemorySource = Callable[[], int]
 #: Steps each rank's replicas trail its newest local snapshot (rank -> steps).
 LagSource = Callable[[], Mapping[int, int]]
+#: Tasks by state on a farm (state name -> how many), e.g. {"pending": 3, "running": 2}.
+TaskCountSource = Callable[[], Mapping[str, int]]
 Attributes = Mapping[str, AttributeValue]
 
 
@@ -39,6 +42,8 @@ class Instruments:
         self.late_replies = _counter(meter, Metric.LATE_REPLIES)
         self.refused = _counter(meter, Metric.REFUSED)
         self.recoveries_held = _counter(meter, Metric.RECOVERIES_HELD)
+        self.task_step_duration = _histogram(meter, Metric.TASK_STEP_DURATION, DURATION_BUCKETS_S)
+        self.tasks_finished = _counter(meter, Metric.TASKS_FINISHED)
         self._lock = threading.Lock()
         self._sources: dict[int, tuple[str, MemorySource]] = {}
         self._next_token = 0
@@ -54,6 +59,20 @@ class Instruments:
             callbacks=[self._observe_lag],
             unit=Metric.REPLICA_LAG.unit,
             description=Metric.REPLICA_LAG.description,
+        )
+
+        self._task_sources: dict[int, TaskCountSource] = {}
+        self.tasks_queued = meter.create_observable_gauge(
+            Metric.TASKS_QUEUED.name,
+            callbacks=[lambda _o: self._observe_tasks("pending")],
+            unit=Metric.TASKS_QUEUED.unit,
+            description=Metric.TASKS_QUEUED.description,
+        )
+        self.tasks_running = meter.create_observable_gauge(
+            Metric.TASKS_RUNNING.name,
+            callbacks=[lambda _o: self._observe_tasks("running")],
+            unit=Metric.TASKS_RUNNING.unit,
+            description=Metric.TASKS_RUNNING.description,
         )
 
     def record_transfer(
@@ -102,6 +121,35 @@ class Instruments:
 
         return unregister
 
+    def register_task_source(self, source: TaskCountSource) -> Callable[[], None]:
+        """Report ``source()`` (state -> tasks) as the queued and running gauges (several
+        sources are summed); returns the unregister function. Read on the export thread."""
+        if not callable(source):
+            raise TypeError(f"task count source must be callable, got {source!r}")
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._task_sources[token] = source
+
+        def unregister() -> None:
+            with self._lock:
+                self._task_sources.pop(token, None)
+
+        return unregister
+
+    def _observe_tasks(self, state: str) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._task_sources.values())
+        if not sources:
+            return []
+        total = 0
+        for source in sources:
+            try:
+                total += int(source().get(state, 0))
+            except Exception:
+                log.warning("task count source failed", exc_info=True)
+        return [Observation(total)]
+
     def _observe_lag(self, _options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
             sources = list(self._lag_sources.values())
@@ -130,6 +178,20 @@ class Instruments:
                 continue
             totals[kind] = totals.get(kind, 0) + value
         return [Observation(v, {Attr.MEMORY_KIND: k}) for k, v in sorted(totals.items())]
+
+
+_by_meter: weakref.WeakKeyDictionary[Meter, Instruments] = weakref.WeakKeyDictionary()
+_by_meter_lock = threading.Lock()
+
+
+def instruments_for(meter: Meter) -> Instruments:
+    """The instruments of ``meter``, created on its first use only: a second set on one meter
+    would be a duplicate the SDK ignores (with its gauges' callbacks)."""
+    with _by_meter_lock:
+        found = _by_meter.get(meter)
+        if found is None:
+            found = _by_meter[meter] = Instruments(meter)
+        return found
 
 
 def _histogram(meter: Meter, spec: Instrument, buckets: tuple[float, ...]) -> Histogram:

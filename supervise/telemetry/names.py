@@ -17,6 +17,10 @@ SCOPE: Final = "supervise"
 SERVICE_NAME: Final = "supervise"
 
 RECOVERY_SPAN: Final = "supervise.recovery"
+#: One attempt of a resumable task (supervise.tasks): from its start to how it ended.
+TASK_ATTEMPT_SPAN: Final = "supervise.task.attempt"
+#: One step of a task attempt that ran (not one got back from the journal), with its commit.
+TASK_STEP_SPAN: Final = "supervise.task.step"
 
 
 class Phase(enum.StrEnum):
@@ -120,6 +124,12 @@ class Attr:
     STORE_REVISION: Final = "supervise.store.revision"  # the store revision of the evidence
     STORE_LEASE: Final = "supervise.store.lease"  # a store lease id, in hex
     STORE_LEADER: Final = "supervise.store.leader"  # the elected coordinator's node rank
+    TASK_ID: Final = "supervise.task.id"  # a resumable task's id
+    TASK_TARGET: Final = "supervise.task.target"  # its MODULE:FUNC
+    TASK_NODE: Final = "supervise.task.node"  # where an attempt runs (a name; ranks: node.rank)
+    TASK_STEP: Final = "supervise.task.step_name"  # the step's name
+    TASK_STATE: Final = "supervise.task.state"  # a task state (pending, running, completed...)
+    TASK_OUTCOME: Final = "supervise.task.outcome"  # how an attempt ended (see docs/tasks.md)
 
 
 #: Keyword shorthands accepted by the tracing helpers (``snapshot_version=3``).
@@ -247,6 +257,31 @@ class Metric:
         "expected nodes held a live lease (the quorum guard), by trigger.",
     )
 
+    TASK_STEP_DURATION: Final = Instrument(
+        "supervise.task.step.duration",
+        "s",
+        "histogram",
+        "Time of one task step that ran (not replayed from the journal), its commit included.",
+    )
+    TASKS_QUEUED: Final = Instrument(
+        "supervise.tasks.queued",
+        "{task}",
+        "observable_gauge",
+        "Tasks pending on the farm (the queue depth), from registered sources.",
+    )
+    TASKS_RUNNING: Final = Instrument(
+        "supervise.tasks.running",
+        "{task}",
+        "observable_gauge",
+        "Tasks running on the farm's nodes, from registered sources.",
+    )
+    TASKS_FINISHED: Final = Instrument(
+        "supervise.tasks.finished",
+        "{task}",
+        "counter",
+        "Tasks that ended, by supervise.task.state (completed, failed, cancelled).",
+    )
+
     ALL: Final = (
         RECOVERY_DURATION,
         PHASE_DURATION,
@@ -260,4 +295,8 @@ class Metric:
         REFUSED,
         REPLICA_LAG,
         RECOVERIES_HELD,
+        TASK_STEP_DURATION,
+        TASKS_QUEUED,
+        TASKS_RUNNING,
+        TASKS_FINISHED,
     )

@@ -150,6 +150,9 @@ def test_instruments_have_the_declared_names_and_units(make_node) -> None:
     m.recoveries_held.add(1, {Attr.TRIGGER: "worker_exit"})
     node.telemetry.register_memory_source("arena", lambda: 123)
     node.telemetry.register_lag_source(lambda: {0: 2})
+    m.task_step_duration.record(0.5)
+    m.tasks_finished.add(1, {Attr.TASK_STATE: "completed"})
+    m.register_task_source(lambda: {"pending": 2, "running": 1})
     data = node.reader.get_metrics_data()
     seen = {
         metric.name: metric.unit
