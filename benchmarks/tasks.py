@@ -212,7 +212,7 @@ class FarmFigures:
 
 async def _ready(farm: Any) -> None:
     """Wait until the farm runs a task (a coordinator, offers in)."""
-    from supervise.tasks import FarmError
+    from supervise.tasks.farm import FarmError
 
     deadline = time.monotonic() + READY_S
     while True:
@@ -318,7 +318,7 @@ async def _takeover(farm: Any, cluster: LocalCluster, tmp: Path) -> dict[str, An
 
 async def farm_bench(tmp: Path, tasks: int = FARM_TASKS) -> FarmFigures:
     """Section 3 on a fresh 3-node farm (every process stopped by PID at the end)."""
-    from supervise.tasks import Farm
+    from supervise.tasks.farm import Farm
 
     peer_timeout = Policy.from_toml(FARM_POLICY).cluster.peer_timeout
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}

@@ -145,7 +145,7 @@ async def _run_farm(
     values: dict[str, Any],
     say: Narrator,
 ) -> None:
-    from supervise.tasks import Farm
+    from supervise.tasks.farm import Farm
 
     async with trio.open_nursery() as nursery:
         cluster: DemoCluster = await nursery.start(DemoCluster(spec, book).run)
@@ -219,7 +219,7 @@ async def _submit_all(
 ) -> None:
     """Submit every pipeline, retrying while the farm is still starting (no coordinator yet, or
     no node has offered its capacity)."""
-    from supervise.tasks import FarmError
+    from supervise.tasks.farm import FarmError
 
     deadline = trio.current_time() + SUBMIT_LIMIT_S
     for seed, task_id in enumerate(config.task_ids, 1):
@@ -301,7 +301,8 @@ async def _lose_a_node(
 
 async def _collect(farm: Any, view: TaskView, values: dict[str, Any], say: Narrator) -> None:
     """Wait for one task's result, then ask for its states."""
-    from supervise.tasks import FarmError, TaskFailed
+    from supervise.tasks import TaskFailed
+    from supervise.tasks.farm import FarmError
 
     try:
         values[view.task_id] = await farm.result(view.task_id)
