@@ -13,8 +13,16 @@ from supervise._demo.farm.report import render
 from supervise._demo.farm.result import FarmResult
 from supervise._demo.picture import _LEFT, COLORS, _Axis, _e, _Svg
 
-NODE_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#bcbd22",
-               "#e377c2")  # fmt: skip
+NODE_COLORS = (
+    "#1f77b4",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#17becf",
+    "#bcbd22",
+    "#e377c2",
+)
 CUT = "#d62728"
 TAKEOVER = "#fbe3e3"
 
@@ -48,8 +56,14 @@ def overview(result: FarmResult) -> str:
         for t in result.takeovers:
             row = next((i for i, v in enumerate(tasks) if v.task_id == t.task), None)
             if row is not None:
-                svg.rect(axis.x(loss.at), top + row * lane, w=axis.w(t.seconds), h=lane - 4,
-                         fill=TAKEOVER, tip=f"takeover of {t.task}: {t.seconds:.2f} s")  # fmt: skip
+                svg.rect(
+                    axis.x(loss.at),
+                    top + row * lane,
+                    w=axis.w(t.seconds),
+                    h=lane - 4,
+                    fill=TAKEOVER,
+                    tip=f"takeover of {t.task}: {t.seconds:.2f} s",
+                )
     for row, task in enumerate(tasks):
         y = top + row * lane
         svg.text(_LEFT - 8, y + lane / 2 + 2, task.task_id, anchor="end", bold=True)
@@ -61,8 +75,9 @@ def overview(result: FarmResult) -> str:
                 f"{run.key} attempt {run.attempt} on node {run.node} (pid {run.pid}):"
                 f" {'cut by the node loss' if cut else f'{stop - run.started:.2f} s'}"
             )
-            svg.rect(x, y + 4, w=w, h=lane - 12, fill=CUT if cut else _node_color(run.node),
-                     tip=tip)  # fmt: skip
+            svg.rect(
+                x, y + 4, w=w, h=lane - 12, fill=CUT if cut else _node_color(run.node), tip=tip
+            )
             if w > 6.2 * len(run.step) + 4:
                 svg.text(x + 3, y + lane / 2 + 2, run.step, size=10, fill="#fff")
     if loss is not None:

@@ -98,8 +98,7 @@ async def pipeline(ctx: TaskContext, effects: str, seed: int, pace: float = 0.0)
     """The task: five steps, each committed once; ``pace``: seconds per step at least."""
 
     async def step(name: str, stage: Callable[..., Any], *args: Any) -> Any:
-        where = {"effects": effects, "key": ctx.key(name), "attempt": ctx.attempt,
-                 "node": ctx.node}  # fmt: skip
+        where = {"effects": effects, "key": ctx.key(name), "attempt": ctx.attempt, "node": ctx.node}
         return await ctx.step(name, _recorded, where, pace, stage, *args)
 
     raw = await step("ingest", ingest, seed)

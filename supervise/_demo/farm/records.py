@@ -122,9 +122,10 @@ def read_runs(effects: Path) -> list[StepRun]:
     for ident, rec in starts.items():
         task, step = _split_key(ident[0])
         runs.append(
-            StepRun(task, step, ident[1], str(rec["node"]), ident[2], float(rec["t"]),
-                    dones.get(ident))
-        )  # fmt: skip
+            StepRun(
+                task, step, ident[1], str(rec["node"]), ident[2], float(rec["t"]), dones.get(ident)
+            )
+        )
     return sorted(runs, key=lambda r: (r.started, r.key))
 
 
@@ -172,9 +173,16 @@ def takeovers(runs: Sequence[StepRun], loss: NodeLoss) -> list[Takeover]:
         first = later[0]
         replayed = tuple(r.step for r in mine if r.done is not None and r.done <= loss.at)
         out.append(
-            Takeover(task, lost, None if cut is None else cut.step, first.node, first.step,
-                     first.started - loss.at, replayed)
-        )  # fmt: skip
+            Takeover(
+                task,
+                lost,
+                None if cut is None else cut.step,
+                first.node,
+                first.step,
+                first.started - loss.at,
+                replayed,
+            )
+        )
     return out
 
 
@@ -183,7 +191,8 @@ def state_changes(history: Iterable[Mapping[str, Any] | Any]) -> list[StateChang
     out = []
     for t in history:
         get = t.get if isinstance(t, Mapping) else lambda k, _t=t: getattr(_t, k, None)
-        at = get("wall_time") or get("at") or 0.0
-        out.append(StateChange(float(at), str(get("target")), str(get("reason")),
-                               str(get("detail") or "")))  # fmt: skip
+        at = get("wall_time") or get("time") or get("at") or 0.0
+        target = get("target") or get("to")
+        detail = str(get("detail") or "")
+        out.append(StateChange(float(at), str(target), str(get("reason")), detail))
     return out

@@ -4,12 +4,18 @@ loss and the takeovers, then the checks."""
 from __future__ import annotations
 
 from supervise._demo.farm.pipeline import STAGES
-from supervise._demo.farm.records import StepRun, TaskView
+from supervise._demo.farm.records import StateChange, StepRun, TaskView
 from supervise._demo.farm.result import FarmResult
 
 
 def _t(result: FarmResult, at: float) -> str:
     return f"{at - result.started_at:6.2f}"
+
+
+def _why(change: StateChange) -> str:
+    detail = change.detail if len(change.detail) <= 40 else change.detail[:39] + "…"
+    why = ": ".join(x for x in (change.reason, detail) if x)
+    return f" ({why})" if why else ""
 
 
 def _run_text(result: FarmResult, run: StepRun) -> str:
@@ -29,10 +35,7 @@ def render_task(result: FarmResult, task: TaskView) -> list[str]:
     if task.error:
         lines.append(f"   error: {task.error}")
     if task.states:
-        moves = "  ".join(
-            f"{_t(result, s.at).strip()} {s.state}" + (f" ({s.reason})" if s.reason else "")
-            for s in task.states
-        )
+        moves = "  ".join(f"{_t(result, s.at).strip()} {s.state}{_why(s)}" for s in task.states)
         lines.append(f"   states: {moves}")
     done_before: set[str] = set()
     for (attempt, node, pid), runs in attempts.items():

@@ -344,8 +344,10 @@ async def _reference(
         if view.task_id in values:
             view.equal = same(values[view.task_id], reference[view.task_id])
     result.reference_seconds = time.monotonic() - t0
-    say(f"reference: the {len(reference)} pipelines in-process, no failures, in"
-        f" {result.reference_seconds:.1f} s")  # fmt: skip
+    say(
+        f"reference: the {len(reference)} pipelines in-process, no failures, in"
+        f" {result.reference_seconds:.1f} s"
+    )
     dump = {"farm": values, "reference": reference}
     (run_dir / "results.json").write_text(json.dumps(dump, default=_jsonable, indent=1))
 
