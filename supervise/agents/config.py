@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -12,6 +12,7 @@ from supervise.cluster.transport import MAX_PORT, normalize_endpoint
 from supervise.policy import Policy
 from supervise.snapshot.persist import check_job, job_fingerprint
 from supervise.store import EMBEDDED, StoreConfig, StoreKind, parse_store_url
+from supervise.tasks.resources import Resources
 
 
 def _nodes(value: Sequence[str]) -> tuple[str, ...]:
@@ -35,9 +36,21 @@ def _nodes(value: Sequence[str]) -> tuple[str, ...]:
 
 def _command(value: Sequence[str]) -> tuple[str, ...]:
     cmd = tuple(value)
-    if not cmd or not all(isinstance(a, str) and a for a in cmd):
+    if not all(isinstance(a, str) and a for a in cmd):
         raise InvalidValue("command", value, "must be a non-empty command, e.g. python train.py")
     return cmd
+
+
+def _labels(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
+@attrs.frozen(slots=True)
+class FarmOptions:
+    """A farm node (``supervise node --tasks``): what it offers the farm's scheduler."""
+
+    capacity: Resources = attrs.field(validator=attrs.validators.instance_of(Resources))
+    labels: frozenset[str] = attrs.field(default=frozenset(), converter=_labels)
 
 
 @attrs.frozen(slots=True)
@@ -58,8 +71,18 @@ class NodeConfig:
     resume_finished: bool = False  # resume a job whose training finished before
     # where the nodes coordinate: embedded (the lowest live rank, no server) or etcd
     store: StoreConfig = attrs.field(factory=lambda: parse_store_url(EMBEDDED))
+    # a farm node (--tasks, no command): runs the farm's tasks instead of training workers
+    farm: FarmOptions | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.farm is None and not self.command:
+            raise InvalidValue(
+                "command", self.command, "must be a non-empty command, e.g. python train.py"
+            )
+        if self.farm is not None and self.command:
+            raise InvalidValue(
+                "command", " ".join(self.command), "a farm node (--tasks) runs no command"
+            )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
             raise InvalidValue("rank", self.rank, "must be an integer")
         if not 0 <= self.rank < len(self.nodes):

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import shutil
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from supervise.agents.config import NodeConfig
 from supervise.agents.context import NodeContext
 from supervise.agents.coordinator import Coordinator
 from supervise.agents.executor import Executor
+from supervise.agents.farm_node import FarmNode, Link, agent_farm_node
+from supervise.agents.farm_store import FarmStoreTable
 from supervise.agents.keeper import PointKeeper
 from supervise.agents.lifecycle import EXIT_INTERNAL, ExecutorState
 from supervise.agents.messages import ALL_KINDS, INFO_STATE
@@ -48,13 +50,15 @@ from supervise.cluster.membership import Membership
 from supervise.cluster.recovery_point import PINNED_VERSIONS
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
-from supervise.runtime import GaveUp, StartFailed, Supervisor, child, whereis
+from supervise.runtime import ChildSpec, GaveUp, StartFailed, Supervisor, child, whereis
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget, total_ram
 from supervise.snapshot.persist import Persister, PersistTier, check_resumable
 from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.snapshot.tokens import RankTokens
+from supervise.tasks.control import FarmControl
+from supervise.tasks.farm_link import FarmLink
 from supervise.telemetry import Source, get_telemetry
 
 __all__ = ["NodeConfig", "NodeRuntime", "run_node"]
@@ -183,6 +187,9 @@ class NodeRuntime:
         self.monitor: Monitor | None = None
         self.executor: Executor | None = None
         self.seat = StoreSeat(config) if config.coordinated_by_store else None
+        self.farm_node: FarmNode | None = None  # with --tasks: `farm_node_child`
+        self._farm_control: FarmControl | None = None  # with --tasks: `farm_control`
+        self._farm_link: FarmLink | None = None
         self.context = NodeContext(
             config=config,
             transport=self.transport,
@@ -314,9 +321,72 @@ class NodeRuntime:
             self.generation = executor.generation
             self.executor = None
 
+    def farm_node_child(
+        self,
+        link: Link,
+        *,
+        coordinator: Callable[[], int | None],
+        capacity: Mapping[str, Any],
+        labels: Sequence[str] = (),
+    ) -> ChildSpec:
+        """The farm node side (``--tasks``): tasks assigned to this node run in workers, their
+        journals in this node's arenas (see `supervise.agents.farm_node`). ``link``: the
+        agent's `FarmLink`, shared with its `FarmControl`. Built once per runtime."""
+        if self.farm_node is None:
+            self.farm_node = agent_farm_node(
+                self.context, link, coordinator=coordinator, capacity=capacity, labels=labels
+            )
+        return child(self.farm_node.run, id="farm_node")
+
+    def farm_control(self) -> FarmControl:
+        """The farm's control plane on this node (``--tasks``): coordinator when it is the
+        lowest live rank (or the elected leader with ``--store``), else a table replica.
+        Built once per runtime, so a restart of its child keeps the table."""
+        if self._farm_control is None:
+            seat = self.seat
+            leader = (lambda: self.membership.root) if seat is None else seat.leader_rank
+            self._farm_link = FarmLink(self.transport)
+            self._farm_control = FarmControl(
+                self._farm_link,
+                leader=leader,
+                live=self.membership.live,
+                lease_s=self.policy.cluster.peer_timeout,
+                durable=None if seat is None else FarmStoreTable(seat),
+            )
+        return self._farm_control
+
+    def farm_children(self) -> list[ChildSpec]:
+        """The farm node's children (``--tasks``): the control plane, then the node side."""
+        farm = self.config.farm
+        assert farm is not None
+        control = self.farm_control()
+        assert self._farm_link is not None
+        return [
+            child(control.run, id="farm_control"),
+            self.farm_node_child(
+                self._farm_link,
+                coordinator=control.coordinator,
+                capacity=farm.capacity.to_json(),
+                labels=sorted(farm.labels),
+            ),
+        ]
+
     def tree(self) -> Supervisor:
         """The node's supervision tree."""
         s = self.policy.supervision
+        if self.config.farm is not None:  # a farm node: tasks instead of training workers
+            return Supervisor(
+                [
+                    child(self.serve_transport, id="transport"),
+                    child(self.serve_membership, id="membership"),
+                    child(self.serve_local, id="local"),
+                    *([] if self.seat is None else [child(self.seat.run, id="seat")]),
+                    *self.farm_children(),
+                ],
+                strategy="rest_for_one",
+                max_restarts=s.max_restarts,
+                max_seconds=s.max_seconds,
+            )
         return Supervisor(
             [
                 child(self.serve_transport, id="transport"),

@@ -40,7 +40,8 @@ def check_startup(config: NodeConfig, *, env: Mapping[str, str] | None = None) -
     check_authenticated(config)
     check_port_free(config.endpoint)
     check_writable_dir("--shm-dir", config.shm_dir)
-    check_command(config.command, cwd=config.cwd, env=environ)
+    if config.farm is None:  # a farm node runs no command
+        check_command(config.command, cwd=config.cwd, env=environ)
     persist = config.policy.persist
     if persist.every_snapshots:
         tiers = [

@@ -144,6 +144,31 @@ class StoreSeat:
             raise
         return result.revision
 
+    async def write_fenced(self, puts: Sequence[tuple[str, bytes]]) -> int:
+        """Write raw values (keys under the job's prefix) fenced on this node's leadership,
+        in one transaction (the farm's task table); the store revision. Same errors as
+        `decide`."""
+        leadership, election = self._leadership, self._election
+        if leadership is None or election is None:
+            raise LookupError(f"node {self.rank} does not hold the coordinator's seat")
+        ops = tuple(Put(self.prefix + key, value) for key, value in puts)
+        try:
+            result = await election.write(leadership, ops)
+        except FencedWriteRefused:
+            self._tell(
+                SeatNews(SeatEvent.FENCED_WRITE_REFUSED, leadership.revision, leadership.lease)
+            )
+            raise
+        return result.revision
+
+    async def read_prefix(self, prefix: str) -> list[bytes]:
+        """Every value under the job's ``prefix`` (the farm's task table)."""
+        election = self._election
+        if election is None:
+            raise LookupError(f"node {self.rank} is not connected to the store")
+        snapshot = await election.store.range(self.prefix + prefix, prefix=True)
+        return [r.value for r in snapshot.records]
+
     async def claim(self, *, generation: int, attempt: int, trigger: str) -> int:
         """Write "this leader is starting generation ``generation``" fenced on its
         leadership, before it stops or tells any node anything; the store revision.

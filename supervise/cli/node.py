@@ -70,8 +70,55 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     node.add_argument("--store-ca", metavar="FILE", help="CA certificate of etcd+https://")
     node.add_argument("--store-cert", metavar="FILE", help="client certificate for etcd")
     node.add_argument("--store-key", metavar="FILE", help="client key for etcd")
+    _farm_flags(node)
     node.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command")
     node.set_defaults(handler=_run)
+
+
+def _farm_flags(node: argparse.ArgumentParser) -> None:
+    """``--tasks`` and what a farm node offers (capacity detected, overridable)."""
+    farm = node.add_argument_group("farm node (--tasks, no COMMAND)")
+    farm.add_argument(
+        "--tasks",
+        action="store_true",
+        help="make this a farm node: run the farm's tasks (supervise tasks submit ...) in "
+        "worker processes instead of a training command",
+    )
+    farm.add_argument("--cpus", type=float, metavar="N", help="cores offered (default: detected)")
+    farm.add_argument(
+        "--memory", metavar="SIZE", help="memory offered, e.g. 16G (default: detected RAM)"
+    )
+    farm.add_argument("--gpus", type=int, metavar="N", help="GPUs offered (default: NVML count)")
+    farm.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a label tasks may require (repeatable)",
+    )
+
+
+def _farm_options(args: argparse.Namespace) -> Any:
+    """The farm node's options from ``--tasks`` and its flags (None: not a farm node);
+    InvalidValue names a bad flag."""
+    from supervise._validation import InvalidValue
+    from supervise.agents.config import FarmOptions
+    from supervise.tasks.resources import machine_capacity, parse_labels, parse_size
+
+    if not args.tasks:
+        for flag in ("cpus", "memory", "gpus"):
+            if getattr(args, flag) is not None:
+                raise InvalidValue(flag, getattr(args, flag), "is for farm nodes: add --tasks")
+        if args.label:
+            raise InvalidValue("label", args.label[0], "is for farm nodes: add --tasks")
+        return None
+    if args.cpus is not None and not args.cpus > 0:
+        raise InvalidValue("cpus", args.cpus, "must be a number of cores > 0")
+    if args.gpus is not None and args.gpus < 0:
+        raise InvalidValue("gpus", args.gpus, "must be an integer >= 0")
+    memory = None if args.memory is None else parse_size(args.memory, "memory")
+    capacity = machine_capacity(cpus=args.cpus, memory=memory, gpus=args.gpus)
+    return FarmOptions(capacity, parse_labels(args.label))
 
 
 def _fail(message: str) -> int:
@@ -102,7 +149,13 @@ def _run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    if not command:
+    try:
+        farm = _farm_options(args)
+    except InvalidValue as exc:
+        return _fail(f"--{exc.field} {exc.value!r}: {exc.allowed}")
+    if farm is not None and command:
+        return _fail("a farm node (--tasks) runs no command: drop the part after '--'")
+    if not command and farm is None:
         return _fail("no training command: put it after '--', e.g. -- python train.py")
     try:
         policy = Policy.from_toml(args.policy) if args.policy else Policy.default()
@@ -131,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
             job=args.job,
             resume_finished=args.resume_finished,
             store=store,
+            farm=farm,
         )
     except InvalidValue as exc:
         return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")

@@ -539,6 +539,10 @@ class Persister:
         self._counts[event.rank] = n
         if n % self.every:
             return
+        try:
+            tier = self._tiers(event.rank)
+        except KeyError:  # not a training rank of this node (a farm task's journal): RAM only
+            return
         stack = contextlib.ExitStack()
         try:
             shard = stack.enter_context(self.service.shard(event.rank, event.info.step))
@@ -551,7 +555,7 @@ class Persister:
                     target=self._run, name="supervise-persist", daemon=True
                 )
                 self._thread.start()
-        self._queue.put((self._tiers(event.rank), stack, shard))
+        self._queue.put((tier, stack, shard))
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:

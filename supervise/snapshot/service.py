@@ -611,6 +611,25 @@ class ArenaService:
             w = self._workers.get(rank)
             return {} if w is None else {s: v.info for s, v in w.versions.items()}
 
+    def release(self, rank: int) -> bool:
+        """Forget ``rank`` for good: its versions, and its arenas unmapped, removed and given
+        back to the budget (a farm node drops a finished task's journal shard so). False, and
+        nothing changed, while one of its slots is being written or read."""
+        with self._lock:
+            w = self._workers.get(rank)
+            if w is None:
+                return True
+            names = {str(a.path) for a in w.arenas}
+            if w.writing or any(k[0] in names for k in self._pins):
+                return False
+            del self._workers[rank]
+            for a in w.arenas:
+                del self._arenas[str(a.path)]
+                a.unlink()
+                self.budget.release(a.nbytes)
+                a.close()
+            return True
+
     def close(self, *, unlink: bool = True) -> None:
         """Unmap every arena (and remove the files unless ``unlink=False``, for a handover)."""
         with self._lock:

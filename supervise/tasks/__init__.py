@@ -8,6 +8,7 @@ an error) gets it back instead of running the step again. Torch-free.
 from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.attempt import BadTarget
 from supervise.tasks.context import StepError, TaskContext, idempotency_key
+from supervise.tasks.farm import Farm, FarmError, TaskCancelled, TaskInfo, TaskRef, Unschedulable
 from supervise.tasks.host import JournalHost, open_journal_host
 from supervise.tasks.journal import (
     CorruptRecord,
@@ -69,6 +70,8 @@ __all__ = [
     "DiskJournal",
     "EverySeconds",
     "EveryStep",
+    "Farm",
+    "FarmError",
     "InProcess",
     "InvalidTransition",
     "Journal",
@@ -85,14 +88,18 @@ __all__ = [
     "RetryPolicy",
     "StepError",
     "Strategy",
+    "TaskCancelled",
     "TaskContext",
     "TaskFailed",
+    "TaskInfo",
     "TaskPolicy",
+    "TaskRef",
     "TaskResult",
     "TaskRunner",
     "TaskSpec",
     "TaskState",
     "Transition",
+    "Unschedulable",
     "UnsupportedValue",
     "WorkerProcess",
     "decode",

@@ -23,7 +23,7 @@ from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.attempt import BadTarget, failure, resolve, run_attempt
 from supervise.tasks.context import TaskContext
 from supervise.tasks.journal import CorruptRecord, DiskJournal, Journal
-from supervise.tasks.layout import JOURNAL_DIR, SHARD_ENV, SPEC_FILE
+from supervise.tasks.layout import FENCE_ENV, JOURNAL_DIR, SHARD_ENV, SPEC_FILE
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.telemetry import parent_from_env
 from supervise.telemetry import TelemetryError, setup_telemetry, shutdown_telemetry, using
@@ -77,7 +77,10 @@ def _journal(task_dir: Path) -> Journal:
         shard = os.environ.get(SHARD_ENV, "")
         if not shard.isdigit():
             raise SnapshotError(f"{SHARD_ENV}={shard!r}: must be the task's shard (>= 0)")
-        return ArenaJournal(AgentClient(endpoint, int(shard)))
+        fence = os.environ.get(FENCE_ENV, "") or "0"  # a farm attempt's fence: its versions'
+        if not fence.isdigit():
+            raise SnapshotError(f"{FENCE_ENV}={fence!r}: must be the attempt's fence (>= 0)")
+        return ArenaJournal(AgentClient(endpoint, int(shard)), generation=int(fence))
     return DiskJournal(task_dir / JOURNAL_DIR)
 
 

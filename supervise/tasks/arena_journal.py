@@ -158,6 +158,11 @@ def _layout(commit: Commit, outcome: Outcome | None) -> tuple[bytes, list[bytes]
     return header, payloads
 
 
+def unpack(data: memoryview | bytes) -> tuple[Commit, Outcome | None]:
+    """The commit and outcome of a version's bytes (`CorruptRecord`, KeyError... if not one)."""
+    return _unpack(memoryview(data))
+
+
 def _unpack(data: memoryview) -> tuple[Commit, Outcome | None]:
     """The commit and outcome `_layout` wrote."""
     n = int.from_bytes(data[:4], "little")

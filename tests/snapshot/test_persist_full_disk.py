@@ -101,3 +101,22 @@ def test_keep_one_never_removes_the_only_version_to_make_room(
     finally:
         persister.close()
         svc.close()
+
+
+def test_a_shard_with_no_tier_stays_in_ram_and_unpinned(tmp_path: Path) -> None:
+    """A farm node's task journals share the agent's arenas with no persist tier of their
+    own: the persister leaves them alone (it used to pin the slot for good and raise)."""
+    tier = PersistTier(tmp_path, rank=0, keep=1)
+    svc = make_service(tmp_path / "shm", keep_last=1)
+    persister = Persister(svc, {0: tier}.__getitem__, every=1)
+    svc.add_commit_hook(persister.on_commit)
+    try:
+        task = LocalOwner(svc, 1)
+        commit_version(task, 1)
+        commit_version(task, 2)
+        persister.flush()
+        assert tier.entries() == []
+        assert svc.release(1)  # nothing of it pinned
+    finally:
+        persister.close()
+        svc.close()

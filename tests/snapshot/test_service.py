@@ -295,3 +295,25 @@ def test_pinned_slots_make_room_for_the_point_and_the_target(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="pinned_slots = -1"):
         make_service(tmp_path / "x", pinned_slots=-1)
     svc.close()
+
+
+def test_release_forgets_a_rank_and_gives_its_arenas_back_unless_in_use(tmp_path: Path) -> None:
+    svc = make_service(tmp_path, keep_last=1)
+    owner = LocalOwner(svc, 1)
+    owner.hello(hello(1))
+    commit_version(owner, 2)
+    held = svc.budget.held
+    files = sorted(tmp_path.glob("*.arena"))
+    assert held > 0 and files
+    with svc.shard(1, 2):
+        assert not svc.release(1)  # a reader holds a slot: nothing changes
+    assert svc.versions(1)
+    slot = owner.begin()
+    assert not svc.release(1)  # a slot being written
+    assert slot is not None
+    owner.abort(slot)
+    assert svc.release(1)
+    assert svc.versions(1) == [] and 1 not in svc.ranks
+    assert svc.budget.held == 0
+    assert not any(f.exists() for f in files)
+    assert svc.release(1)  # unknown: nothing to do

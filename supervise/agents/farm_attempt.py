@@ -1,0 +1,157 @@
+"""One attempt on a farm node: what the node knows of it (`Running`) and how its worker
+process runs (`WorkerRunner`: `WorkerProcess` against the agent's journal endpoint, its token
+under the attempt's fence, its GPUs its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from supervise.tasks.farm_messages import AttemptPhase, StopWhy
+from supervise.tasks.host import JournalHost
+from supervise.tasks.layout import FENCE_ENV
+from supervise.tasks.runner import AttemptEnd, WorkerProcess
+from supervise.tasks.spec import TaskSpec
+
+log = structlog.get_logger("supervise.agents.farm_node")
+
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+LEASE_MARGIN = 0.9
+"""A node deems its lease lapsed at this fraction of ``lease_s`` without a renewal."""
+
+
+@attrs.define(eq=False)
+class Running:
+    """An attempt this node runs: its assignment, shard, lease and how to stop its worker."""
+
+    task_id: str
+    attempt: int
+    fence: int
+    spec: TaskSpec
+    lease_s: float
+    shard: int
+    renewed_at: float
+    trace: Mapping[str, str] = attrs.field(factory=dict)
+    fetch_from: tuple[int, ...] = ()
+    stop: StopWhy | None = None  # asked to pause or cancel
+    zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
+    refused: int = 0  # worker commits refused (lapsed lease, stale fence)
+    pid: int | None = None
+    replicas: frozenset[int] = frozenset()
+    pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    ended: trio.Event = attrs.field(factory=trio.Event)
+    signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
+    resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open
+    seeded: tuple[int, int] = (-1, -1)  # (fence, version) of the journal it started from
+    gpus: tuple[int, ...] = ()  # the devices its worker sees (CUDA_VISIBLE_DEVICES)
+
+    def lapsed(self, now: float) -> bool:
+        """Whether the lease ran out without a renewal (the task may run elsewhere now): a
+        little early, since the coordinator's lease of an assignment began before the node
+        heard of it."""
+        return now - self.renewed_at > self.lease_s * LEASE_MARGIN
+
+    def halt(self, *, hard: bool) -> None:
+        """Stop the worker: at once (``hard``: a zombie) or letting it checkpoint (SIGTERM)."""
+        if self.signal_worker is not None:
+            self.signal_worker(hard)
+
+
+class AttemptRunner(Protocol):
+    """Runs one attempt to its end (a worker process by default); sets
+    ``run.signal_worker`` once it can be stopped."""
+
+    async def __call__(self, run: Running) -> AttemptEnd: ...
+
+
+class WorkerRunner:
+    """Attempts in worker processes (`WorkerProcess`) writing their journal to ``host``."""
+
+    def __init__(
+        self,
+        host: JournalHost,
+        task_dirs: Path,
+        *,
+        node: str,
+        shutdown: float = 5.0,
+        on_pid: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.task_dirs = task_dirs
+        self.node = node
+        self.shutdown = shutdown
+        self.on_pid = on_pid
+
+    async def __call__(self, run: Running) -> AttemptEnd:
+        def started(_attempt: int, handle: Any) -> None:
+            run.pid = handle.pid
+            run.signal_worker = lambda hard: handle.signal(
+                signal.SIGKILL if hard else signal.SIGTERM
+            )
+            log.info("task worker started", task=run.task_id, fence=run.fence, pid=handle.pid)
+            if self.on_pid is not None:
+                self.on_pid(run.task_id, handle.pid)
+            if run.zombie:
+                run.halt(hard=True)
+            elif run.stop is not None:
+                run.halt(hard=False)
+
+        launcher = WorkerProcess(
+            run.spec,
+            self.task_dirs / _safe(run.task_id),
+            node=self.node,
+            env={FENCE_ENV: str(run.fence), **devices(run.gpus)},
+            on_started=started,
+            shutdown=self.shutdown,
+            host=_FencedHost(self.host, run.fence),
+            shard=run.shard,
+        )
+        return await launcher(run.attempt)
+
+
+def devices(gpus: tuple[int, ...]) -> dict[str, str]:
+    """The worker's view of the node's GPUs: only those its attempt was given (none: none)."""
+    return {GPU_ENV: ",".join(map(str, gpus))}
+
+
+class _FencedHost(JournalHost):
+    """The journal host as one attempt sees it: its worker's token is issued under the
+    attempt's fence (the grant's generation), so the agent tells its requests from those of
+    an older attempt's worker of the same task not yet dead."""
+
+    def __init__(self, host: JournalHost, fence: int) -> None:
+        super().__init__(host.service, host.endpoint)
+        self.fence = fence
+
+    def token(self, shard: int, attempt: int) -> str:
+        return super().token(shard, self.fence)
+
+
+def _safe(task_id: str) -> str:
+    """A directory name for a task id."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:100] or "task"
+
+
+def end_phase(run: Running, end: AttemptEnd) -> tuple[AttemptPhase, dict[str, Any]]:
+    """What an attempt's end is reported as."""
+    o = end.outcome
+    if o is not None and o.ok:
+        return AttemptPhase.COMPLETED, {"result": o.value}
+    if run.stop is StopWhy.CANCEL:
+        return AttemptPhase.CANCELLED, {}
+    if run.stop is StopWhy.PAUSE and (o is None or not o.ok):
+        return AttemptPhase.PAUSED, {}
+    if o is not None:
+        return AttemptPhase.ERRORED, {
+            "error": f"{o.error_type}: {o.message}",
+            "error_mro": list(o.error_mro),
+        }
+    return AttemptPhase.ERRORED, {"error": end.lost, "error_mro": ["WorkerLost"]}

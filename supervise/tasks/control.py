@@ -1,0 +1,601 @@
+"""The farm's control plane: the task table served by the coordinator, on every farm node.
+
+Every farm node runs a `FarmControl`; the one that ``leader()`` names (the lowest live rank, or
+the elected leader with ``--store``) is the coordinator: it takes client requests, places
+pending tasks on the nodes' offers (`scheduler.place`), hands them out as leases
+(`farm.assign`), renews them (`farm.renew`), takes the nodes' reports (`farm.update`, a stale
+fence refused: the zombie is told) and requeues the tasks of a node lost by membership or
+whose lease ran out. The others answer clients with a redirect and keep a replica of the table.
+
+Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
+live farm node as `TableUpdate`) before anything acting on it is sent — a reply, an
+assignment — so a new coordinator (which pulls the replicas and keeps each task's highest
+revision) loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from supervise.cluster.errors import ClusterError
+from supervise.cluster.transport import DEFERRED, Incoming
+from supervise.tasks.farm_link import FarmLink
+from supervise.tasks.farm_messages import (
+    STALE_FENCE,
+    Ack,
+    Assign,
+    AttemptPhase,
+    Control,
+    FarmRefusal,
+    Offer,
+    Query,
+    Renew,
+    Renewed,
+    ResultQuery,
+    ResultReply,
+    Stop,
+    Submit,
+    TablePull,
+    TableUpdate,
+    TaskList,
+    TaskReply,
+    Update,
+)
+from supervise.tasks.journal import CorruptRecord
+from supervise.tasks.resources import Resources
+from supervise.tasks.scheduler import NodeView, Request, Strategy, place, unschedulable
+from supervise.tasks.spec import TaskSpec
+from supervise.tasks.states import TERMINAL, TaskState
+from supervise.tasks.table import (
+    StopOrder,
+    TableError,
+    TaskRecord,
+    TaskTable,
+    UnknownTask,
+    UpdateVerdict,
+    record_json,
+)
+from supervise.tasks.telemetry import FarmMetrics
+from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
+
+log = structlog.get_logger("supervise.tasks.control")
+
+#: The reason a farm node that is not the coordinator gives a node's report (`Ack`/`Renewed`).
+NOT_COORDINATOR = "not the coordinator"
+#: Fences are ``k * FENCE_STRIDE + coordinator rank``: two coordinators that briefly both
+#: believe they lead (views converging) never hand out the same fence.
+FENCE_STRIDE = 1 << 16
+TASK_ID_ATTR = "supervise.task.id"
+#: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
+#: round places at most what is free; the next round, at once after any change, goes on).
+PLACE_WINDOW = 128
+
+_QUIET_PHASES = frozenset({AttemptPhase.STARTED, AttemptPhase.PROGRESS})
+
+
+class Durable(Protocol):
+    """Where the table lives with ``--store``: fenced by the leader's election revision."""
+
+    async def save(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Write these records (task id, encoded); raises if this node no longer leads."""
+
+    async def load(self) -> list[bytes]:
+        """Every record saved."""
+
+
+@attrs.frozen(slots=True)
+class _Offer:
+    capacity: Resources
+    labels: frozenset[str]
+
+
+class FarmControl:
+    """The task table and the coordinator's loop on one farm node (see the module doc)."""
+
+    def __init__(
+        self,
+        link: FarmLink,
+        *,
+        leader: Callable[[], int | None],
+        live: Callable[[], Iterable[int]],
+        lease_s: float = 10.0,
+        strategy: Strategy = Strategy.PACK,
+        durable: Durable | None = None,
+        clock: Callable[[], float] = time.time,
+        metrics: FarmMetrics | None = None,
+        request_timeout: float = 5.0,
+        tick: float = 0.5,
+    ) -> None:
+        rank = link.rank
+        if rank is None:
+            raise ValueError("a farm node's link needs a rank")
+        self.rank = rank
+        self.link = link
+        self.table = TaskTable()
+        self._leader = leader
+        self._live = live
+        self.lease_s = lease_s
+        self.strategy = strategy
+        self._durable = durable
+        self._clock = clock
+        self.metrics = metrics if metrics is not None else FarmMetrics()
+        self._timeout = request_timeout
+        self._tick = min(tick, lease_s / 4)
+        self.offers: dict[int, _Offer] = {}
+        self._offers_dirty = False
+        self._leases: dict[str, float] = {}
+        self._leading = False
+        self._wake = trio.Event()
+        self._replies: list[tuple[Incoming[Any], object]] = []
+        self._orders: list[tuple[int, object, Mapping[str, str]]] = []
+        self._recoveries: dict[str, RecoveryTrace] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- who leads -------------------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        """Whether this node acts as the coordinator now."""
+        return self._leading
+
+    def coordinator(self) -> int | None:
+        return self._leader()
+
+    def _refusal(self) -> FarmRefusal:
+        who = self._leader()
+        if who == self.rank:  # taking over: not ready yet, ask again
+            return FarmRefusal(f"rank {self.rank} is taking the farm over; ask again", None)
+        return FarmRefusal(f"rank {self.rank} is {NOT_COORDINATOR} (ask rank {who})", who)
+
+    def _leads_now(self) -> bool:
+        return self._leading and self._leader() == self.rank
+
+    # -- running ---------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Register the coordinator-side handlers on the link."""
+        link = self.link
+        link.handle(Offer, self._on_offer)
+        link.handle(Renew, self._on_renew)
+        link.handle(Update, self._on_update)
+        link.handle(Submit, self._on_submit)
+        link.handle(Query, self._on_query)
+        link.handle(Control, self._on_control)
+        link.handle(ResultQuery, self._on_result)
+        link.handle(TableUpdate, self._on_table)
+        link.handle(TablePull, self._on_pull)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled: lead while ``leader()`` names this node, else follow."""
+        self.install()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await self.step()
+                    await self._sleep()
+            finally:
+                self._nursery = None
+                for recovery in self._recoveries.values():
+                    recovery.end(Outcome.FAILED, reason="the coordinator stopped")
+                self._recoveries.clear()
+
+    async def _sleep(self) -> None:
+        wait = self._tick
+        at = self._clock()
+        ready = self.table.next_ready(at)
+        if ready is not None:
+            wait = min(wait, ready - at)
+        with trio.move_on_after(wait):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    def poke(self) -> None:
+        """Run the loop now (something changed)."""
+        self._wake.set()
+
+    async def step(self) -> None:
+        """One round: take over or step down, requeue lost work, place, make durable, send."""
+        if self._leader() != self.rank:
+            if self._leading:
+                log.info("farm: no longer the coordinator", rank=self.rank, leader=self._leader())
+                self._step_down()
+            return
+        if not self._leading:
+            await self._take_over()
+        now = trio.current_time()
+        at = self._clock()
+        self._requeue_lost(now, at)
+        self._schedule(now, at)
+        self._count()
+        await self._flush()
+
+    def _step_down(self) -> None:
+        self._leading = False
+        self._leases.clear()
+        for recovery in self._recoveries.values():
+            recovery.end(Outcome.FAILED, reason="the coordinator stepped down")
+        self._recoveries.clear()
+        replies, self._replies = self._replies, []
+        refusal = self._refusal()
+        for request, _ in replies:  # never made durable here: ask the new coordinator
+            node_report = isinstance(request.body, Update)
+            self._send_reply(request, Ack(False, refusal.reason) if node_report else refusal)
+
+    async def _take_over(self) -> None:
+        """Become the coordinator: gather the table (store, or every live replica), then
+        give every task on a node a fresh lease to renew with us."""
+        if self._durable is not None:
+            self.table.merge(TaskRecord.from_bytes(b) for b in await self._durable.load())
+        else:
+            for peer in self._peers():
+                try:
+                    got = await self.link.request(
+                        peer, TablePull(self.rank), timeout=self._timeout, expect=TableUpdate
+                    )
+                except ClusterError as exc:
+                    log.info("farm: table pull failed", peer=peer, error=str(exc))
+                    continue
+                self._take_table(got.body)
+        now = trio.current_time()
+        for rec in self.table.live_on_nodes():
+            self._leases[rec.task_id] = now + self.lease_s
+        for rec in self.table:
+            self.table.mark(rec)  # everyone gets the merged table
+        self._offers_dirty = True
+        self._leading = True
+        log.info("farm: coordinator", rank=self.rank, tasks=len(self.table))
+
+    def _peers(self) -> list[int]:
+        return [r for r in self._live() if r != self.rank]
+
+    # -- the coordinator's round -----------------------------------------------------------
+
+    def _requeue_lost(self, now: float, at: float) -> None:
+        live = set(self._live())
+        for rec in self.table.live_on_nodes():
+            node = rec.node
+            if node is None:
+                continue
+            if node not in live:
+                self._moved(rec.task_id, at, f"node {node} lost", Trigger.PEER_LOST, node)
+                continue
+            deadline = self._leases.setdefault(rec.task_id, now + self.lease_s)
+            if now > deadline:
+                self._moved(
+                    rec.task_id,
+                    at,
+                    f"lease expired on node {node}",
+                    Trigger.HEARTBEAT_TIMEOUT,
+                    node,
+                )
+
+    def _moved(self, task_id: str, at: float, why: str, trigger: Trigger, node: int) -> None:
+        self._leases.pop(task_id, None)
+        moved = self.table.lost(task_id, at, why)
+        if moved is None:
+            return
+        log.warning("farm: task moved off its node", task=task_id, node=node, why=why)
+        if moved.state is not TaskState.PENDING:
+            if moved.state in TERMINAL:
+                self.metrics.finished(moved.state)
+            return
+        old = self._recoveries.pop(task_id, None)
+        if old is not None:
+            old.end(Outcome.FAILED, reason="moved again")
+        recovery = RecoveryTrace.begin(trigger, rank=self.rank, values={TASK_ID_ATTR: task_id})
+        recovery.event(RecoveryEvent.DETECTED, reason=why)
+        with recovery.phase(Phase.DETECT):
+            pass
+        self._recoveries[task_id] = recovery
+
+    def _views(self) -> list[NodeView]:
+        live = set(self._live())
+        used: dict[int, Resources] = {}
+        running: dict[int, int] = {}
+        for rec in self.table.live_on_nodes():
+            if rec.node is not None:
+                used[rec.node] = used.get(rec.node, Resources(0.0)) + rec.needs
+                running[rec.node] = running.get(rec.node, 0) + 1
+        return [
+            NodeView(
+                rank,
+                offer.capacity,
+                used.get(rank, Resources(0.0)),
+                offer.labels,
+                running.get(rank, 0),
+            )
+            for rank, offer in sorted(self.offers.items())
+            if rank in live
+        ]
+
+    def _schedule(self, now: float, at: float) -> None:
+        requests = self.table.requests(at, PLACE_WINDOW)
+        if not requests:
+            return
+        views = self._views()
+        if not views:
+            return
+        if not _room(requests, views):
+            return  # nothing fits anywhere now: the scheduler need not look
+        ranks = frozenset(v.rank for v in views)
+        # the node a task was lost from is avoided, unless it is the only one left
+        requests = [attrs.evolve(r, avoid=frozenset()) if ranks <= r.avoid else r for r in requests]
+        for placement in place(requests, views, self.strategy):
+            rec = self.table.place(placement.task_id, placement.rank, at, self._next_fence)
+            self._leases[rec.task_id] = now + self.lease_s
+            trace: Mapping[str, str] = {}
+            recovery = self._recoveries.get(rec.task_id)
+            if recovery is not None:
+                with recovery.phase(
+                    Phase.SELECT_CHECKPOINT, {"supervise.placement": str(placement.why)}
+                ):
+                    recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=placement.rank)
+                trace = recovery.inject()
+            assign = Assign(
+                rec.task_id,
+                rec.attempt,
+                rec.fence,
+                rec.spec,
+                rec.needs.to_json(),
+                self.lease_s,
+                sorted(rec.replicas) if rec.attempt > 1 else [],
+            )
+            self._orders.append((placement.rank, assign, trace))
+
+    def _next_fence(self, fence: int) -> int:
+        return (fence // FENCE_STRIDE + 1) * FENCE_STRIDE + self.rank
+
+    def _count(self) -> None:
+        self.metrics.set_counts(self.table.counts())
+
+    async def _flush(self) -> None:
+        """Make the changes durable, then send what depends on them (replies, orders)."""
+        records = self.table.dirty
+        offers = self._offers_dirty
+        if records or offers:
+            self._offers_dirty = False
+            try:
+                await self._save(records, offers)
+            except Exception as exc:  # a deposed leader's fenced write, a store outage
+                log.warning("farm: saving the table failed; stepping down", error=str(exc))
+                self._offers_dirty = True
+                self._orders.clear()
+                self._step_down()
+                return
+            self.table.flushed(records)
+        replies, self._replies = self._replies, []
+        for request, message in replies:
+            self._send_reply(request, message)
+        orders, self._orders = self._orders, []
+        for peer, message, trace in orders:
+            self._spawn(self._order, peer, message, trace)
+
+    async def _save(self, records: list[TaskRecord], offers: bool) -> None:
+        if self._durable is not None and records:
+            await self._durable.save([(r.task_id, r.to_bytes()) for r in records])
+        peers = self._peers()
+        if not peers:
+            return
+        update = TableUpdate(
+            self.rank,
+            [r.to_bytes() for r in records] if self._durable is None else [],
+            self._offer_list() if offers else [],
+        )
+        if not update.records and not update.offers:
+            return
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(self._push, peer, update)
+
+    async def _push(self, peer: int, update: TableUpdate) -> None:
+        try:
+            await self.link.request(peer, update, timeout=self._timeout, expect=Ack)
+        except ClusterError as exc:  # a lost peer is requeued by membership, not here
+            log.info("farm: table update not taken", peer=peer, error=str(exc))
+
+    def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
+        return [
+            (rank, o.capacity.to_json(), sorted(o.labels))
+            for rank, o in sorted(self.offers.items())
+        ]
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    def _send_reply(self, request: Incoming[Any], message: object) -> None:
+        self._spawn(self._reply, request, message)
+
+    async def _reply(self, request: Incoming[Any], message: object) -> None:
+        try:
+            await self.link.reply(request, message)
+        except (ClusterError, trio.ClosedResourceError) as exc:
+            log.info("farm: reply not sent", error=str(exc))
+
+    async def _order(self, peer: int, message: object, trace: Mapping[str, str]) -> None:
+        """Send an assignment or a stop; an assignment the node refuses or never takes is
+        a start failure (the task goes back to pending, avoiding that node)."""
+        why = ""
+        try:
+            got = await self.link.request(
+                peer, message, trace=trace, timeout=self._timeout, expect=Ack
+            )
+            if not got.body.ok:
+                why = got.body.reason or "refused"
+        except ClusterError as exc:
+            why = str(exc) or type(exc).__name__
+        if why and isinstance(message, Assign) and self._leading:
+            log.warning("farm: assignment not taken", task=message.task_id, node=peer, why=why)
+            self.table.refused(message.task_id, message.fence, peer, self._clock(), why)
+            self.poke()
+
+    # -- handlers: farm nodes --------------------------------------------------------------
+
+    async def _on_offer(self, msg: Incoming[Offer]) -> object:
+        o = msg.body
+        try:
+            offer = _Offer(Resources.from_json(o.capacity), frozenset(o.labels))
+        except (ValueError, TypeError) as exc:
+            return Ack(False, f"bad offer: {exc}")
+        if self.offers.get(o.node) != offer:
+            self.offers[o.node] = offer
+            self._offers_dirty = True
+            self.poke()
+        return Ack(True)
+
+    async def _on_renew(self, msg: Incoming[Renew]) -> object:
+        r = msg.body
+        if not self._leads_now():
+            return Renewed(ok=False, reason=self._refusal().reason)
+        now = trio.current_time()
+        stale = []
+        for task_id, fence in r.held:
+            if self.table.current(task_id, fence, r.node) is None:
+                stale.append(task_id)
+            else:
+                self._leases[task_id] = now + self.lease_s
+        return Renewed(stale)
+
+    async def _on_update(self, msg: Incoming[Update]) -> object:
+        u = msg.body
+        if not self._leads_now():
+            return Ack(False, self._refusal().reason)
+        verdict = self.table.update(u, self._clock())
+        if verdict is UpdateVerdict.STALE:
+            log.info("farm: stale fence refused", task=u.task_id, node=u.node, fence=u.fence)
+            return Ack(False, STALE_FENCE)
+        rec = self.table.get(u.task_id)
+        self._leases[u.task_id] = trio.current_time() + self.lease_s
+        self._recovered(u.task_id, rec)
+        if rec.state in TERMINAL:
+            self._leases.pop(u.task_id, None)
+            self.metrics.finished(rec.state)
+        self.poke()
+        if u.phase in _QUIET_PHASES:
+            return Ack(True)
+        self._replies.append((msg, Ack(True)))
+        return DEFERRED
+
+    def _recovered(self, task_id: str, rec: TaskRecord) -> None:
+        recovery = self._recoveries.get(task_id)
+        if recovery is None:
+            return
+        if rec.state in (TaskState.RUNNING, TaskState.COMPLETED):
+            del self._recoveries[task_id]
+            recovery.end(Outcome.COMPLETED)
+        elif rec.state in TERMINAL or rec.state is TaskState.PAUSED:
+            del self._recoveries[task_id]
+            recovery.end(Outcome.FAILED, reason=f"task {rec.state}")
+
+    # -- handlers: clients -----------------------------------------------------------------
+
+    async def _on_submit(self, msg: Incoming[Submit]) -> object:
+        s = msg.body
+        if not self._leads_now():
+            return self._refusal()
+        try:
+            spec = TaskSpec.from_bytes(s.spec)
+            needs = Resources.from_json(s.needs)
+            labels = frozenset(s.labels)
+        except (CorruptRecord, ValueError, TypeError) as exc:
+            return FarmRefusal(f"bad task: {exc}")
+        views = self._views()
+        why = unschedulable(needs, labels, views) if views else None
+        if why is not None:
+            return FarmRefusal(why, self.rank, unschedulable=True)
+        try:
+            rec, _new = self.table.submit(
+                spec,
+                needs,
+                self._clock(),
+                labels=labels,
+                priority=s.priority,
+                max_attempts=s.max_attempts,
+                non_retryable=tuple(s.non_retryable),
+                spec_bytes=s.spec,
+            )
+        except TableError as exc:
+            return FarmRefusal(str(exc), self.rank)
+        self.poke()
+        self._replies.append((msg, TaskReply(record_json(rec))))
+        return DEFERRED
+
+    async def _on_query(self, msg: Incoming[Query]) -> object:
+        q = msg.body
+        if not self._leads_now():
+            return self._refusal()
+        if q.task_id is None:
+            return TaskList([record_json(r, history=q.history) for r in self.table])
+        try:
+            rec = self.table.get(q.task_id)
+        except UnknownTask as exc:
+            return FarmRefusal(str(exc), self.rank, unknown=True)
+        return TaskList([record_json(rec, history=q.history)])
+
+    async def _on_control(self, msg: Incoming[Control]) -> object:
+        c = msg.body
+        if not self._leads_now():
+            return self._refusal()
+        try:
+            order = self.table.control(c.task_id, c.action, self._clock())
+        except UnknownTask as exc:
+            return FarmRefusal(str(exc), self.rank, unknown=True)
+        except TableError as exc:
+            return FarmRefusal(str(exc), self.rank)
+        rec = self.table.get(c.task_id)
+        if rec.state in TERMINAL:
+            self._leases.pop(c.task_id, None)
+            self.metrics.finished(rec.state)
+        self._recovered(c.task_id, rec)
+        if order is not None:
+            self._orders.append((order.node, _stop(order), {}))
+        self.poke()
+        self._replies.append((msg, TaskReply(record_json(rec, history=True))))
+        return DEFERRED
+
+    async def _on_result(self, msg: Incoming[ResultQuery]) -> object:
+        q = msg.body
+        if not self._leads_now():
+            return self._refusal()
+        try:
+            rec = self.table.get(q.task_id)
+        except UnknownTask as exc:
+            return FarmRefusal(str(exc), self.rank, unknown=True)
+        return ResultReply(rec.task_id, str(rec.state), rec.result, rec.error)
+
+    # -- handlers: the replicated table ----------------------------------------------------
+
+    async def _on_table(self, msg: Incoming[TableUpdate]) -> object:
+        self._take_table(msg.body)
+        return Ack(True)
+
+    def _take_table(self, update: TableUpdate) -> None:
+        self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
+        for rank, capacity, labels in update.offers:
+            self.offers.setdefault(rank, _Offer(Resources.from_json(capacity), frozenset(labels)))
+
+    async def _on_pull(self, msg: Incoming[TablePull]) -> object:
+        return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+
+
+def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:
+    """Whether some node has room for the smallest needs of each kind (a cheap lower bound:
+    False means no request fits anywhere)."""
+    least = Resources(
+        min(r.needs.cpu for r in requests),
+        min(r.needs.memory for r in requests),
+        min(r.needs.gpus for r in requests),
+    )
+    return any(least.fits_in(v.capacity - v.used) for v in views)
+
+
+def _stop(order: StopOrder) -> Stop:
+    return Stop(order.task_id, order.fence, order.why)

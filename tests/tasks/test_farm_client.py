@@ -1,0 +1,111 @@
+"""`supervise.tasks.Farm` against the control plane on a fake network, in virtual time: the
+coordinator found by asking nodes and following redirects, a takeover waited out, results,
+refusals as the documented exceptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from supervise.tasks import (
+    BadTarget,
+    Farm,
+    FarmError,
+    TaskCancelled,
+    TaskFailed,
+    TaskState,
+    Unschedulable,
+    UnsupportedValue,
+    encode,
+)
+from supervise.tasks.farm_messages import AttemptPhase, Update
+from tests.tasks.farmkit import FakeWire, Farmlet
+
+TARGET = "tests.tasks.taskfuncs:ticks"
+
+
+def client(f: Farmlet, timeout: float = 10.0) -> Farm:
+    farm = Farm(nodes=[f"127.0.0.1:{7000 + r}" for r in range(f.n)], timeout=timeout)
+    farm._transport = FakeWire(f.net, None)  # the fake network instead of zmq
+    return farm
+
+
+async def finish(f: Farmlet, task_id: str, phase: AttemptPhase, **kw: Any) -> None:
+    r, a = next(
+        (r, a) for r, n in enumerate(f.nodes) for a, _ in n.assigned if a.task_id == task_id
+    )
+    u = Update(r, task_id, a.attempt, a.fence, phase, **kw)
+    await f.links[r].request(f.coordinator.rank, u)
+
+
+async def test_submit_result_show_list(autojump_clock: Any) -> None:
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        farm = client(f)
+        ref = await farm.submit(TARGET, 3, cpu=0.5, memory="1M", task_id="t1")
+        assert ref.task_id == "t1"
+        with pytest.raises(FarmError, match=r"is (pending|assigned)"):
+            await farm.result("t1", wait=False)
+        await trio.sleep(1.0)
+        info = await ref.show()
+        assert info.state is TaskState.ASSIGNED and info.attempt == 1
+        assert info.to_json()["id"] == "t1" and info.needs.memory == 1_000_000
+        await finish(f, "t1", AttemptPhase.COMPLETED, result=encode({"n": 3}))
+        assert await ref.result(timeout=5) == {"n": 3}
+        assert [i.id for i in await farm.list()] == ["t1"]
+        with pytest.raises(TimeoutError):
+            await (await farm.submit(TARGET, 1)).result(timeout=2.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_failed_cancelled_unknown_unschedulable(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=2.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        farm = client(f)
+        with pytest.raises(Unschedulable, match="64"):
+            await farm.submit(TARGET, 1, cpu=64)
+        with pytest.raises(BadTarget):
+            await farm.submit("not a target", 1)
+        with pytest.raises(UnsupportedValue):
+            await farm.submit(TARGET, object())
+        with pytest.raises(FarmError, match="no task 'nope'"):
+            await farm.show("nope")
+        ref = await farm.submit(TARGET, 1, max_attempts=1, task_id="f")
+        await trio.sleep(1.0)
+        await finish(f, "f", AttemptPhase.ERRORED, error="RuntimeError: boom")
+        with pytest.raises(TaskFailed, match="boom"):
+            await ref.result()
+        c = await farm.submit(TARGET, 1)
+        info = await c.cancel()
+        assert info.state is TaskState.CANCELLED
+        with pytest.raises(TaskCancelled):
+            await c.result()
+        p = await farm.submit(TARGET, 1)
+        assert (await p.pause()).state is TaskState.PAUSED
+        assert (await p.resume()).state is TaskState.PENDING
+        nursery.cancel_scope.cancel()
+
+
+async def test_redirects_and_waits_out_a_takeover(autojump_clock: Any) -> None:
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        farm = client(f)
+        farm._guess = 2  # asks a follower first: redirected to rank 0
+        ref = await farm.submit(TARGET, 1, task_id="t")
+        assert farm._guess == 0
+        f.kill(0)  # the coordinator dies; the client finds rank 1 once it took over
+        info = await ref.show()
+        assert info.id == "t" and farm._guess == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_nodes_is_one_line() -> None:
+    with pytest.raises(FarmError, match="no farm nodes"):
+        Farm(nodes="")
+    with pytest.raises(FarmError, match="async with"):
+        await Farm(nodes="127.0.0.1:1").list()

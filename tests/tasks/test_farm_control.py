@@ -1,0 +1,386 @@
+"""The farm's control plane in virtual time, on a fake network: placement, leases, fences,
+pause/resume/cancel, retries with backoff, dead letter, coordinator handover, submit checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from supervise._testing.poll import wait_until_async
+from supervise.cluster.errors import RequestTimeout
+from supervise.tasks.farm_messages import (
+    STALE_FENCE,
+    Ack,
+    AttemptPhase,
+    Control,
+    ControlAction,
+    FarmRefusal,
+    Query,
+    Renew,
+    Renewed,
+    ResultQuery,
+    ResultReply,
+    Submit,
+    TaskList,
+    TaskReply,
+    Update,
+)
+from supervise.tasks.resources import Resources
+from supervise.tasks.spec import TaskSpec
+from supervise.tasks.states import Reason, TaskState
+from tests.tasks.farmkit import Farmlet
+
+TARGET = "tests.tasks.taskfuncs:ticks"
+
+
+async def submit(
+    f: Farmlet, task_id: str, cpu: float = 1.0, to: int | None = None, **kw: Any
+) -> Any:
+    spec = TaskSpec(TARGET, (1,), task_id=task_id)
+    msg = Submit(spec.to_bytes(), Resources(cpu).to_json(), **kw)
+    peer = f.coordinator.rank if to is None else to
+    return (await f.client().request(peer, msg)).body
+
+
+async def ask(f: Farmlet, message: object) -> Any:
+    return (await f.client().request(f.coordinator.rank, message)).body
+
+
+async def info(f: Farmlet, task_id: str) -> dict[str, Any]:
+    got = await ask(f, Query(task_id, history=True))
+    assert isinstance(got, TaskList), got
+    return got.tasks[0]
+
+
+async def report(f: Farmlet, node: int, a: Any, phase: AttemptPhase, **kw: Any) -> Ack:
+    u = Update(node, a.task_id, a.attempt, a.fence, phase, **kw)
+    got = await f.links[node].request(f.coordinator.rank, u)
+    return got.body
+
+
+def assigned(f: Farmlet) -> list[tuple[int, Any]]:
+    return [(r, a) for r, n in enumerate(f.nodes) for a, _ in n.assigned]
+
+
+async def settle() -> None:
+    await trio.sleep(1.0)  # a couple of the coordinator's rounds
+
+
+async def test_placement_fills_offers_then_waits(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=2.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        for i in range(5):
+            got = await submit(f, f"t{i}")
+            assert isinstance(got, TaskReply) and got.info["state"] == "pending"
+        await settle()
+        placed = assigned(f)
+        assert sorted(a.task_id for _, a in placed) == ["t0", "t1", "t2", "t3"]
+        assert all(a.attempt == 1 and a.fetch_from == [] for _, a in placed)
+        assert (await info(f, "t4"))["state"] == "pending"
+        r, a = placed[0]
+        await report(f, r, a, AttemptPhase.STARTED)
+        ack = await report(f, r, a, AttemptPhase.COMPLETED, result=b"\x01")
+        assert ack.ok
+        await settle()
+        assert "t4" in [a.task_id for _, a in assigned(f)]
+        res = await ask(f, ResultQuery(a.task_id))
+        assert isinstance(res, ResultReply) and res.state == "completed" and res.result == b"\x01"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_not_renewed_requeues_to_the_replica_holder(autojump_clock: Any) -> None:
+    f = Farmlet(3, lease_s=3.0, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        await report(f, r, a, AttemptPhase.STARTED, replicas=[r, 2 if r != 2 else 1])
+        for _ in range(3):  # renewed: the lease holds
+            await trio.sleep(1.0)
+            got = await f.links[r].request(0, Renew(r, [("t", a.fence)]))
+            assert isinstance(got.body, Renewed) and got.body.stale == []
+        assert len(assigned(f)) == 1
+        await trio.sleep(5.0)  # silent past its lease (SIGSTOP): requeued elsewhere
+        second = [x for x in assigned(f) if x[1].fence != a.fence]
+        assert len(second) == 1
+        r2, a2 = second[0]
+        holder = 2 if r != 2 else 1
+        assert r2 == holder and a2.attempt == 2 and a2.fence > a.fence
+        assert a2.fetch_from == [holder]
+        i = await info(f, "t")
+        reasons = [h["reason"] for h in i["history"]]
+        assert Reason.NODE_LOST in reasons and i["state"] == "assigned" and i["node"] == holder
+        # the zombie wakes: its renew is told stale, its commit refused
+        got = await f.links[r].request(0, Renew(r, [("t", a.fence)]))
+        assert got.body.stale == ["t"]
+        ack = await report(f, r, a, AttemptPhase.COMPLETED, result=b"z")
+        assert not ack.ok and ack.reason == STALE_FENCE
+        ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"ok")
+        assert ack.ok
+        res = await ask(f, ResultQuery("t"))
+        assert res.result == b"ok"
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_loss_requeues_without_spending_retries(autojump_clock: Any) -> None:
+    f = Farmlet(3, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "t", max_attempts=1)
+        await settle()
+        [(r, a)] = [x for x in assigned(f) if x[1].task_id == "t"]
+        assert r != 0  # "a" is on the coordinator's node, "t" on another
+        f.kill(r)
+        await settle()
+        [(r2, a2)] = [x for x in assigned(f) if x[1].fence != a.fence]
+        assert r2 != r
+        ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"")
+        assert ack.ok
+        i = await info(f, "t")
+        assert i["state"] == "completed" and i["attempt"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_app_errors_retry_with_backoff_then_exhaust(autojump_clock: Any) -> None:
+    f = Farmlet(1, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t", max_attempts=2)
+        await settle()
+        [(r, a)] = assigned(f)
+        t0 = trio.current_time()
+        await report(
+            f, r, a, AttemptPhase.ERRORED, error="ValueError: x", error_mro=["builtins.ValueError"]
+        )
+        assert (await info(f, "t"))["state"] == "pending"
+        await wait_until_async(lambda: len(assigned(f)) >= 2, what="the retry", timeout_s=30.0)
+        assert trio.current_time() - t0 >= 0.5  # the default backoff's first delay
+        a2 = assigned(f)[1][1]
+        await report(
+            f, r, a2, AttemptPhase.ERRORED, error="ValueError: y", error_mro=["builtins.ValueError"]
+        )
+        i = await info(f, "t")
+        assert i["state"] == "failed" and i["reason"] == Reason.RETRIES_EXHAUSTED
+        assert i["error"] == "ValueError: y"
+        nursery.cancel_scope.cancel()
+
+
+async def test_non_retryable_fails_at_once(autojump_clock: Any) -> None:
+    f = Farmlet(1)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t", non_retryable=["builtins.KeyError"])
+        await settle()
+        [(r, a)] = assigned(f)
+        await report(
+            f, r, a, AttemptPhase.ERRORED, error="KeyError", error_mro=["builtins.KeyError"]
+        )
+        assert (await info(f, "t"))["reason"] == Reason.NON_RETRYABLE
+        nursery.cancel_scope.cancel()
+
+
+async def test_lost_too_often_is_dead_lettered(autojump_clock: Any) -> None:
+    f = Farmlet(1, lease_s=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await trio.sleep(60.0)  # every attempt's lease runs out: lost, again and again
+        i = await info(f, "t")
+        assert i["state"] == "failed" and i["reason"] == Reason.DEAD_LETTER
+        assert len(f.nodes[0].assigned) == 6  # max_losses (5) + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_pause_resume_cancel(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        await report(f, r, a, AttemptPhase.STARTED)
+        got = await ask(f, Control("t", ControlAction.PAUSE))
+        assert got.info["state"] == "running" and got.info["stopping"] == "pause"
+        await settle()
+        assert [(s.task_id, s.fence, s.why) for s in f.nodes[r].stops] == [("t", a.fence, "pause")]
+        await report(f, r, a, AttemptPhase.PAUSED, progress=0.5)
+        i = await info(f, "t")
+        assert i["state"] == "paused" and i["node"] is None
+        await settle()
+        assert len(assigned(f)) == 1  # a paused task is not placed
+        got = await ask(f, Control("t", ControlAction.RESUME))
+        assert got.info["state"] == "pending"
+        await settle()
+        r2, a2 = assigned(f)[1]
+        assert a2.fence > a.fence and a2.attempt == 2
+        got = await ask(f, Control("t", ControlAction.CANCEL))
+        assert got.info["state"] == "cancelled"
+        await settle()
+        assert f.nodes[r2].stops[-1].why == "cancel"
+        ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"")
+        assert not ack.ok and ack.reason == STALE_FENCE
+        bad = await ask(f, Control("t", ControlAction.RESUME))
+        assert isinstance(bad, FarmRefusal) and "cancelled" in bad.reason
+        unknown = await ask(f, Control("nope", ControlAction.CANCEL))
+        assert isinstance(unknown, FarmRefusal) and unknown.unknown
+        nursery.cancel_scope.cancel()
+
+
+async def test_pending_pause_and_resume_before_the_pause_lands(autojump_clock: Any) -> None:
+    f = Farmlet(1, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "b")
+        await settle()
+        got = await ask(f, Control("b", ControlAction.PAUSE))  # pending -> paused at once
+        assert got.info["state"] == "paused"
+        [(r, a)] = assigned(f)
+        await report(f, r, a, AttemptPhase.STARTED)
+        await ask(f, Control("a", ControlAction.PAUSE))
+        await ask(f, Control("a", ControlAction.RESUME))  # before the node confirmed
+        await report(f, r, a, AttemptPhase.PAUSED)
+        assert (await info(f, "a"))["state"] in ("pending", "assigned")
+        nursery.cancel_scope.cancel()
+
+
+async def test_submit_checks_and_redirect(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=4.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        bad = await submit(f, "big", cpu=64)
+        assert isinstance(bad, FarmRefusal) and bad.unschedulable and "64" in bad.reason
+        redirect = await submit(f, "t", to=1)
+        assert isinstance(redirect, FarmRefusal) and redirect.coordinator == 0
+        first = await submit(f, "t")
+        again = await submit(f, "t")  # idempotent by id
+        assert first.info["id"] == again.info["id"] == "t"
+        listed = await ask(f, Query())
+        assert [t["id"] for t in listed.tasks] == ["t"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_handover_loses_and_duplicates_nothing(autojump_clock: Any) -> None:
+    f = Farmlet(3, cpu=2.0, lease_s=3.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        for i in range(10):
+            await submit(f, f"t{i}")
+        await settle()
+        placed = assigned(f)
+        assert len(placed) == 6
+        done = [next(x for x in placed if x[0] == 0), next(x for x in placed if x[0] == 1)]
+        rest = [x for x in placed if x not in done]
+        for r, a in done:
+            await report(f, r, a, AttemptPhase.COMPLETED, result=a.task_id.encode())
+        running = [(r, a) for r, a in rest if r != 0]
+        for r, a in running:
+            await report(f, r, a, AttemptPhase.STARTED, progress=0.25)
+        await ask(f, Control("t9", ControlAction.PAUSE))
+        before = {t["id"]: (t["state"], t["fence"]) for t in (await ask(f, Query())).tasks}
+        # the coordinator dies: rank 1 takes over from its replica
+        f.kill(0)
+        await settle()
+        assert f.coordinator.rank == 1 and f.controls[1].leading
+        after = {t["id"]: t for t in (await ask(f, Query(history=True))).tasks}
+        assert sorted(after) == sorted(before) == [f"t{i}" for i in range(10)]
+        for tid, (state, fence) in before.items():
+            if state in ("completed", "paused", "running") and after[tid]["node"] != 0:
+                assert (after[tid]["state"], after[tid]["fence"]) == (state, fence), tid
+        # the running attempts on live nodes carry on under the new coordinator
+        for r, a in running:
+            got = await f.links[r].request(1, Renew(r, [(a.task_id, a.fence)]))
+            assert got.body.stale == []
+            ack = await report(f, r, a, AttemptPhase.COMPLETED, result=a.task_id.encode())
+            assert ack.ok, ack
+        # the tasks on node 0 went back to pending and were placed again on live nodes
+        await trio.sleep(1.0)
+        assert any(r == 0 for r, _ in rest)
+        for r, a in rest:
+            if r == 0:
+                again = [
+                    x for x in assigned(f) if x[1].task_id == a.task_id and x[1].fence > a.fence
+                ]
+                assert again and again[0][0] != 0
+        res = await ask(f, ResultQuery(done[0][1].task_id))
+        assert res.result == done[0][1].task_id.encode()
+        # no task was placed twice at once: one live attempt per task
+        live_attempts = [
+            t for t in (await ask(f, Query())).tasks if t["state"] in ("assigned", "running")
+        ]
+        assert len({t["id"] for t in live_attempts}) == len(live_attempts)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+async def test_assigned_pause_or_cancel_tells_the_node(autojump_clock: Any, action: str) -> None:
+    f = Farmlet(1)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, _)] = assigned(f)
+        got = await ask(f, Control("t", ControlAction(action)))
+        assert got.info["state"] == ("paused" if action == "pause" else "cancelled")
+        await settle()
+        assert [s.why for s in f.nodes[r].stops] == [action]
+        assert TaskState(got.info["state"]) in (TaskState.PAUSED, TaskState.CANCELLED)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_thousand_tiny_tasks_through_a_handover(autojump_clock: Any) -> None:
+    """1,000 tasks through 3 nodes, the coordinator killed halfway: each completes exactly
+    once, none is lost, none runs twice at once."""
+    f = Farmlet(3, cpu=8.0, lease_s=3.0)
+    results: dict[str, bytes] = {}
+    done: set[tuple[str, int]] = set()
+
+    async def work(rank: int) -> None:
+        node = f.nodes[rank]
+        seen = 0
+        while True:
+            await trio.sleep(0.1)
+            if rank in f.net.down:
+                return
+            new, seen = node.assigned[seen:], len(node.assigned)
+            for a, _ in new:
+                while True:  # as a node does: again until the coordinator took it or refused
+                    try:
+                        ack = await report(
+                            f, rank, a, AttemptPhase.COMPLETED, result=a.task_id.encode()
+                        )
+                    except RequestTimeout:
+                        continue
+                    if ack.ok or ack.reason == STALE_FENCE:
+                        break
+                    await trio.sleep(0.2)
+                if ack.ok:
+                    done.add((a.task_id, a.fence))
+                    results[a.task_id] = a.task_id.encode()
+
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        for r in range(3):
+            nursery.start_soon(work, r)
+        ids = [f"t{i:04d}" for i in range(1000)]
+        for tid in ids[:500]:
+            await submit(f, tid)
+        await trio.sleep(0.5)
+        f.kill(0)
+        await trio.sleep(1.0)
+        for tid in ids[500:]:
+            got = await submit(f, tid)
+            assert isinstance(got, TaskReply), got
+        await wait_until_async(
+            lambda: len(results) == 1000, what="every task completed", timeout_s=600.0
+        )
+        listed = (await ask(f, Query())).tasks
+        assert sorted(t["id"] for t in listed) == ids
+        assert {t["state"] for t in listed} == {"completed"}
+        assert len({tid for tid, _ in done}) == 1000 == len(done)  # each completed once
+        nursery.cancel_scope.cancel()
