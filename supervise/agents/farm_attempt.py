@@ -47,6 +47,7 @@ class Running:
     replicas: frozenset[int] = frozenset()
     pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
     changed: trio.Event = attrs.field(factory=trio.Event)
+    pushing: trio.Lock = attrs.field(factory=trio.Lock)  # one push of its journal at a time
     ended: trio.Event = attrs.field(factory=trio.Event)
     signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
     resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open

@@ -33,7 +33,7 @@ from supervise.agents.context import NodeContext
 from supervise.agents.farm_attempt import AttemptRunner, Running, WorkerRunner, end_phase
 from supervise.agents.farm_journals import REQUEST_TIMEOUT_S, JournalPeers, Wire
 from supervise.cluster.errors import ClusterError
-from supervise.cluster.ipc import ipc_endpoint, serve_requests
+from supervise.cluster.ipc import ipc_endpoint, serve_deferred
 from supervise.cluster.placement import place
 from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
@@ -173,7 +173,7 @@ class FarmNode:
         """The workers' journal endpoint: the agent's arenas behind the fence check."""
         base = self.run_dir if self.run_dir is not None else Path()
         endpoint = await nursery.start(
-            serve_requests, ipc_endpoint(base, f"tasks-{self.rank}"), self.handle_local
+            serve_deferred, ipc_endpoint(base, f"tasks-{self.rank}"), self.handle_worker
         )
         host = JournalHost(self.arenas, endpoint)
         self.runner = WorkerRunner(
@@ -183,6 +183,17 @@ class FarmNode:
             shutdown=self.worker_shutdown,
             on_pid=self.on_pid,
         )
+
+    async def handle_worker(self, frame: bytes) -> bytes | None:
+        """A worker's journal request (`handle_local`); a commit is answered once the task's
+        group peers hold the version (or did not answer in time): a step counts as done only
+        when its result is in RAM on another node too."""
+        reply = self.handle_local(frame)
+        shard = _commit_of(frame)
+        run = None if shard is None else self._by_shard.get(shard)
+        if run is not None:
+            await self._sync(run)
+        return reply
 
     def handle_local(self, frame: bytes) -> bytes | None:
         """A worker's journal request: refused while its attempt may not commit, else served
@@ -365,7 +376,7 @@ class FarmNode:
                     assert self.runner is not None
                     end = await self.runner(run)
                     nursery.cancel_scope.cancel()
-            await self._sync(run)  # the last versions reach the peers before the end is told
+            view = await self._sync(run)  # the last versions reach the peers before the end
             if _dead(run):
                 log.warning("zombie attempt ended", task=run.task_id, fence=run.fence)
                 return
@@ -375,6 +386,8 @@ class FarmNode:
                 log.warning("attempt ended after refused commits", task=run.task_id)
                 return
             phase, extra = end_phase(run, end)
+            if view is not None:
+                extra.update(progress=view[0], steps=view[1])
             await self._update(run, phase, final=True, **extra)
             if phase in _DONE and not _dead(run):
                 self._forget(run)
@@ -456,8 +469,12 @@ class FarmNode:
                 run.changed.set()  # report the newest after the pause
 
     async def _sync(self, run: Running) -> tuple[float, int] | None:
-        """Push the newest local version of the task's journal to the peers (once each);
-        its progress and committed steps."""
+        """Push the newest local version of the task's journal to the peers (once each; a
+        caller meanwhile waits for that push); its progress and committed steps."""
+        async with run.pushing:
+            return await self._sync_locked(run)
+
+    async def _sync_locked(self, run: Running) -> tuple[float, int] | None:
         if run.zombie:
             return None
         replica = self._local(run.task_id)
@@ -468,8 +485,8 @@ class FarmNode:
             run.resuming.close()  # the resumed attempt committed: the recovery is done here
             run.resuming = None
         if replica.order != run.pushed:
-            run.pushed = replica.order
             acked, stale = await self.journals.push(replica)
+            run.pushed = replica.order
             if stale:
                 self._zombie(run)
             run.replicas = acked | {self.rank}
@@ -571,6 +588,15 @@ class FarmNode:
         log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
         run.halt(hard=True)
         run.changed.set()
+
+
+def _commit_of(frame: bytes) -> int | None:
+    """The shard of a worker's commit request (None: another request, or undecodable)."""
+    try:
+        req = p.decode_request(frame).request
+    except Exception:  # the arenas answered it already
+        return None
+    return req.rank if isinstance(req, p.Commit) else None
 
 
 def _dead(run: Running) -> bool:

@@ -352,6 +352,7 @@ class NodeRuntime:
                 live=self.membership.live,
                 lease_s=self.policy.cluster.peer_timeout,
                 durable=None if seat is None else FarmStoreTable(seat),
+                changes=self.membership.subscribe,
             )
         return self._farm_control
 

@@ -8,7 +8,8 @@ runs on the trio thread, in arrival order, so it must be quick (the ArenaService
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from supervise.cluster._zsock import ZSocket
 log = structlog.get_logger("supervise.cluster.ipc")
 
 Handler = Callable[[bytes], bytes | None]
+AsyncHandler = Callable[[bytes], Awaitable[bytes | None]]
 
 
 def ipc_endpoint(directory: str | os.PathLike[str], name: str) -> str:
@@ -44,6 +46,66 @@ async def serve_requests(
     A message that is not ``[identity, request]`` is dropped; a handler exception is logged
     and the request goes unanswered (the client times out), never ending the loop.
     """
+    async with _bound(endpoint, max_frame) as (sock, bound):
+        task_status.started(bound)
+        while True:
+            parts = await sock.recv_multipart()
+            if len(parts) != 2:
+                log.warning("dropping malformed local request", frames=len(parts))
+                continue
+            try:
+                reply = handler(parts[1].bytes)
+            except Exception:
+                log.exception("local request handler failed")
+                continue
+            if reply is not None:
+                await _send(sock, parts[0].bytes, reply)
+
+
+async def serve_deferred(
+    endpoint: str,
+    handler: AsyncHandler,
+    *,
+    max_frame: int = 64 << 20,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve_requests` for a handler that may wait before it answers (a farm node answers a
+    task's commit once its group peers hold it): each request is handled in a task of its
+    own, and its reply goes out when ready (requests of one client stay in order: a client
+    waits for each reply)."""
+    async with _bound(endpoint, max_frame) as (sock, bound), trio.open_nursery() as nursery:
+        sending = trio.Lock()
+
+        async def answer(identity: bytes, frame: bytes) -> None:
+            try:
+                reply = await handler(frame)
+            except Exception:
+                log.exception("local request handler failed")
+                return
+            if reply is not None:
+                async with sending:
+                    await _send(sock, identity, reply)
+
+        task_status.started(bound)
+        while True:
+            parts = await sock.recv_multipart()
+            if len(parts) != 2:
+                log.warning("dropping malformed local request", frames=len(parts))
+                continue
+            nursery.start_soon(answer, parts[0].bytes, parts[1].bytes)
+
+
+async def _send(sock: ZSocket, identity: bytes, reply: bytes) -> None:
+    try:
+        await sock.send_multipart([identity, reply])
+    except zmq.ZMQError as exc:  # the requester went away
+        log.debug("local reply not delivered", error=exc.strerror)
+
+
+@asynccontextmanager
+async def _bound(endpoint: str, max_frame: int) -> AsyncIterator[tuple[ZSocket, str]]:
+    """A ROUTER socket bound to ``endpoint`` (and the endpoint it reports) for the block;
+    closed, and its socket file removed, after it."""
     ctx: zmq.Context[Any] = zmq.Context()
     raw = ctx.socket(zmq.ROUTER)
     raw.linger = 0
@@ -58,22 +120,7 @@ async def serve_requests(
     sock = ZSocket(raw)
     bound = raw.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
-        task_status.started(bound)
-        while True:
-            parts = await sock.recv_multipart()
-            if len(parts) != 2:
-                log.warning("dropping malformed local request", frames=len(parts))
-                continue
-            try:
-                reply = handler(parts[1].bytes)
-            except Exception:
-                log.exception("local request handler failed")
-                continue
-            if reply is not None:
-                try:
-                    await sock.send_multipart([parts[0].bytes, reply])
-                except zmq.ZMQError as exc:  # the requester went away
-                    log.debug("local reply not delivered", error=exc.strerror)
+        yield sock, bound
     finally:
         sock.close()
         ctx.term()

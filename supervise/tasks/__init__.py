@@ -2,7 +2,9 @@
 
 A task is an async function taking a `TaskContext`; each ``await ctx.step(name, fn, ...)``
 commits its result before it counts as done, so a resumed attempt (after a crash, a kill -9,
-an error) gets it back instead of running the step again. Torch-free.
+an error) gets it back instead of running the step again. A farm of ``supervise node
+--tasks`` agents schedules them by resources and moves them off lost nodes (`Farm`, the
+client). Torch-free.
 """
 
 from supervise.tasks.arena_journal import ArenaJournal

@@ -8,7 +8,8 @@ fence refused: the zombie is told) and requeues the tasks of a node lost by memb
 whose lease ran out. The others answer clients with a redirect and keep a replica of the table.
 
 Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
-live farm node as `TableUpdate`) before anything acting on it is sent — a reply, an
+live farm node as `TableUpdate`, at least one of them acknowledging) before anything acting on
+it is sent — a reply, an
 assignment — so a new coordinator (which pulls the replicas and keeps each task's highest
 revision) loses and duplicates nothing.
 """
@@ -20,13 +21,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
+import msgpack
 import structlog
 import trio
 
 from supervise.cluster.errors import ClusterError
-from supervise.cluster.transport import DEFERRED, Incoming
+from supervise.cluster.transport import DEFERRED, Incoming, Reply
 from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import (
+    MAX_SPEC_BYTES,
     STALE_FENCE,
     Ack,
     Assign,
@@ -72,6 +75,8 @@ NOT_COORDINATOR = "not the coordinator"
 #: believe they lead (views converging) never hand out the same fence.
 FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
+#: Values up to this size travel in a reply's header (64 KiB at most); larger, as its payload.
+INLINE_BYTES = 16 * 1024
 #: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
 #: round places at most what is free; the next round, at once after any change, goes on).
 PLACE_WINDOW = 128
@@ -111,6 +116,7 @@ class FarmControl:
         metrics: FarmMetrics | None = None,
         request_timeout: float = 5.0,
         tick: float = 0.5,
+        changes: Callable[[], trio.MemoryReceiveChannel[Any]] | None = None,
     ) -> None:
         rank = link.rank
         if rank is None:
@@ -136,6 +142,8 @@ class FarmControl:
         self._orders: list[tuple[int, object, Mapping[str, str]]] = []
         self._recoveries: dict[str, RecoveryTrace] = {}
         self._nursery: trio.Nursery | None = None
+        self._changes = changes  # membership's events: a lost node is handled at once
+        self._stalled = False  # this process slept far longer than it asked (SIGSTOP)
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -176,6 +184,8 @@ class FarmControl:
         self.install()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._changes is not None:
+                nursery.start_soon(self._watch, self._changes())
             task_status.started()
             try:
                 while True:
@@ -187,14 +197,22 @@ class FarmControl:
                     recovery.end(Outcome.FAILED, reason="the coordinator stopped")
                 self._recoveries.clear()
 
+    async def _watch(self, changes: trio.MemoryReceiveChannel[Any]) -> None:
+        async with changes:
+            async for _ in changes:
+                self.poke()
+
     async def _sleep(self) -> None:
         wait = self._tick
         at = self._clock()
         ready = self.table.next_ready(at)
         if ready is not None:
             wait = min(wait, ready - at)
+        asleep = trio.current_time()
         with trio.move_on_after(wait):
             await self._wake.wait()
+        if trio.current_time() - asleep > wait + self.lease_s / 2:
+            self._stalled = True
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -208,6 +226,11 @@ class FarmControl:
                 log.info("farm: no longer the coordinator", rank=self.rank, leader=self._leader())
                 self._step_down()
             return
+        if self._leading and self._stalled:
+            # frozen past half a lease: another node may have led meanwhile
+            log.warning("farm: stalled; taking the farm over again", rank=self.rank)
+            self._step_down()
+        self._stalled = False
         if not self._leading:
             await self._take_over()
         now = trio.current_time()
@@ -231,10 +254,16 @@ class FarmControl:
 
     async def _take_over(self) -> None:
         """Become the coordinator: gather the table (store, or every live replica), then
-        give every task on a node a fresh lease to renew with us."""
-        if self._durable is not None:
-            self.table.merge(TaskRecord.from_bytes(b) for b in await self._durable.load())
+        give every task on a node a fresh lease to renew with us.
+
+        Changes this node made but never saved (it led before, then froze or lost the lead)
+        were never acknowledged to anyone: the saved versions replace them."""
+        if self._durable is not None:  # the store's table is the truth
+            records = [TaskRecord.from_bytes(b) for b in await self._durable.load()]
+            self.table = TaskTable()
+            self.table.merge(records)
         else:
+            pulled: list[TaskRecord] = []
             for peer in self._peers():
                 try:
                     got = await self.link.request(
@@ -243,12 +272,15 @@ class FarmControl:
                 except ClusterError as exc:
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
                     continue
-                self._take_table(got.body)
+                pulled.extend(TaskRecord.from_bytes(b) for b in _records(got))
+                self._take_offers(got.body)
+            self.table.drop_unsaved(pulled)
+            self.table.merge(pulled)
         now = trio.current_time()
         for rec in self.table.live_on_nodes():
             self._leases[rec.task_id] = now + self.lease_s
         for rec in self.table:
-            self.table.mark(rec)  # everyone gets the merged table
+            self.table.bump(rec)  # everyone gets the merged table, above any older copy
         self._offers_dirty = True
         self._leading = True
         log.info("farm: coordinator", rank=self.rank, tasks=len(self.table))
@@ -357,49 +389,63 @@ class FarmControl:
         self.metrics.set_counts(self.table.counts())
 
     async def _flush(self) -> None:
-        """Make the changes durable, then send what depends on them (replies, orders)."""
-        records = self.table.dirty
+        """Make the changes durable, then send what depends on them (replies, orders).
+        What is taken here is what this save covers: changes, replies and orders made while
+        it runs wait for the next one."""
+        encoded = [(r.task_id, r.rev, r.to_bytes()) for r in self.table.dirty]
         offers = self._offers_dirty
-        if records or offers:
+        replies, self._replies = self._replies, []
+        orders, self._orders = self._orders, []
+        if encoded or offers:
             self._offers_dirty = False
             try:
-                await self._save(records, offers)
+                await self._save([(tid, data) for tid, _, data in encoded], offers)
+            except _NotSaved as exc:  # no peer took it: act on nothing yet, try again
+                log.info("farm: table update taken by no peer; again", error=str(exc))
+                self._offers_dirty = self._offers_dirty or offers
+                self._replies = replies + self._replies
+                self._orders = orders + self._orders
+                await trio.sleep(self._tick)
+                return
             except Exception as exc:  # a deposed leader's fenced write, a store outage
                 log.warning("farm: saving the table failed; stepping down", error=str(exc))
                 self._offers_dirty = True
-                self._orders.clear()
+                self._replies = replies + self._replies  # refused by the step-down
                 self._step_down()
                 return
-            self.table.flushed(records)
-        replies, self._replies = self._replies, []
+            self.table.flushed({tid: rev for tid, rev, _ in encoded})
         for request, message in replies:
             self._send_reply(request, message)
-        orders, self._orders = self._orders, []
         for peer, message, trace in orders:
             self._spawn(self._order, peer, message, trace)
 
-    async def _save(self, records: list[TaskRecord], offers: bool) -> None:
+    async def _save(self, records: list[tuple[str, bytes]], offers: bool) -> None:
         if self._durable is not None and records:
-            await self._durable.save([(r.task_id, r.to_bytes()) for r in records])
+            await self._durable.save(records)
         peers = self._peers()
         if not peers:
             return
-        update = TableUpdate(
-            self.rank,
-            [r.to_bytes() for r in records] if self._durable is None else [],
-            self._offer_list() if offers else [],
-        )
-        if not update.records and not update.offers:
+        sent = [data for _, data in records] if self._durable is None else []
+        update = TableUpdate(self.rank, [], self._offer_list() if offers else [])
+        if not sent and not update.offers:
             return
+        frames = [_pack(sent)] if sent else []  # records travel as payload, never in the header
+        taken: list[int] = []
         async with trio.open_nursery() as nursery:
             for peer in peers:
-                nursery.start_soon(self._push, peer, update)
+                nursery.start_soon(self._push, peer, update, frames, taken)
+        if sent and not taken:
+            raise _NotSaved(f"no reply from ranks {peers}")
 
-    async def _push(self, peer: int, update: TableUpdate) -> None:
+    async def _push(
+        self, peer: int, update: TableUpdate, frames: list[bytes], taken: list[int]
+    ) -> None:
         try:
-            await self.link.request(peer, update, timeout=self._timeout, expect=Ack)
+            await self.link.request(peer, update, timeout=self._timeout, expect=Ack, frames=frames)
         except ClusterError as exc:  # a lost peer is requeued by membership, not here
             log.info("farm: table update not taken", peer=peer, error=str(exc))
+        else:
+            taken.append(peer)
 
     def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
         return [
@@ -432,15 +478,26 @@ class FarmControl:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
             why = str(exc) or type(exc).__name__
-        if why and isinstance(message, Assign) and self._leading:
+        except ValueError as exc:  # not sendable (a header over the transport's limit)
+            why = str(exc)
+        if not why or not self._leading:
+            return
+        if isinstance(message, Assign):
             log.warning("farm: assignment not taken", task=message.task_id, node=peer, why=why)
             self.table.refused(message.task_id, message.fence, peer, self._clock(), why)
+            self.poke()
+        elif isinstance(message, Stop) and self.table.current(message.task_id, message.fence):
+            log.info("farm: stop not delivered; again", task=message.task_id, node=peer, why=why)
+            await trio.sleep(self._tick)  # while the attempt is current (else: moot)
+            self._orders.append((peer, message, trace))
             self.poke()
 
     # -- handlers: farm nodes --------------------------------------------------------------
 
     async def _on_offer(self, msg: Incoming[Offer]) -> object:
         o = msg.body
+        if _forged(msg, o.node):
+            return Ack(False, f"rank {msg.sender} cannot speak for node {o.node}")
         try:
             offer = _Offer(Resources.from_json(o.capacity), frozenset(o.labels))
         except (ValueError, TypeError) as exc:
@@ -453,6 +510,8 @@ class FarmControl:
 
     async def _on_renew(self, msg: Incoming[Renew]) -> object:
         r = msg.body
+        if _forged(msg, r.node):
+            return Renewed(ok=False, reason=f"rank {msg.sender} cannot speak for node {r.node}")
         if not self._leads_now():
             return Renewed(ok=False, reason=self._refusal().reason)
         now = trio.current_time()
@@ -466,6 +525,10 @@ class FarmControl:
 
     async def _on_update(self, msg: Incoming[Update]) -> object:
         u = msg.body
+        if _forged(msg, u.node):
+            return Ack(False, f"rank {msg.sender} cannot speak for node {u.node}")
+        if u.result is None and u.phase is AttemptPhase.COMPLETED and (blob := _frame(msg)):
+            u = attrs.evolve(u, result=blob)  # a large result comes as the payload
         if not self._leads_now():
             return Ack(False, self._refusal().reason)
         verdict = self.table.update(u, self._clock())
@@ -501,8 +564,14 @@ class FarmControl:
         s = msg.body
         if not self._leads_now():
             return self._refusal()
+        spec_bytes = s.spec or _frame(msg) or b""  # a large spec comes as the payload
+        if len(spec_bytes) > MAX_SPEC_BYTES:
+            return FarmRefusal(
+                f"task spec is {len(spec_bytes)} bytes, at most {MAX_SPEC_BYTES} "
+                "(it travels in the assignment): pass large data by path"
+            )
         try:
-            spec = TaskSpec.from_bytes(s.spec)
+            spec = TaskSpec.from_bytes(spec_bytes)
             needs = Resources.from_json(s.needs)
             labels = frozenset(s.labels)
         except (CorruptRecord, ValueError, TypeError) as exc:
@@ -520,7 +589,7 @@ class FarmControl:
                 priority=s.priority,
                 max_attempts=s.max_attempts,
                 non_retryable=tuple(s.non_retryable),
-                spec_bytes=s.spec,
+                spec_bytes=spec_bytes,
             )
         except TableError as exc:
             return FarmRefusal(str(exc), self.rank)
@@ -533,12 +602,16 @@ class FarmControl:
         if not self._leads_now():
             return self._refusal()
         if q.task_id is None:
-            return TaskList([record_json(r, history=q.history) for r in self.table])
-        try:
-            rec = self.table.get(q.task_id)
-        except UnknownTask as exc:
-            return FarmRefusal(str(exc), self.rank, unknown=True)
-        return TaskList([record_json(rec, history=q.history)])
+            tasks = [record_json(r, history=q.history) for r in self.table]
+        else:
+            try:
+                tasks = [record_json(self.table.get(q.task_id), history=q.history)]
+            except UnknownTask as exc:
+                return FarmRefusal(str(exc), self.rank, unknown=True)
+        packed = _pack(tasks)
+        if len(packed) <= INLINE_BYTES:
+            return TaskList(tasks)
+        return Reply(TaskList([]), frames=[packed])  # a long list: the payload
 
     async def _on_control(self, msg: Incoming[Control]) -> object:
         c = msg.body
@@ -569,21 +642,64 @@ class FarmControl:
             rec = self.table.get(q.task_id)
         except UnknownTask as exc:
             return FarmRefusal(str(exc), self.rank, unknown=True)
-        return ResultReply(rec.task_id, str(rec.state), rec.result, rec.error)
+        result = rec.result
+        if result is None or len(result) <= INLINE_BYTES:
+            return ResultReply(rec.task_id, str(rec.state), result, rec.error)
+        reply = ResultReply(rec.task_id, str(rec.state), None, rec.error)
+        return Reply(reply, frames=[result])  # a large result: the payload
 
     # -- handlers: the replicated table ----------------------------------------------------
 
     async def _on_table(self, msg: Incoming[TableUpdate]) -> object:
-        self._take_table(msg.body)
+        self._take_table(msg)
         return Ack(True)
 
-    def _take_table(self, update: TableUpdate) -> None:
-        self.table.merge(TaskRecord.from_bytes(b) for b in update.records)
+    def _take_table(self, msg: Incoming[TableUpdate]) -> None:
+        self.table.merge(TaskRecord.from_bytes(b) for b in _records(msg))
+        self._take_offers(msg.body)
+
+    def _take_offers(self, update: TableUpdate) -> None:
+        if self._leading:
+            return  # the nodes offer to this coordinator themselves
         for rank, capacity, labels in update.offers:
-            self.offers.setdefault(rank, _Offer(Resources.from_json(capacity), frozenset(labels)))
+            self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
-        return TableUpdate(self.rank, [r.to_bytes() for r in self.table], self._offer_list())
+        records = [r.to_bytes() for r in self.table]
+        return Reply(TableUpdate(self.rank, [], self._offer_list()), frames=[_pack(records)])
+
+
+def _pack(items: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(items, use_bin_type=True)
+    return packed
+
+
+def _frame(msg: Incoming[Any]) -> bytes | None:
+    """The first payload frame, if any."""
+    buffers = msg.buffers
+    return bytes(buffers[0]) if buffers else None
+
+
+def _records(msg: Incoming[TableUpdate]) -> list[bytes]:
+    """A table update's records: in its header (small) and its payload (a packed list)."""
+    out = list(msg.body.records)
+    blob = _frame(msg)
+    if blob:
+        items = msgpack.unpackb(blob, raw=False)
+        if not isinstance(items, list) or not all(isinstance(b, bytes) for b in items):
+            raise TableError("table update payload: not a list of records")
+        out.extend(items)
+    return out
+
+
+class _NotSaved(Exception):
+    """No live peer took a table update (without a store): nothing may act on it yet."""
+
+
+def _forged(msg: Incoming[Any], node: int) -> bool:
+    """Whether a farm node's message claims another node than the rank that sent it (a
+    client, with no rank, never sends these)."""
+    return msg.sender != node
 
 
 def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:

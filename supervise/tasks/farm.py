@@ -16,11 +16,14 @@ from types import TracebackType
 from typing import Any
 
 import attrs
+import msgpack
 import trio
 
+from supervise._validation import InvalidValue
 from supervise.cluster.errors import ClusterError
 from supervise.tasks.farm_messages import (
     KINDS,
+    MAX_SPEC_BYTES,
     Control,
     ControlAction,
     FarmRefusal,
@@ -44,6 +47,22 @@ __all__ = ["Farm", "FarmError", "TaskCancelled", "TaskInfo", "TaskRef", "Unsched
 NODES_ENV = "SUPERVISE_NODES"
 _POLL_FIRST = 0.05
 _POLL_MAX = 1.0
+
+
+_INLINE_SPEC = 16 * 1024
+"""A spec up to this size travels in the message header (64 KiB at most); larger, as payload."""
+
+
+def _tasks(got: Any) -> list[dict[str, Any]]:
+    """The tasks of a `TaskList` reply: in its header and its payload (a packed list)."""
+    body = got.body
+    if not isinstance(body, TaskList):
+        raise FarmError(f"unexpected answer {type(body).__name__}")
+    tasks = list(body.tasks)
+    buffers = got.buffers
+    if buffers:
+        tasks.extend(msgpack.unpackb(bytes(buffers[0]), raw=False))
+    return tasks
 
 
 class FarmError(RuntimeError):
@@ -222,7 +241,7 @@ class Farm:
 
     # -- talking to the coordinator --------------------------------------------------------
 
-    async def _call(self, message: object) -> object:
+    async def _call(self, message: object, frames: Sequence[bytes] = ()) -> Any:
         """Ask the coordinator (found by asking nodes, following redirects, trying again
         while a new one takes over, up to ``timeout``); its answer, or FarmError."""
         if self._transport is None:
@@ -238,7 +257,9 @@ class Farm:
                 raise FarmError(f"the farm did not answer within {self.timeout:g}s: {last}")
             peer = self._guess if self._guess is not None else order[i % len(order)]
             try:
-                got = await self._transport.request(peer, message, timeout=min(left, 2.0))
+                got = await self._transport.request(
+                    peer, message, list(frames), timeout=min(left, 2.0)
+                )
             except ClusterError as exc:
                 last = f"rank {peer}: {exc}"
                 self._guess = None
@@ -247,7 +268,7 @@ class Farm:
             body = got.body
             if not isinstance(body, FarmRefusal):
                 self._guess = peer
-                return body
+                return got
             if body.unschedulable:
                 raise Unschedulable(body.reason)
             if body.unknown or (body.coordinator == peer):
@@ -262,13 +283,14 @@ class Farm:
             await trio.sleep(min(wait, max(0.0, left)))  # a takeover under way: ask again
             wait = min(wait * 2, _POLL_MAX)
 
-    async def _info(self, message: object) -> TaskInfo:
-        body = await self._call(message)
-        if isinstance(body, TaskReply):
-            return TaskInfo.from_json(body.info)
-        if isinstance(body, TaskList) and body.tasks:
-            return TaskInfo.from_json(body.tasks[0])
-        raise FarmError(f"unexpected answer {type(body).__name__}")
+    async def _info(self, message: object, frames: Sequence[bytes] = ()) -> TaskInfo:
+        got = await self._call(message, frames)
+        if isinstance(got.body, TaskReply):
+            return TaskInfo.from_json(got.body.info)
+        tasks = _tasks(got)
+        if tasks:
+            return TaskInfo.from_json(tasks[0])
+        raise FarmError(f"unexpected answer {type(got.body).__name__}")
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -292,14 +314,23 @@ class Farm:
         extra = {} if task_id is None else {"task_id": task_id}
         spec = TaskSpec(target, args, kwargs, policy=TaskPolicy(retry=retry), **extra)
         needs = Resources(cpu, parse_size(memory), gpus)
+        data = spec.to_bytes()
+        if len(data) > MAX_SPEC_BYTES:
+            raise InvalidValue(
+                "args",
+                f"{len(data)} bytes",
+                f"a task's arguments must encode to at most {MAX_SPEC_BYTES // 1024} KiB "
+                "(they travel in the assignment): pass large data by path",
+            )
+        large = len(data) > _INLINE_SPEC  # the header is small: a large spec is the payload
         message = Submit(
-            spec.to_bytes(),
+            b"" if large else data,
             needs.to_json(),
             sorted(parse_labels(labels)),
             priority,
             max_attempts,
         )
-        info = await self._info(message)
+        info = await self._info(message, [data] if large else [])
         return TaskRef(self, info.id)
 
     def ref(self, task_id: str) -> TaskRef:
@@ -308,10 +339,7 @@ class Farm:
 
     async def list(self) -> list[TaskInfo]:
         """Every task the farm knows, in submission order."""
-        body = await self._call(Query())
-        if not isinstance(body, TaskList):
-            raise FarmError(f"unexpected answer {type(body).__name__}")
-        return [TaskInfo.from_json(t) for t in body.tasks]
+        return [TaskInfo.from_json(t) for t in _tasks(await self._call(Query()))]
 
     async def show(self, task_id: str) -> TaskInfo:
         """One task, with its history."""
@@ -337,12 +365,15 @@ class Farm:
     async def _wait_result(self, task_id: str, wait: bool) -> Any:
         pause = _POLL_FIRST
         while True:
-            body = await self._call(ResultQuery(task_id))
+            got = await self._call(ResultQuery(task_id))
+            body = got.body
             if not isinstance(body, ResultReply):
                 raise FarmError(f"unexpected answer {type(body).__name__}")
             state = TaskState(body.state)
             if state is TaskState.COMPLETED:
-                return decode(body.result) if body.result else None
+                buffers = got.buffers
+                result = bytes(buffers[0]) if buffers else body.result
+                return decode(result) if result else None
             if state is TaskState.FAILED:
                 raise TaskFailed(f"task {task_id} failed: {body.error}")
             if state is TaskState.CANCELLED:

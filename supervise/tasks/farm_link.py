@@ -10,10 +10,11 @@ or an `Update` from it takes the same path as any other.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import trio
+import zmq
 
 from supervise.cluster.errors import ProtocolError, RemoteError, RequestTimeout
 from supervise.cluster.transport import DEFERRED, Incoming, Reply
@@ -34,6 +35,7 @@ class Wire(Protocol):
         self,
         peer: int,
         message: object,
+        frames: Sequence[Any] = (),
         *,
         trace: Mapping[str, str] | None = None,
         timeout: float = 5.0,  # noqa: ASYNC109
@@ -46,6 +48,11 @@ class Wire(Protocol):
 
 
 _LOCAL_IDS = itertools.count(1)
+
+
+def _frames(frames: Sequence[Any]) -> tuple[zmq.Frame, ...]:
+    """Payload handed over in process, as the transport hands it (zmq frames)."""
+    return tuple(f if isinstance(f, zmq.Frame) else zmq.Frame(bytes(f)) for f in frames)
 
 
 class FarmLink:
@@ -73,9 +80,15 @@ class FarmLink:
         trace: Mapping[str, str] | None = None,
         timeout: float = 5.0,  # noqa: ASYNC109 (a per-request deadline, like Transport.request)
         expect: type[Any] | None = None,
+        frames: Sequence[Any] = (),
     ) -> Incoming[Any]:
-        """A request and its reply; to this node's own rank it runs the local handler."""
+        """A request and its reply; to this node's own rank it runs the local handler.
+        ``frames``: payload (bulk data travels there, never in the 64 KiB header)."""
         if peer != self.rank:
+            if frames:
+                return await self.wire.request(
+                    peer, message, frames, trace=trace, timeout=timeout, expect=expect
+                )
             return await self.wire.request(
                 peer, message, trace=trace, timeout=timeout, expect=expect
             )
@@ -89,7 +102,7 @@ class FarmLink:
             body=message,
             kind=type(message).__qualname__,
             sender=self.rank,
-            frames=(),
+            frames=_frames(frames),
             trace=dict(trace or {}),
             request_id=rid,
         )
@@ -114,7 +127,7 @@ class FarmLink:
             body=body,
             kind=type(body).__qualname__,
             sender=self.rank,
-            frames=(),
+            frames=_frames(out.frames) if isinstance(out, Reply) else (),
             trace={},
             request_id=rid,
         )

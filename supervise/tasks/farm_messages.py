@@ -16,6 +16,10 @@ import attrs
 from supervise._validation import enum_value
 from supervise.cluster.messages import message_kind
 
+#: The largest task spec (``TaskSpec.to_bytes()``) a farm takes: it travels in `Assign`'s
+#: header, which the transport bounds at 64 KiB.
+MAX_SPEC_BYTES = 48 * 1024
+
 #: The reason in an `Ack` refusing an update or commit from an attempt that is not the task's
 #: current one (its node was presumed lost and the task moved): kill it, drop its writes.
 STALE_FENCE = "stale fence"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -281,11 +281,12 @@ class TaskTable:
         """Records changed since the last `flushed`."""
         return [self._tasks[t] for t in sorted(self._dirty)]
 
-    def flushed(self, records: Iterable[TaskRecord]) -> None:
-        """These records are durable at their current revision."""
-        for rec in records:
-            if self._tasks.get(rec.task_id) is rec:
-                self._dirty.discard(rec.task_id)
+    def flushed(self, revisions: Mapping[str, int]) -> None:
+        """These tasks are durable at these revisions (a task changed since stays dirty)."""
+        for task_id, rev in revisions.items():
+            rec = self._tasks.get(task_id)
+            if rec is not None and rec.rev == rev:
+                self._dirty.discard(task_id)
 
     def merge(self, records: Iterable[TaskRecord]) -> int:
         """Keep each task's highest revision (a replica's table, a new coordinator's pull);
@@ -369,9 +370,31 @@ class TaskTable:
         rec.avoid = frozenset()
         return rec
 
-    def mark(self, rec: TaskRecord) -> None:
-        """Save ``rec`` again at the next flush (a new coordinator re-broadcasts its table)."""
-        self._dirty.add(rec.task_id)
+    def bump(self, rec: TaskRecord) -> None:
+        """A new revision of ``rec``, saved at the next flush (a new coordinator re-broadcasts
+        its table above every older copy)."""
+        self._touch(rec)
+
+    def drop_unsaved(self, saved: Iterable[TaskRecord]) -> None:
+        """Replace every change not saved yet by its saved version in ``saved`` (newest
+        revision), or forget the task if none was saved: those changes were never
+        acknowledged to anyone."""
+        newest: dict[str, TaskRecord] = {}
+        for rec in saved:
+            if rec.task_id not in newest or rec.rev > newest[rec.task_id].rev:
+                newest[rec.task_id] = rec
+        for task_id in list(self._dirty):
+            old = self._tasks.pop(task_id)
+            state = self._state.pop(task_id)
+            self._counts[state] -= 1
+            self._pending.discard(task_id)
+            self._on_nodes.discard(task_id)
+            self._dirty.discard(task_id)
+            keep = newest.get(task_id)
+            if keep is not None:
+                self._tasks[task_id] = keep
+                self._index(keep)
+            del old
 
     def refused(self, task_id: str, fence: int, node: int, at: float, why: str) -> bool:
         """The node did not take the assignment under ``fence``: a start failure (back to

@@ -58,6 +58,7 @@ from supervise.tasks.farm_messages import (
     Submit,
     TaskReply,
 )
+from supervise.tasks.journal import Commit, StepRecord
 from supervise.tasks.journal_replica import JournalReplicas, Replica
 from supervise.tasks.resources import Resources
 from supervise.tasks.runner import AttemptEnd
@@ -677,3 +678,37 @@ def test_a_node_runtime_builds_its_farm_node_once_with_its_group_peers(tmp_path:
         rt.close()
     assert group_peers(0, 1, 2, "group") == ()
     assert group_peers(0, 4, 2, "group") == (1,)
+
+
+async def test_a_workers_commit_is_answered_once_the_group_peer_holds_it(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: [1], 1: [0]})
+        a, b = [await farm.start(r) for r in (0, 1)]
+
+        async def idle(run: Running) -> AttemptEnd:
+            await trio.sleep_forever()
+            raise AssertionError
+
+        a.runner = idle
+        assert (await farm.assign(0, _spec("w", 3), fence=1)).ok
+        await _until(lambda: "w" in a.running)
+        run = a.running["w"]
+        # the worker's journal commits its first step (the version is local now)...
+        journal = ArenaJournal(LocalOwner(a.arenas, run.shard), generation=1)
+        farm.net.frozen.add(1)  # ...while its group peer is slow to answer
+
+        async def thaw() -> None:
+            await trio.sleep(1.0)
+            farm.net.frozen.discard(1)
+
+        nursery.start_soon(thaw)
+        journal.commit(Commit(1, (StepRecord("s0", "w/s0", b"\\x00", 1),)))
+        frame = p.encode_request(p.Commit(run.shard, "arena", 0, b""), 5)
+        started = trio.current_time()
+        await a.handle_worker(frame)  # the commit's reply
+        assert trio.current_time() - started >= 1.0  # it waited for the peer
+        held = b.replicas.get("w")
+        assert held is not None and held.fence == 1  # which holds the version
+        nursery.cancel_scope.cancel()

@@ -23,7 +23,7 @@ from supervise._testing.poll import wait_until_async
 from supervise._testing.procs import PidBook, free_ports, send_signal
 from supervise.cluster import Transport
 from supervise.tasks import TaskSpec, decode
-from supervise.tasks.farm_messages import KINDS, Assign, AttemptPhase, Update
+from supervise.tasks.farm_messages import KINDS, Assign, AttemptPhase, Stop, StopWhy, Update
 from supervise.tasks.journal_replica import KINDS as JOURNAL_KINDS
 
 pytestmark = pytest.mark.slow
@@ -161,6 +161,20 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
             assert "WorkerLost" in err.error_mro and "exit" in (err.error or ""), err
             assert farm.procs[2].poll() is None  # node 2's agent runs on (it takes the next)
 
+            # -- pause: the worker stops after committing every step it finished -----------
+            paused_keys = tmp_path / "paused.keys"
+            paused = TaskSpec("farmfuncs:effects", (str(paused_keys), 8, 0.5), task_id="paused")
+            coord.fences["paused"] = 1
+            assert (await transport.request(2, _assign(paused, 1, []))).body.ok
+            await wait(lambda: progressed("paused", 2, 1, held=2), "a step of the paused task")
+            assert (await transport.request(2, Stop("paused", 1, StopWhy.PAUSE))).body.ok
+            await wait(lambda: (2, AttemptPhase.PAUSED) in coord.phases("paused"), "paused")
+            (stopped,) = [u for u in coord.updates if u.phase is AttemptPhase.PAUSED]
+            assert 1 <= stopped.steps == sum(_keys(paused_keys).values()) < 8
+            # resumed (on the same node, from its own arenas): the rest of the steps, once each
+            coord.fences["paused"] = 2
+            assert (await transport.request(2, _assign(paused, 2, [2]))).body.ok
+
             # -- SIGSTOP of node 1 (agent and worker) past its lease -----------------------
             spec = TaskSpec(
                 "farmfuncs:effects",
@@ -179,7 +193,10 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
                 await trio.sleep(LEASE + 0.5)  # its lease ran out: the coordinator moves it
                 coord.fences["frozen"] = 2
                 assert (await transport.request(2, _assign(spec, 2, [2]))).body.ok
-                await wait(lambda: progressed("frozen", 2, 2, held=1), "resumed on node 2")
+                await wait(
+                    lambda: any(u.task_id == "frozen" and u.node == 2 for u in coord.updates),
+                    "resumed on node 2",
+                )
             finally:
                 # the worker wakes first: it ends its step and asks the (still frozen) agent
                 # to commit it; the agent wakes to that request with its lease lapsed
@@ -193,6 +210,9 @@ async def test_a_node_killed_or_frozen_mid_step_its_task_resumes_elsewhere_once(
             assert sorted(keys) == [f"frozen/s{i}" for i in range(N_STEPS)]
             # at most the step in flight at the freeze ran twice (its effect, never its commit)
             assert sum(keys.values()) <= N_STEPS + 1, keys
+            (resumed,) = completed("paused")
+            assert resumed.node == 2 and set(_keys(paused_keys).values()) == {1}
+            assert len(_keys(paused_keys)) == 8
             (done,) = completed("frozen")
             assert done.node == 2 and done.fence == 2
             assert decode(done.result or b"") == sum(i * i for i in range(N_STEPS))

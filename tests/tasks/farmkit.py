@@ -4,16 +4,19 @@ and a scripted node side in one trio run, messages handed over in memory."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
+import msgpack
 import trio
+import zmq
 
 from supervise.cluster.errors import ProtocolError, RemoteError, RequestTimeout
-from supervise.cluster.transport import DEFERRED, Incoming
+from supervise.cluster.transport import DEFERRED, Incoming, Reply
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
-from supervise.tasks.farm_messages import Ack, Assign, Offer, Stop
+from supervise.tasks.farm_messages import Ack, Assign, Offer, ResultReply, Stop, TaskList
 from supervise.tasks.resources import Resources
 
 _IDS = itertools.count(1)
@@ -47,6 +50,7 @@ class FakeWire:
         self,
         peer: int,
         message: object,
+        frames: Sequence[Any] = (),
         *,
         trace: Mapping[str, str] | None = None,
         timeout: float = 5.0,  # noqa: ASYNC109
@@ -65,7 +69,7 @@ class FakeWire:
                 body=message,
                 kind="",
                 sender=self._rank,
-                frames=(),
+                frames=tuple(zmq.Frame(bytes(f)) for f in frames),
                 trace=dict(trace or {}),
                 request_id=rid,
             )
@@ -76,9 +80,13 @@ class FakeWire:
             if out is DEFERRED:
                 out = await receive.receive()
             self.net.pending.pop(rid, None)
+            back: tuple[zmq.Frame, ...] = ()
+            if isinstance(out, Reply):
+                back = tuple(zmq.Frame(bytes(f)) for f in out.frames)
+                out = out.body
             if expect is not None and not isinstance(out, expect):
                 raise ProtocolError(f"got {type(out).__name__}")
-            return Incoming(body=out, kind="", sender=peer, frames=(), trace={}, request_id=rid)
+            return Incoming(body=out, kind="", sender=peer, frames=back, trace={}, request_id=rid)
         self.net.pending.pop(rid, None)
         raise RequestTimeout(f"no reply from {peer}")
 
@@ -98,6 +106,7 @@ class FakeNode:
         self.accept = accept
         self.assigned: list[tuple[Assign, Mapping[str, str]]] = []
         self.stops: list[Stop] = []
+        self.drop_stops = 0  # the next N stops fail (a link that drops them)
         link.handle(Assign, self._assign)
         link.handle(Stop, self._stop)
 
@@ -106,6 +115,9 @@ class FakeNode:
         return Ack(self.accept, "" if self.accept else "full")
 
     async def _stop(self, msg: Incoming[Stop]) -> object:
+        if self.drop_stops > 0:
+            self.drop_stops -= 1
+            raise RuntimeError("dropped")
         self.stops.append(msg.body)
         return Ack(True)
 
@@ -155,3 +167,14 @@ class Farmlet:
 
     def client(self) -> FarmLink:
         return FarmLink(FakeWire(self.net, None))
+
+
+def unwrap(got: Incoming[Any]) -> Any:
+    """A reply as one message: a `TaskList` or `ResultReply` with its payload folded back in."""
+    body = got.body
+    blob = bytes(got.buffers[0]) if got.buffers else None
+    if isinstance(body, TaskList) and blob is not None:
+        return TaskList([*body.tasks, *msgpack.unpackb(blob, raw=False)])
+    if isinstance(body, ResultReply) and blob is not None:
+        return attrs.evolve(body, result=blob)
+    return body

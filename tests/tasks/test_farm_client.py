@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 
+from supervise._validation import InvalidValue
 from supervise.tasks import (
     BadTarget,
     Farm,
@@ -21,6 +22,7 @@ from supervise.tasks import (
     encode,
 )
 from supervise.tasks.farm_messages import AttemptPhase, Update
+from supervise.tasks.spec import TaskSpec
 from tests.tasks.farmkit import FakeWire, Farmlet
 
 TARGET = "tests.tasks.taskfuncs:ticks"
@@ -109,3 +111,24 @@ async def test_no_nodes_is_one_line() -> None:
         Farm(nodes="")
     with pytest.raises(FarmError, match="async with"):
         await Farm(nodes="127.0.0.1:1").list()
+
+
+async def test_large_lists_and_results_travel_as_payload(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=64.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        farm = client(f)
+        with pytest.raises(InvalidValue, match="at most 48 KiB"):  # an assignment carries it
+            await farm.submit(TARGET, "x" * 60_000)
+        mid = "y" * 30_000  # over the inline size: the submit's payload carries it
+        ref = await farm.submit(TARGET, mid, task_id="mid")
+        for i in range(200):  # a list far over a message header's 64 KiB
+            await farm.submit(TARGET, i, task_id=f"t{i:03d}")
+        assert len(await farm.list()) == 201
+        await trio.sleep(1.0)
+        big = "x" * 100_000
+        await finish(f, "mid", AttemptPhase.COMPLETED, result=encode([big, big]))
+        assert await ref.result(timeout=5) == [big, big]
+        spec = TaskSpec(TARGET, (mid,), task_id="mid").to_bytes()
+        assert f.controls[0].table.get("mid").spec == spec
+        nursery.cancel_scope.cancel()

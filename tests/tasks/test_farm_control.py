@@ -10,6 +10,7 @@ import trio
 
 from supervise._testing.poll import wait_until_async
 from supervise.cluster.errors import RequestTimeout
+from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
@@ -30,7 +31,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
-from tests.tasks.farmkit import Farmlet
+from tests.tasks.farmkit import Farmlet, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -45,7 +46,7 @@ async def submit(
 
 
 async def ask(f: Farmlet, message: object) -> Any:
-    return (await f.client().request(f.coordinator.rank, message)).body
+    return unwrap(await f.client().request(f.coordinator.rank, message))
 
 
 async def info(f: Farmlet, task_id: str) -> dict[str, Any]:
@@ -255,6 +256,10 @@ async def test_submit_checks_and_redirect(autojump_clock: Any) -> None:
         await f.start(nursery)
         bad = await submit(f, "big", cpu=64)
         assert isinstance(bad, FarmRefusal) and bad.unschedulable and "64" in bad.reason
+        huge = TaskSpec(TARGET, ("x" * 60_000,), task_id="huge").to_bytes()
+        msg = Submit(b"", Resources(1.0).to_json())
+        got = unwrap(await f.client().request(0, msg, frames=[huge]))
+        assert isinstance(got, FarmRefusal) and "at most" in got.reason
         redirect = await submit(f, "t", to=1)
         assert isinstance(redirect, FarmRefusal) and redirect.coordinator == 0
         first = await submit(f, "t")
@@ -383,4 +388,126 @@ async def test_a_thousand_tiny_tasks_through_a_handover(autojump_clock: Any) -> 
         assert sorted(t["id"] for t in listed) == ids
         assert {t["state"] for t in listed} == {"completed"}
         assert len({tid for tid, _ in done}) == 1000 == len(done)  # each completed once
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_membership_change_is_handled_at_once(autojump_clock: Any) -> None:
+    f = Farmlet(2, cpu=1.0)
+    send, receive = trio.open_memory_channel[object](8)
+    f.controls = [
+        FarmControl(
+            link,
+            leader=f._leader,
+            live=lambda: sorted(f.live),
+            lease_s=1000.0,
+            clock=trio.current_time,
+            tick=60.0,
+            changes=lambda: receive,
+        )
+        for link in f.links
+    ]
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "t")
+        await trio.sleep(0.1)
+        [(r, _)] = [x for x in assigned(f) if x[1].task_id == "t"]
+        assert r == 1
+        f.kill(1)
+        await send.send("peer_down")  # membership's event: no wait for the next round
+        await trio.sleep(0.1)
+        i = await info(f, "t")
+        assert i["state"] == "pending" and i["reason"] == Reason.NODE_LOST
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_pause_not_delivered_is_sent_again(autojump_clock: Any) -> None:
+    f = Farmlet(1)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        await report(f, r, a, AttemptPhase.STARTED)
+        f.nodes[r].drop_stops = 2
+        await ask(f, Control("t", ControlAction.PAUSE))
+        await wait_until_async(lambda: f.nodes[r].stops, what="the stop", timeout_s=30.0)
+        assert [s.why for s in f.nodes[r].stops] == ["pause"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_cannot_speak_for_another(autojump_clock: Any) -> None:
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        await settle()
+        [(r, a)] = assigned(f)
+        other = (r + 1) % 3
+        forged = Update(r, "t", a.attempt, a.fence, AttemptPhase.COMPLETED, result=b"")
+        ack = (await f.links[other].request(0, forged)).body
+        assert not ack.ok
+        got = await f.links[other].request(0, Renew(r, [("t", a.fence)]))
+        assert not got.body.ok
+        assert (await info(f, "t"))["state"] == "assigned"
+        nursery.cancel_scope.cancel()
+
+
+async def test_nothing_is_acted_on_before_a_peer_holds_it(autojump_clock: Any) -> None:
+    f = Farmlet(2)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        f.net.down.add(1)  # rank 1 is silent but not yet declared lost
+        answered: list[Any] = []
+
+        async def submit_t() -> None:
+            answered.append(await submit(f, "t"))
+
+        nursery.start_soon(submit_t)
+        await trio.sleep(2.0)  # (the client's request waits up to 5 s)
+        assert answered == [] and assigned(f) == []  # neither acknowledged nor placed
+        f.net.down.discard(1)
+        await wait_until_async(lambda: answered, what="the reply", timeout_s=30.0)
+        assert isinstance(answered[0], TaskReply)
+        assert "t" in f.controls[1].table  # the replica has it
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_coordinator_takes_the_newer_table_when_it_wakes(
+    autojump_clock: Any,
+) -> None:
+    f = Farmlet(3, cpu=2.0, lease_s=3.0)
+    frozen = trio.CancelScope()
+
+    async def zero(task_status: trio.TaskStatus[None]) -> None:
+        with frozen:  # cancelled: SIGSTOP (no round runs; its state stays as it was)
+            await f.controls[0].run(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(zero)
+        for c in f.controls[1:]:
+            await nursery.start(c.run)
+        for r in range(3):
+            await f.offer(r)
+        await submit(f, "a")
+        await submit(f, "b")
+        await settle()
+        [(r, a)] = [x for x in assigned(f) if x[1].task_id == "a"]
+        assert r == 0
+        frozen.cancel()
+        f.kill(0)  # the others see it gone
+        await settle()
+        assert f.controls[1].leading and f.controls[0].leading  # it still believes it leads
+        [(r2, a2)] = [x for x in assigned(f) if x[1].task_id == "a" and x[1].fence > a.fence]
+        # SIGCONT: it is back, the lowest rank again, and knows it overslept
+        f.live.add(0)
+        f.net.down.discard(0)
+        f.controls[0]._stalled = True
+        await nursery.start(f.controls[0].run)
+        await settle()
+        assert f.controls[0].leading and not f.controls[1].leading
+        rec = f.controls[0].table.get("a")
+        assert (rec.fence, rec.node) == (a2.fence, r2)  # the newer table, not its own
+        ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"ok")
+        assert ack.ok, ack
         nursery.cancel_scope.cancel()
