@@ -41,6 +41,7 @@ class Running:
     trace: Mapping[str, str] = attrs.field(factory=dict)
     fetch_from: tuple[int, ...] = ()
     stop: StopWhy | None = None  # asked to pause or cancel
+    finished: bool = False  # its worker exited: only its end is left to report
     zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
     refused: int = 0  # worker commits refused (lapsed lease, stale fence)
     pid: int | None = None
@@ -48,10 +49,10 @@ class Running:
     pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
     changed: trio.Event = attrs.field(factory=trio.Event)
     pushing: trio.Lock = attrs.field(factory=trio.Lock)  # one push of its journal at a time
+    spawned: trio.Event = attrs.field(factory=trio.Event)  # its worker runs (the runner sets)
     ended: trio.Event = attrs.field(factory=trio.Event)
     signal_worker: Callable[[bool], None] | None = None  # (hard) -> SIGKILL, else SIGTERM
     resuming: contextlib.ExitStack | None = None  # the recovery's resume phase, while open
-    seeded: tuple[int, int] = (-1, -1)  # (fence, version) of the journal it started from
     gpus: tuple[int, ...] = ()  # the devices its worker sees (CUDA_VISIBLE_DEVICES)
 
     def lapsed(self, now: float) -> bool:
@@ -68,7 +69,7 @@ class Running:
 
 class AttemptRunner(Protocol):
     """Runs one attempt to its end (a worker process by default); sets
-    ``run.signal_worker`` once it can be stopped."""
+    ``run.signal_worker`` once it can be stopped and ``run.spawned`` once it runs."""
 
     async def __call__(self, run: Running) -> AttemptEnd: ...
 
@@ -94,6 +95,7 @@ class WorkerRunner:
     async def __call__(self, run: Running) -> AttemptEnd:
         def started(_attempt: int, handle: Any) -> None:
             run.pid = handle.pid
+            run.spawned.set()
             run.signal_worker = lambda hard: handle.signal(
                 signal.SIGKILL if hard else signal.SIGTERM
             )

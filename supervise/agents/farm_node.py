@@ -361,20 +361,22 @@ class FarmNode:
                 )
                 if recovery is not None:
                     stack.enter_context(_activated(recovery))
-                    stack.enter_context(
+                    # from the journal in place to the worker running (the coordinator ends
+                    # the recovery when it hears the attempt started)
+                    run.resuming = stack.enter_context(contextlib.ExitStack())
+                    run.resuming.enter_context(
                         recovery.phase(
                             Phase.RESUME,
                             {TASK_ID_ATTR: run.task_id, STEPS_ATTR: seeded},
                             node_rank=self.rank,
                         )
                     )
-                await self._update(run, AttemptPhase.STARTED)
-                if _dead(run):
-                    return
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._started, run)
                     nursery.start_soon(self._follow, run)
                     assert self.runner is not None
                     end = await self.runner(run)
+                    run.finished = True  # its lease is no longer renewed: the end is told
                     nursery.cancel_scope.cancel()
             view = await self._sync(run)  # the last versions reach the peers before the end
             if _dead(run):
@@ -426,8 +428,6 @@ class FarmNode:
         local = self._local(run.task_id)
         if local is None or local.order < best.order:
             self._ingest(run, best)
-        now = self._local(run.task_id)
-        run.seeded = (-1, -1) if now is None else now.order
         commit, _ = unpack(best.data)
         log.info(
             "task journal seeded",
@@ -449,6 +449,14 @@ class FarmNode:
         )
         with self.arenas.ingesting(run.shard, m, source=Source.PEER.value) as view:
             view[:] = replica.data
+
+    async def _started(self, run: Running) -> None:
+        """Once the attempt's worker runs: the resume phase ends, the coordinator is told."""
+        await run.spawned.wait()
+        if run.resuming is not None:
+            run.resuming.close()
+            run.resuming = None
+        await self._update(run, AttemptPhase.STARTED)
 
     async def _follow(self, run: Running) -> None:
         """While the worker runs: each commit goes to the peers, progress to the coordinator."""
@@ -481,9 +489,6 @@ class FarmNode:
         if replica is None:
             return None
         commit, _ = unpack(replica.data)
-        if run.resuming is not None and replica.order > run.seeded:
-            run.resuming.close()  # the resumed attempt committed: the recovery is done here
-            run.resuming = None
         if replica.order != run.pushed:
             acked, stale = await self.journals.push(replica)
             run.pushed = replica.order
@@ -555,7 +560,7 @@ class FarmNode:
             with trio.move_on_after(self._lease() / 3):
                 await self._renew.wait()
             self._renew = trio.Event()
-            held = [r for r in self.running.values() if not r.zombie]
+            held = [r for r in self.running.values() if not (r.zombie or r.finished)]
             coord = self.coordinator()
             if not held or coord is None:
                 continue
