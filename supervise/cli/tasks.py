@@ -4,7 +4,8 @@ thin layer over the `supervise.tasks.Farm` client.
 Everything that can be checked here is checked before anyone is contacted — the target is
 imported (from the current directory too) and its arguments bound, each ARG_JSON parsed, the
 resources read — and refused in one line, exit 2. Exit 1: the farm refused or could not be
-reached, a task failed or was cancelled (``result``); 2 also when no node could ever run it.
+reached, a task failed or was cancelled (``result``); 2 also when no node could ever run it,
+or when the flags do not say where the farm is (the client refuses to be built).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _where(p: argparse.ArgumentParser) -> None:
         "--store",
         metavar="URL",
         help="the job's coordination store (etcd://HOST:PORT[,...] or etcd+https://, as given "
-        "to `supervise node`): finds the farm's coordinator",
+        "to `supervise node`), when the farm coordinates through one",
     )
     p.add_argument("--job", metavar="NAME", help="the job's keys in --store (default 'default')")
     p.add_argument(
@@ -77,7 +78,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     submit.add_argument("args", nargs="*", metavar="ARG_JSON", help="a JSON argument")
     submit.add_argument("--cpu", type=float, default=1.0, metavar="N", help="cores (default 1)")
     submit.add_argument(
-        "--memory", default="0", metavar="SIZE", help="memory, e.g. 512M or 4GiB (default 0)"
+        "--memory",
+        default="0",
+        metavar="SIZE",
+        help="memory, e.g. 512M (10^6) or 4GiB (2^30) (default 0)",
     )
     submit.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs (default 0)")
     submit.add_argument(
@@ -167,8 +171,6 @@ def _checked_submit(args: argparse.Namespace) -> dict[str, Any] | str:
     from supervise.tasks.spec import TaskSpec
     from supervise.tasks.values import UnsupportedValue
 
-    if not args.nodes and not args.store:
-        return "give --nodes H:P,... or --store URL (where the farm is)"
     values: list[Any] = []
     for i, text in enumerate(args.args, 1):
         try:
@@ -213,12 +215,14 @@ def _run(args: argparse.Namespace, call: Callable[[Farm], Awaitable[int]]) -> in
     from supervise.tasks.runner import TaskFailed
     from supervise.tasks.values import UnsupportedValue
 
-    if args.command_name != "submit" and not args.nodes and not args.store:
-        _say(args, "give --nodes H:P,... or --store URL (where the farm is)")
+    try:
+        client = open_farm(args)  # refuses flags that do not say where the farm is
+    except FarmError as exc:
+        _say(args, str(exc))
         return BAD_USAGE
 
     async def main() -> int:
-        async with open_farm(args) as farm:
+        async with client as farm:
             return await call(farm)
 
     try:

@@ -21,7 +21,6 @@ from typing import Any, Final
 import attrs
 
 from supervise._validation import InvalidValue, number
-from supervise.policy.units import Size
 
 __all__ = ["Resources", "machine_capacity", "parse_labels", "parse_size"]
 
@@ -32,7 +31,8 @@ _NO_LIMIT: Final = 1 << 60  # cgroup v1 writes ~2**63 for "no limit"
 _SIZE_RE: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 _SIZE_SCALE: Final = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _SIZE_HELP: Final = (
-    "must be bytes or a size like '512M', '4GiB', '1.5G' (K, M, G, T: powers of 1024)"
+    "must be bytes or a size like '512M', '4GiB', '1.5G' (K, M, G, T, P: powers of 1000;"
+    " Ki, Mi, Gi, Ti, Pi: of 1024)"
 )
 _LABEL_KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
 _LABEL_VALUE: Final = re.compile(r"[A-Za-z0-9_.\-:/]+")
@@ -102,15 +102,29 @@ class Resources:
         return f"{self.cpu:g} cpu, {format_size(self.memory)} memory, {self.gpus} gpus"
 
 
+_FORMAT_UNITS: Final = tuple(
+    sorted(
+        [(1024**e, f"{p}iB") for e, p in enumerate("KMGTP", 1)]
+        + [(1000**e, f"{p}B") for e, p in enumerate("kMGTP", 1)],
+        reverse=True,
+    )
+)
+
+
 def format_size(nbytes: int) -> str:
-    """Bytes as the shortest exact binary unit (``4GiB``, ``1536MiB``, ``0B``)."""
-    return str(Size(nbytes=nbytes))
+    """Bytes in the largest unit, binary or decimal, that holds them exactly (``4GiB``,
+    ``512MB``, ``1536MiB``, ``0B``): what `parse_size` reads back to the same number."""
+    for scale, unit in _FORMAT_UNITS:
+        if nbytes and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return f"{nbytes}B"
 
 
 def parse_size(text: str | int, name: str = "memory") -> int:
-    """Bytes from an int or ``"512M"``, ``"4GiB"``, ``"1.5G"``, ``"0"``: K, M, G, T, P (with
-    or without ``i`` / ``B``, any case) are powers of 1024, as Slurm and Docker read them; a
-    one-line `InvalidValue` naming ``name`` otherwise."""
+    """Bytes from an int or ``"512M"``, ``"4GiB"``, ``"1.5G"``, ``"0"``: K, M, G, T, P are
+    powers of 1000 and Ki, Mi, Gi, Ti, Pi powers of 1024 (as Kubernetes reads them; a trailing
+    ``B`` and any case are accepted: ``4gib``, ``512MB``); a one-line `InvalidValue` naming
+    ``name`` otherwise."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise InvalidValue(name, text, "must not be negative")
@@ -123,10 +137,12 @@ def parse_size(text: str | int, name: str = "memory") -> int:
     given = match[2].lower()
     unit = "" if given in ("b", "byte", "bytes") else given
     if len(unit) > 1:
-        unit = unit.removesuffix("b").removesuffix("i") or "?"
+        unit = unit.removesuffix("b") or "?"
+    binary = len(unit) == 2 and unit.endswith("i")
+    unit = unit.removesuffix("i") if binary else unit
     if unit not in _SIZE_SCALE:
         raise InvalidValue(name, text, f"unknown unit {match[2]!r}: {_SIZE_HELP}")
-    nbytes = Fraction(match[1]) * 1024 ** _SIZE_SCALE[unit]
+    nbytes = Fraction(match[1]) * (1024 if binary else 1000) ** _SIZE_SCALE[unit]
     if nbytes.denominator != 1:
         raise InvalidValue(name, text, "is not a whole number of bytes")
     return int(nbytes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -126,7 +127,7 @@ def test_submit_prints_the_id_and_sends_everything(
         ("taskfuncs:two_steps", 21, "key"),
         {
             "cpu": 0.5,
-            "memory": 3 << 29,
+            "memory": 1_500_000_000,
             "gpus": 1,
             "labels": ["zone=a"],
             "priority": 3,
@@ -163,13 +164,17 @@ def test_bad_input_is_one_line_exit_2_before_the_farm_is_contacted(
     assert farm.opened == 0
 
 
-def test_where_the_farm_is_must_be_given(
-    farm: FakeFarm, capsys: pytest.CaptureFixture[str]
+def test_a_client_that_cannot_be_built_is_bad_usage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["tasks", "submit", "taskfuncs:two_steps", "1"]) == 2
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.delenv("SUPERVISE_NODES", raising=False)  # the client's fallback
+    assert main(["tasks", "submit", "taskfuncs:two_steps", "1"]) == 2  # no --nodes
     assert main(["tasks", "list"]) == 2
-    assert capsys.readouterr().err.count("give --nodes H:P,... or --store URL") == 2
-    assert farm.opened == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("supervise tasks submit: no farm nodes")
+    assert err[1].startswith("supervise tasks list: no farm nodes")
 
 
 @pytest.mark.parametrize(
@@ -261,13 +266,8 @@ def test_the_real_client_is_built_from_the_flags() -> None:
     from supervise.tasks.farm import Farm
 
     args = build_parser().parse_args(
-        ["tasks", "list", "--store", "etcd://h:2379", "--job", "j", "--curve-keys", "/k"]
+        ["tasks", "list", *NODES, "--store", "etcd://h:2379", "--job", "j", "--curve-keys", "/k"]
     )
     made = cli_tasks.open_farm(args)
     assert isinstance(made, Farm)
-    assert (made.nodes, made.store, made.job, str(made.curve_keys)) == (
-        None,
-        "etcd://h:2379",
-        "j",
-        "/k",
-    )
+    assert (made.store, made.job) == ("etcd://h:2379", "j")

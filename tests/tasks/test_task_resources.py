@@ -17,23 +17,29 @@ from supervise.tasks.resources import Resources, machine_capacity, parse_labels,
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("512M", 512 << 20),
+        ("512M", 512 * 10**6),
+        ("512Mi", 512 << 20),
         ("4GiB", 4 << 30),
-        ("1.5G", 3 << 29),
+        ("1.5G", 1_500_000_000),
+        ("1.5Gi", 3 << 29),
         ("0", 0),
         (0, 0),
         (1234, 1234),
-        ("10 kb", 10 << 10),
+        ("10 kb", 10_000),
+        ("10 KiB", 10 << 10),
         ("2Ti", 2 << 40),
         ("100B", 100),
         ("3mib", 3 << 20),
+        ("2MB", 2 * 10**6),
     ],
 )
-def test_parse_size_reads_binary_units(text: str | int, expected: int) -> None:
+def test_parse_size_reads_decimal_and_binary_units(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "-1G", "4X", "1.5", "1ib", "4 G B", -5, 1.5, None])
+@pytest.mark.parametrize(
+    "bad", ["", "abc", "-1G", "4X", "1.5", "1ib", "1i", "4 G B", "1.5Ki0", -5, 1.5, None]
+)
 def test_parse_size_refuses_in_one_line_naming_the_input(bad: object) -> None:
     with pytest.raises(InvalidValue) as err:
         parse_size(bad, "--memory")  # type: ignore[arg-type]
@@ -55,6 +61,16 @@ def test_resources_validate_and_add_exactly() -> None:
         assert "\n" not in str(err.value) and next(iter(bad)) in str(err.value)
 
 
+def test_format_size_reads_back() -> None:
+    for n in (0, 7, 1000, 1024, 4 << 30, 4 * 10**9, 1536 << 20, 512 * 10**6):
+        assert parse_size(res.format_size(n)) == n
+    assert [res.format_size(n) for n in (4 << 30, 4 * 10**9, 1536 << 20)] == [
+        "4GiB",
+        "4GB",
+        "1536MiB",
+    ]
+
+
 def test_resources_json_round_trip_and_refusals() -> None:
     r = Resources(2.5, 3 << 30, 1)
     assert Resources.from_json(r.to_json()) == r
@@ -74,7 +90,7 @@ def test_parse_labels() -> None:
 
 
 def test_overrides_win_and_are_checked() -> None:
-    cap = machine_capacity(cpus=3.5, memory="2G", gpus=2)
+    cap = machine_capacity(cpus=3.5, memory="2Gi", gpus=2)
     assert cap == Resources(3.5, 2 << 30, 2)
     for kw in ({"cpus": -1}, {"memory": "lots"}, {"gpus": -2}, {"gpus": 1.5}):
         with pytest.raises(InvalidValue) as err:
