@@ -419,11 +419,11 @@ def _replace(text: str, begin: str, end: str, report: str) -> str:
     return text.rstrip() + "\n" + report + "\n"
 
 
-async def main(write: bool, farm_only: bool) -> None:
+async def main(write: bool, farm_only: bool, farm_tasks: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if farm_only:
-            report = _farm_report(await farm_bench(tmp))
+            report = _farm_report(await farm_bench(tmp, farm_tasks))
             print(report)
             if write:
                 text = RESULTS.read_text()
@@ -433,7 +433,7 @@ async def main(write: bool, farm_only: bool) -> None:
             return
         commits = await commit_overhead(tmp)
         clean, rows = await resume_vs_restart(tmp)
-        farm = await farm_bench(tmp)
+        farm = await farm_bench(tmp, farm_tasks)
     report = _report(commits, clean, rows, farm)
     print(report)
     if write:
@@ -444,5 +444,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--farm-only", action="store_true", help="section 3 only")
+    parser.add_argument(
+        "--farm-tasks",
+        type=int,
+        default=FARM_TASKS,
+        metavar="N",
+        help=f"tiny tasks through the farm (default {FARM_TASKS})",
+    )
     opts = parser.parse_args()
-    sys.exit(trio.run(main, not opts.no_write, opts.farm_only))
+    if opts.farm_tasks < 1:
+        parser.error(f"--farm-tasks {opts.farm_tasks}: must be >= 1")
+    sys.exit(trio.run(main, not opts.no_write, opts.farm_only, opts.farm_tasks))
