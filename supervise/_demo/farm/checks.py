@@ -88,7 +88,7 @@ def _once(result: FarmResult) -> Check:
     ok = not (again or never or twice)
     detail = f"{sum(1 for _s, f in counts.values() if f == 1)} steps finished once each"
     if cut:
-        detail += f"; cut by the loss and run again: {', '.join(cut)}"
+        detail += f"; executions cut by the loss: {', '.join(cut)}"
     if again or twice:
         detail += f"; RAN AGAIN after finishing: {', '.join(sorted(set(again + twice)))}"
     if never:

@@ -27,7 +27,7 @@ def render_task(result: FarmResult, task: TaskView) -> list[str]:
     """One task: a header, its state changes, its attempts (node, worker, steps run)."""
     attempts = task.by_attempt()
     nodes = " -> ".join(f"node {n}" for n in task.nodes) or "-"
-    verdict = {True: "result equal", False: "RESULT DIFFERS", None: "no result"}[task.equal]
+    verdict = {True: "result equal", False: "RESULT DIFFERS", None: "not compared"}[task.equal]
     lines = [
         f"task {task.task_id} (seed {task.seed}): {task.state}, {len(attempts)} worker"
         f" attempt{'s' if len(attempts) != 1 else ''}, {nodes}; {verdict}"
