@@ -56,7 +56,8 @@ class AgentProcess:
 
 @attrs.frozen(slots=True)
 class ClusterSpec:
-    """How the agents are started: endpoints, policy, the training command, directories."""
+    """How the agents are started: endpoints, policy, the training command (empty for farm
+    nodes), more options, directories."""
 
     endpoints: tuple[str, ...]
     policy: Path
@@ -64,6 +65,7 @@ class ClusterSpec:
     env: Mapping[str, str]
     run_dir: Path
     shm_root: Path
+    options: tuple[str, ...] = ()  # more `supervise node` options (e.g. --tasks --cpus 2)
 
     @property
     def nodes(self) -> int:
@@ -122,6 +124,7 @@ class DemoCluster:
             shm_dir=shm_dir,
             worker_shutdown=WORKER_SHUTDOWN_S,
             command=self.spec.command,
+            options=self.spec.options,
         )
         spec = OsProcess(
             argv,

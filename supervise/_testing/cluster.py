@@ -48,7 +48,8 @@ def node_argv(
     command: Sequence[str],
     options: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of node ``rank``'s agent: ``supervise node ... [options] -- command``."""
+    """The command line of node ``rank``'s agent: ``supervise node ... [options] -- command``
+    (no ``--`` when ``command`` is empty: a farm node, ``--tasks`` among the options)."""
     return [
         sys.executable, "-m", "supervise", "node",
         "--rank", str(rank),
@@ -57,7 +58,7 @@ def node_argv(
         "--shm-dir", str(shm_dir),
         "--worker-shutdown", str(worker_shutdown),
         *options,
-        "--", *command,
+        *(("--", *command) if command else ()),  # no command: a farm node (--tasks)
     ]  # fmt: skip
 
 

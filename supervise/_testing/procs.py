@@ -95,6 +95,18 @@ def _children_by_parent() -> dict[int, list[int]]:
     return by_parent
 
 
+def descendants(pid: int) -> list[int]:
+    """The PIDs of every live descendant of ``pid`` (children first, then theirs)."""
+    by_parent = _children_by_parent()
+    out: list[int] = []
+    todo = list(by_parent.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        out.append(child)
+        todo.extend(by_parent.get(child, []))
+    return out
+
+
 def _kind(pid: int) -> str:
     """What a descendant of an agent is, from its command line."""
     try:
