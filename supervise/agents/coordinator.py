@@ -79,6 +79,7 @@ class Coordinator:
         self._attempts = 0
         self._stable_since: float | None = None
         self._membership_changed = trio.Event()
+        self._churned: set[int] = set()  # nodes lost or replaced since the last prepare began
         self._callbacks: trio.Nursery | None = None  # the policy's callbacks run here
         # --store: reports and membership changes seen while not elected (stale ones are
         # dropped when replayed, by their generation)
@@ -100,6 +101,8 @@ class Coordinator:
             log.error("coordinator inbox full; message dropped", message=type(message).__name__)
 
     def membership_event(self, event: Event) -> None:
+        if isinstance(event, PeerLost) or (isinstance(event, PeerBack) and event.restarted):
+            self._churned.add(event.rank)
         self._membership_changed.set()
         self.receive(event, {})
 
@@ -467,11 +470,15 @@ class Coordinator:
         with maybe_phase(recovery, Phase.SELECT_CHECKPOINT) as ph:
             while True:
                 await self._wait_for_nodes(recovery)
+                self._churned.clear()
                 try:
                     replies = await self._prepare_all(gen, carrier)
-                except AttemptFailed:
-                    if self._missing():
-                        continue  # a node died meanwhile: wait for its replacement
+                except AttemptFailed as exc:
+                    if self._missing() or self._churned:
+                        # a node died or was replaced meanwhile: wait for (or prepare) its
+                        # replacement, within this attempt and generation
+                        log.info("prepare again: membership changed", error=str(exc))
+                        continue
                     raise
                 break
             holdings = {node: reply.holdings() for node, reply in replies.items()}

@@ -14,7 +14,9 @@ import trio.testing
 from supervise.agents import messages as m
 from supervise.agents.coordinator import AttemptFailed, Coordinator
 from supervise.cluster import RemoteError
+from supervise.cluster.failure_detector import PeerBack
 from supervise.policy import Policy
+from supervise.telemetry.names import Trigger
 
 
 class _Transport:
@@ -104,3 +106,58 @@ async def test_an_unreachable_store_is_waited_for_not_an_attempt_spent(
         await coordinator._fence(lambda: write(10**9))
     assert trio.current_time() - start <= coordinator.ctx.policy.cluster.rejoin_timeout
     assert calls > 5
+
+
+class _Replaced(Exception):
+    """Raised by the stubbed selection: the prepare loop is over."""
+
+
+class _DiesOnce:
+    """Node 1's first prepare fails (its process was killed); ``then`` runs at that moment
+    (membership hears of the replacement, or not), and its next prepare answers."""
+
+    def __init__(self, then: Any) -> None:
+        self.then, self.asked = then, 0
+
+    async def request(self, node: int, message: object, **_kw: object) -> Any:
+        self.asked += 1
+        if self.asked == 1:
+            self.then()
+            raise ConnectionError("node 1 went away")
+        return SimpleNamespace(body=SimpleNamespace(holdings=dict))
+
+
+async def _attempt_once(coordinator: Coordinator) -> None:
+    coordinator.ctx.membership = SimpleNamespace(live=lambda: [0, 1])
+
+    async def prepare(generation: int) -> Any:
+        return SimpleNamespace(holdings=dict)
+
+    coordinator.node.prepare = prepare  # type: ignore[method-assign]
+
+    def select(*_a: object, **_kw: object) -> None:
+        raise _Replaced
+
+    coordinator._select = select  # type: ignore[method-assign]
+    await coordinator._attempt(Trigger.WORKER_EXIT, None, attempt=1, version=None)
+
+
+async def test_a_node_replaced_during_the_prepare_is_prepared_again_in_the_same_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """kill -9 of a node's agent and its replacement joining while the prepare was asked: the
+    replacement is asked again within the attempt and generation (it cost a second attempt,
+    and a generation, when the replacement was live before the failed prepare returned)."""
+    coordinator = _coordinator(_DiesOnce(lambda: None))
+    coordinator.node.known_generation = lambda: 1  # type: ignore[attr-defined]
+    transport = _DiesOnce(
+        lambda: coordinator.membership_event(PeerBack(1, incarnation=7, restarted=True))
+    )
+    coordinator.ctx.transport = transport
+    with pytest.raises(_Replaced):
+        await _attempt_once(coordinator)
+    assert transport.asked == 2
+    # a failure with no change of membership still fails the attempt
+    coordinator.ctx.transport = _DiesOnce(lambda: None)
+    with pytest.raises(AttemptFailed, match="node 1 went away"):
+        await _attempt_once(coordinator)
