@@ -39,8 +39,9 @@ from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.tasks.arena_journal import unpack
-from supervise.tasks.control import TASK_ID_ATTR
+from supervise.tasks.control import INLINE_BYTES, TASK_ID_ATTR
 from supervise.tasks.farm_messages import (
+    MAX_ERROR_CHARS,
     STALE_FENCE,
     Ack,
     Assign,
@@ -88,6 +89,7 @@ class Link(Protocol):
         trace: Mapping[str, str] | None = None,
         timeout: float = 5.0,  # noqa: ASYNC109
         expect: type[Any] | None = None,
+        frames: Sequence[Any] = (),
     ) -> Any: ...
 
 
@@ -502,7 +504,16 @@ class FarmNode:
     async def _update(
         self, run: Running, phase: AttemptPhase, *, final: bool = False, **fields: Any
     ) -> None:
-        """Tell the coordinator; a final phase is retried until acknowledged (or stale)."""
+        """Tell the coordinator; a final phase is retried until acknowledged (or stale). A
+        large result travels as the payload (the header is bounded at 64 KiB), an error text
+        is cut to `MAX_ERROR_CHARS`."""
+        frames: list[bytes] = []
+        result = fields.get("result")
+        if isinstance(result, bytes) and len(result) > INLINE_BYTES:
+            fields["result"], frames = None, [result]
+        error = fields.get("error")
+        if isinstance(error, str) and len(error) > MAX_ERROR_CHARS:
+            fields["error"] = error[: MAX_ERROR_CHARS - 3] + "..."
         msg = Update(
             node=self.rank,
             task_id=run.task_id,
@@ -517,7 +528,7 @@ class FarmNode:
             coord = self.coordinator()
             if coord is not None:
                 try:
-                    reply = await self._ask(coord, msg, Ack)
+                    reply = await self._ask(coord, msg, Ack, frames)
                 except ClusterError as exc:
                     log.info("update not delivered", task=run.task_id, error=str(exc))
                 else:
@@ -533,8 +544,19 @@ class FarmNode:
             await trio.sleep(delay)
             delay = min(2.0, delay * 2)
 
-    async def _ask(self, peer: int, message: object, expect: type[Any]) -> Any:
-        return await self.link.request(peer, message, timeout=REQUEST_TIMEOUT_S, expect=expect)
+    async def _ask(
+        self,
+        peer: int,
+        message: object,
+        expect: type[Any],
+        frames: Sequence[Any] = (),
+        timeout: float = REQUEST_TIMEOUT_S,  # noqa: ASYNC109
+    ) -> Any:
+        if frames:
+            return await self.link.request(
+                peer, message, timeout=timeout, expect=expect, frames=frames
+            )
+        return await self.link.request(peer, message, timeout=timeout, expect=expect)
 
     async def _offer_loop(self) -> None:
         """Offer this node's capacity to the coordinator, again whenever it changes."""

@@ -77,6 +77,11 @@ FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
 #: Values up to this size travel in a reply's header (64 KiB at most); larger, as its payload.
 INLINE_BYTES = 16 * 1024
+#: Records per `TableUpdate` push and per `TablePull` page: however long the table, every
+#: request of a save or a takeover stays small and quick to answer.
+TABLE_CHUNK = 500
+#: The most bytes packed into one payload frame (the transport refuses frames over 64 MiB).
+FRAME_BYTES = 8 << 20
 #: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
 #: round places at most what is free; the next round, at once after any change, goes on).
 PLACE_WINDOW = 128
@@ -266,14 +271,9 @@ class FarmControl:
             pulled: list[TaskRecord] = []
             for peer in self._peers():
                 try:
-                    got = await self.link.request(
-                        peer, TablePull(self.rank), timeout=self._timeout, expect=TableUpdate
-                    )
-                except ClusterError as exc:
+                    await self._pull(peer, pulled)
+                except ClusterError as exc:  # the pages it gave are kept
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
-                    continue
-                pulled.extend(TaskRecord.from_bytes(b) for b in _records(got))
-                self._take_offers(got.body)
             self.table.drop_unsaved(pulled)
             self.table.merge(pulled)
         now = trio.current_time()
@@ -284,6 +284,24 @@ class FarmControl:
         self._offers_dirty = True
         self._leading = True
         log.info("farm: coordinator", rank=self.rank, tasks=len(self.table))
+
+    async def _pull(self, peer: int, into: list[TaskRecord]) -> None:
+        """``peer``'s replica of the table, page by page (`TABLE_CHUNK` records each)."""
+        after, after_id = 0, ""
+        while True:
+            got = await self.link.request(
+                peer,
+                TablePull(self.rank, after, after_id, TABLE_CHUNK),
+                timeout=self._timeout,
+                expect=TableUpdate,
+            )
+            page = [TaskRecord.from_bytes(b) for b in _records(got)]
+            into.extend(page)
+            self._take_offers(got.body)
+            if not got.body.more or not page:
+                return
+            last = max(page, key=lambda r: (r.seq, r.task_id))
+            after, after_id = last.seq, last.task_id
 
     def _peers(self) -> list[int]:
         return [r for r in self._live() if r != self.rank]
@@ -426,16 +444,21 @@ class FarmControl:
         if not peers:
             return
         sent = [data for _, data in records] if self._durable is None else []
-        update = TableUpdate(self.rank, [], self._offer_list() if offers else [])
-        if not sent and not update.offers:
+        offered = self._offer_list() if offers else []
+        if not sent and not offered:
             return
-        frames = [_pack(sent)] if sent else []  # records travel as payload, never in the header
-        taken: list[int] = []
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(self._push, peer, update, frames, taken)
-        if sent and not taken:
-            raise _NotSaved(f"no reply from ranks {peers}")
+        # bounded requests, the records as payload (never in the 64 KiB header); each chunk
+        # is held by at least one live peer before the next goes
+        chunks = [sent[i : i + TABLE_CHUNK] for i in range(0, len(sent), TABLE_CHUNK)] or [[]]
+        for i, chunk in enumerate(chunks):
+            update = TableUpdate(self.rank, [], offered if i == 0 else [])
+            frames = _pack_frames(chunk) if chunk else []
+            taken: list[int] = []
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(self._push, peer, update, frames, taken)
+            if chunk and not taken:
+                raise _NotSaved(f"no reply from ranks {peers}")
 
     async def _push(
         self, peer: int, update: TableUpdate, frames: list[bytes], taken: list[int]
@@ -465,6 +488,8 @@ class FarmControl:
             await self.link.reply(request, message)
         except (ClusterError, trio.ClosedResourceError) as exc:
             log.info("farm: reply not sent", error=str(exc))
+        except ValueError as exc:  # not sendable (over the header bound): never a crash here
+            log.error("farm: reply not sendable", kind=type(message).__name__, error=str(exc))
 
     async def _order(self, peer: int, message: object, trace: Mapping[str, str]) -> None:
         """Send an assignment or a stop; an assignment the node refuses or never takes is
@@ -516,7 +541,11 @@ class FarmControl:
             return Renewed(ok=False, reason=self._refusal().reason)
         now = trio.current_time()
         stale = []
-        for task_id, fence in r.held:
+        try:
+            held = [*r.held, *(_held(x) for x in _unpack_frames(msg, "renewal"))]
+        except (TableError, ValueError, TypeError) as exc:
+            return Renewed(ok=False, reason=f"bad renewal: {exc}")
+        for task_id, fence in held:
             if self.table.current(task_id, fence, r.node) is None:
                 stale.append(task_id)
             else:
@@ -594,7 +623,7 @@ class FarmControl:
         except TableError as exc:
             return FarmRefusal(str(exc), self.rank)
         self.poke()
-        self._replies.append((msg, TaskReply(record_json(rec))))
+        self._replies.append((msg, _task_reply(record_json(rec))))
         return DEFERRED
 
     async def _on_query(self, msg: Incoming[Query]) -> object:
@@ -611,7 +640,7 @@ class FarmControl:
         packed = _pack(tasks)
         if len(packed) <= INLINE_BYTES:
             return TaskList(tasks)
-        return Reply(TaskList([]), frames=[packed])  # a long list: the payload
+        return Reply(TaskList([]), frames=_pack_frames(tasks))  # a long list: the payload
 
     async def _on_control(self, msg: Incoming[Control]) -> object:
         c = msg.body
@@ -631,7 +660,7 @@ class FarmControl:
         if order is not None:
             self._orders.append((order.node, _stop(order), {}))
         self.poke()
-        self._replies.append((msg, TaskReply(record_json(rec, history=True))))
+        self._replies.append((msg, _task_reply(record_json(rec, history=True))))
         return DEFERRED
 
     async def _on_result(self, msg: Incoming[ResultQuery]) -> object:
@@ -665,13 +694,60 @@ class FarmControl:
             self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
-        records = [r.to_bytes() for r in self.table]
-        return Reply(TableUpdate(self.rank, [], self._offer_list()), frames=[_pack(records)])
+        q = msg.body
+        recs = list(self.table)  # in submission order
+        if q.after or q.after_id:
+            recs = [r for r in recs if (r.seq, r.task_id) > (q.after, q.after_id)]
+        more = bool(q.limit) and len(recs) > q.limit
+        if more:
+            recs = recs[: q.limit]
+        frames = _pack_frames([r.to_bytes() for r in recs]) if recs else []
+        return Reply(TableUpdate(self.rank, [], self._offer_list(), more), frames=frames)
 
 
 def _pack(items: list[Any]) -> bytes:
     packed: bytes = msgpack.packb(items, use_bin_type=True)
     return packed
+
+
+def _pack_frames(items: list[Any]) -> list[bytes]:
+    """``items`` packed as lists, one payload frame each, each at most `FRAME_BYTES` (an item
+    larger than that alone in its frame)."""
+    packed = _pack(items)
+    if len(packed) <= FRAME_BYTES or len(items) < 2:
+        return [packed]
+    half = len(items) // 2
+    return _pack_frames(items[:half]) + _pack_frames(items[half:])
+
+
+def _unpack_frames(msg: Incoming[Any], what: str) -> list[Any]:
+    """The items of every payload frame (each a packed list), in order."""
+    out: list[Any] = []
+    for buf in msg.buffers:
+        items = msgpack.unpackb(buf, raw=False)
+        if not isinstance(items, list):
+            raise TableError(f"{what} payload: not a list")
+        out.extend(items)
+    return out
+
+
+def _held(item: object) -> tuple[str, int]:
+    """One ``(task_id, fence)`` of a renewal's payload."""
+    if not isinstance(item, list | tuple) or len(item) != 2:
+        raise TableError("renewal payload: not a list of (task id, fence)")
+    task_id, fence = item
+    if not isinstance(task_id, str) or isinstance(fence, bool) or not isinstance(fence, int):
+        raise TableError("renewal payload: not a list of (task id, fence)")
+    return task_id, fence
+
+
+def _task_reply(info: dict[str, Any]) -> object:
+    """One task for a client: in the header when small, else as the payload of a `TaskList`
+    (a long history or error)."""
+    packed = _pack([info])
+    if len(packed) <= INLINE_BYTES:
+        return TaskReply(info)
+    return Reply(TaskList([]), frames=[packed])
 
 
 def _frame(msg: Incoming[Any]) -> bytes | None:
@@ -681,14 +757,12 @@ def _frame(msg: Incoming[Any]) -> bytes | None:
 
 
 def _records(msg: Incoming[TableUpdate]) -> list[bytes]:
-    """A table update's records: in its header (small) and its payload (a packed list)."""
+    """A table update's records: in its header (small) and its payload (packed lists)."""
     out = list(msg.body.records)
-    blob = _frame(msg)
-    if blob:
-        items = msgpack.unpackb(blob, raw=False)
-        if not isinstance(items, list) or not all(isinstance(b, bytes) for b in items):
-            raise TableError("table update payload: not a list of records")
-        out.extend(items)
+    items = _unpack_frames(msg, "table update")
+    if not all(isinstance(b, bytes) for b in items):
+        raise TableError("table update payload: not a list of records")
+    out.extend(items)
     return out
 
 

@@ -59,9 +59,8 @@ def _tasks(got: Any) -> list[dict[str, Any]]:
     if not isinstance(body, TaskList):
         raise FarmError(f"unexpected answer {type(body).__name__}")
     tasks = list(body.tasks)
-    buffers = got.buffers
-    if buffers:
-        tasks.extend(msgpack.unpackb(bytes(buffers[0]), raw=False))
+    for buf in got.buffers:  # a long list: packed lists, one per payload frame
+        tasks.extend(msgpack.unpackb(buf, raw=False))
     return tasks
 
 

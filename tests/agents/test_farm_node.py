@@ -34,7 +34,7 @@ from supervise.agents.farm_node import (
 )
 from supervise.agents.node import NodeRuntime
 from supervise.cluster import DEFERRED, Reply
-from supervise.cluster.errors import RequestTimeout
+from supervise.cluster.errors import RemoteError, RequestTimeout
 from supervise.policy import Policy
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget
@@ -47,6 +47,7 @@ from supervise.tasks import ArenaJournal, InProcess, TaskSpec, decode
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import (
+    MAX_ERROR_CHARS,
     STALE_FENCE,
     Ack,
     Assign,
@@ -63,6 +64,7 @@ from supervise.tasks.journal_replica import JournalReplicas, Replica
 from supervise.tasks.resources import Resources
 from supervise.tasks.runner import AttemptEnd
 from supervise.telemetry import Phase, RecoveryTrace, Telemetry, TelemetryConfig, Trigger
+from tests.tasks.farmkit import Delays, on_the_wire
 
 COORD = 9
 _IDS = itertools.count(1)
@@ -79,13 +81,16 @@ class FakeIncoming:
 
 
 class FakeNet:
-    """In-process requests between ranks; a rank ``down`` or ``frozen`` never answers."""
+    """In-process requests between ranks, packed as the transport packs them (a header over
+    its bound fails as there); a rank ``down`` or ``frozen`` never answers; ``delays``: kinds
+    of messages that reach their handler late."""
 
     def __init__(self) -> None:
         self.handlers: dict[int, dict[type[Any], Callable[..., Any]]] = {}
         self.down: set[int] = set()
         self.frozen: set[int] = set()
         self.pending: dict[int, trio.MemorySendChannel[object]] = {}
+        self.delays = Delays()
 
     def link(self, rank: int) -> FakeLink:
         self.handlers.setdefault(rank, {})
@@ -114,9 +119,11 @@ class FakeLink:
         expect: type[Any] | None = None,
     ) -> Any:
         net = self.net
+        on_the_wire(message, frames, trace)
         with trio.move_on_after(timeout):
             while {self.rank, peer} & (net.down | net.frozen):  # noqa: ASYNC110 (a fake link polls)
                 await trio.sleep(0.05)
+            await trio.sleep(net.delays.of(self.rank, type(message)))
             handler = net.handlers.get(peer, {}).get(type(message))
             if handler is None:
                 raise RequestTimeout(f"rank {peer} does not serve {type(message).__name__}")
@@ -136,16 +143,28 @@ class FakeLink:
                 await trio.sleep_forever()
             if isinstance(reply, Reply):
                 out = tuple(memoryview(bytes(f)) for f in reply.frames)
-                return FakeIncoming(reply.body, peer, out)
-            return FakeIncoming(reply, peer)
+                reply_body = reply.body
+            else:
+                out, reply_body = (), reply
+            try:  # an answer over the bound is an error reply, as the transport's router gives
+                on_the_wire(reply_body, out, reply=True)
+            except ValueError as exc:
+                raise RemoteError(type(message).__name__, f"bad reply: {exc}") from None
+            return FakeIncoming(reply_body, peer, out)
         raise RequestTimeout(f"no reply from rank {peer}")
 
     async def reply(
-        self, request: Any, message: object, *, trace: Mapping[str, str] | None = None
+        self,
+        request: Any,
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
+        on_the_wire(message, frames, trace, reply=True)
         send = self.net.pending.get(request.request_id)
         if send is not None:
-            send.send_nowait(message)
+            send.send_nowait(Reply(message, frames=list(frames)) if frames else message)
 
 
 class FencedOwner(LocalOwner):
@@ -380,6 +399,26 @@ async def test_holders_refuse_a_version_older_than_the_fence_they_know(
         # an assignment with an older fence than known is refused too
         ack = await farm.assign(1, spec, fence=4)
         assert not ack.ok and ack.reason == STALE_FENCE
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_large_result_and_a_long_error_reach_the_coordinator(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A result over a header's bound travels as payload and an error text is cut: the
+    final reports cross a wire bounded as the transport's (they used to fail to send)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        await farm.start(0)
+        assert (await farm.assign(0, TaskSpec("farmfuncs:big", (200_000,), task_id="b"), 1)).ok
+        await _until(lambda: bool(farm.coord.completed("b")))
+        (done,) = farm.coord.completed("b")
+        assert decode(done.result or b"") == b"x" * 200_000
+        assert (await farm.assign(0, TaskSpec("farmfuncs:fails", (100_000,), task_id="e"), 1)).ok
+        await _until(lambda: (0, AttemptPhase.ERRORED) in farm.coord.phases("e"))
+        (err,) = [u for u in farm.coord.updates if u.phase is AttemptPhase.ERRORED]
+        assert err.error is not None and "ValueError: EEE" in err.error
+        assert len(err.error) <= MAX_ERROR_CHARS
         nursery.cancel_scope.cancel()
 
 

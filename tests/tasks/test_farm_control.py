@@ -24,6 +24,7 @@ from supervise.tasks.farm_messages import (
     ResultQuery,
     ResultReply,
     Submit,
+    TableUpdate,
     TaskList,
     TaskReply,
     Update,
@@ -31,7 +32,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
-from tests.tasks.farmkit import Farmlet, unwrap
+from tests.tasks.farmkit import Farmlet, on_the_wire, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -510,4 +511,65 @@ async def test_a_frozen_coordinator_takes_the_newer_table_when_it_wakes(
         assert (rec.fence, rec.node) == (a2.fence, r2)  # the newer table, not its own
         ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"ok")
         assert ack.ok, ack
+        nursery.cancel_scope.cancel()
+
+
+def test_the_fake_wire_bounds_headers_as_the_transport_does() -> None:
+    """The fake network refuses what the real transport refuses: the tests below rely on it."""
+    on_the_wire(TableUpdate(0, [b"x" * 1024]))
+    with pytest.raises(ValueError, match="max_header_size"):
+        on_the_wire(TableUpdate(0, [b"x" * (64 * 1024)]))
+
+
+async def test_a_table_of_ten_thousand_tasks_is_served_saved_and_taken_over(
+    autojump_clock: Any,
+) -> None:
+    """Every collection travels as payload or in bounded pages: a table of 10,000 tasks is
+    replicated, listed and pulled by a new coordinator through a wire whose headers are
+    bounded at 64 KiB, as the transport's are (a 1,000-task pull once stalled a farm)."""
+    n = 10_000
+    f = Farmlet(3, cpu=2.0, lease_s=3.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        coord = f.coordinator
+        for i in range(n):
+            spec = TaskSpec(TARGET, (i,), task_id=f"big{i:05d}")
+            coord.table.submit(spec, Resources(1.0), 0.0)
+        coord.poke()
+        await wait_until_async(lambda: not coord.table.dirty, what="the table saved", timeout_s=600)
+        assert len(f.controls[1].table) == len(f.controls[2].table) == n
+        listed = await ask(f, Query())
+        assert isinstance(listed, TaskList) and len(listed.tasks) == n
+        f.kill(0)  # rank 1 takes over: it pulls rank 2's replica, page by page
+        await wait_until_async(
+            lambda: f.controls[1].leading and not f.controls[1].table.dirty,
+            what="rank 1 leads with the table saved",
+            timeout_s=600,
+        )
+        listed = await ask(f, Query())
+        assert sorted(t["id"] for t in listed.tasks) == [f"big{i:05d}" for i in range(n)]
+        assert len(f.controls[2].table) == n
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_task_with_a_long_history_is_answered_as_payload(autojump_clock: Any) -> None:
+    """A task's history (each retry's error) can outgrow a header: the reply to a control
+    request carries it as payload, and the control plane never chokes on an answer."""
+    f = Farmlet(2, cpu=2.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "long", max_attempts=60)
+        for attempt in range(1, 41):
+            r, a = await wait_until_async(
+                lambda n=attempt: next(((r, a) for r, a in assigned(f) if a.attempt == n), None),
+                what=f"attempt {attempt} assigned",
+                timeout_s=3600,
+            )
+            ack = await report(f, r, a, AttemptPhase.ERRORED, error=f"{attempt}: " + "E" * 1900)
+            assert ack.ok, ack
+        got = await ask(f, Control("long", ControlAction.CANCEL))
+        assert isinstance(got, TaskList), got  # the answer came as payload
+        (task,) = got.tasks
+        assert task["state"] == "cancelled" and len(task["history"]) > 80
+        assert (await info(f, "long"))["state"] == "cancelled"
         nursery.cancel_scope.cancel()
