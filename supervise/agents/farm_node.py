@@ -7,12 +7,14 @@ that shard and attempt). Each committed journal version is pushed to the node's 
 (``farm.journal``, fenced), so after a loss of this whole node the task resumes on another node
 from the replica in its RAM, or fetched (``farm.journal_fetch``) from the ranks the assignment
 names. The node offers its capacity (``farm.offer``), reports phases and throttled progress
-(``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``; an attempt the
-reply names stale is killed at once), and pauses (checkpoint, then stop) or cancels on
-``farm.stop``.
+(``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``, each renewal on
+its own so a slow answer never delays the next; also with nothing held, the node's sign of
+life; an attempt the reply names stale is killed at once), and pauses (checkpoint, then
+stop) or cancels on ``farm.stop``.
 
 Fencing: every attempt carries the fence of its assignment; the agent refuses a worker's
-commit while the attempt's lease has lapsed (not renewed for ``lease_s``: it may have moved)
+commit while the attempt's lease has lapsed (not renewed for ``lease_s``: it may have moved;
+the commit first waits up to a lease for a renewal, since a renewal may merely be late)
 or once it is known stale, and group peers refuse journal versions older than the newest
 fence they know, so a zombie attempt (its node frozen past its lease) commits nowhere.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+import msgpack
 import structlog
 import trio
 
@@ -72,6 +75,10 @@ PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
+RENEW_INLINE = 256
+"""Attempts named in a renewal's header; more travel as its payload (a packed list)."""
+RENEWALS_IN_FLIGHT = 4
+"""Renewals awaiting their answer at once (each is sent on its own, never behind another)."""
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
 """Why a worker's commit is refused while its attempt's lease was not renewed in time."""
 
@@ -147,6 +154,9 @@ class FarmNode:
         self._token: trio.lowlevel.TrioToken | None = None
         self._offered: int | None = None  # the coordinator the offer was acked by
         self._renew = trio.Event()
+        self._renewed = trio.Event()  # set (and replaced) at each answered renewal
+        self._renewing = 0  # renewals awaiting their answer
+        self._lease_s = 3.0  # the lease of the latest assignment (the renewal period's base)
         arenas.add_commit_hook(self._committed)
 
     # -- running --------------------------------------------------------------------------
@@ -189,13 +199,31 @@ class FarmNode:
     async def handle_worker(self, frame: bytes) -> bytes | None:
         """A worker's journal request (`handle_local`); a commit is answered once the task's
         group peers hold the version (or did not answer in time): a step counts as done only
-        when its result is in RAM on another node too."""
-        reply = self.handle_local(frame)
-        shard = _commit_of(frame)
+        when its result is in RAM on another node too. A write while the attempt's lease
+        looks lapsed first waits (up to a lease) for a renewal: renewals merely late (a
+        loaded coordinator or link) do not fail the attempt."""
+        shard, commit = _write_of(frame)
         run = None if shard is None else self._by_shard.get(shard)
         if run is not None:
+            await self._fresh_lease(run)
+        reply = self.handle_local(frame)
+        if run is not None and commit:
             await self._sync(run)
         return reply
+
+    async def _fresh_lease(self, run: Running) -> None:
+        """Wait until ``run``'s lease is renewed (asking at once), it turns out a zombie, or a
+        lease went by; `may_commit` then judges."""
+        if run.zombie or not run.lapsed(trio.current_time()):
+            return
+        self._renew.set()
+        with trio.move_on_after(run.lease_s):
+            while (
+                run.lapsed(trio.current_time())
+                and not run.zombie
+                and self.running.get(run.task_id) is run
+            ):
+                await self._renewed.wait()
 
     def handle_local(self, frame: bytes) -> bytes | None:
         """A worker's journal request: refused while its attempt may not commit, else served
@@ -268,6 +296,7 @@ class FarmNode:
         )
         self.running[a.task_id] = run
         self._by_shard[run.shard] = run
+        self._lease_s = a.lease_s
         self._nursery.start_soon(self._attempt, run, name=f"task {a.task_id}")
         self._renew.set()
         return Ack(True)
@@ -574,37 +603,63 @@ class FarmNode:
             await trio.sleep(0.5 if self._offered != coord else 1.0)
 
     def _lease(self) -> float:
-        return min((r.lease_s for r in self.running.values()), default=3.0)
+        return min((r.lease_s for r in self.running.values()), default=self._lease_s)
 
     async def _renew_loop(self) -> None:
-        """Renew the leases of the attempts held here every ``lease_s / 3``."""
-        while True:
-            with trio.move_on_after(self._lease() / 3):
-                await self._renew.wait()
-            self._renew = trio.Event()
-            held = [r for r in self.running.values() if not (r.zombie or r.finished)]
-            coord = self.coordinator()
-            if not held or coord is None:
-                continue
-            sent = trio.current_time()
-            try:
-                reply = await self._ask(
-                    coord, Renew(self.rank, [(r.task_id, r.fence) for r in held]), Renewed
-                )
-            except ClusterError as exc:
-                log.info("lease renewal not delivered", coordinator=coord, error=str(exc))
-                continue
-            answer: Renewed = reply.body
-            if not answer.ok:
-                log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
-                self._offered = None
-                continue
-            stale = set(answer.stale)
-            for r in held:
-                if r.task_id in stale:
-                    self._zombie(r)
-                elif self.running.get(r.task_id) is r:
-                    r.renewed_at = max(r.renewed_at, sent)  # the lease counts from the ask
+        """Every ``lease_s / 3`` (at once after an assignment or for a waiting commit) renew
+        the attempts held here, also none (the node's sign of life: the coordinator moves a
+        task a live node no longer names). Each renewal goes on its own: a slow answer never
+        delays the next one past the lease, and a late answer still counts from its ask."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(self._lease() / 3):
+                    await self._renew.wait()
+                self._renew = trio.Event()
+                held = [r for r in self.running.values() if not (r.zombie or r.finished)]
+                coord = self.coordinator()
+                if coord is None or self._renewing >= RENEWALS_IN_FLIGHT:
+                    continue
+                self._renewing += 1
+                nursery.start_soon(self._renew_once, coord, held)
+
+    async def _renew_once(self, coord: int, held: list[Running]) -> None:
+        """One renewal of ``held`` (see `_renew_loop`)."""
+        try:
+            await self._renewal(coord, held)
+        finally:
+            self._renewing -= 1
+            self._renewed.set()  # a waiting commit looks again
+            self._renewed = trio.Event()
+
+    async def _renewal(self, coord: int, held: list[Running]) -> None:
+        """Ask ``coord`` to renew ``held``: a stale one is a zombie, the others' leases count
+        from this ask."""
+        pairs = [(r.task_id, r.fence) for r in held]
+        inline = len(pairs) <= RENEW_INLINE
+        frames = [] if inline else [msgpack.packb(pairs, use_bin_type=True)]
+        sent = trio.current_time()
+        try:
+            reply = await self._ask(
+                coord,
+                Renew(self.rank, pairs if inline else []),
+                Renewed,
+                frames,
+                timeout=self._lease(),
+            )
+        except ClusterError as exc:
+            log.info("lease renewal not delivered", coordinator=coord, error=str(exc))
+            return
+        answer: Renewed = reply.body
+        if not answer.ok:
+            log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
+            self._offered = None
+            return
+        stale = set(answer.stale)
+        for r in held:
+            if r.task_id in stale:
+                self._zombie(r)
+            elif self.running.get(r.task_id) is r:
+                r.renewed_at = max(r.renewed_at, sent)  # the lease counts from the ask
 
     def _zombie(self, run: Running) -> None:
         """``run``'s fence is stale (the task moved): kill its worker at once, its journal
@@ -617,13 +672,16 @@ class FarmNode:
         run.changed.set()
 
 
-def _commit_of(frame: bytes) -> int | None:
-    """The shard of a worker's commit request (None: another request, or undecodable)."""
+def _write_of(frame: bytes) -> tuple[int | None, bool]:
+    """The shard a worker's request writes (a begin or a commit; None: another request, or
+    undecodable), and whether it is a commit."""
     try:
         req = p.decode_request(frame).request
-    except Exception:  # the arenas answered it already
-        return None
-    return req.rank if isinstance(req, p.Commit) else None
+    except Exception:  # the arenas refuse it
+        return None, False
+    if isinstance(req, p.Begin | p.Commit):
+        return req.rank, isinstance(req, p.Commit)
+    return None, False
 
 
 def _dead(run: Running) -> bool:

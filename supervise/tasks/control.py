@@ -5,7 +5,11 @@ the elected leader with ``--store``) is the coordinator: it takes client request
 pending tasks on the nodes' offers (`scheduler.place`), hands them out as leases
 (`farm.assign`), renews them (`farm.renew`), takes the nodes' reports (`farm.update`, a stale
 fence refused: the zombie is told) and requeues the tasks of a node lost by membership or
-whose lease ran out. The others answer clients with a redirect and keep a replica of the table.
+whose lease ran out. A lease run out is a loss only when its node gave no sign of life for a
+lease, or said (renewing the others) it no longer runs the task: a live node merely slow to
+renew keeps its tasks. Leases run on the `_awake` clock, which stops while the coordinator's
+own process cannot run (the renewals then wait unread). The others answer clients with a
+redirect and keep a replica of the table.
 
 Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
 live farm node as `TableUpdate`, at least one of them acknowledging) before anything acting on
@@ -82,6 +86,11 @@ INLINE_BYTES = 16 * 1024
 TABLE_CHUNK = 500
 #: The most bytes packed into one payload frame (the transport refuses frames over 64 MiB).
 FRAME_BYTES = 8 << 20
+#: A lease run out on a node that still shows signs of life (its messages arrive, its renewal
+#: of that task is late) is waited on up to this many more leases before the task moves.
+LAPSE_LIMIT = 10
+#: How often the coordinator checks that its own process runs on time (see `_awake`).
+WATCH_S = 0.25
 #: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
 #: round places at most what is free; the next round, at once after any change, goes on).
 PLACE_WINDOW = 128
@@ -149,6 +158,11 @@ class FarmControl:
         self._nursery: trio.Nursery | None = None
         self._changes = changes  # membership's events: a lost node is handled at once
         self._stalled = False  # this process slept far longer than it asked (SIGSTOP)
+        # leases: a node's latest message (its sign of life), on the `_awake` clock
+        self._heard: dict[int, float] = {}
+        self._disowned: set[str] = set()  # lease run out, then a renewal of its node omitted it
+        self._deaf = 0.0  # seconds this process could not run its tasks (starved, stopped)
+        self._due: float | None = None  # when the watchdog is due to wake
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -191,6 +205,7 @@ class FarmControl:
             self._nursery = nursery
             if self._changes is not None:
                 nursery.start_soon(self._watch, self._changes())
+            nursery.start_soon(self._watchdog)
             task_status.started()
             try:
                 while True:
@@ -206,6 +221,27 @@ class FarmControl:
         async with changes:
             async for _ in changes:
                 self.poke()
+
+    async def _watchdog(self) -> None:
+        """Count the time this process could not run its tasks (a starved CPU, a long
+        synchronous stretch, SIGSTOP): the nodes' renewals waited unread meanwhile."""
+        while True:
+            self._due = trio.current_time() + WATCH_S
+            await trio.sleep(WATCH_S)
+            self._deaf += max(0.0, trio.current_time() - self._due)
+            self._due = None
+
+    def _awake(self) -> float:
+        """The clock of leases: trio's, less the time this process could not run (counted by
+        `_watchdog`, and the part not counted yet), so a lease never runs out while the
+        coordinator could not read the renewal waiting for it."""
+        now = trio.current_time()
+        late = 0.0 if self._due is None else max(0.0, now - self._due)
+        return now - self._deaf - late
+
+    def _heard_from(self, node: int) -> None:
+        """``node`` is alive: a message of it arrived."""
+        self._heard[node] = self._awake()
 
     async def _sleep(self) -> None:
         wait = self._tick
@@ -238,7 +274,7 @@ class FarmControl:
         self._stalled = False
         if not self._leading:
             await self._take_over()
-        now = trio.current_time()
+        now = self._awake()
         at = self._clock()
         self._requeue_lost(now, at)
         self._schedule(now, at)
@@ -248,6 +284,7 @@ class FarmControl:
     def _step_down(self) -> None:
         self._leading = False
         self._leases.clear()
+        self._disowned.clear()
         for recovery in self._recoveries.values():
             recovery.end(Outcome.FAILED, reason="the coordinator stepped down")
         self._recoveries.clear()
@@ -276,7 +313,7 @@ class FarmControl:
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
             self.table.drop_unsaved(pulled)
             self.table.merge(pulled)
-        now = trio.current_time()
+        now = self._awake()
         for rec in self.table.live_on_nodes():
             self._leases[rec.task_id] = now + self.lease_s
         for rec in self.table:
@@ -318,17 +355,28 @@ class FarmControl:
                 self._moved(rec.task_id, at, f"node {node} lost", Trigger.PEER_LOST, node)
                 continue
             deadline = self._leases.setdefault(rec.task_id, now + self.lease_s)
-            if now > deadline:
-                self._moved(
-                    rec.task_id,
-                    at,
-                    f"lease expired on node {node}",
-                    Trigger.HEARTBEAT_TIMEOUT,
-                    node,
-                )
+            if now <= deadline:
+                continue
+            why = self._lapsed(rec.task_id, node, now, deadline)
+            if why is not None:
+                self._moved(rec.task_id, at, why, Trigger.HEARTBEAT_TIMEOUT, node)
+
+    def _lapsed(self, task_id: str, node: int, now: float, deadline: float) -> str | None:
+        """Why the lease of ``task_id`` on ``node``, run out at ``deadline``, is a loss; None
+        while the node shows it lives and has not said it dropped the task (its renewal is
+        merely late: a slow node or link must not lose its tasks, nor run them twice)."""
+        if task_id in self._disowned:
+            return f"lease expired on node {node} (the node no longer runs it)"
+        heard = self._heard.get(node)
+        if heard is None or now - heard > self.lease_s:
+            return f"lease expired on node {node}"  # no sign of life for a whole lease
+        if now - deadline > LAPSE_LIMIT * self.lease_s:
+            return f"lease expired on node {node} ({LAPSE_LIMIT} leases without a renewal)"
+        return None
 
     def _moved(self, task_id: str, at: float, why: str, trigger: Trigger, node: int) -> None:
         self._leases.pop(task_id, None)
+        self._disowned.discard(task_id)
         moved = self.table.lost(task_id, at, why)
         if moved is None:
             return
@@ -381,6 +429,7 @@ class FarmControl:
         for placement in place(requests, views, self.strategy):
             rec = self.table.place(placement.task_id, placement.rank, at, self._next_fence)
             self._leases[rec.task_id] = now + self.lease_s
+            self._disowned.discard(rec.task_id)
             trace: Mapping[str, str] = {}
             recovery = self._recoveries.get(rec.task_id)
             if recovery is not None:
@@ -469,6 +518,7 @@ class FarmControl:
             log.info("farm: table update not taken", peer=peer, error=str(exc))
         else:
             taken.append(peer)
+            self._heard_from(peer)
 
     def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
         return [
@@ -499,6 +549,7 @@ class FarmControl:
             got = await self.link.request(
                 peer, message, trace=trace, timeout=self._timeout, expect=Ack
             )
+            self._heard_from(peer)
             if not got.body.ok:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
@@ -527,6 +578,7 @@ class FarmControl:
             offer = _Offer(Resources.from_json(o.capacity), frozenset(o.labels))
         except (ValueError, TypeError) as exc:
             return Ack(False, f"bad offer: {exc}")
+        self._heard_from(o.node)
         if self.offers.get(o.node) != offer:
             self.offers[o.node] = offer
             self._offers_dirty = True
@@ -537,9 +589,10 @@ class FarmControl:
         r = msg.body
         if _forged(msg, r.node):
             return Renewed(ok=False, reason=f"rank {msg.sender} cannot speak for node {r.node}")
+        self._heard_from(r.node)
         if not self._leads_now():
             return Renewed(ok=False, reason=self._refusal().reason)
-        now = trio.current_time()
+        now = self._awake()
         stale = []
         try:
             held = [*r.held, *(_held(x) for x in _unpack_frames(msg, "renewal"))]
@@ -550,6 +603,14 @@ class FarmControl:
                 stale.append(task_id)
             else:
                 self._leases[task_id] = now + self.lease_s
+                self._disowned.discard(task_id)
+        held_ids = {task_id for task_id, _ in held}
+        for rec in self.table.on_node(r.node):  # past its lease and not held: dropped there
+            tid = rec.task_id
+            late = self._leases.get(tid, now) < now
+            if late and tid not in held_ids and tid not in self._disowned:
+                self._disowned.add(tid)
+                self.poke()
         return Renewed(stale)
 
     async def _on_update(self, msg: Incoming[Update]) -> object:
@@ -558,6 +619,7 @@ class FarmControl:
             return Ack(False, f"rank {msg.sender} cannot speak for node {u.node}")
         if u.result is None and u.phase is AttemptPhase.COMPLETED and (blob := _frame(msg)):
             u = attrs.evolve(u, result=blob)  # a large result comes as the payload
+        self._heard_from(u.node)
         if not self._leads_now():
             return Ack(False, self._refusal().reason)
         verdict = self.table.update(u, self._clock())
@@ -565,7 +627,8 @@ class FarmControl:
             log.info("farm: stale fence refused", task=u.task_id, node=u.node, fence=u.fence)
             return Ack(False, STALE_FENCE)
         rec = self.table.get(u.task_id)
-        self._leases[u.task_id] = trio.current_time() + self.lease_s
+        self._leases[u.task_id] = self._awake() + self.lease_s
+        self._disowned.discard(u.task_id)
         self._recovered(u.task_id, rec)
         if rec.state in TERMINAL:
             self._leases.pop(u.task_id, None)

@@ -52,6 +52,7 @@ from supervise.tasks.farm_messages import (
     Ack,
     Assign,
     AttemptPhase,
+    Renew,
     ResultQuery,
     ResultReply,
     Stop,
@@ -753,4 +754,100 @@ async def test_a_workers_commit_is_answered_once_the_group_peer_holds_it(
         assert trio.current_time() - started >= 1.0  # it waited for the peer
         held = b.replicas.get("w")
         assert held is not None and held.fence == 1  # which holds the version
+        nursery.cancel_scope.cancel()
+
+
+async def test_renewals_late_under_load_lose_no_task_and_run_no_step_twice(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Every renewal reaches the coordinator half a lease late (a loaded coordinator or
+    link: the other messages flow): the node renews on its own cadence, each renewal counted
+    from its ask, so the attempt keeps its lease, is never moved nor run twice (renewals sent
+    one after the other, each awaited, used to let its lease lapse: commits refused, the task
+    requeued as lost again and again)."""
+    net = FakeNet()
+    net.delays.delay[None, Renew] = LEASE / 2
+    live = {0, 1, 2}
+    async with trio.open_nursery() as nursery:
+        controls: dict[int, FarmControl] = {}
+        for rank in range(3):
+            wire = net.link(rank)
+            flink = FarmLink(wire)  # type: ignore[arg-type]
+            control = controls[rank] = FarmControl(
+                flink,
+                leader=lambda: min(live),
+                live=lambda: sorted(live),
+                lease_s=LEASE,
+                clock=trio.current_time,
+                request_timeout=1.0,
+            )
+            runner = InProcessRunner()
+            node = FarmNode(
+                rank=rank,
+                link=flink,
+                wire=wire,
+                arenas=ArenaService(
+                    tmp_path / f"shm{rank}",
+                    rule=RetentionRule(keep_last=2),
+                    budget=MemoryBudget(1 << 28),
+                    node=f"l{rank}",
+                    anonymous=True,
+                ),
+                peers=[r for r in range(3) if r != rank],
+                coordinator=control.coordinator,
+                # the coordinator's own node has no room: the task runs on a node whose
+                # renewals cross the (slow) wire
+                capacity=Resources(2.0 if rank else 0.5, 1 << 30, 0).to_json(),
+                runner=runner,
+                live=lambda: sorted(live),
+            )
+            runner.node = node
+            await nursery.start(control.run)
+            await nursery.start(node.run)
+        client = FarmLink(net.link(7))  # type: ignore[arg-type]
+        spec = _spec("slow", 12)
+        got = await client.request(
+            0, Submit(spec.to_bytes(), Resources(1.0).to_json()), expect=TaskReply
+        )
+        assert got.body.info["id"] == "slow"
+
+        async def result() -> ResultReply | None:
+            reply = await client.request(0, ResultQuery("slow"), timeout=1.0)
+            out = reply.body
+            return out if isinstance(out, ResultReply) and out.state != "running" else None
+
+        with trio.fail_after(300):
+            while (res := await result()) is None or res.state == "assigned":  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        rec = controls[0].table.get("slow")
+        assert res.state == "completed", (res, rec.error)
+        assert decode(res.result or b"") == sum(i * i for i in range(12))
+        assert (rec.attempt, rec.losses) == (1, 0), rec.life.history
+        assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(12)), farmfuncs.CALLS
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_while_the_lease_looks_lapsed_waits_for_a_renewal(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A worker's write when the attempt's renewals are late is not refused at once: the
+    node renews and judges the write by the answer (renewed: served; stale: refused)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        tokens = RankTokens()
+        a = await farm.start(0, tokens)
+        assert (await farm.assign(0, _spec("w", 50), fence=2)).ok
+        run = a.running["w"]
+        frame = p.encode_request(p.Begin(rank=run.shard), 9, tokens.issue(run.shard, 2))
+        farm.net.delays.delay[None, Renew] = 1.0  # the answer takes a while
+        run.renewed_at = trio.current_time() - LEASE  # lapsed: the renewals were late
+        assert a.may_commit(run.shard) == LAPSED
+        reply = await a.handle_worker(frame)
+        assert reply is not None and b"refused" not in reply
+        assert a.may_commit(run.shard) is None
+        run.renewed_at = trio.current_time() - LEASE
+        farm.coord.fences["w"] = 3  # meanwhile the task moved on: the renewal says stale
+        reply = await a.handle_worker(frame)
+        assert reply is not None and b"commit refused" in reply
+        assert run.zombie  # killed: its writes refused from now on
         nursery.cancel_scope.cancel()

@@ -573,3 +573,44 @@ async def test_a_task_with_a_long_history_is_answered_as_payload(autojump_clock:
         assert task["state"] == "cancelled" and len(task["history"]) > 80
         assert (await info(f, "long"))["state"] == "cancelled"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_live_node_late_to_renew_keeps_its_task_until_it_drops_it(
+    autojump_clock: Any,
+) -> None:
+    """Node 1's renewals reach the coordinator 5 s late (its lease is 3 s) while its other
+    reports arrive at once: the node lives, so its task keeps its lease — not moved, not
+    counted lost (it used to be requeued as lost, and run again). Once the node's renewals
+    stop naming the task past its lease (the node dropped it), the task moves."""
+    f = Farmlet(2, cpu=2.0, lease_s=3.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await f.offer(0, cpu=0.5)  # no room on the coordinator's node: both go to node 1
+        for tid in ("a", "b"):
+            await submit(f, tid)
+        await settle()
+        on1 = {a.task_id: a for r, a in assigned(f) if r == 1}
+        assert sorted(on1) == ["a", "b"]
+        a, b = on1["a"], on1["b"]
+        f.net.delays.delay[1, Renew] = 5.0
+        named = [(a.task_id, a.fence), (b.task_id, b.fence)]
+
+        async def renew(held: list[tuple[str, int]]) -> None:
+            await f.links[1].request(0, Renew(1, held), timeout=30.0)
+
+        for _ in range(12):  # 12 s: the renewals late, b's progress on time
+            nursery.start_soon(renew, list(named))
+            assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.1)).ok
+            await trio.sleep(1.0)
+        rec = f.coordinator.table.get("a")
+        assert (rec.state, rec.node, rec.attempt, rec.losses) == (TaskState.ASSIGNED, 1, 1, 0)
+        named = [(b.task_id, b.fence)]  # the node no longer runs a
+        for _ in range(14):
+            nursery.start_soon(renew, list(named))
+            assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.2)).ok
+            await trio.sleep(1.0)
+        rec = f.coordinator.table.get("a")
+        assert (rec.state, rec.losses) == (TaskState.PENDING, 1), rec.life.history
+        assert "no longer runs it" in rec.life.history[-1].detail
+        assert f.coordinator.table.get("b").losses == 0
+        nursery.cancel_scope.cancel()
