@@ -75,6 +75,9 @@ PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
+FINAL_UPDATE_TIMEOUT_S = 10.0
+"""Deadline of an attempt's final report: the coordinator answers it once the table change is
+held by a peer (or the store), which under load takes longer than a plain request."""
 RENEW_INLINE = 256
 """Attempts named in a renewal's header; more travel as its payload (a packed list)."""
 RENEWALS_IN_FLIGHT = 4
@@ -557,7 +560,8 @@ class FarmNode:
             coord = self.coordinator()
             if coord is not None:
                 try:
-                    reply = await self._ask(coord, msg, Ack, frames)
+                    timeout = FINAL_UPDATE_TIMEOUT_S if final else REQUEST_TIMEOUT_S
+                    reply = await self._ask(coord, msg, Ack, frames, timeout)
                 except ClusterError as exc:
                     log.info("update not delivered", task=run.task_id, error=str(exc))
                 else:
@@ -615,7 +619,9 @@ class FarmNode:
                 with trio.move_on_after(self._lease() / 3):
                     await self._renew.wait()
                 self._renew = trio.Event()
-                held = [r for r in self.running.values() if not (r.zombie or r.finished)]
+                # a finished attempt is renewed until its end is reported: until then the
+                # coordinator must not take it for dropped (and run the task again)
+                held = [r for r in self.running.values() if not r.zombie]
                 coord = self.coordinator()
                 if coord is None or self._renewing >= RENEWALS_IN_FLIGHT:
                     continue
@@ -667,8 +673,11 @@ class FarmNode:
         if run.zombie:
             return
         run.zombie = True
-        log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
-        run.halt(hard=True)
+        if run.finished:  # its worker is gone; its end was taken, or the task moved on
+            log.info("attempt over and no longer current", task=run.task_id, fence=run.fence)
+        else:
+            log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
+            run.halt(hard=True)
         run.changed.set()
 
 

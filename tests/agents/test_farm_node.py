@@ -59,6 +59,7 @@ from supervise.tasks.farm_messages import (
     StopWhy,
     Submit,
     TaskReply,
+    Update,
 )
 from supervise.tasks.journal import Commit, StepRecord
 from supervise.tasks.journal_replica import JournalReplicas, Replica
@@ -757,6 +758,73 @@ async def test_a_workers_commit_is_answered_once_the_group_peer_holds_it(
         nursery.cancel_scope.cancel()
 
 
+async def _slow_farm(
+    tmp_path: Path, nursery: trio.Nursery, net: FakeNet
+) -> tuple[dict[int, FarmControl], FarmLink]:
+    """Three farm nodes under the real control plane on ``net``; rank 0 (the coordinator)
+    has no room, so tasks run where their messages cross the (slow) wire. The controls,
+    and a client's link."""
+    controls: dict[int, FarmControl] = {}
+    for rank in range(3):
+        wire = net.link(rank)
+        flink = FarmLink(wire)  # type: ignore[arg-type]
+        control = controls[rank] = FarmControl(
+            flink,
+            leader=lambda: 0,
+            live=lambda: [0, 1, 2],
+            lease_s=LEASE,
+            clock=trio.current_time,
+            request_timeout=1.0,
+        )
+        runner = InProcessRunner()
+        node = FarmNode(
+            rank=rank,
+            link=flink,
+            wire=wire,
+            arenas=ArenaService(
+                tmp_path / f"shm{rank}",
+                rule=RetentionRule(keep_last=2),
+                budget=MemoryBudget(1 << 28),
+                node=f"l{rank}",
+                anonymous=True,
+            ),
+            peers=[r for r in range(3) if r != rank],
+            coordinator=control.coordinator,
+            capacity=Resources(2.0 if rank else 0.5, 1 << 30, 0).to_json(),
+            runner=runner,
+            live=lambda: [0, 1, 2],
+        )
+        runner.node = node
+        await nursery.start(control.run)
+        await nursery.start(node.run)
+    return controls, FarmLink(net.link(7))  # type: ignore[arg-type]
+
+
+async def _run_once(controls: dict[int, FarmControl], client: FarmLink, steps: int) -> None:
+    """Submit a ``steps``-step task; it completes with the right result, in one attempt, no
+    loss, no step run twice."""
+    spec = _spec("slow", steps)
+    got = await client.request(
+        0, Submit(spec.to_bytes(), Resources(1.0).to_json()), expect=TaskReply
+    )
+    assert got.body.info["id"] == "slow"
+
+    async def result() -> ResultReply | None:
+        reply = await client.request(0, ResultQuery("slow"), timeout=1.0)
+        out = reply.body
+        done = isinstance(out, ResultReply) and out.state not in ("pending", "assigned", "running")
+        return out if done else None
+
+    with trio.fail_after(300):
+        while (res := await result()) is None:  # noqa: ASYNC110 (polls the coordinator)
+            await trio.sleep(0.5)
+    rec = controls[0].table.get("slow")
+    assert res.state == "completed", (res, rec.error)
+    assert decode(res.result or b"") == sum(i * i for i in range(steps))
+    assert (rec.attempt, rec.losses) == (1, 0), rec.life.history
+    assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(steps)), farmfuncs.CALLS
+
+
 async def test_renewals_late_under_load_lose_no_task_and_run_no_step_twice(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -767,63 +835,24 @@ async def test_renewals_late_under_load_lose_no_task_and_run_no_step_twice(
     requeued as lost again and again)."""
     net = FakeNet()
     net.delays.delay[None, Renew] = LEASE / 2
-    live = {0, 1, 2}
     async with trio.open_nursery() as nursery:
-        controls: dict[int, FarmControl] = {}
-        for rank in range(3):
-            wire = net.link(rank)
-            flink = FarmLink(wire)  # type: ignore[arg-type]
-            control = controls[rank] = FarmControl(
-                flink,
-                leader=lambda: min(live),
-                live=lambda: sorted(live),
-                lease_s=LEASE,
-                clock=trio.current_time,
-                request_timeout=1.0,
-            )
-            runner = InProcessRunner()
-            node = FarmNode(
-                rank=rank,
-                link=flink,
-                wire=wire,
-                arenas=ArenaService(
-                    tmp_path / f"shm{rank}",
-                    rule=RetentionRule(keep_last=2),
-                    budget=MemoryBudget(1 << 28),
-                    node=f"l{rank}",
-                    anonymous=True,
-                ),
-                peers=[r for r in range(3) if r != rank],
-                coordinator=control.coordinator,
-                # the coordinator's own node has no room: the task runs on a node whose
-                # renewals cross the (slow) wire
-                capacity=Resources(2.0 if rank else 0.5, 1 << 30, 0).to_json(),
-                runner=runner,
-                live=lambda: sorted(live),
-            )
-            runner.node = node
-            await nursery.start(control.run)
-            await nursery.start(node.run)
-        client = FarmLink(net.link(7))  # type: ignore[arg-type]
-        spec = _spec("slow", 12)
-        got = await client.request(
-            0, Submit(spec.to_bytes(), Resources(1.0).to_json()), expect=TaskReply
-        )
-        assert got.body.info["id"] == "slow"
+        controls, client = await _slow_farm(tmp_path, nursery, net)
+        await _run_once(controls, client, 12)
+        nursery.cancel_scope.cancel()
 
-        async def result() -> ResultReply | None:
-            reply = await client.request(0, ResultQuery("slow"), timeout=1.0)
-            out = reply.body
-            return out if isinstance(out, ResultReply) and out.state != "running" else None
 
-        with trio.fail_after(300):
-            while (res := await result()) is None or res.state == "assigned":  # noqa: ASYNC110
-                await trio.sleep(0.5)
-        rec = controls[0].table.get("slow")
-        assert res.state == "completed", (res, rec.error)
-        assert decode(res.result or b"") == sum(i * i for i in range(12))
-        assert (rec.attempt, rec.losses) == (1, 0), rec.life.history
-        assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(12)), farmfuncs.CALLS
+async def test_a_finished_attempt_slow_to_report_is_renewed_until_its_end_is_taken(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A node's reports reach the coordinator 4 s late (its lease is 3 s; an answer waits for
+    the table to be saved, slow under load): the attempt's end is reported within its
+    deadline and the finished attempt is renewed until then, so the coordinator neither
+    takes it for dropped nor runs the task again."""
+    net = FakeNet()
+    net.delays.delay[None, Update] = 4.0
+    async with trio.open_nursery() as nursery:
+        controls, client = await _slow_farm(tmp_path, nursery, net)
+        await _run_once(controls, client, 3)
         nursery.cancel_scope.cancel()
 
 
