@@ -69,7 +69,14 @@ from supervise.tasks.table import (
     record_json,
 )
 from supervise.tasks.telemetry import FarmMetrics
-from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
+from supervise.telemetry import (
+    Outcome,
+    Phase,
+    RecoveryEvent,
+    RecoveryTrace,
+    TelemetryError,
+    Trigger,
+)
 
 log = structlog.get_logger("supervise.tasks.control")
 
@@ -433,10 +440,11 @@ class FarmControl:
             trace: Mapping[str, str] = {}
             recovery = self._recoveries.get(rec.task_id)
             if recovery is not None:
-                with recovery.phase(
-                    Phase.SELECT_CHECKPOINT, {"supervise.placement": str(placement.why)}
-                ):
-                    recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=placement.rank)
+                try:
+                    _selected(recovery, placement.rank, str(placement.why))
+                except TelemetryError:  # placed again (its assignment refused): a retry
+                    recovery.next_attempt()
+                    _selected(recovery, placement.rank, str(placement.why))
                 trace = recovery.inject()
             assign = Assign(
                 rec.task_id,
@@ -743,6 +751,8 @@ class FarmControl:
     # -- handlers: the replicated table ----------------------------------------------------
 
     async def _on_table(self, msg: Incoming[TableUpdate]) -> object:
+        if msg.sender is not None:
+            self._heard_from(msg.sender)  # the coordinator's node lives
         self._take_table(msg)
         return Ack(True)
 
@@ -848,6 +858,12 @@ def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:
         min(r.needs.gpus for r in requests),
     )
     return any(least.fits_in(v.capacity - v.used) for v in views)
+
+
+def _selected(recovery: RecoveryTrace, rank: int, why: str) -> None:
+    """The recovery's select_checkpoint phase: the task placed on ``rank`` (``why``)."""
+    with recovery.phase(Phase.SELECT_CHECKPOINT, {"supervise.placement": why}):
+        recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=rank)
 
 
 def _stop(order: StopOrder) -> Stop:

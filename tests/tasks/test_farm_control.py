@@ -614,3 +614,36 @@ async def test_a_live_node_late_to_renew_keeps_its_task_until_it_drops_it(
         assert "no longer runs it" in rec.life.history[-1].detail
         assert f.coordinator.table.get("b").losses == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_moved_task_whose_new_node_refuses_it_is_placed_again(
+    autojump_clock: Any,
+) -> None:
+    """A task moved off a lost node, whose first new node refuses the assignment, is placed
+    again within the same recovery trace (a retry in it): that used to stop the control
+    plane (a recovery phase run twice)."""
+    f = Farmlet(3, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "t")
+        await settle()
+        [(r, _)] = [x for x in assigned(f) if x[1].task_id == "t"]
+        assert r != 0
+        other = 3 - r
+        f.nodes[other].accept = False  # the only node with room refuses it
+        f.kill(r)
+        await wait_until_async(
+            lambda: any(a.task_id == "t" for a, _ in f.nodes[other].assigned),
+            what="t offered to the other node",
+            timeout_s=60,
+        )
+        first = next(a for a, _ in f.nodes[0].assigned if a.task_id == "a")
+        await report(f, 0, first, AttemptPhase.COMPLETED, result=b"")  # room on node 0 now
+        await wait_until_async(
+            lambda: any(a.task_id == "t" for a, _ in f.nodes[0].assigned),
+            what="t placed on node 0",
+            timeout_s=60,
+        )
+        assert (await info(f, "t"))["state"] == "assigned"  # the control plane still runs
+        nursery.cancel_scope.cancel()
