@@ -9,7 +9,8 @@ from the replica in its RAM, or fetched (``farm.journal_fetch``) from the ranks 
 names. The node offers its capacity (``farm.offer``), reports phases and throttled progress
 (``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``, each renewal on
 its own so a slow answer never delays the next; also with nothing held, the node's sign of
-life; an attempt the reply names stale is killed at once), and pauses (checkpoint, then
+life; it names the attempts it ended without a report, so they move at once; an attempt the
+reply names stale is killed at once), and pauses (checkpoint, then
 stop) or cancels on ``farm.stop``.
 
 Fencing: every attempt carries the fence of its assignment; the agent refuses a worker's
@@ -160,6 +161,7 @@ class FarmNode:
         self._renewed = trio.Event()  # set (and replaced) at each answered renewal
         self._renewing = 0  # renewals awaiting their answer
         self._lease_s = 3.0  # the lease of the latest assignment (the renewal period's base)
+        self._dropped: dict[str, int] = {}  # attempts ended without a report -> their fence
         arenas.add_commit_hook(self._committed)
 
     # -- running --------------------------------------------------------------------------
@@ -417,9 +419,11 @@ class FarmNode:
                 log.warning("zombie attempt ended", task=run.task_id, fence=run.fence)
                 return
             if run.refused and (end.outcome is None or not end.outcome.ok):
-                # its commits were refused (lease lapsed): not the task's error; the lease
-                # runs out and the coordinator requeues it
+                # its commits were refused (lease lapsed): not the task's error; the next
+                # renewals say it was dropped, and the coordinator requeues it
                 log.warning("attempt ended after refused commits", task=run.task_id)
+                self._dropped[run.task_id] = run.fence
+                self._renew.set()
                 return
             phase, extra = end_phase(run, end)
             if view is not None:
@@ -643,11 +647,12 @@ class FarmNode:
         pairs = [(r.task_id, r.fence) for r in held]
         inline = len(pairs) <= RENEW_INLINE
         frames = [] if inline else [msgpack.packb(pairs, use_bin_type=True)]
+        dropped = sorted(self._dropped.items())[:RENEW_INLINE]
         sent = trio.current_time()
         try:
             reply = await self._ask(
                 coord,
-                Renew(self.rank, pairs if inline else []),
+                Renew(self.rank, pairs if inline else [], dropped),
                 Renewed,
                 frames,
                 timeout=self._lease(),
@@ -660,6 +665,9 @@ class FarmNode:
             log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
             self._offered = None
             return
+        for task_id, fence in dropped:  # the coordinator heard it
+            if self._dropped.get(task_id) == fence:
+                del self._dropped[task_id]
         stale = set(answer.stale)
         for r in held:
             if r.task_id in stale:

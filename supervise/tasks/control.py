@@ -6,9 +6,10 @@ pending tasks on the nodes' offers (`scheduler.place`), hands them out as leases
 (`farm.assign`), renews them (`farm.renew`), takes the nodes' reports (`farm.update`, a stale
 fence refused: the zombie is told) and requeues the tasks of a node lost by membership or
 whose lease ran out. A lease run out is a loss only when its node gave no sign of life for a
-lease, or said (renewing the others) it no longer runs the task: a live node merely slow to
-renew keeps its tasks. Leases run on the `_awake` clock, which stops while the coordinator's
-own process cannot run (the renewals then wait unread). The others answer clients with a
+lease (a node that says, in a renewal, it dropped an attempt has it moved at once): a live
+node merely slow to renew keeps its tasks. An assignment's lease starts again when the node
+acknowledges it. Leases run on the `_awake` clock, which stops while the coordinator's own
+process cannot run (the renewals then wait unread). The others answer clients with a
 redirect and keep a replica of the table.
 
 Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
@@ -167,7 +168,7 @@ class FarmControl:
         self._stalled = False  # this process slept far longer than it asked (SIGSTOP)
         # leases: a node's latest message (its sign of life), on the `_awake` clock
         self._heard: dict[int, float] = {}
-        self._disowned: set[str] = set()  # lease run out, then a renewal of its node omitted it
+        self._disowned: set[str] = set()  # its node said it dropped the attempt
         self._deaf = 0.0  # seconds this process could not run its tasks (starved, stopped)
         self._due: float | None = None  # when the watchdog is due to wake
 
@@ -361,19 +362,25 @@ class FarmControl:
             if node not in live:
                 self._moved(rec.task_id, at, f"node {node} lost", Trigger.PEER_LOST, node)
                 continue
+            if rec.task_id in self._disowned:
+                dropped = f"node {node} no longer runs it"
+                self._moved(rec.task_id, at, dropped, Trigger.HEARTBEAT_TIMEOUT, node)
+                continue
             deadline = self._leases.setdefault(rec.task_id, now + self.lease_s)
             if now <= deadline:
                 continue
-            why = self._lapsed(rec.task_id, node, now, deadline)
+            why = self._lapsed(node, now, deadline)
             if why is not None:
                 self._moved(rec.task_id, at, why, Trigger.HEARTBEAT_TIMEOUT, node)
 
-    def _lapsed(self, task_id: str, node: int, now: float, deadline: float) -> str | None:
-        """Why the lease of ``task_id`` on ``node``, run out at ``deadline``, is a loss; None
-        while the node shows it lives and has not said it dropped the task (its renewal is
-        merely late: a slow node or link must not lose its tasks, nor run them twice)."""
-        if task_id in self._disowned:
-            return f"lease expired on node {node} (the node no longer runs it)"
+    def _current(self, assign: Assign, node: int) -> bool:
+        """Whether ``assign`` (to ``node``) is still its task's current attempt."""
+        return self.table.current(assign.task_id, assign.fence, node) is not None
+
+    def _lapsed(self, node: int, now: float, deadline: float) -> str | None:
+        """Why a lease on ``node``, run out at ``deadline``, is a loss; None while the node
+        shows it lives (its renewal is merely late: a slow node or link must not lose its
+        tasks, nor run them twice), up to `LAPSE_LIMIT` more leases."""
         heard = self._heard.get(node)
         if heard is None or now - heard > self.lease_s:
             return f"lease expired on node {node}"  # no sign of life for a whole lease
@@ -558,6 +565,8 @@ class FarmControl:
                 peer, message, trace=trace, timeout=self._timeout, expect=Ack
             )
             self._heard_from(peer)
+            if got.body.ok and isinstance(message, Assign) and self._current(message, peer):
+                self._leases[message.task_id] = self._awake() + self.lease_s  # starts now
             if not got.body.ok:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
@@ -612,12 +621,9 @@ class FarmControl:
             else:
                 self._leases[task_id] = now + self.lease_s
                 self._disowned.discard(task_id)
-        held_ids = {task_id for task_id, _ in held}
-        for rec in self.table.on_node(r.node):  # past its lease and not held: dropped there
-            tid = rec.task_id
-            late = self._leases.get(tid, now) < now
-            if late and tid not in held_ids and tid not in self._disowned:
-                self._disowned.add(tid)
+        for task_id, fence in r.dropped:  # ended there without a report: move it now
+            if self.table.current(task_id, fence, r.node) is not None:
+                self._disowned.add(task_id)
                 self.poke()
         return Renewed(stale)
 

@@ -159,6 +159,9 @@ class Renew:
 
     node: int = attrs.field(validator=_ge0)
     held: list[tuple[str, int]] = attrs.field(factory=list)
+    #: attempts ``(task_id, fence)`` the node ended without a report (its commits refused):
+    #: the coordinator moves them at once rather than when their lease runs out
+    dropped: list[tuple[str, int]] = attrs.field(factory=list)
 
 
 @message_kind("farm.renewed")

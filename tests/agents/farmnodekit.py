@@ -27,6 +27,7 @@ class FakeCoordinator:
         self.updates: list[Update] = []
         self.refused: list[Update] = []
         self.offers: list[Offer] = []
+        self.renewals: list[Renew] = []
         link.handle(Offer, self._offer)
         link.handle(Update, self._update)
         link.handle(Renew, self._renew)
@@ -47,6 +48,7 @@ class FakeCoordinator:
 
     async def _renew(self, msg: Any) -> Renewed:
         r: Renew = msg.body
+        self.renewals.append(r)
         return Renewed(stale=[t for t, f in r.held if f != self.fences.get(t)])
 
     def phases(self, task_id: str) -> list[tuple[int, AttemptPhase]]:

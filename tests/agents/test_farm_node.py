@@ -880,3 +880,24 @@ async def test_a_write_while_the_lease_looks_lapsed_waits_for_a_renewal(
         assert reply is not None and b"commit refused" in reply
         assert run.zombie  # killed: its writes refused from now on
         nursery.cancel_scope.cancel()
+
+
+async def test_an_attempt_ended_by_refused_commits_is_said_dropped(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """No renewal gets through for a lease: the attempt's commits are refused, it ends
+    without a report, and the node's next renewals say it dropped it (the coordinator moves
+    it at once instead of waiting on a live node's lease)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        a = await farm.start(0)
+        farm.net.delays.delay[None, Renew] = 10 * LEASE  # never answered in time
+        assert (await farm.assign(0, _spec("d", 50), fence=4)).ok
+        await _until(lambda: "d" not in a.running)
+        assert not farm.coord.phases("d") or all(
+            ph in (AttemptPhase.STARTED, AttemptPhase.PROGRESS) for _, ph in farm.coord.phases("d")
+        )
+        del farm.net.delays.delay[None, Renew]
+        await _until(lambda: any(("d", 4) in r.dropped for r in farm.coord.renewals))
+        await _until(lambda: not a._dropped)  # said once heard
+        nursery.cancel_scope.cancel()

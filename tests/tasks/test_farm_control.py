@@ -580,8 +580,9 @@ async def test_a_live_node_late_to_renew_keeps_its_task_until_it_drops_it(
 ) -> None:
     """Node 1's renewals reach the coordinator 5 s late (its lease is 3 s) while its other
     reports arrive at once: the node lives, so its task keeps its lease — not moved, not
-    counted lost (it used to be requeued as lost, and run again). Once the node's renewals
-    stop naming the task past its lease (the node dropped it), the task moves."""
+    counted lost (it used to be requeued as lost, and run again). Renewals that omit it (sent
+    before the node took it, say) change nothing; once a renewal says the node dropped the
+    attempt, the task moves."""
     f = Farmlet(2, cpu=2.0, lease_s=3.0)
     async with trio.open_nursery() as nursery:
         await f.start(nursery)
@@ -593,20 +594,21 @@ async def test_a_live_node_late_to_renew_keeps_its_task_until_it_drops_it(
         assert sorted(on1) == ["a", "b"]
         a, b = on1["a"], on1["b"]
         f.net.delays.delay[1, Renew] = 5.0
-        named = [(a.task_id, a.fence), (b.task_id, b.fence)]
 
-        async def renew(held: list[tuple[str, int]]) -> None:
-            await f.links[1].request(0, Renew(1, held), timeout=30.0)
+        async def renew(renewal: Renew) -> None:
+            await f.links[1].request(0, renewal, timeout=30.0)
 
-        for _ in range(12):  # 12 s: the renewals late, b's progress on time
-            nursery.start_soon(renew, list(named))
+        for i in range(16):  # the renewals late (the last 4 omit a), b's progress on time
+            held = (
+                [(b.task_id, b.fence)] if i >= 12 else [(a.task_id, a.fence), (b.task_id, b.fence)]
+            )
+            nursery.start_soon(renew, Renew(1, held))
             assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.1)).ok
             await trio.sleep(1.0)
         rec = f.coordinator.table.get("a")
         assert (rec.state, rec.node, rec.attempt, rec.losses) == (TaskState.ASSIGNED, 1, 1, 0)
-        named = [(b.task_id, b.fence)]  # the node no longer runs a
-        for _ in range(14):
-            nursery.start_soon(renew, list(named))
+        nursery.start_soon(renew, Renew(1, [(b.task_id, b.fence)], [(a.task_id, a.fence)]))
+        for _ in range(7):
             assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.2)).ok
             await trio.sleep(1.0)
         rec = f.coordinator.table.get("a")
