@@ -161,7 +161,7 @@ class FarmNode:
         self._renewed = trio.Event()  # set (and replaced) at each answered renewal
         self._renewing = 0  # renewals awaiting their answer
         self._lease_s = 3.0  # the lease of the latest assignment (the renewal period's base)
-        self._dropped: dict[str, int] = {}  # attempts ended without a report -> their fence
+        self._dropped: dict[str, int] = {}  # attempts ended without a report or killed -> fence
         arenas.add_commit_hook(self._committed)
 
     # -- running --------------------------------------------------------------------------
@@ -681,6 +681,9 @@ class FarmNode:
         if run.zombie:
             return
         run.zombie = True
+        # said dropped in the next renewals: a coordinator that still counts it current
+        # (leadership moved meanwhile) moves it at once, not after a live node's leases
+        self._dropped[run.task_id] = run.fence
         if run.finished:  # its worker is gone; its end was taken, or the task moved on
             log.info("attempt over and no longer current", task=run.task_id, fence=run.fence)
         else:

@@ -456,6 +456,8 @@ async def test_pause_checkpoints_then_stops_cancel_stops_and_a_stale_renewal_kil
         farm.coord.fences["s"] = 2  # the coordinator moved it: the next renewal says stale
         await _until(lambda: "s" not in b.running)
         assert not farm.coord.completed("s")
+        # the killed attempt is said dropped (for a coordinator that still counts it current)
+        await _until(lambda: any(("s", 1) in r.dropped for r in farm.coord.renewals))
         nursery.cancel_scope.cancel()
 
 
