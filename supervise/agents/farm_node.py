@@ -7,12 +7,15 @@ that shard and attempt). Each committed journal version is pushed to the node's 
 (``farm.journal``, fenced), so after a loss of this whole node the task resumes on another node
 from the replica in its RAM, or fetched (``farm.journal_fetch``) from the ranks the assignment
 names. The node offers its capacity (``farm.offer``), reports phases and throttled progress
-(``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``; an attempt the
-reply names stale is killed at once), and pauses (checkpoint, then stop) or cancels on
-``farm.stop``.
+(``farm.update``), renews its leases every ``lease_s / 3`` (``farm.renew``, each renewal on
+its own so a slow answer never delays the next; also with nothing held, the node's sign of
+life; it names the attempts it ended without a report, so they move at once; an attempt the
+reply names stale is killed at once), and pauses (checkpoint, then
+stop) or cancels on ``farm.stop``.
 
 Fencing: every attempt carries the fence of its assignment; the agent refuses a worker's
-commit while the attempt's lease has lapsed (not renewed for ``lease_s``: it may have moved)
+commit while the attempt's lease has lapsed (not renewed for ``lease_s``: it may have moved;
+the commit first waits up to a lease for a renewal, since a renewal may merely be late)
 or once it is known stale, and group peers refuse journal versions older than the newest
 fence they know, so a zombie attempt (its node frozen past its lease) commits nowhere.
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+import msgpack
 import structlog
 import trio
 
@@ -39,8 +43,9 @@ from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import SnapshotError
 from supervise.snapshot.service import ArenaService, CommitEvent
 from supervise.tasks.arena_journal import unpack
-from supervise.tasks.control import TASK_ID_ATTR
+from supervise.tasks.control import INLINE_BYTES, TASK_ID_ATTR
 from supervise.tasks.farm_messages import (
+    MAX_ERROR_CHARS,
     STALE_FENCE,
     Ack,
     Assign,
@@ -71,6 +76,13 @@ PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
+FINAL_UPDATE_TIMEOUT_S = 10.0
+"""Deadline of an attempt's final report: the coordinator answers it once the table change is
+held by a peer (or the store), which under load takes longer than a plain request."""
+RENEW_INLINE = 256
+"""Attempts named in a renewal's header; more travel as its payload (a packed list)."""
+RENEWALS_IN_FLIGHT = 4
+"""Renewals awaiting their answer at once (each is sent on its own, never behind another)."""
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
 """Why a worker's commit is refused while its attempt's lease was not renewed in time."""
 
@@ -88,6 +100,7 @@ class Link(Protocol):
         trace: Mapping[str, str] | None = None,
         timeout: float = 5.0,  # noqa: ASYNC109
         expect: type[Any] | None = None,
+        frames: Sequence[Any] = (),
     ) -> Any: ...
 
 
@@ -145,6 +158,10 @@ class FarmNode:
         self._token: trio.lowlevel.TrioToken | None = None
         self._offered: int | None = None  # the coordinator the offer was acked by
         self._renew = trio.Event()
+        self._renewed = trio.Event()  # set (and replaced) at each answered renewal
+        self._renewing = 0  # renewals awaiting their answer
+        self._lease_s = 3.0  # the lease of the latest assignment (the renewal period's base)
+        self._dropped: dict[str, int] = {}  # attempts ended without a report or killed -> fence
         arenas.add_commit_hook(self._committed)
 
     # -- running --------------------------------------------------------------------------
@@ -187,13 +204,31 @@ class FarmNode:
     async def handle_worker(self, frame: bytes) -> bytes | None:
         """A worker's journal request (`handle_local`); a commit is answered once the task's
         group peers hold the version (or did not answer in time): a step counts as done only
-        when its result is in RAM on another node too."""
-        reply = self.handle_local(frame)
-        shard = _commit_of(frame)
+        when its result is in RAM on another node too. A write while the attempt's lease
+        looks lapsed first waits (up to a lease) for a renewal: renewals merely late (a
+        loaded coordinator or link) do not fail the attempt."""
+        shard, commit = _write_of(frame)
         run = None if shard is None else self._by_shard.get(shard)
         if run is not None:
+            await self._fresh_lease(run)
+        reply = self.handle_local(frame)
+        if run is not None and commit:
             await self._sync(run)
         return reply
+
+    async def _fresh_lease(self, run: Running) -> None:
+        """Wait until ``run``'s lease is renewed (asking at once), it turns out a zombie, or a
+        lease went by; `may_commit` then judges."""
+        if run.zombie or not run.lapsed(trio.current_time()):
+            return
+        self._renew.set()
+        with trio.move_on_after(run.lease_s):
+            while (
+                run.lapsed(trio.current_time())
+                and not run.zombie
+                and self.running.get(run.task_id) is run
+            ):
+                await self._renewed.wait()
 
     def handle_local(self, frame: bytes) -> bytes | None:
         """A worker's journal request: refused while its attempt may not commit, else served
@@ -266,6 +301,7 @@ class FarmNode:
         )
         self.running[a.task_id] = run
         self._by_shard[run.shard] = run
+        self._lease_s = a.lease_s
         self._nursery.start_soon(self._attempt, run, name=f"task {a.task_id}")
         self._renew.set()
         return Ack(True)
@@ -383,9 +419,11 @@ class FarmNode:
                 log.warning("zombie attempt ended", task=run.task_id, fence=run.fence)
                 return
             if run.refused and (end.outcome is None or not end.outcome.ok):
-                # its commits were refused (lease lapsed): not the task's error; the lease
-                # runs out and the coordinator requeues it
+                # its commits were refused (lease lapsed): not the task's error; the next
+                # renewals say it was dropped, and the coordinator requeues it
                 log.warning("attempt ended after refused commits", task=run.task_id)
+                self._dropped[run.task_id] = run.fence
+                self._renew.set()
                 return
             phase, extra = end_phase(run, end)
             if view is not None:
@@ -502,7 +540,16 @@ class FarmNode:
     async def _update(
         self, run: Running, phase: AttemptPhase, *, final: bool = False, **fields: Any
     ) -> None:
-        """Tell the coordinator; a final phase is retried until acknowledged (or stale)."""
+        """Tell the coordinator; a final phase is retried until acknowledged (or stale). A
+        large result travels as the payload (the header is bounded at 64 KiB), an error text
+        is cut to `MAX_ERROR_CHARS`."""
+        frames: list[bytes] = []
+        result = fields.get("result")
+        if isinstance(result, bytes) and len(result) > INLINE_BYTES:
+            fields["result"], frames = None, [result]
+        error = fields.get("error")
+        if isinstance(error, str) and len(error) > MAX_ERROR_CHARS:
+            fields["error"] = error[: MAX_ERROR_CHARS - 3] + "..."
         msg = Update(
             node=self.rank,
             task_id=run.task_id,
@@ -517,7 +564,8 @@ class FarmNode:
             coord = self.coordinator()
             if coord is not None:
                 try:
-                    reply = await self._ask(coord, msg, Ack)
+                    timeout = FINAL_UPDATE_TIMEOUT_S if final else REQUEST_TIMEOUT_S
+                    reply = await self._ask(coord, msg, Ack, frames, timeout)
                 except ClusterError as exc:
                     log.info("update not delivered", task=run.task_id, error=str(exc))
                 else:
@@ -533,8 +581,19 @@ class FarmNode:
             await trio.sleep(delay)
             delay = min(2.0, delay * 2)
 
-    async def _ask(self, peer: int, message: object, expect: type[Any]) -> Any:
-        return await self.link.request(peer, message, timeout=REQUEST_TIMEOUT_S, expect=expect)
+    async def _ask(
+        self,
+        peer: int,
+        message: object,
+        expect: type[Any],
+        frames: Sequence[Any] = (),
+        timeout: float = REQUEST_TIMEOUT_S,  # noqa: ASYNC109
+    ) -> Any:
+        if frames:
+            return await self.link.request(
+                peer, message, timeout=timeout, expect=expect, frames=frames
+            )
+        return await self.link.request(peer, message, timeout=timeout, expect=expect)
 
     async def _offer_loop(self) -> None:
         """Offer this node's capacity to the coordinator, again whenever it changes."""
@@ -552,37 +611,69 @@ class FarmNode:
             await trio.sleep(0.5 if self._offered != coord else 1.0)
 
     def _lease(self) -> float:
-        return min((r.lease_s for r in self.running.values()), default=3.0)
+        return min((r.lease_s for r in self.running.values()), default=self._lease_s)
 
     async def _renew_loop(self) -> None:
-        """Renew the leases of the attempts held here every ``lease_s / 3``."""
-        while True:
-            with trio.move_on_after(self._lease() / 3):
-                await self._renew.wait()
-            self._renew = trio.Event()
-            held = [r for r in self.running.values() if not (r.zombie or r.finished)]
-            coord = self.coordinator()
-            if not held or coord is None:
-                continue
-            sent = trio.current_time()
-            try:
-                reply = await self._ask(
-                    coord, Renew(self.rank, [(r.task_id, r.fence) for r in held]), Renewed
-                )
-            except ClusterError as exc:
-                log.info("lease renewal not delivered", coordinator=coord, error=str(exc))
-                continue
-            answer: Renewed = reply.body
-            if not answer.ok:
-                log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
-                self._offered = None
-                continue
-            stale = set(answer.stale)
-            for r in held:
-                if r.task_id in stale:
-                    self._zombie(r)
-                elif self.running.get(r.task_id) is r:
-                    r.renewed_at = max(r.renewed_at, sent)  # the lease counts from the ask
+        """Every ``lease_s / 3`` (at once after an assignment or for a waiting commit) renew
+        the attempts held here, also none (the node's sign of life: the coordinator moves a
+        task a live node no longer names). Each renewal goes on its own: a slow answer never
+        delays the next one past the lease, and a late answer still counts from its ask."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(self._lease() / 3):
+                    await self._renew.wait()
+                self._renew = trio.Event()
+                # a finished attempt is renewed until its end is reported: until then the
+                # coordinator must not take it for dropped (and run the task again)
+                held = [r for r in self.running.values() if not r.zombie]
+                coord = self.coordinator()
+                if coord is None or self._renewing >= RENEWALS_IN_FLIGHT:
+                    continue
+                self._renewing += 1
+                nursery.start_soon(self._renew_once, coord, held)
+
+    async def _renew_once(self, coord: int, held: list[Running]) -> None:
+        """One renewal of ``held`` (see `_renew_loop`)."""
+        try:
+            await self._renewal(coord, held)
+        finally:
+            self._renewing -= 1
+            self._renewed.set()  # a waiting commit looks again
+            self._renewed = trio.Event()
+
+    async def _renewal(self, coord: int, held: list[Running]) -> None:
+        """Ask ``coord`` to renew ``held``: a stale one is a zombie, the others' leases count
+        from this ask."""
+        pairs = [(r.task_id, r.fence) for r in held]
+        inline = len(pairs) <= RENEW_INLINE
+        frames = [] if inline else [msgpack.packb(pairs, use_bin_type=True)]
+        dropped = sorted(self._dropped.items())[:RENEW_INLINE]
+        sent = trio.current_time()
+        try:
+            reply = await self._ask(
+                coord,
+                Renew(self.rank, pairs if inline else [], dropped),
+                Renewed,
+                frames,
+                timeout=self._lease(),
+            )
+        except ClusterError as exc:
+            log.info("lease renewal not delivered", coordinator=coord, error=str(exc))
+            return
+        answer: Renewed = reply.body
+        if not answer.ok:
+            log.info("lease renewal refused", coordinator=coord, reason=answer.reason)
+            self._offered = None
+            return
+        for task_id, fence in dropped:  # the coordinator heard it
+            if self._dropped.get(task_id) == fence:
+                del self._dropped[task_id]
+        stale = set(answer.stale)
+        for r in held:
+            if r.task_id in stale:
+                self._zombie(r)
+            elif self.running.get(r.task_id) is r:
+                r.renewed_at = max(r.renewed_at, sent)  # the lease counts from the ask
 
     def _zombie(self, run: Running) -> None:
         """``run``'s fence is stale (the task moved): kill its worker at once, its journal
@@ -590,18 +681,27 @@ class FarmNode:
         if run.zombie:
             return
         run.zombie = True
-        log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
-        run.halt(hard=True)
+        # said dropped in the next renewals: a coordinator that still counts it current
+        # (leadership moved meanwhile) moves it at once, not after a live node's leases
+        self._dropped[run.task_id] = run.fence
+        if run.finished:  # its worker is gone; its end was taken, or the task moved on
+            log.info("attempt over and no longer current", task=run.task_id, fence=run.fence)
+        else:
+            log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
+            run.halt(hard=True)
         run.changed.set()
 
 
-def _commit_of(frame: bytes) -> int | None:
-    """The shard of a worker's commit request (None: another request, or undecodable)."""
+def _write_of(frame: bytes) -> tuple[int | None, bool]:
+    """The shard a worker's request writes (a begin or a commit; None: another request, or
+    undecodable), and whether it is a commit."""
     try:
         req = p.decode_request(frame).request
-    except Exception:  # the arenas answered it already
-        return None
-    return req.rank if isinstance(req, p.Commit) else None
+    except Exception:  # the arenas refuse it
+        return None, False
+    if isinstance(req, p.Begin | p.Commit):
+        return req.rank, isinstance(req, p.Commit)
+    return None, False
 
 
 def _dead(run: Running) -> bool:

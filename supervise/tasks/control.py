@@ -5,7 +5,12 @@ the elected leader with ``--store``) is the coordinator: it takes client request
 pending tasks on the nodes' offers (`scheduler.place`), hands them out as leases
 (`farm.assign`), renews them (`farm.renew`), takes the nodes' reports (`farm.update`, a stale
 fence refused: the zombie is told) and requeues the tasks of a node lost by membership or
-whose lease ran out. The others answer clients with a redirect and keep a replica of the table.
+whose lease ran out. A lease run out is a loss only when its node gave no sign of life for a
+lease (a node that says, in a renewal, it dropped an attempt has it moved at once): a live
+node merely slow to renew keeps its tasks. An assignment's lease starts again when the node
+acknowledges it. Leases run on the `_awake` clock, which stops while the coordinator's own
+process cannot run (the renewals then wait unread). The others answer clients with a
+redirect and keep a replica of the table.
 
 Durability first: every change is saved (to the store, fenced, with ``durable``; else to every
 live farm node as `TableUpdate`, at least one of them acknowledging) before anything acting on
@@ -65,7 +70,14 @@ from supervise.tasks.table import (
     record_json,
 )
 from supervise.tasks.telemetry import FarmMetrics
-from supervise.telemetry import Outcome, Phase, RecoveryEvent, RecoveryTrace, Trigger
+from supervise.telemetry import (
+    Outcome,
+    Phase,
+    RecoveryEvent,
+    RecoveryTrace,
+    TelemetryError,
+    Trigger,
+)
 
 log = structlog.get_logger("supervise.tasks.control")
 
@@ -77,6 +89,16 @@ FENCE_STRIDE = 1 << 16
 TASK_ID_ATTR = "supervise.task.id"
 #: Values up to this size travel in a reply's header (64 KiB at most); larger, as its payload.
 INLINE_BYTES = 16 * 1024
+#: Records per `TableUpdate` push and per `TablePull` page: however long the table, every
+#: request of a save or a takeover stays small and quick to answer.
+TABLE_CHUNK = 500
+#: The most bytes packed into one payload frame (the transport refuses frames over 64 MiB).
+FRAME_BYTES = 8 << 20
+#: A lease run out on a node that still shows signs of life (its messages arrive, its renewal
+#: of that task is late) is waited on up to this many more leases before the task moves.
+LAPSE_LIMIT = 10
+#: How often the coordinator checks that its own process runs on time (see `_awake`).
+WATCH_S = 0.25
 #: Pending tasks offered to the scheduler per round, highest priority and oldest first (a
 #: round places at most what is free; the next round, at once after any change, goes on).
 PLACE_WINDOW = 128
@@ -144,6 +166,11 @@ class FarmControl:
         self._nursery: trio.Nursery | None = None
         self._changes = changes  # membership's events: a lost node is handled at once
         self._stalled = False  # this process slept far longer than it asked (SIGSTOP)
+        # leases: a node's latest message (its sign of life), on the `_awake` clock
+        self._heard: dict[int, float] = {}
+        self._disowned: set[str] = set()  # its node said it dropped the attempt
+        self._deaf = 0.0  # seconds this process could not run its tasks (starved, stopped)
+        self._due: float | None = None  # when the watchdog is due to wake
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -186,6 +213,7 @@ class FarmControl:
             self._nursery = nursery
             if self._changes is not None:
                 nursery.start_soon(self._watch, self._changes())
+            nursery.start_soon(self._watchdog)
             task_status.started()
             try:
                 while True:
@@ -201,6 +229,27 @@ class FarmControl:
         async with changes:
             async for _ in changes:
                 self.poke()
+
+    async def _watchdog(self) -> None:
+        """Count the time this process could not run its tasks (a starved CPU, a long
+        synchronous stretch, SIGSTOP): the nodes' renewals waited unread meanwhile."""
+        while True:
+            self._due = trio.current_time() + WATCH_S
+            await trio.sleep(WATCH_S)
+            self._deaf += max(0.0, trio.current_time() - self._due)
+            self._due = None
+
+    def _awake(self) -> float:
+        """The clock of leases: trio's, less the time this process could not run (counted by
+        `_watchdog`, and the part not counted yet), so a lease never runs out while the
+        coordinator could not read the renewal waiting for it."""
+        now = trio.current_time()
+        late = 0.0 if self._due is None else max(0.0, now - self._due)
+        return now - self._deaf - late
+
+    def _heard_from(self, node: int) -> None:
+        """``node`` is alive: a message of it arrived."""
+        self._heard[node] = self._awake()
 
     async def _sleep(self) -> None:
         wait = self._tick
@@ -233,7 +282,7 @@ class FarmControl:
         self._stalled = False
         if not self._leading:
             await self._take_over()
-        now = trio.current_time()
+        now = self._awake()
         at = self._clock()
         self._requeue_lost(now, at)
         self._schedule(now, at)
@@ -243,6 +292,7 @@ class FarmControl:
     def _step_down(self) -> None:
         self._leading = False
         self._leases.clear()
+        self._disowned.clear()
         for recovery in self._recoveries.values():
             recovery.end(Outcome.FAILED, reason="the coordinator stepped down")
         self._recoveries.clear()
@@ -266,17 +316,12 @@ class FarmControl:
             pulled: list[TaskRecord] = []
             for peer in self._peers():
                 try:
-                    got = await self.link.request(
-                        peer, TablePull(self.rank), timeout=self._timeout, expect=TableUpdate
-                    )
-                except ClusterError as exc:
+                    await self._pull(peer, pulled)
+                except ClusterError as exc:  # the pages it gave are kept
                     log.info("farm: table pull failed", peer=peer, error=str(exc))
-                    continue
-                pulled.extend(TaskRecord.from_bytes(b) for b in _records(got))
-                self._take_offers(got.body)
             self.table.drop_unsaved(pulled)
             self.table.merge(pulled)
-        now = trio.current_time()
+        now = self._awake()
         for rec in self.table.live_on_nodes():
             self._leases[rec.task_id] = now + self.lease_s
         for rec in self.table:
@@ -284,6 +329,24 @@ class FarmControl:
         self._offers_dirty = True
         self._leading = True
         log.info("farm: coordinator", rank=self.rank, tasks=len(self.table))
+
+    async def _pull(self, peer: int, into: list[TaskRecord]) -> None:
+        """``peer``'s replica of the table, page by page (`TABLE_CHUNK` records each)."""
+        after, after_id = 0, ""
+        while True:
+            got = await self.link.request(
+                peer,
+                TablePull(self.rank, after, after_id, TABLE_CHUNK),
+                timeout=self._timeout,
+                expect=TableUpdate,
+            )
+            page = [TaskRecord.from_bytes(b) for b in _records(got)]
+            into.extend(page)
+            self._take_offers(got.body)
+            if not got.body.more or not page:
+                return
+            last = max(page, key=lambda r: (r.seq, r.task_id))
+            after, after_id = last.seq, last.task_id
 
     def _peers(self) -> list[int]:
         return [r for r in self._live() if r != self.rank]
@@ -299,18 +362,35 @@ class FarmControl:
             if node not in live:
                 self._moved(rec.task_id, at, f"node {node} lost", Trigger.PEER_LOST, node)
                 continue
+            if rec.task_id in self._disowned:
+                dropped = f"node {node} no longer runs it"
+                self._moved(rec.task_id, at, dropped, Trigger.HEARTBEAT_TIMEOUT, node)
+                continue
             deadline = self._leases.setdefault(rec.task_id, now + self.lease_s)
-            if now > deadline:
-                self._moved(
-                    rec.task_id,
-                    at,
-                    f"lease expired on node {node}",
-                    Trigger.HEARTBEAT_TIMEOUT,
-                    node,
-                )
+            if now <= deadline:
+                continue
+            why = self._lapsed(node, now, deadline)
+            if why is not None:
+                self._moved(rec.task_id, at, why, Trigger.HEARTBEAT_TIMEOUT, node)
+
+    def _current(self, assign: Assign, node: int) -> bool:
+        """Whether ``assign`` (to ``node``) is still its task's current attempt."""
+        return self.table.current(assign.task_id, assign.fence, node) is not None
+
+    def _lapsed(self, node: int, now: float, deadline: float) -> str | None:
+        """Why a lease on ``node``, run out at ``deadline``, is a loss; None while the node
+        shows it lives (its renewal is merely late: a slow node or link must not lose its
+        tasks, nor run them twice), up to `LAPSE_LIMIT` more leases."""
+        heard = self._heard.get(node)
+        if heard is None or now - heard > self.lease_s:
+            return f"lease expired on node {node}"  # no sign of life for a whole lease
+        if now - deadline > LAPSE_LIMIT * self.lease_s:
+            return f"lease expired on node {node} ({LAPSE_LIMIT} leases without a renewal)"
+        return None
 
     def _moved(self, task_id: str, at: float, why: str, trigger: Trigger, node: int) -> None:
         self._leases.pop(task_id, None)
+        self._disowned.discard(task_id)
         moved = self.table.lost(task_id, at, why)
         if moved is None:
             return
@@ -363,13 +443,15 @@ class FarmControl:
         for placement in place(requests, views, self.strategy):
             rec = self.table.place(placement.task_id, placement.rank, at, self._next_fence)
             self._leases[rec.task_id] = now + self.lease_s
+            self._disowned.discard(rec.task_id)
             trace: Mapping[str, str] = {}
             recovery = self._recoveries.get(rec.task_id)
             if recovery is not None:
-                with recovery.phase(
-                    Phase.SELECT_CHECKPOINT, {"supervise.placement": str(placement.why)}
-                ):
-                    recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=placement.rank)
+                try:
+                    _selected(recovery, placement.rank, str(placement.why))
+                except TelemetryError:  # placed again (its assignment refused): a retry
+                    recovery.next_attempt()
+                    _selected(recovery, placement.rank, str(placement.why))
                 trace = recovery.inject()
             assign = Assign(
                 rec.task_id,
@@ -426,16 +508,21 @@ class FarmControl:
         if not peers:
             return
         sent = [data for _, data in records] if self._durable is None else []
-        update = TableUpdate(self.rank, [], self._offer_list() if offers else [])
-        if not sent and not update.offers:
+        offered = self._offer_list() if offers else []
+        if not sent and not offered:
             return
-        frames = [_pack(sent)] if sent else []  # records travel as payload, never in the header
-        taken: list[int] = []
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(self._push, peer, update, frames, taken)
-        if sent and not taken:
-            raise _NotSaved(f"no reply from ranks {peers}")
+        # bounded requests, the records as payload (never in the 64 KiB header); each chunk
+        # is held by at least one live peer before the next goes
+        chunks = [sent[i : i + TABLE_CHUNK] for i in range(0, len(sent), TABLE_CHUNK)] or [[]]
+        for i, chunk in enumerate(chunks):
+            update = TableUpdate(self.rank, [], offered if i == 0 else [])
+            frames = _pack_frames(chunk) if chunk else []
+            taken: list[int] = []
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(self._push, peer, update, frames, taken)
+            if chunk and not taken:
+                raise _NotSaved(f"no reply from ranks {peers}")
 
     async def _push(
         self, peer: int, update: TableUpdate, frames: list[bytes], taken: list[int]
@@ -446,6 +533,7 @@ class FarmControl:
             log.info("farm: table update not taken", peer=peer, error=str(exc))
         else:
             taken.append(peer)
+            self._heard_from(peer)
 
     def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
         return [
@@ -465,6 +553,8 @@ class FarmControl:
             await self.link.reply(request, message)
         except (ClusterError, trio.ClosedResourceError) as exc:
             log.info("farm: reply not sent", error=str(exc))
+        except ValueError as exc:  # not sendable (over the header bound): never a crash here
+            log.error("farm: reply not sendable", kind=type(message).__name__, error=str(exc))
 
     async def _order(self, peer: int, message: object, trace: Mapping[str, str]) -> None:
         """Send an assignment or a stop; an assignment the node refuses or never takes is
@@ -474,6 +564,9 @@ class FarmControl:
             got = await self.link.request(
                 peer, message, trace=trace, timeout=self._timeout, expect=Ack
             )
+            self._heard_from(peer)
+            if got.body.ok and isinstance(message, Assign) and self._current(message, peer):
+                self._leases[message.task_id] = self._awake() + self.lease_s  # starts now
             if not got.body.ok:
                 why = got.body.reason or "refused"
         except ClusterError as exc:
@@ -502,6 +595,7 @@ class FarmControl:
             offer = _Offer(Resources.from_json(o.capacity), frozenset(o.labels))
         except (ValueError, TypeError) as exc:
             return Ack(False, f"bad offer: {exc}")
+        self._heard_from(o.node)
         if self.offers.get(o.node) != offer:
             self.offers[o.node] = offer
             self._offers_dirty = True
@@ -512,15 +606,25 @@ class FarmControl:
         r = msg.body
         if _forged(msg, r.node):
             return Renewed(ok=False, reason=f"rank {msg.sender} cannot speak for node {r.node}")
+        self._heard_from(r.node)
         if not self._leads_now():
             return Renewed(ok=False, reason=self._refusal().reason)
-        now = trio.current_time()
+        now = self._awake()
         stale = []
-        for task_id, fence in r.held:
+        try:
+            held = [*r.held, *(_held(x) for x in _unpack_frames(msg, "renewal"))]
+        except (TableError, ValueError, TypeError) as exc:
+            return Renewed(ok=False, reason=f"bad renewal: {exc}")
+        for task_id, fence in held:
             if self.table.current(task_id, fence, r.node) is None:
                 stale.append(task_id)
             else:
                 self._leases[task_id] = now + self.lease_s
+                self._disowned.discard(task_id)
+        for task_id, fence in r.dropped:  # ended there without a report: move it now
+            if self.table.current(task_id, fence, r.node) is not None:
+                self._disowned.add(task_id)
+                self.poke()
         return Renewed(stale)
 
     async def _on_update(self, msg: Incoming[Update]) -> object:
@@ -529,6 +633,7 @@ class FarmControl:
             return Ack(False, f"rank {msg.sender} cannot speak for node {u.node}")
         if u.result is None and u.phase is AttemptPhase.COMPLETED and (blob := _frame(msg)):
             u = attrs.evolve(u, result=blob)  # a large result comes as the payload
+        self._heard_from(u.node)
         if not self._leads_now():
             return Ack(False, self._refusal().reason)
         verdict = self.table.update(u, self._clock())
@@ -536,7 +641,8 @@ class FarmControl:
             log.info("farm: stale fence refused", task=u.task_id, node=u.node, fence=u.fence)
             return Ack(False, STALE_FENCE)
         rec = self.table.get(u.task_id)
-        self._leases[u.task_id] = trio.current_time() + self.lease_s
+        self._leases[u.task_id] = self._awake() + self.lease_s
+        self._disowned.discard(u.task_id)
         self._recovered(u.task_id, rec)
         if rec.state in TERMINAL:
             self._leases.pop(u.task_id, None)
@@ -594,7 +700,7 @@ class FarmControl:
         except TableError as exc:
             return FarmRefusal(str(exc), self.rank)
         self.poke()
-        self._replies.append((msg, TaskReply(record_json(rec))))
+        self._replies.append((msg, _task_reply(record_json(rec))))
         return DEFERRED
 
     async def _on_query(self, msg: Incoming[Query]) -> object:
@@ -611,7 +717,7 @@ class FarmControl:
         packed = _pack(tasks)
         if len(packed) <= INLINE_BYTES:
             return TaskList(tasks)
-        return Reply(TaskList([]), frames=[packed])  # a long list: the payload
+        return Reply(TaskList([]), frames=_pack_frames(tasks))  # a long list: the payload
 
     async def _on_control(self, msg: Incoming[Control]) -> object:
         c = msg.body
@@ -631,7 +737,7 @@ class FarmControl:
         if order is not None:
             self._orders.append((order.node, _stop(order), {}))
         self.poke()
-        self._replies.append((msg, TaskReply(record_json(rec, history=True))))
+        self._replies.append((msg, _task_reply(record_json(rec, history=True))))
         return DEFERRED
 
     async def _on_result(self, msg: Incoming[ResultQuery]) -> object:
@@ -651,6 +757,8 @@ class FarmControl:
     # -- handlers: the replicated table ----------------------------------------------------
 
     async def _on_table(self, msg: Incoming[TableUpdate]) -> object:
+        if msg.sender is not None:
+            self._heard_from(msg.sender)  # the coordinator's node lives
         self._take_table(msg)
         return Ack(True)
 
@@ -665,13 +773,60 @@ class FarmControl:
             self.offers[rank] = _Offer(Resources.from_json(capacity), frozenset(labels))
 
     async def _on_pull(self, msg: Incoming[TablePull]) -> object:
-        records = [r.to_bytes() for r in self.table]
-        return Reply(TableUpdate(self.rank, [], self._offer_list()), frames=[_pack(records)])
+        q = msg.body
+        recs = list(self.table)  # in submission order
+        if q.after or q.after_id:
+            recs = [r for r in recs if (r.seq, r.task_id) > (q.after, q.after_id)]
+        more = bool(q.limit) and len(recs) > q.limit
+        if more:
+            recs = recs[: q.limit]
+        frames = _pack_frames([r.to_bytes() for r in recs]) if recs else []
+        return Reply(TableUpdate(self.rank, [], self._offer_list(), more), frames=frames)
 
 
 def _pack(items: list[Any]) -> bytes:
     packed: bytes = msgpack.packb(items, use_bin_type=True)
     return packed
+
+
+def _pack_frames(items: list[Any]) -> list[bytes]:
+    """``items`` packed as lists, one payload frame each, each at most `FRAME_BYTES` (an item
+    larger than that alone in its frame)."""
+    packed = _pack(items)
+    if len(packed) <= FRAME_BYTES or len(items) < 2:
+        return [packed]
+    half = len(items) // 2
+    return _pack_frames(items[:half]) + _pack_frames(items[half:])
+
+
+def _unpack_frames(msg: Incoming[Any], what: str) -> list[Any]:
+    """The items of every payload frame (each a packed list), in order."""
+    out: list[Any] = []
+    for buf in msg.buffers:
+        items = msgpack.unpackb(buf, raw=False)
+        if not isinstance(items, list):
+            raise TableError(f"{what} payload: not a list")
+        out.extend(items)
+    return out
+
+
+def _held(item: object) -> tuple[str, int]:
+    """One ``(task_id, fence)`` of a renewal's payload."""
+    if not isinstance(item, list | tuple) or len(item) != 2:
+        raise TableError("renewal payload: not a list of (task id, fence)")
+    task_id, fence = item
+    if not isinstance(task_id, str) or isinstance(fence, bool) or not isinstance(fence, int):
+        raise TableError("renewal payload: not a list of (task id, fence)")
+    return task_id, fence
+
+
+def _task_reply(info: dict[str, Any]) -> object:
+    """One task for a client: in the header when small, else as the payload of a `TaskList`
+    (a long history or error)."""
+    packed = _pack([info])
+    if len(packed) <= INLINE_BYTES:
+        return TaskReply(info)
+    return Reply(TaskList([]), frames=[packed])
 
 
 def _frame(msg: Incoming[Any]) -> bytes | None:
@@ -681,14 +836,12 @@ def _frame(msg: Incoming[Any]) -> bytes | None:
 
 
 def _records(msg: Incoming[TableUpdate]) -> list[bytes]:
-    """A table update's records: in its header (small) and its payload (a packed list)."""
+    """A table update's records: in its header (small) and its payload (packed lists)."""
     out = list(msg.body.records)
-    blob = _frame(msg)
-    if blob:
-        items = msgpack.unpackb(blob, raw=False)
-        if not isinstance(items, list) or not all(isinstance(b, bytes) for b in items):
-            raise TableError("table update payload: not a list of records")
-        out.extend(items)
+    items = _unpack_frames(msg, "table update")
+    if not all(isinstance(b, bytes) for b in items):
+        raise TableError("table update payload: not a list of records")
+    out.extend(items)
     return out
 
 
@@ -711,6 +864,12 @@ def _room(requests: Sequence[Request], views: Sequence[NodeView]) -> bool:
         min(r.needs.gpus for r in requests),
     )
     return any(least.fits_in(v.capacity - v.used) for v in views)
+
+
+def _selected(recovery: RecoveryTrace, rank: int, why: str) -> None:
+    """The recovery's select_checkpoint phase: the task placed on ``rank`` (``why``)."""
+    with recovery.phase(Phase.SELECT_CHECKPOINT, {"supervise.placement": why}):
+        recovery.event(RecoveryEvent.CHECKPOINT_SELECTED, rank=rank)
 
 
 def _stop(order: StopOrder) -> Stop:

@@ -47,6 +47,9 @@ __all__ = ["Farm", "FarmError", "TaskCancelled", "TaskInfo", "TaskRef", "Unsched
 NODES_ENV = "SUPERVISE_NODES"
 _POLL_FIRST = 0.05
 _POLL_MAX = 1.0
+REQUEST_MIN_S = 2.0
+"""The least one request waits for its answer before the client asks again or another node;
+at most it waits half the time left (a node that never answers leaves time to ask others)."""
 
 
 _INLINE_SPEC = 16 * 1024
@@ -59,9 +62,8 @@ def _tasks(got: Any) -> list[dict[str, Any]]:
     if not isinstance(body, TaskList):
         raise FarmError(f"unexpected answer {type(body).__name__}")
     tasks = list(body.tasks)
-    buffers = got.buffers
-    if buffers:
-        tasks.extend(msgpack.unpackb(bytes(buffers[0]), raw=False))
+    for buf in got.buffers:  # a long list: packed lists, one per payload frame
+        tasks.extend(msgpack.unpackb(buf, raw=False))
     return tasks
 
 
@@ -243,7 +245,10 @@ class Farm:
 
     async def _call(self, message: object, frames: Sequence[bytes] = ()) -> Any:
         """Ask the coordinator (found by asking nodes, following redirects, trying again
-        while a new one takes over, up to ``timeout``); its answer, or FarmError."""
+        while a new one takes over, up to ``timeout``); its answer, or FarmError. A request
+        waits for its answer up to half the time left (at least `REQUEST_MIN_S`): a loaded
+        coordinator answers late, and asking again would only add to its load. Asking
+        again is safe: a submit is idempotent by task id (the same spec each time)."""
         if self._transport is None:
             raise FarmError("use the farm as 'async with Farm(...) as farm:'")
         deadline = trio.current_time() + self.timeout
@@ -258,7 +263,7 @@ class Farm:
             peer = self._guess if self._guess is not None else order[i % len(order)]
             try:
                 got = await self._transport.request(
-                    peer, message, list(frames), timeout=min(left, 2.0)
+                    peer, message, list(frames), timeout=min(left, max(REQUEST_MIN_S, left / 2))
                 )
             except ClusterError as exc:
                 last = f"rank {peer}: {exc}"

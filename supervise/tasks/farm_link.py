@@ -43,7 +43,12 @@ class Wire(Protocol):
     ) -> Incoming[Any]: ...
 
     async def reply(
-        self, request: Incoming[Any], message: object, *, trace: Mapping[str, str] | None = None
+        self,
+        request: Incoming[Any],
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> None: ...
 
 
@@ -135,10 +140,14 @@ class FarmLink:
     async def reply(
         self, request: Incoming[Any], message: object, *, trace: Mapping[str, str] | None = None
     ) -> None:
-        """Answer a request a handler deferred (a local one or a peer's)."""
+        """Answer a request a handler deferred (a local one or a peer's); a `Reply` brings
+        its payload frames along."""
         if request.request_id < 0:
             send = self._pending.get(request.request_id)
             if send is not None:
                 send.send_nowait(message)
+            return
+        if isinstance(message, Reply):
+            await self.wire.reply(request, message.body, message.frames, trace=trace)
             return
         await self.wire.reply(request, message, trace=trace)

@@ -20,6 +20,10 @@ from supervise.cluster.messages import message_kind
 #: header, which the transport bounds at 64 KiB.
 MAX_SPEC_BYTES = 48 * 1024
 
+#: An error text travels in `Update`'s header (and in the table's history): cut to this many
+#: characters (an exception message can be any size).
+MAX_ERROR_CHARS = 2000
+
 #: The reason in an `Ack` refusing an update or commit from an attempt that is not the task's
 #: current one (its node was presumed lost and the task moved): kill it, drop its writes.
 STALE_FENCE = "stale fence"
@@ -149,11 +153,15 @@ class Update:
 @message_kind("farm.renew")
 @attrs.frozen(slots=True)
 class Renew:
-    """Node -> coordinator every ``lease_s / 3``: the attempts it runs, ``(task_id, fence)``.
-    Reply: `Renewed`."""
+    """Node -> coordinator every ``lease_s / 3``, also when it runs nothing (its sign of
+    life): the attempts it runs, ``(task_id, fence)``; a long list comes as payload frame 0
+    (a packed list of pairs) instead. Reply: `Renewed`."""
 
     node: int = attrs.field(validator=_ge0)
     held: list[tuple[str, int]] = attrs.field(factory=list)
+    #: attempts ``(task_id, fence)`` the node ended without a report (its commits refused):
+    #: the coordinator moves them at once rather than when their lease runs out
+    dropped: list[tuple[str, int]] = attrs.field(factory=list)
 
 
 @message_kind("farm.renewed")
@@ -268,21 +276,29 @@ class ResultReply:
 @attrs.frozen(slots=True)
 class TableUpdate:
     """Coordinator -> every farm node (no store): task records that changed, each the encoded
-    record with its own revision; a receiver keeps the highest revision of each task so a new
-    coordinator takes the queue over with nothing lost or duplicated. ``offers``: the nodes'
-    offers ``(rank, capacity, labels)`` the coordinator knows, when they changed. Reply: `Ack`."""
+    record with its own revision (in ``records`` when few, else as payload frames, each a
+    packed list: the header is bounded at 64 KiB); a receiver keeps the highest revision of
+    each task so a new coordinator takes the queue over with nothing lost or duplicated.
+    ``offers``: the nodes' offers ``(rank, capacity, labels)`` the coordinator knows, when they
+    changed. Reply: `Ack`."""
 
     coordinator: int = attrs.field(validator=_ge0)
     records: list[bytes] = attrs.field(factory=list)
     offers: list[tuple[int, dict[str, Any], list[str]]] = attrs.field(factory=list)
+    more: bool = False  # a `TablePull` page: more records follow it (ask from the last)
 
 
 @message_kind("farm.table_pull")
 @attrs.frozen(slots=True)
 class TablePull:
-    """New coordinator -> farm node: send every task record you hold. Reply: `TableUpdate`."""
+    """New coordinator -> farm node: send the task records you hold, in submission order, those
+    after ``(after, after_id)`` (seq, task id), at most ``limit`` (0: all). Reply: `TableUpdate`
+    (its ``more`` set when records are left: the table is pulled in bounded pages)."""
 
     coordinator: int = attrs.field(validator=_ge0)
+    after: int = attrs.field(default=0, validator=_ge0)
+    after_id: str = ""
+    limit: int = attrs.field(default=0, validator=_ge0)
 
 
 #: Every farm kind, for a transport's registry.

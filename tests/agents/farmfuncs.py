@@ -54,3 +54,13 @@ def die() -> None:
 async def crash(ctx: TaskContext) -> None:
     """Its worker process dies in the first step."""
     await ctx.step("die", die)
+
+
+async def big(ctx: TaskContext, n: int) -> bytes:
+    """Returns ``n`` bytes (a result larger than a message header)."""
+    return b"x" * n
+
+
+async def fails(ctx: TaskContext, n: int) -> None:
+    """Raises an error whose message is ``n`` characters long."""
+    raise ValueError("E" * n)

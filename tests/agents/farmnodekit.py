@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from supervise.tasks.farm_messages import (
     STALE_FENCE,
     Ack,
@@ -25,6 +27,7 @@ class FakeCoordinator:
         self.updates: list[Update] = []
         self.refused: list[Update] = []
         self.offers: list[Offer] = []
+        self.renewals: list[Renew] = []
         link.handle(Offer, self._offer)
         link.handle(Update, self._update)
         link.handle(Renew, self._renew)
@@ -35,6 +38,8 @@ class FakeCoordinator:
 
     async def _update(self, msg: Any) -> Ack:
         u: Update = msg.body
+        if u.result is None and u.phase is AttemptPhase.COMPLETED and msg.buffers:
+            u = attrs.evolve(u, result=bytes(msg.buffers[0]))  # a large result: the payload
         if u.fence != self.fences.get(u.task_id):
             self.refused.append(u)
             return Ack(False, STALE_FENCE)
@@ -43,6 +48,7 @@ class FakeCoordinator:
 
     async def _renew(self, msg: Any) -> Renewed:
         r: Renew = msg.body
+        self.renewals.append(r)
         return Renewed(stale=[t for t, f in r.held if f != self.fences.get(t)])
 
     def phases(self, task_id: str) -> list[tuple[int, AttemptPhase]]:

@@ -34,7 +34,7 @@ from supervise.agents.farm_node import (
 )
 from supervise.agents.node import NodeRuntime
 from supervise.cluster import DEFERRED, Reply
-from supervise.cluster.errors import RequestTimeout
+from supervise.cluster.errors import RemoteError, RequestTimeout
 from supervise.policy import Policy
 from supervise.snapshot import protocol as p
 from supervise.snapshot.budget import MemoryBudget
@@ -47,22 +47,26 @@ from supervise.tasks import ArenaJournal, InProcess, TaskSpec, decode
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import (
+    MAX_ERROR_CHARS,
     STALE_FENCE,
     Ack,
     Assign,
     AttemptPhase,
+    Renew,
     ResultQuery,
     ResultReply,
     Stop,
     StopWhy,
     Submit,
     TaskReply,
+    Update,
 )
 from supervise.tasks.journal import Commit, StepRecord
 from supervise.tasks.journal_replica import JournalReplicas, Replica
 from supervise.tasks.resources import Resources
 from supervise.tasks.runner import AttemptEnd
 from supervise.telemetry import Phase, RecoveryTrace, Telemetry, TelemetryConfig, Trigger
+from tests.tasks.farmkit import Delays, on_the_wire
 
 COORD = 9
 _IDS = itertools.count(1)
@@ -79,13 +83,16 @@ class FakeIncoming:
 
 
 class FakeNet:
-    """In-process requests between ranks; a rank ``down`` or ``frozen`` never answers."""
+    """In-process requests between ranks, packed as the transport packs them (a header over
+    its bound fails as there); a rank ``down`` or ``frozen`` never answers; ``delays``: kinds
+    of messages that reach their handler late."""
 
     def __init__(self) -> None:
         self.handlers: dict[int, dict[type[Any], Callable[..., Any]]] = {}
         self.down: set[int] = set()
         self.frozen: set[int] = set()
         self.pending: dict[int, trio.MemorySendChannel[object]] = {}
+        self.delays = Delays()
 
     def link(self, rank: int) -> FakeLink:
         self.handlers.setdefault(rank, {})
@@ -114,9 +121,11 @@ class FakeLink:
         expect: type[Any] | None = None,
     ) -> Any:
         net = self.net
+        on_the_wire(message, frames, trace)
         with trio.move_on_after(timeout):
             while {self.rank, peer} & (net.down | net.frozen):  # noqa: ASYNC110 (a fake link polls)
                 await trio.sleep(0.05)
+            await trio.sleep(net.delays.of(self.rank, type(message)))
             handler = net.handlers.get(peer, {}).get(type(message))
             if handler is None:
                 raise RequestTimeout(f"rank {peer} does not serve {type(message).__name__}")
@@ -136,16 +145,28 @@ class FakeLink:
                 await trio.sleep_forever()
             if isinstance(reply, Reply):
                 out = tuple(memoryview(bytes(f)) for f in reply.frames)
-                return FakeIncoming(reply.body, peer, out)
-            return FakeIncoming(reply, peer)
+                reply_body = reply.body
+            else:
+                out, reply_body = (), reply
+            try:  # an answer over the bound is an error reply, as the transport's router gives
+                on_the_wire(reply_body, out, reply=True)
+            except ValueError as exc:
+                raise RemoteError(type(message).__name__, f"bad reply: {exc}") from None
+            return FakeIncoming(reply_body, peer, out)
         raise RequestTimeout(f"no reply from rank {peer}")
 
     async def reply(
-        self, request: Any, message: object, *, trace: Mapping[str, str] | None = None
+        self,
+        request: Any,
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
+        on_the_wire(message, frames, trace, reply=True)
         send = self.net.pending.get(request.request_id)
         if send is not None:
-            send.send_nowait(message)
+            send.send_nowait(Reply(message, frames=list(frames)) if frames else message)
 
 
 class FencedOwner(LocalOwner):
@@ -383,6 +404,26 @@ async def test_holders_refuse_a_version_older_than_the_fence_they_know(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_large_result_and_a_long_error_reach_the_coordinator(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A result over a header's bound travels as payload and an error text is cut: the
+    final reports cross a wire bounded as the transport's (they used to fail to send)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        await farm.start(0)
+        assert (await farm.assign(0, TaskSpec("farmfuncs:big", (200_000,), task_id="b"), 1)).ok
+        await _until(lambda: bool(farm.coord.completed("b")))
+        (done,) = farm.coord.completed("b")
+        assert decode(done.result or b"") == b"x" * 200_000
+        assert (await farm.assign(0, TaskSpec("farmfuncs:fails", (100_000,), task_id="e"), 1)).ok
+        await _until(lambda: (0, AttemptPhase.ERRORED) in farm.coord.phases("e"))
+        (err,) = [u for u in farm.coord.updates if u.phase is AttemptPhase.ERRORED]
+        assert err.error is not None and "ValueError: EEE" in err.error
+        assert len(err.error) <= MAX_ERROR_CHARS
+        nursery.cancel_scope.cancel()
+
+
 async def test_pause_checkpoints_then_stops_cancel_stops_and_a_stale_renewal_kills(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -415,6 +456,8 @@ async def test_pause_checkpoints_then_stops_cancel_stops_and_a_stale_renewal_kil
         farm.coord.fences["s"] = 2  # the coordinator moved it: the next renewal says stale
         await _until(lambda: "s" not in b.running)
         assert not farm.coord.completed("s")
+        # the killed attempt is said dropped (for a coordinator that still counts it current)
+        await _until(lambda: any(("s", 1) in r.dropped for r in farm.coord.renewals))
         nursery.cancel_scope.cancel()
 
 
@@ -714,4 +757,149 @@ async def test_a_workers_commit_is_answered_once_the_group_peer_holds_it(
         assert trio.current_time() - started >= 1.0  # it waited for the peer
         held = b.replicas.get("w")
         assert held is not None and held.fence == 1  # which holds the version
+        nursery.cancel_scope.cancel()
+
+
+async def _slow_farm(
+    tmp_path: Path, nursery: trio.Nursery, net: FakeNet
+) -> tuple[dict[int, FarmControl], FarmLink]:
+    """Three farm nodes under the real control plane on ``net``; rank 0 (the coordinator)
+    has no room, so tasks run where their messages cross the (slow) wire. The controls,
+    and a client's link."""
+    controls: dict[int, FarmControl] = {}
+    for rank in range(3):
+        wire = net.link(rank)
+        flink = FarmLink(wire)  # type: ignore[arg-type]
+        control = controls[rank] = FarmControl(
+            flink,
+            leader=lambda: 0,
+            live=lambda: [0, 1, 2],
+            lease_s=LEASE,
+            clock=trio.current_time,
+            request_timeout=1.0,
+        )
+        runner = InProcessRunner()
+        node = FarmNode(
+            rank=rank,
+            link=flink,
+            wire=wire,
+            arenas=ArenaService(
+                tmp_path / f"shm{rank}",
+                rule=RetentionRule(keep_last=2),
+                budget=MemoryBudget(1 << 28),
+                node=f"l{rank}",
+                anonymous=True,
+            ),
+            peers=[r for r in range(3) if r != rank],
+            coordinator=control.coordinator,
+            capacity=Resources(2.0 if rank else 0.5, 1 << 30, 0).to_json(),
+            runner=runner,
+            live=lambda: [0, 1, 2],
+        )
+        runner.node = node
+        await nursery.start(control.run)
+        await nursery.start(node.run)
+    return controls, FarmLink(net.link(7))  # type: ignore[arg-type]
+
+
+async def _run_once(controls: dict[int, FarmControl], client: FarmLink, steps: int) -> None:
+    """Submit a ``steps``-step task; it completes with the right result, in one attempt, no
+    loss, no step run twice."""
+    spec = _spec("slow", steps)
+    got = await client.request(
+        0, Submit(spec.to_bytes(), Resources(1.0).to_json()), expect=TaskReply
+    )
+    assert got.body.info["id"] == "slow"
+
+    async def result() -> ResultReply | None:
+        reply = await client.request(0, ResultQuery("slow"), timeout=1.0)
+        out = reply.body
+        done = isinstance(out, ResultReply) and out.state not in ("pending", "assigned", "running")
+        return out if done else None
+
+    with trio.fail_after(300):
+        while (res := await result()) is None:  # noqa: ASYNC110 (polls the coordinator)
+            await trio.sleep(0.5)
+    rec = controls[0].table.get("slow")
+    assert res.state == "completed", (res, rec.error)
+    assert decode(res.result or b"") == sum(i * i for i in range(steps))
+    assert (rec.attempt, rec.losses) == (1, 0), rec.life.history
+    assert all(farmfuncs.CALLS[f"s{i}"] == 1 for i in range(steps)), farmfuncs.CALLS
+
+
+async def test_renewals_late_under_load_lose_no_task_and_run_no_step_twice(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Every renewal reaches the coordinator half a lease late (a loaded coordinator or
+    link: the other messages flow): the node renews on its own cadence, each renewal counted
+    from its ask, so the attempt keeps its lease, is never moved nor run twice (renewals sent
+    one after the other, each awaited, used to let its lease lapse: commits refused, the task
+    requeued as lost again and again)."""
+    net = FakeNet()
+    net.delays.delay[None, Renew] = LEASE / 2
+    async with trio.open_nursery() as nursery:
+        controls, client = await _slow_farm(tmp_path, nursery, net)
+        await _run_once(controls, client, 12)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_finished_attempt_slow_to_report_is_renewed_until_its_end_is_taken(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A node's reports reach the coordinator 4 s late (its lease is 3 s; an answer waits for
+    the table to be saved, slow under load): the attempt's end is reported within its
+    deadline and the finished attempt is renewed until then, so the coordinator neither
+    takes it for dropped nor runs the task again."""
+    net = FakeNet()
+    net.delays.delay[None, Update] = 4.0
+    async with trio.open_nursery() as nursery:
+        controls, client = await _slow_farm(tmp_path, nursery, net)
+        await _run_once(controls, client, 3)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_while_the_lease_looks_lapsed_waits_for_a_renewal(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A worker's write when the attempt's renewals are late is not refused at once: the
+    node renews and judges the write by the answer (renewed: served; stale: refused)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        tokens = RankTokens()
+        a = await farm.start(0, tokens)
+        assert (await farm.assign(0, _spec("w", 50), fence=2)).ok
+        run = a.running["w"]
+        frame = p.encode_request(p.Begin(rank=run.shard), 9, tokens.issue(run.shard, 2))
+        farm.net.delays.delay[None, Renew] = 1.0  # the answer takes a while
+        run.renewed_at = trio.current_time() - LEASE  # lapsed: the renewals were late
+        assert a.may_commit(run.shard) == LAPSED
+        reply = await a.handle_worker(frame)
+        assert reply is not None and b"refused" not in reply
+        assert a.may_commit(run.shard) is None
+        run.renewed_at = trio.current_time() - LEASE
+        farm.coord.fences["w"] = 3  # meanwhile the task moved on: the renewal says stale
+        reply = await a.handle_worker(frame)
+        assert reply is not None and b"commit refused" in reply
+        assert run.zombie  # killed: its writes refused from now on
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_attempt_ended_by_refused_commits_is_said_dropped(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """No renewal gets through for a lease: the attempt's commits are refused, it ends
+    without a report, and the node's next renewals say it dropped it (the coordinator moves
+    it at once instead of waiting on a live node's lease)."""
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        a = await farm.start(0)
+        farm.net.delays.delay[None, Renew] = 10 * LEASE  # never answered in time
+        assert (await farm.assign(0, _spec("d", 50), fence=4)).ok
+        await _until(lambda: "d" not in a.running)
+        assert not farm.coord.phases("d") or all(
+            ph in (AttemptPhase.STARTED, AttemptPhase.PROGRESS) for _, ph in farm.coord.phases("d")
+        )
+        del farm.net.delays.delay[None, Renew]
+        await _until(lambda: any(("d", 4) in r.dropped for r in farm.coord.renewals))
+        await _until(lambda: not a._dropped)  # said once heard
         nursery.cancel_scope.cancel()

@@ -1,5 +1,6 @@
 """A fake farm network for the control plane's virtual-time tests: every node's `FarmControl`
-and a scripted node side in one trio run, messages handed over in memory."""
+and a scripted node side in one trio run, messages handed over in memory — each packed as the
+real transport packs it first, so a header over its bound (64 KiB) fails here as it does there."""
 
 from __future__ import annotations
 
@@ -12,14 +13,42 @@ import msgpack
 import trio
 import zmq
 
+from supervise.cluster import _wire
+from supervise.cluster._framing import Framing
 from supervise.cluster.errors import ProtocolError, RemoteError, RequestTimeout
-from supervise.cluster.transport import DEFERRED, Incoming, Reply
+from supervise.cluster.messages import KindRegistry
+from supervise.cluster.transport import DEFERRED, Incoming, Reply, TransportLimits
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
-from supervise.tasks.farm_messages import Ack, Assign, Offer, ResultReply, Stop, TaskList
+from supervise.tasks.farm_messages import KINDS, Ack, Assign, Offer, ResultReply, Stop, TaskList
 from supervise.tasks.resources import Resources
 
 _IDS = itertools.count(1)
+_FRAMING = Framing(0, TransportLimits(), None, KindRegistry(KINDS))
+
+
+def on_the_wire(
+    message: object,
+    frames: Sequence[Any] = (),
+    trace: Mapping[str, str] | None = None,
+    *,
+    reply: bool = False,
+) -> None:
+    """Pack ``message`` as `Transport` does: ValueError, as there, when its header is over
+    ``max_header_size`` (64 KiB) or a payload frame over its bound."""
+    flag = _wire.REPLY if reply else _wire.MESSAGE
+    _FRAMING.pack(message, 1, flag, list(frames), trace)
+
+
+class Delays:
+    """Messages that reach their handler late: ``delay[(sender, kind)]`` seconds (sender
+    None: any) — a loaded process or link, the messages still all arriving, in order."""
+
+    def __init__(self) -> None:
+        self.delay: dict[tuple[int | None, type[Any]], float] = {}
+
+    def of(self, sender: int | None, kind: type[Any]) -> float:
+        return self.delay.get((sender, kind), self.delay.get((None, kind), 0.0))
 
 
 class Net:
@@ -29,6 +58,7 @@ class Net:
         self.handlers: dict[int, dict[type[Any], Any]] = {}
         self.pending: dict[int, trio.MemorySendChannel[object]] = {}
         self.down: set[int] = set()
+        self.delays = Delays()
 
 
 class FakeWire:
@@ -56,11 +86,13 @@ class FakeWire:
         timeout: float = 5.0,  # noqa: ASYNC109
         expect: type[Any] | None = None,
     ) -> Incoming[Any]:
+        on_the_wire(message, frames, trace)  # ValueError as the transport's send raises
         rid = next(_IDS)
         send, receive = trio.open_memory_channel[object](1)
         with trio.move_on_after(timeout):
             if peer in self.net.down or self._rank in self.net.down:
                 await trio.sleep_forever()
+            await trio.sleep(self.net.delays.of(self._rank, type(message)))
             handler = self.net.handlers.get(peer, {}).get(type(message))
             if handler is None:
                 raise ProtocolError(f"rank {peer} has no handler for {type(message).__name__}")
@@ -84,6 +116,10 @@ class FakeWire:
             if isinstance(out, Reply):
                 back = tuple(zmq.Frame(bytes(f)) for f in out.frames)
                 out = out.body
+            try:  # an answer over the bound is an error reply, as the transport's router gives
+                on_the_wire(out, back, reply=True)
+            except ValueError as exc:
+                raise RemoteError(type(message).__name__, f"bad reply: {exc}") from None
             if expect is not None and not isinstance(out, expect):
                 raise ProtocolError(f"got {type(out).__name__}")
             return Incoming(body=out, kind="", sender=peer, frames=back, trace={}, request_id=rid)
@@ -91,11 +127,17 @@ class FakeWire:
         raise RequestTimeout(f"no reply from {peer}")
 
     async def reply(
-        self, request: Incoming[Any], message: object, *, trace: Mapping[str, str] | None = None
+        self,
+        request: Incoming[Any],
+        message: object,
+        frames: Sequence[Any] = (),
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
+        on_the_wire(message, frames, trace, reply=True)  # ValueError, as `Transport.reply`
         send = self.net.pending.get(request.request_id)
         if send is not None:
-            send.send_nowait(message)
+            send.send_nowait(Reply(message, frames=list(frames)) if frames else message)
 
 
 class FakeNode:

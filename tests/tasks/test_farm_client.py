@@ -21,7 +21,7 @@ from supervise.tasks import (
     UnsupportedValue,
     encode,
 )
-from supervise.tasks.farm_messages import AttemptPhase, Update
+from supervise.tasks.farm_messages import AttemptPhase, Submit, Update
 from supervise.tasks.spec import TaskSpec
 from tests.tasks.farmkit import FakeWire, Farmlet
 
@@ -131,4 +131,25 @@ async def test_large_lists_and_results_travel_as_payload(autojump_clock: Any) ->
         assert await ref.result(timeout=5) == [big, big]
         spec = TaskSpec(TARGET, (mid,), task_id="mid").to_bytes()
         assert f.controls[0].table.get("mid").spec == spec
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_coordinator_is_waited_for_and_a_submit_asked_again_is_one_task(
+    autojump_clock: Any,
+) -> None:
+    """A loaded coordinator answers a submit after 4 s: the client waits for it within its
+    timeout (it used to give up each request after 2 s, asking again until it failed), and
+    a submit asked again (the answer lost) names the same task: never a second one."""
+    f = Farmlet(2)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        f.net.delays.delay[None, Submit] = 4.0
+        farm = client(f, timeout=30.0)
+        ref = await farm.submit(TARGET, 1, cpu=0.5)
+        assert len(f.coordinator.table) == 1
+        # the same submit again (as after a lost answer): the same task, nothing added
+        spec = f.coordinator.table.get(ref.task_id).spec
+        again = await farm._call(Submit(spec, {"cpu": 0.5, "memory": 0, "gpus": 0}))
+        assert again.body.info["id"] == ref.task_id
+        assert len(f.coordinator.table) == 1
         nursery.cancel_scope.cancel()

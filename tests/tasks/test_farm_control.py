@@ -24,6 +24,7 @@ from supervise.tasks.farm_messages import (
     ResultQuery,
     ResultReply,
     Submit,
+    TableUpdate,
     TaskList,
     TaskReply,
     Update,
@@ -31,7 +32,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
-from tests.tasks.farmkit import Farmlet, unwrap
+from tests.tasks.farmkit import Farmlet, on_the_wire, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -510,4 +511,141 @@ async def test_a_frozen_coordinator_takes_the_newer_table_when_it_wakes(
         assert (rec.fence, rec.node) == (a2.fence, r2)  # the newer table, not its own
         ack = await report(f, r2, a2, AttemptPhase.COMPLETED, result=b"ok")
         assert ack.ok, ack
+        nursery.cancel_scope.cancel()
+
+
+def test_the_fake_wire_bounds_headers_as_the_transport_does() -> None:
+    """The fake network refuses what the real transport refuses: the tests below rely on it."""
+    on_the_wire(TableUpdate(0, [b"x" * 1024]))
+    with pytest.raises(ValueError, match="max_header_size"):
+        on_the_wire(TableUpdate(0, [b"x" * (64 * 1024)]))
+
+
+async def test_a_table_of_ten_thousand_tasks_is_served_saved_and_taken_over(
+    autojump_clock: Any,
+) -> None:
+    """Every collection travels as payload or in bounded pages: a table of 10,000 tasks is
+    replicated, listed and pulled by a new coordinator through a wire whose headers are
+    bounded at 64 KiB, as the transport's are (a 1,000-task pull once stalled a farm)."""
+    n = 10_000
+    f = Farmlet(3, cpu=2.0, lease_s=3.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        coord = f.coordinator
+        for i in range(n):
+            spec = TaskSpec(TARGET, (i,), task_id=f"big{i:05d}")
+            coord.table.submit(spec, Resources(1.0), 0.0)
+        coord.poke()
+        await wait_until_async(lambda: not coord.table.dirty, what="the table saved", timeout_s=600)
+        assert len(f.controls[1].table) == len(f.controls[2].table) == n
+        listed = await ask(f, Query())
+        assert isinstance(listed, TaskList) and len(listed.tasks) == n
+        f.kill(0)  # rank 1 takes over: it pulls rank 2's replica, page by page
+        await wait_until_async(
+            lambda: f.controls[1].leading and not f.controls[1].table.dirty,
+            what="rank 1 leads with the table saved",
+            timeout_s=600,
+        )
+        listed = await ask(f, Query())
+        assert sorted(t["id"] for t in listed.tasks) == [f"big{i:05d}" for i in range(n)]
+        assert len(f.controls[2].table) == n
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_task_with_a_long_history_is_answered_as_payload(autojump_clock: Any) -> None:
+    """A task's history (each retry's error) can outgrow a header: the reply to a control
+    request carries it as payload, and the control plane never chokes on an answer."""
+    f = Farmlet(2, cpu=2.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "long", max_attempts=60)
+        for attempt in range(1, 41):
+            r, a = await wait_until_async(
+                lambda n=attempt: next(((r, a) for r, a in assigned(f) if a.attempt == n), None),
+                what=f"attempt {attempt} assigned",
+                timeout_s=3600,
+            )
+            ack = await report(f, r, a, AttemptPhase.ERRORED, error=f"{attempt}: " + "E" * 1900)
+            assert ack.ok, ack
+        got = await ask(f, Control("long", ControlAction.CANCEL))
+        assert isinstance(got, TaskList), got  # the answer came as payload
+        (task,) = got.tasks
+        assert task["state"] == "cancelled" and len(task["history"]) > 80
+        assert (await info(f, "long"))["state"] == "cancelled"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_live_node_late_to_renew_keeps_its_task_until_it_drops_it(
+    autojump_clock: Any,
+) -> None:
+    """Node 1's renewals reach the coordinator 5 s late (its lease is 3 s) while its other
+    reports arrive at once: the node lives, so its task keeps its lease — not moved, not
+    counted lost (it used to be requeued as lost, and run again). Renewals that omit it (sent
+    before the node took it, say) change nothing; once a renewal says the node dropped the
+    attempt, the task moves."""
+    f = Farmlet(2, cpu=2.0, lease_s=3.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await f.offer(0, cpu=0.5)  # no room on the coordinator's node: both go to node 1
+        for tid in ("a", "b"):
+            await submit(f, tid)
+        await settle()
+        on1 = {a.task_id: a for r, a in assigned(f) if r == 1}
+        assert sorted(on1) == ["a", "b"]
+        a, b = on1["a"], on1["b"]
+        f.net.delays.delay[1, Renew] = 5.0
+
+        async def renew(renewal: Renew) -> None:
+            await f.links[1].request(0, renewal, timeout=30.0)
+
+        for i in range(16):  # the renewals late (the last 4 omit a), b's progress on time
+            held = (
+                [(b.task_id, b.fence)] if i >= 12 else [(a.task_id, a.fence), (b.task_id, b.fence)]
+            )
+            nursery.start_soon(renew, Renew(1, held))
+            assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.1)).ok
+            await trio.sleep(1.0)
+        rec = f.coordinator.table.get("a")
+        assert (rec.state, rec.node, rec.attempt, rec.losses) == (TaskState.ASSIGNED, 1, 1, 0)
+        nursery.start_soon(renew, Renew(1, [(b.task_id, b.fence)], [(a.task_id, a.fence)]))
+        for _ in range(7):
+            assert (await report(f, 1, b, AttemptPhase.PROGRESS, progress=0.2)).ok
+            await trio.sleep(1.0)
+        rec = f.coordinator.table.get("a")
+        assert (rec.state, rec.losses) == (TaskState.PENDING, 1), rec.life.history
+        assert "no longer runs it" in rec.life.history[-1].detail
+        assert f.coordinator.table.get("b").losses == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_moved_task_whose_new_node_refuses_it_is_placed_again(
+    autojump_clock: Any,
+) -> None:
+    """A task moved off a lost node, whose first new node refuses the assignment, is placed
+    again within the same recovery trace (a retry in it): that used to stop the control
+    plane (a recovery phase run twice)."""
+    f = Farmlet(3, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "a")
+        await submit(f, "t")
+        await settle()
+        [(r, _)] = [x for x in assigned(f) if x[1].task_id == "t"]
+        assert r != 0
+        other = 3 - r
+        f.nodes[other].accept = False  # the only node with room refuses it
+        f.kill(r)
+        await wait_until_async(
+            lambda: any(a.task_id == "t" for a, _ in f.nodes[other].assigned),
+            what="t offered to the other node",
+            timeout_s=60,
+        )
+        first = next(a for a, _ in f.nodes[0].assigned if a.task_id == "a")
+        await report(f, 0, first, AttemptPhase.COMPLETED, result=b"")  # room on node 0 now
+        await wait_until_async(
+            lambda: any(a.task_id == "t" for a, _ in f.nodes[0].assigned),
+            what="t placed on node 0",
+            timeout_s=60,
+        )
+        assert (await info(f, "t"))["state"] == "assigned"  # the control plane still runs
         nursery.cancel_scope.cancel()
