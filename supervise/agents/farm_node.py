@@ -30,7 +30,13 @@ import trio
 
 from supervise.agents._tracing import maybe_phase
 from supervise.agents.context import NodeContext
-from supervise.agents.farm_attempt import AttemptRunner, Running, WorkerRunner, end_phase
+from supervise.agents.farm_attempt import (
+    AttemptRunner,
+    Running,
+    WorkerRunner,
+    end_phase,
+    pool_env,
+)
 from supervise.agents.farm_journals import REQUEST_TIMEOUT_S, JournalPeers, Wire
 from supervise.cluster.errors import ClusterError
 from supervise.cluster.ipc import ipc_endpoint, serve_deferred
@@ -57,6 +63,7 @@ from supervise.tasks.journal_replica import (
     Replica,
     verified,
 )
+from supervise.tasks.pool import PoolSettings, TaskPool
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.telemetry import attempt_span
 from supervise.telemetry import Phase, RecoveryTrace, Source
@@ -112,9 +119,11 @@ class FarmNode:
         worker_shutdown: float = 5.0,
         on_pid: Callable[[str, int], None] | None = None,
         live: Callable[[], Iterable[int]] | None = None,
+        pool: PoolSettings | None = None,
     ) -> None:
         """``live()``: the peers membership holds alive (None: every peer, until one fails
-        to answer: it is skipped for `PEER_BACKOFF_S` then)."""
+        to answer: it is skipped for `PEER_BACKOFF_S` then); ``pool``: the warm task workers
+        (None: the defaults; ``workers=0``: a fresh process per attempt)."""
         if arenas.tokens is None and runner is None:
             raise ValueError("a farm node's arenas must check tokens (tokens=RankTokens())")
         self.rank = rank
@@ -133,6 +142,8 @@ class FarmNode:
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
         self.live = live
+        self.pool_settings = PoolSettings() if pool is None else pool
+        self.pool: TaskPool | None = None  # this incarnation's warm workers
         self.journals = JournalPeers(
             wire=wire, peers=self.peers, own=self._local, on_newer=self._newer, live=live
         )
@@ -176,12 +187,22 @@ class FarmNode:
             serve_deferred, ipc_endpoint(base, f"tasks-{self.rank}"), self.handle_worker
         )
         host = JournalHost(self.arenas, endpoint)
+        self.pool = None
+        if self.pool_settings.enabled:
+            self.pool = TaskPool(
+                self.pool_settings,
+                env=pool_env(),
+                shutdown=self.worker_shutdown,
+                label=f"task worker of node {self.rank}",
+            )
+            await nursery.start(self.pool.run)
         self.runner = WorkerRunner(
             host,
             base / "tasks",
             node=str(self.rank),
             shutdown=self.worker_shutdown,
             on_pid=self.on_pid,
+            pool=self.pool,
         )
 
     async def handle_worker(self, frame: bytes) -> bytes | None:
@@ -654,4 +675,5 @@ def agent_farm_node(
         run_dir=ctx.run_dir,
         worker_shutdown=config.worker_shutdown,
         live=ctx.membership.live,
+        pool=None if config.farm is None else config.farm.pool,
     )

@@ -96,6 +96,24 @@ def _farm_flags(node: argparse.ArgumentParser) -> None:
         metavar="K=V",
         help="a label tasks may require (repeatable)",
     )
+    farm.add_argument(
+        "--task-workers",
+        type=int,
+        metavar="N",
+        help="warm task worker processes kept started, reused attempt after attempt "
+        "(default 2; 0: a fresh process per attempt; GPU tasks always get a fresh one)",
+    )
+    farm.add_argument(
+        "--task-max-tasks",
+        type=int,
+        metavar="N",
+        help="attempts a warm worker runs before it is replaced (default 100; 0: no limit)",
+    )
+    farm.add_argument(
+        "--task-preload",
+        metavar="MODULES",
+        help="modules each warm worker imports once, before its first attempt (comma-separated)",
+    )
 
 
 def _farm_options(args: argparse.Namespace) -> Any:
@@ -103,10 +121,11 @@ def _farm_options(args: argparse.Namespace) -> Any:
     InvalidValue names a bad flag."""
     from supervise._validation import InvalidValue
     from supervise.agents.config import FarmOptions
+    from supervise.tasks.pool import PoolSettings
     from supervise.tasks.resources import machine_capacity, parse_labels, parse_size
 
     if not args.tasks:
-        for flag in ("cpus", "memory", "gpus"):
+        for flag in ("cpus", "memory", "gpus", "task_workers", "task_max_tasks", "task_preload"):
             if getattr(args, flag) is not None:
                 raise InvalidValue(flag, getattr(args, flag), "is for farm nodes: add --tasks")
         if args.label:
@@ -118,7 +137,16 @@ def _farm_options(args: argparse.Namespace) -> Any:
         raise InvalidValue("gpus", args.gpus, "must be an integer >= 0")
     memory = None if args.memory is None else parse_size(args.memory, "memory")
     capacity = machine_capacity(cpus=args.cpus, memory=memory, gpus=args.gpus)
-    return FarmOptions(capacity, parse_labels(args.label))
+    pool = {
+        key: value
+        for key, value in (
+            ("workers", args.task_workers),
+            ("max_tasks", args.task_max_tasks),
+            ("preload", args.task_preload),
+        )
+        if value is not None
+    }
+    return FarmOptions(capacity, parse_labels(args.label), PoolSettings(**pool))
 
 
 def _fail(message: str) -> int:
