@@ -142,7 +142,10 @@ class FarmNode:
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
         self.live = live
-        self.pool_settings = PoolSettings() if pool is None else pool
+        cpus = capacity.get("cpu", 1.0)
+        self.pool_settings = (PoolSettings() if pool is None else pool).for_cores(
+            cpus if isinstance(cpus, int | float) else 1.0
+        )
         self.pool: TaskPool | None = None  # this incarnation's warm workers
         self.journals = JournalPeers(
             wire=wire, peers=self.peers, own=self._local, on_newer=self._newer, live=live

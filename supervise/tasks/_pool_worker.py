@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -64,8 +65,23 @@ def _attempt(order: Order) -> int:
         journal.owner.close()  # its socket and the arena mappings of this attempt
 
 
+def _restore(baseline: dict[str, str]) -> None:
+    """Set ``os.environ`` back to ``baseline`` (only what changed: each change is a putenv)."""
+    for key in [k for k in os.environ if k not in baseline]:
+        del os.environ[key]
+    for key, value in baseline.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _leave(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(sock: socket.socket) -> int:
-    """Run the pool's orders until it closes ``sock`` (0) or an attempt ends in doubt."""
+    """Run the pool's orders until it closes ``sock`` (0) or an attempt ends in doubt.
+    SIGTERM between attempts: exit 0 (the telemetry flushed); during one: see `run_one`."""
+    signal.signal(signal.SIGTERM, _leave)  # trio's receiver replaces it during an attempt
     baseline = dict(os.environ)
     cwd = Path.cwd()
     ran = 0
@@ -80,8 +96,7 @@ def serve(sock: socket.socket) -> int:
         try:
             code = _attempt(msg)
         finally:  # the next attempt starts from the worker's own environment
-            os.environ.clear()
-            os.environ.update(baseline)
+            _restore(baseline)
             with contextlib.suppress(OSError):
                 os.chdir(cwd)
             sys.stdout.flush()

@@ -3,10 +3,12 @@
 A fresh worker per attempt costs an interpreter start and the imports (about a second of
 CPU): that, not placement, bounds how many tiny tasks a node runs per second. The pool keeps
 ``workers`` processes started (`supervise.tasks._pool_worker`, imports done) and hands each
-attempt to an idle one, as Celery's prefork pool or Ray's worker pool do; when none is idle it
-starts more (at most `SPAWN_AT_ONCE` at a time, in the background: the spawn itself runs in the
-runtime's spawner thread, never on the trio loop) and the attempt takes the first worker that
-frees up. Workers above ``workers`` that stay idle ``idle_s`` go.
+attempt to an idle one, as Celery's prefork pool or Ray's worker pool do. An attempt that finds
+none takes the first worker that frees up; while attempts wait and fewer than ``workers`` of
+the pool's workers are idle, starting or in an attempt shorter than `LONG_S` (the others are
+held by long tasks), it starts more (at most `SPAWN_AT_ONCE` at a time, in the background: the
+fork runs in the runtime's spawner thread, never on the trio loop). Workers above ``workers``
+idle for ``idle_s`` go.
 
 A worker is an `OsProcess` child of the pool's nursery (no orphans; its crash is an exit
 reason). One that dies in an attempt (segfault, ``os._exit``, kill -9) ends that attempt as a
@@ -39,13 +41,22 @@ SPAWN_AT_ONCE = 2
 """Workers a pool starts at a time (each start is an interpreter and its imports)."""
 START_BACKOFF_S = (0.5, 30.0)
 """After a worker failed to start: wait this long before the next (doubling, up to the cap)."""
+LONG_S = 1.0
+"""A worker busy with one attempt this long no longer counts as one that frees up soon: while
+attempts wait, the pool grows until ``workers`` of its workers are free or freeing up soon. A
+pool of workers that run tiny tasks one after another does not grow, however many wait (a
+start costs far more than the wait); one held by long tasks does."""
 BROKEN_AFTER = 3
 """Consecutive failed starts after which attempts stop waiting for the pool (`PoolUnavailable`)."""
 _DRAIN_S = 1.0  # after a worker exited: how long its last messages may take to be read
 
 
-def _count(name: str, low: int) -> Callable[[object, attrs.Attribute[Any], Any], None]:
+def _count(
+    name: str, low: int, *, none: bool = False
+) -> Callable[[object, attrs.Attribute[Any], Any], None]:
     def check(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
+        if none and value is None:
+            return
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidValue(name, value, f"must be an integer >= {low}")
 
@@ -68,20 +79,32 @@ def _modules(value: Any) -> tuple[str, ...]:
 
 @attrs.frozen(slots=True)
 class PoolSettings:
-    """A farm node's warm task workers. ``workers``: kept started even when idle (0: no
-    pool, a fresh process per attempt); ``max_tasks``: attempts per worker before it is
-    replaced (0: no limit); ``idle_s``: how long a worker above ``workers`` may stay idle;
-    ``preload``: modules each worker imports once, before its first attempt."""
+    """A farm node's warm task workers. ``workers``: kept started even when idle (None: one
+    per core the node offers, as Celery's concurrency; 0: no pool, a fresh process per
+    attempt); ``max_tasks``: attempts per worker before it is replaced (0: no limit);
+    ``idle_s``: how long a worker above ``workers`` may stay idle; ``preload``: modules each
+    worker imports once, before its first attempt."""
 
-    workers: int = attrs.field(default=2, validator=_count("task_workers", 0))
-    max_tasks: int = attrs.field(default=100, validator=_count("task_max_tasks", 0))
+    workers: int | None = attrs.field(default=None, validator=_count("task_workers", 0, none=True))
+    max_tasks: int = attrs.field(default=1000, validator=_count("task_max_tasks", 0))
     idle_s: float = attrs.field(default=60.0, validator=_seconds)
     preload: tuple[str, ...] = attrs.field(default=(), converter=_modules)
 
     @property
     def enabled(self) -> bool:
         """Whether attempts run in warm workers (else each in a fresh process)."""
-        return self.workers > 0
+        return self.workers != 0
+
+    def for_cores(self, cpus: float) -> PoolSettings:
+        """These settings on a node offering ``cpus`` cores (``workers`` None: one per core)."""
+        if self.workers is not None:
+            return self
+        return attrs.evolve(self, workers=max(1, math.ceil(cpus)))
+
+    @property
+    def floor(self) -> int:
+        """Workers kept started (``workers``; None, not resolved yet: 1)."""
+        return 1 if self.workers is None else self.workers
 
 
 class PoolUnavailable(RuntimeError):
@@ -107,6 +130,7 @@ class _Job:
     """An attempt handed to a worker; ``lost`` says why it ended without a `Done`."""
 
     order: Order
+    since: float = 0.0  # when its worker took it
     done: trio.Event = attrs.field(factory=trio.Event)
     code: int | None = None
     lost: str = ""
@@ -156,7 +180,7 @@ class TaskPool:
         self._workers: set[_Worker] = set()
         self._idle: list[_Worker] = []  # the most recently used last: it is taken first
         self._starting = 0
-        self._waiting = 0
+        self._waiting = 0  # attempts waiting for a worker
         self._failures = 0  # consecutive failed starts
         self._retry_at = -math.inf
         self._available = trio.Event()
@@ -201,7 +225,7 @@ class TaskPool:
         frame = encode(order)
         while True:
             w = await self._acquire()
-            job = _Job(order)
+            job = _Job(order, trio.current_time())
             w.job = job
             try:
                 await _send_all(w.sock, frame)
@@ -255,9 +279,18 @@ class TaskPool:
             self._wake = trio.Event()
             now = trio.current_time()
             self._retire_idle(now)
-            want = self.settings.workers + self._waiting
-            have = len(self._idle) + self._starting
+            ready = [w for w in self._workers if w.ready and not w.doomed]
+            busy = [w.job.since for w in ready if w.job is not None]
+            short = [t for t in busy if now - t < LONG_S]
+            # every worker counts towards the floor; while attempts wait, only those that
+            # are free or freeing up soon
+            have = self._starting + len(ready)
+            if self._waiting:
+                have -= len(busy) - len(short)
+            want = self.settings.floor
             wait = self.settings.idle_s / 2
+            if self._waiting and short:  # look again when the next one turns long
+                wait = min(wait, min(short) + LONG_S - now)
             if now < self._retry_at:
                 wait = min(wait, self._retry_at - now)
             else:
@@ -271,7 +304,7 @@ class TaskPool:
 
     def _retire_idle(self, now: float) -> None:
         """Workers above ``workers`` idle for ``idle_s`` go (the longest idle first)."""
-        extra = len(self._idle) - self.settings.workers
+        extra = len(self._idle) - self.settings.floor
         for w in list(self._idle[:extra] if extra > 0 else []):
             if now - w.idle_since >= self.settings.idle_s:
                 self._idle.remove(w)
