@@ -25,14 +25,14 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import structlog
 import trio
 
 from supervise._validation import InvalidValue
-from supervise.runtime.osprocess import OsProcess, ProcessHandle
+from supervise.runtime.osprocess import OsProcess
 from supervise.tasks._pool_wire import HEADER, Done, Order, Ready, decode, encode, length
 
 log = structlog.get_logger("supervise.tasks.pool")
@@ -107,6 +107,32 @@ class PoolSettings:
         return 1 if self.workers is None else self.workers
 
 
+class WorkerHandle(Protocol):
+    """A started worker as the pool needs it (`ProcessHandle`)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def signal(self, signum: int) -> None: ...
+    async def wait(self) -> object: ...
+    async def stop(self, timeout: float | None = None) -> object: ...  # noqa: ASYNC109
+
+
+class WorkerStarter(Protocol):
+    """Starts a worker: ``argv`` with ``env``, descriptor ``fd`` inherited under its number;
+    hands its `WorkerHandle` to ``task_status`` and returns once it exited."""
+
+    async def __call__(
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        fd: int,
+        label: str,
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> object: ...
+
+
 class PoolUnavailable(RuntimeError):
     """The pool cannot start workers now (its last starts failed): run the attempt elsewhere."""
 
@@ -116,7 +142,7 @@ class _Worker:
     """One warm worker: its process, the pool's end of its socket, the attempt it runs."""
 
     sock: trio.socket.SocketType
-    handle: ProcessHandle | None = None
+    handle: WorkerHandle | None = None
     ready: bool = False  # said Ready (its imports are done)
     ran: int = 0
     job: _Job | None = None
@@ -171,8 +197,11 @@ class TaskPool:
         env: Mapping[str, str] | None = None,
         shutdown: float = 5.0,
         label: str = "task worker",
+        starter: WorkerStarter | None = None,
     ) -> None:
+        """``starter``: how workers start (None: `OsProcess` children, no orphans)."""
         self.settings = settings
+        self.starter: WorkerStarter = self._start_process if starter is None else starter
         self.env = dict(env or {})
         self.shutdown = shutdown
         self.label = label
@@ -324,6 +353,18 @@ class TaskPool:
         if not w.exited.is_set() and w.handle is not None:
             await w.handle.stop(0)
 
+    async def _start_process(
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        fd: int,
+        label: str,
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> object:
+        proc = OsProcess(argv, env=env, pass_fds=[fd])
+        return await proc.run(shutdown=self.shutdown, label=label, task_status=task_status)
+
     def _argv(self, fd: int) -> list[str]:
         argv = [sys.executable, "-m", "supervise.tasks._pool_worker", str(fd)]
         if self.settings.preload:
@@ -339,15 +380,14 @@ class TaskPool:
         ready_before_exit = False
         why = "the task pool stopped"
         try:
-            proc = OsProcess(self._argv(child.fileno()), env=self.env, pass_fds=[child.fileno()])
             async with trio.open_nursery() as nursery:
                 try:
                     w.handle = await nursery.start(
-                        lambda task_status: proc.run(
-                            shutdown=self.shutdown,
-                            label=f"{self.label} {n}",
-                            task_status=task_status,
-                        )
+                        self.starter,
+                        self._argv(child.fileno()),
+                        self.env,
+                        child.fileno(),
+                        f"{self.label} {n}",
                     )
                 finally:
                     child.close()  # the worker's end is the worker's now
