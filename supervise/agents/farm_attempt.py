@@ -120,6 +120,9 @@ class WorkerRunner:
             run.pid = worker.pid
             run.spawned.set()
             run.signal_worker = lambda hard: worker.stop(hard=hard)
+            log.info(
+                "task worker started", task=run.task_id, fence=run.fence, pid=worker.pid, warm=True
+            )
             if self.on_pid is not None:
                 self.on_pid(run.task_id, worker.pid)
             if run.zombie:
