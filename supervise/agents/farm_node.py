@@ -75,7 +75,12 @@ TASK_SHARD_BASE = 50_000
 below; arena file names hold five digits)."""
 _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
-"""Progress updates to the coordinator at most this often per attempt."""
+"""Progress updates to the coordinator at most this often per attempt (the first this long
+after its start: an attempt over by then reports only its end)."""
+QUIET_START_S = 0.2
+"""An attempt (not a resumed one) is reported started this long after its worker took it: a
+tiny task over by then reports only its end (each report is a table change the coordinator
+saves to every farm node)."""
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
@@ -480,11 +485,13 @@ class FarmNode:
         if run.resuming is not None:
             run.resuming.close()
             run.resuming = None
+        if not run.trace:  # a recovery ends when the coordinator hears of the start: at once
+            await trio.sleep(QUIET_START_S)
         await self._update(run, AttemptPhase.STARTED)
 
     async def _follow(self, run: Running) -> None:
         """While the worker runs: each commit goes to the peers, progress to the coordinator."""
-        last = -PROGRESS_EVERY_S
+        last = trio.current_time()
         while True:
             await run.changed.wait()
             run.changed = trio.Event()
