@@ -48,6 +48,7 @@ class Running:
     finished: bool = False  # its worker exited: only its end is left to report
     zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
     refused: int = 0  # worker commits refused (lapsed lease, stale fence)
+    outcome_committed: bool = False  # its journal holds this attempt's outcome (end is next)
     pid: int | None = None
     replicas: frozenset[int] = frozenset()
     pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers

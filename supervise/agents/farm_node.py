@@ -75,8 +75,8 @@ TASK_SHARD_BASE = 50_000
 below; arena file names hold five digits)."""
 _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
-"""Progress updates to the coordinator at most this often per attempt (the first this long
-after its start: an attempt over by then reports only its end)."""
+"""Progress updates to the coordinator at most this often per attempt (none for the commit
+that holds its outcome: its end is reported next)."""
 QUIET_START_S = 0.2
 """An attempt (not a resumed one) is reported started this long after its worker took it: a
 tiny task over by then reports only its end (each report is a table change the coordinator
@@ -491,12 +491,12 @@ class FarmNode:
 
     async def _follow(self, run: Running) -> None:
         """While the worker runs: each commit goes to the peers, progress to the coordinator."""
-        last = trio.current_time()
+        last = -PROGRESS_EVERY_S
         while True:
             await run.changed.wait()
             run.changed = trio.Event()
             view = await self._sync(run)
-            if view is None or run.zombie:
+            if view is None or run.zombie or run.outcome_committed:
                 continue
             now = trio.current_time()
             if now - last >= PROGRESS_EVERY_S:
@@ -519,7 +519,8 @@ class FarmNode:
         replica = self._local(run.task_id)
         if replica is None:
             return None
-        commit, _ = unpack(replica.data)
+        commit, outcome = unpack(replica.data)
+        run.outcome_committed = outcome is not None and outcome.attempt == run.attempt
         if replica.order != run.pushed:
             acked, stale = await self.journals.push(replica)
             run.pushed = replica.order
