@@ -70,17 +70,16 @@ from supervise.telemetry import Phase, RecoveryTrace, Source
 
 log = structlog.get_logger("supervise.agents.farm_node")
 
+QUIET_START_S = 0.2
+"""An attempt (not a resumed one) is reported started this long after its worker took it, and
+the commit holding its outcome is not reported as progress: a tiny task reports only its end
+(each report is a table change the coordinator saves on every farm node)."""
 TASK_SHARD_BASE = 50_000
 """Task journals are shards ``TASK_SHARD_BASE + n`` of the agent's arenas (training ranks are
 below; arena file names hold five digits)."""
 _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
-"""Progress updates to the coordinator at most this often per attempt (none for the commit
-that holds its outcome: its end is reported next)."""
-QUIET_START_S = 0.2
-"""An attempt (not a resumed one) is reported started this long after its worker took it: a
-tiny task over by then reports only its end (each report is a table change the coordinator
-saves to every farm node)."""
+"""Progress updates to the coordinator at most this often per attempt."""
 STEPS_ATTR = "supervise.task.resumed_steps"  # committed steps a resumed attempt starts with
 LAPSED = "lease lapsed"
 _DONE = frozenset({AttemptPhase.COMPLETED, AttemptPhase.CANCELLED})  # the journal is not needed
