@@ -61,6 +61,15 @@ def _attempt(order: Order) -> int:
     except (OSError, CorruptRecord, SnapshotError) as exc:
         print(f"supervise task worker: {exc}", file=sys.stderr)
         return CANNOT_RUN
+    except BaseExceptionGroup as group:  # from the attempt's nursery: e.g. a refused commit
+        journal_errors, rest = group.split((OSError, CorruptRecord, SnapshotError))
+        if rest is not None or journal_errors is None:
+            raise
+        first: BaseException = journal_errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"supervise task worker: {first}", file=sys.stderr)
+        return CANNOT_RUN
     finally:
         journal.owner.close()  # its socket and the arena mappings of this attempt
 

@@ -432,7 +432,9 @@ class TaskPool:
                 if payload is None:
                     return
                 self._on_message(w, decode(payload))
-        except (OSError, ValueError, trio.ClosedResourceError) as exc:
+        except (ConnectionResetError, trio.ClosedResourceError):
+            return  # it died (killed): its exit tells the rest
+        except (OSError, ValueError) as exc:
             log.warning("task worker sent garbage: stopping it", error=str(exc))
             w.doomed = True
             if w.handle is not None:

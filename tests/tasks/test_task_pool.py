@@ -288,3 +288,31 @@ def test_settings_and_messages_are_checked() -> None:
     assert decode(encode(Done(1))[HEADER:]) == Done(1)
     with pytest.raises(ValueError, match="not a task pool message"):
         decode(b"\x01")
+
+
+def test_a_refused_commit_ends_the_warm_worker_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal error out of the attempt's nursery (a commit refused: lease lapsed) leaves
+    the worker in doubt: it exits (CANNOT_RUN), saying why in one line, not a traceback."""
+    from supervise.snapshot.errors import SnapshotError
+    from supervise.tasks import TaskSpec, _pool_worker
+
+    async def refused(*_args: Any) -> int:
+        async with trio.open_nursery():
+            raise SnapshotError("agent refused 'begin': task journal commit refused: lease lapsed")
+
+    class Journal:
+        closed = False
+
+        class owner:  # what ArenaJournal.owner is: an AgentClient
+            @staticmethod
+            def close() -> None:
+                Journal.closed = True
+
+    monkeypatch.setattr(_pool_worker, "run_one", refused)
+    monkeypatch.setattr(_pool_worker, "agent_journal", lambda: Journal)
+    order = Order(TaskSpec("m:f").to_bytes(), 1, "0")
+    assert _pool_worker._attempt(order) == _pool_worker.CANNOT_RUN
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lease lapsed" in err and Journal.closed
