@@ -12,6 +12,7 @@ from supervise.cluster.transport import MAX_PORT, normalize_endpoint
 from supervise.policy import Policy
 from supervise.snapshot.persist import check_job, job_fingerprint
 from supervise.store import EMBEDDED, StoreConfig, StoreKind, parse_store_url
+from supervise.tasks.pool import PoolSettings
 from supervise.tasks.resources import Resources
 
 
@@ -51,6 +52,9 @@ class FarmOptions:
 
     capacity: Resources = attrs.field(validator=attrs.validators.instance_of(Resources))
     labels: frozenset[str] = attrs.field(default=frozenset(), converter=_labels)
+    pool: PoolSettings = attrs.field(
+        factory=PoolSettings, validator=attrs.validators.instance_of(PoolSettings)
+    )  # the warm task workers
 
 
 @attrs.frozen(slots=True)

@@ -1,6 +1,7 @@
 """One attempt on a farm node: what the node knows of it (`Running`) and how its worker
-process runs (`WorkerRunner`: `WorkerProcess` against the agent's journal endpoint, its token
-under the attempt's fence, its GPUs its own)."""
+process runs (`WorkerRunner`: a warm worker of the node's `TaskPool`, or a fresh
+`WorkerProcess` for GPU attempts and without a pool, against the agent's journal endpoint,
+its token under the attempt's fence, its GPUs its own)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import attrs
 import structlog
 import trio
 
+from supervise.tasks._pool_wire import Order
 from supervise.tasks.farm_messages import AttemptPhase, StopWhy
 from supervise.tasks.host import JournalHost
 from supervise.tasks.layout import FENCE_ENV
-from supervise.tasks.runner import AttemptEnd, WorkerProcess
+from supervise.tasks.pool import Assigned, PoolUnavailable, TaskPool
+from supervise.tasks.runner import AttemptEnd, WorkerProcess, journal_env, pythonpath
 from supervise.tasks.spec import TaskSpec
+from supervise.tasks.telemetry import trace_env
 
 log = structlog.get_logger("supervise.agents.farm_node")
 
@@ -44,6 +48,7 @@ class Running:
     finished: bool = False  # its worker exited: only its end is left to report
     zombie: bool = False  # the coordinator said its fence is stale: killed, writes dropped
     refused: int = 0  # worker commits refused (lapsed lease, stale fence)
+    outcome_committed: bool = False  # its journal holds this attempt's outcome (end is next)
     pid: int | None = None
     replicas: frozenset[int] = frozenset()
     pushed: tuple[int, int] = (-1, -1)  # (fence, version) last pushed to the peers
@@ -75,7 +80,9 @@ class AttemptRunner(Protocol):
 
 
 class WorkerRunner:
-    """Attempts in worker processes (`WorkerProcess`) writing their journal to ``host``."""
+    """Attempts in worker processes writing their journal to ``host``: a warm one of
+    ``pool`` (None: none), else (GPU attempts: CUDA_VISIBLE_DEVICES must be set before
+    anything imports CUDA) a fresh `WorkerProcess`."""
 
     def __init__(
         self,
@@ -85,14 +92,55 @@ class WorkerRunner:
         node: str,
         shutdown: float = 5.0,
         on_pid: Callable[[str, int], None] | None = None,
+        pool: TaskPool | None = None,
     ) -> None:
         self.host = host
         self.task_dirs = task_dirs
         self.node = node
         self.shutdown = shutdown
         self.on_pid = on_pid
+        self.pool = pool
 
     async def __call__(self, run: Running) -> AttemptEnd:
+        if self.pool is not None and not run.gpus:
+            try:
+                return await self._pooled(self.pool, run)
+            except PoolUnavailable as exc:
+                log.warning("task pool unavailable: a fresh worker", task=run.task_id, why=str(exc))
+        return await self._fresh(run)
+
+    async def _pooled(self, pool: TaskPool, run: Running) -> AttemptEnd:
+        """The attempt in a warm worker: the same environment a fresh one would get, for
+        this attempt only; its end read from the journal, as for a fresh worker."""
+        host = _FencedHost(self.host, run.fence)
+        env = {FENCE_ENV: str(run.fence), **devices(run.gpus), **trace_env()}
+        env.update(journal_env(host, run.shard, run.attempt))
+        order = Order(run.spec.to_bytes(), run.attempt, self.node, env)
+
+        def started(worker: Assigned) -> None:
+            run.pid = worker.pid
+            run.spawned.set()
+            run.signal_worker = lambda hard: worker.stop(hard=hard)
+            log.info(
+                "task worker started", task=run.task_id, fence=run.fence, pid=worker.pid, warm=True
+            )
+            if self.on_pid is not None:
+                self.on_pid(run.task_id, worker.pid)
+            if run.zombie:
+                run.halt(hard=True)
+            elif run.stop is not None:
+                run.halt(hard=False)
+
+        lost = await pool.run_attempt(order, started)
+        outcome = await trio.to_thread.run_sync(self._outcome, run.shard)
+        if outcome is not None and outcome.attempt == run.attempt:
+            return AttemptEnd(outcome)
+        return AttemptEnd(None, lost=lost or "task worker ended without an outcome")
+
+    def _outcome(self, shard: int) -> Any:
+        return self.host.journal(shard).outcome()
+
+    async def _fresh(self, run: Running) -> AttemptEnd:
         def started(_attempt: int, handle: Any) -> None:
             run.pid = handle.pid
             run.spawned.set()
@@ -118,6 +166,15 @@ class WorkerRunner:
             shard=run.shard,
         )
         return await launcher(run.attempt)
+
+
+def pool_env() -> dict[str, str]:
+    """A warm worker's own environment (each attempt's is set on top, for that attempt): this
+    supervise importable, no GPU (GPU attempts get fresh processes), and no journal, token or
+    trace of this process inherited."""
+    env = {"PYTHONPATH": pythonpath(), **devices(()), **journal_env(None, 0, 1)}
+    env.update(dict.fromkeys(trace_env(), ""))
+    return env
 
 
 def devices(gpus: tuple[int, ...]) -> dict[str, str]:

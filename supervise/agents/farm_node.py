@@ -34,7 +34,13 @@ import trio
 
 from supervise.agents._tracing import maybe_phase
 from supervise.agents.context import NodeContext
-from supervise.agents.farm_attempt import AttemptRunner, Running, WorkerRunner, end_phase
+from supervise.agents.farm_attempt import (
+    AttemptRunner,
+    Running,
+    WorkerRunner,
+    end_phase,
+    pool_env,
+)
 from supervise.agents.farm_journals import REQUEST_TIMEOUT_S, JournalPeers, Wire
 from supervise.cluster.errors import ClusterError
 from supervise.cluster.ipc import ipc_endpoint, serve_deferred
@@ -62,12 +68,17 @@ from supervise.tasks.journal_replica import (
     Replica,
     verified,
 )
+from supervise.tasks.pool import PoolSettings, TaskPool
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.telemetry import attempt_span
 from supervise.telemetry import Phase, RecoveryTrace, Source
 
 log = structlog.get_logger("supervise.agents.farm_node")
 
+QUIET_START_S = 0.2
+"""An attempt (not a resumed one) is reported started this long after its worker took it, and
+the commit holding its outcome is not reported as progress: a tiny task reports only its end
+(each report is a table change the coordinator saves on every farm node)."""
 TASK_SHARD_BASE = 50_000
 """Task journals are shards ``TASK_SHARD_BASE + n`` of the agent's arenas (training ranks are
 below; arena file names hold five digits)."""
@@ -125,9 +136,11 @@ class FarmNode:
         worker_shutdown: float = 5.0,
         on_pid: Callable[[str, int], None] | None = None,
         live: Callable[[], Iterable[int]] | None = None,
+        pool: PoolSettings | None = None,
     ) -> None:
         """``live()``: the peers membership holds alive (None: every peer, until one fails
-        to answer: it is skipped for `PEER_BACKOFF_S` then)."""
+        to answer: it is skipped for `PEER_BACKOFF_S` then); ``pool``: the warm task workers
+        (None: the defaults; ``workers=0``: a fresh process per attempt)."""
         if arenas.tokens is None and runner is None:
             raise ValueError("a farm node's arenas must check tokens (tokens=RankTokens())")
         self.rank = rank
@@ -146,6 +159,11 @@ class FarmNode:
         self.worker_shutdown = worker_shutdown
         self.on_pid = on_pid
         self.live = live
+        cpus = capacity.get("cpu", 1.0)
+        self.pool_settings = (PoolSettings() if pool is None else pool).for_cores(
+            cpus if isinstance(cpus, int | float) else 1.0
+        )
+        self.pool: TaskPool | None = None  # this incarnation's warm workers
         self.journals = JournalPeers(
             wire=wire, peers=self.peers, own=self._local, on_newer=self._newer, live=live
         )
@@ -193,12 +211,22 @@ class FarmNode:
             serve_deferred, ipc_endpoint(base, f"tasks-{self.rank}"), self.handle_worker
         )
         host = JournalHost(self.arenas, endpoint)
+        self.pool = None
+        if self.pool_settings.enabled:
+            self.pool = TaskPool(
+                self.pool_settings,
+                env=pool_env(),
+                shutdown=self.worker_shutdown,
+                label=f"task worker of node {self.rank}",
+            )
+            await nursery.start(self.pool.run)
         self.runner = WorkerRunner(
             host,
             base / "tasks",
             node=str(self.rank),
             shutdown=self.worker_shutdown,
             on_pid=self.on_pid,
+            pool=self.pool,
         )
 
     async def handle_worker(self, frame: bytes) -> bytes | None:
@@ -494,6 +522,8 @@ class FarmNode:
         if run.resuming is not None:
             run.resuming.close()
             run.resuming = None
+        if not run.trace:  # a recovery ends when the coordinator hears of the start: at once
+            await trio.sleep(QUIET_START_S)
         await self._update(run, AttemptPhase.STARTED)
 
     async def _follow(self, run: Running) -> None:
@@ -503,7 +533,7 @@ class FarmNode:
             await run.changed.wait()
             run.changed = trio.Event()
             view = await self._sync(run)
-            if view is None or run.zombie:
+            if view is None or run.zombie or run.outcome_committed:
                 continue
             now = trio.current_time()
             if now - last >= PROGRESS_EVERY_S:
@@ -526,7 +556,8 @@ class FarmNode:
         replica = self._local(run.task_id)
         if replica is None:
             return None
-        commit, _ = unpack(replica.data)
+        commit, outcome = unpack(replica.data)
+        run.outcome_committed = outcome is not None and outcome.attempt == run.attempt
         if replica.order != run.pushed:
             acked, stale = await self.journals.push(replica)
             run.pushed = replica.order
@@ -754,4 +785,5 @@ def agent_farm_node(
         run_dir=ctx.run_dir,
         worker_shutdown=config.worker_shutdown,
         live=ctx.membership.live,
+        pool=None if config.farm is None else config.farm.pool,
     )

@@ -96,6 +96,28 @@ def _farm_flags(node: argparse.ArgumentParser) -> None:
         metavar="K=V",
         help="a label tasks may require (repeatable)",
     )
+    farm.add_argument(
+        "--task-workers",
+        type=int,
+        metavar="N",
+        help="warm task worker processes kept started, reused attempt after attempt "
+        "(default: one per core offered; 0: a fresh process per attempt; GPU tasks always get "
+        "a fresh one)",
+    )
+    farm.add_argument(
+        "--task-max-tasks",
+        type=int,
+        metavar="N",
+        help="attempts a warm worker runs before it is replaced (default 1000; 0: no limit)",
+    )
+    farm.add_argument(
+        "--task-preload",
+        metavar="MODULES",
+        help="modules each warm worker imports once, before its first attempt (comma-separated)",
+    )
+
+
+_POOL_FLAGS = {"task_workers": "workers", "task_max_tasks": "max_tasks", "task_preload": "preload"}
 
 
 def _farm_options(args: argparse.Namespace) -> Any:
@@ -103,11 +125,12 @@ def _farm_options(args: argparse.Namespace) -> Any:
     InvalidValue names a bad flag."""
     from supervise._validation import InvalidValue
     from supervise.agents.config import FarmOptions
+    from supervise.tasks.pool import PoolSettings
     from supervise.tasks.resources import machine_capacity, parse_labels, parse_size
 
     if not args.tasks:
-        for flag in ("cpus", "memory", "gpus"):
-            if getattr(args, flag) is not None:
+        for flag in ("cpus", "memory", "gpus", *_POOL_FLAGS):
+            if getattr(args, flag, None) is not None:
                 raise InvalidValue(flag, getattr(args, flag), "is for farm nodes: add --tasks")
         if args.label:
             raise InvalidValue("label", args.label[0], "is for farm nodes: add --tasks")
@@ -118,7 +141,12 @@ def _farm_options(args: argparse.Namespace) -> Any:
         raise InvalidValue("gpus", args.gpus, "must be an integer >= 0")
     memory = None if args.memory is None else parse_size(args.memory, "memory")
     capacity = machine_capacity(cpus=args.cpus, memory=memory, gpus=args.gpus)
-    return FarmOptions(capacity, parse_labels(args.label))
+    pool: dict[str, Any] = {
+        key: getattr(args, flag, None)
+        for flag, key in _POOL_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    return FarmOptions(capacity, parse_labels(args.label), PoolSettings(**pool))
 
 
 def _fail(message: str) -> int:
@@ -152,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         farm = _farm_options(args)
     except InvalidValue as exc:
-        return _fail(f"--{exc.field} {exc.value!r}: {exc.allowed}")
+        return _fail(f"--{exc.field.replace('_', '-')} {exc.value!r}: {exc.allowed}")
     if farm is not None and command:
         return _fail("a farm node (--tasks) runs no command: drop the part after '--'")
     if not command and farm is None:

@@ -34,7 +34,12 @@ STOPPED = 3
 
 async def _main(task_dir: Path, attempt: int, node: str) -> int:
     spec = TaskSpec.from_bytes((task_dir / SPEC_FILE).read_bytes(), str(task_dir / SPEC_FILE))
-    journal = _journal(task_dir)
+    return await run_one(spec, attempt, node, _journal(task_dir))
+
+
+async def run_one(spec: TaskSpec, attempt: int, node: str, journal: Journal) -> int:
+    """Run attempt ``attempt`` of ``spec`` against ``journal`` in this trio run; the exit code
+    of a one-attempt worker (0 returned, 1 raised, `STOPPED`: SIGTERM during the attempt)."""
     try:
         fn = resolve(spec.target, spec.args, spec.kwargs)
     except BadTarget as exc:
@@ -72,6 +77,14 @@ async def _main(task_dir: Path, attempt: int, node: str) -> int:
 
 def _journal(task_dir: Path) -> Journal:
     """The journal in the host's RAM when the parent serves one, else in ``task_dir``."""
+    if os.environ.get(AGENT_ENV, ""):
+        return agent_journal()
+    return DiskJournal(task_dir / JOURNAL_DIR)
+
+
+def agent_journal() -> ArenaJournal:
+    """The journal in the RAM of the process serving ``SUPERVISE_AGENT`` (the shard and fence
+    from the environment; SnapshotError if they are not set right)."""
     endpoint = os.environ.get(AGENT_ENV, "")
     if endpoint:
         shard = os.environ.get(SHARD_ENV, "")
@@ -81,7 +94,7 @@ def _journal(task_dir: Path) -> Journal:
         if not fence.isdigit():
             raise SnapshotError(f"{FENCE_ENV}={fence!r}: must be the attempt's fence (>= 0)")
         return ArenaJournal(AgentClient(endpoint, int(shard)), generation=int(fence))
-    return DiskJournal(task_dir / JOURNAL_DIR)
+    raise SnapshotError(f"{AGENT_ENV} is not set: no journal host to write to")
 
 
 def main(argv: list[str]) -> int:

@@ -69,7 +69,7 @@ class Resources:
     def __add__(self, o: Resources) -> Resources:
         if not isinstance(o, Resources):
             return NotImplemented
-        return Resources(
+        return _checked(
             (self.millicpu + o.millicpu) / MILLI, self.memory + o.memory, self.gpus + o.gpus
         )
 
@@ -78,7 +78,7 @@ class Resources:
         nothing left)."""
         if not isinstance(o, Resources):
             return NotImplemented
-        return Resources(
+        return _checked(
             max(0, self.millicpu - o.millicpu) / MILLI,
             max(0, self.memory - o.memory),
             max(0, self.gpus - o.gpus),
@@ -100,6 +100,17 @@ class Resources:
 
     def __str__(self) -> str:
         return f"{self.cpu:g} cpu, {format_size(self.memory)} memory, {self.gpus} gpus"
+
+
+def _checked(cpu: float, memory: int, gpus: int) -> Resources:
+    """A `Resources` from parts already valid (sums and differences of valid ones): the
+    coordinator adds up every running task's needs each round, and validating each partial
+    sum again was most of its CPU time per task."""
+    r = object.__new__(Resources)
+    object.__setattr__(r, "cpu", cpu)
+    object.__setattr__(r, "memory", memory)
+    object.__setattr__(r, "gpus", gpus)
+    return r
 
 
 _FORMAT_UNITS: Final = tuple(

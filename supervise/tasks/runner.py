@@ -139,20 +139,9 @@ class WorkerProcess:
         spec.save(self.task_dir / SPEC_FILE)
 
     def _env(self, attempt: int) -> dict[str, str]:
-        given = self.env.get("PYTHONPATH", "").split(os.pathsep)
-        parts = [_PACKAGE_ROOT, *given, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
+        env = {**self.env, "PYTHONPATH": pythonpath(self.env.get("PYTHONPATH", ""))}
         env.update(trace_env())  # the worker's step spans: children of this attempt's span
-        if self.host is None:  # on disk: not the journal of whatever this process inherited
-            env.update({AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""})
-        else:
-            env.update(
-                {
-                    AGENT_ENV: self.host.endpoint,
-                    SHARD_ENV: str(self.shard),
-                    TOKEN_ENV: self.host.token(self.shard, attempt),  # earlier attempts': void
-                }
-            )
+        env.update(journal_env(self.host, self.shard, attempt))
         return env
 
     def _outcome(self) -> Outcome | None:
@@ -188,6 +177,28 @@ class WorkerProcess:
         if outcome is not None and outcome.attempt == attempt:
             return AttemptEnd(outcome)
         return AttemptEnd(None, lost=f"worker exited without an outcome ({reason})")
+
+
+def pythonpath(given: str = "") -> str:
+    """A worker's PYTHONPATH: this same supervise first, then ``given``, then this process's."""
+    parts = [
+        _PACKAGE_ROOT,
+        *given.split(os.pathsep),
+        *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+    ]
+    return os.pathsep.join(p for p in parts if p)
+
+
+def journal_env(host: JournalHost | None, shard: int, attempt: int) -> dict[str, str]:
+    """Where a worker's attempt writes its journal: shard ``shard`` of ``host`` under a fresh
+    token (earlier attempts' tokens stop working), or on disk (``host`` None: none inherited)."""
+    if host is None:
+        return {AGENT_ENV: "", SHARD_ENV: "", TOKEN_ENV: ""}
+    return {
+        AGENT_ENV: host.endpoint,
+        SHARD_ENV: str(shard),
+        TOKEN_ENV: host.token(shard, attempt),
+    }
 
 
 @attrs.frozen(slots=True)

@@ -2,7 +2,8 @@
 `FarmNode`, without a coordinator (the test plays it, so it controls fences and leases).
 
 ``python farm_node_proc.py RANK COORD PEERS ENDPOINT... `` (PEERS: comma-separated ranks, or
-``-``); each line of ``$FARM_PIDS`` gets ``task pid`` of a task worker as it starts.
+``-``); each line of ``$FARM_PIDS`` gets ``task pid`` of a task worker as it starts;
+``$FARM_POOL_WORKERS``: its warm task workers (default 1; 0: a fresh process per attempt).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from supervise.snapshot.retention import RetentionRule
 from supervise.snapshot.service import ArenaService
 from supervise.snapshot.tokens import RankTokens
 from supervise.tasks import farm_messages, journal_replica
+from supervise.tasks.pool import PoolSettings
 
 
 async def main(rank: int, coord: int, peers: list[int], endpoints: list[str]) -> None:
@@ -57,6 +59,7 @@ async def main(rank: int, coord: int, peers: list[int], endpoints: list[str]) ->
         run_dir=run_dir,
         worker_shutdown=2.0,
         on_pid=on_pid,
+        pool=PoolSettings(workers=int(os.environ.get("FARM_POOL_WORKERS", "1"))),
     )
     try:
         async with transport.running():

@@ -20,6 +20,10 @@ from supervise.cli.node import _farm_options
         (["--tasks", "--cpus", "0"], "--cpus 0.0: must be a number of cores > 0"),
         (["--tasks", "--label", "nolabel"], "nolabel"),
         (["--tasks", "--", "python", "x.py"], "a farm node (--tasks) runs no command"),
+        (["--task-workers", "2", "--", "true"], "--task-workers 2: is for farm nodes"),
+        (["--tasks", "--task-workers", "-1"], "--task-workers -1: must be an integer >= 0"),
+        (["--tasks", "--task-max-tasks", "-5"], "--task-max-tasks -5: must be an integer >= 0"),
+        (["--tasks", "--task-preload", "a b"], "--task-preload 'a b': must be module names"),
     ],
 )
 def test_bad_farm_flags_are_one_line(
@@ -38,3 +42,22 @@ def test_capacity_is_detected_and_overridable() -> None:
     given = _farm_options(args)
     assert (given.capacity.cpu, given.capacity.memory, given.capacity.gpus) == (1.5, 512e6, 2)
     assert given.labels == {"zone=a"}
+
+
+def test_warm_task_workers_default_to_one_per_core_and_are_overridable() -> None:
+    args = argparse.Namespace(tasks=True, cpus=3.5, memory=None, gpus=None, label=[])
+    pool = _farm_options(args).pool
+    assert pool.workers is None and pool.for_cores(3.5).workers == 4 and pool.enabled
+    args = argparse.Namespace(
+        tasks=True,
+        cpus=None,
+        memory=None,
+        gpus=None,
+        label=[],
+        task_workers=0,
+        task_max_tasks=7,
+        task_preload="numpy, stages",
+    )
+    pool = _farm_options(args).pool
+    assert (pool.workers, pool.max_tasks, pool.preload) == (0, 7, ("numpy", "stages"))
+    assert not pool.for_cores(8).enabled  # 0: a fresh process per attempt, as before
