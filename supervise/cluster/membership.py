@@ -100,6 +100,12 @@ class Membership:
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
         self._seq = 0
 
+    @property
+    def _pause_limit(self) -> float:
+        """A gap between two runs of the watch loop (at most a heartbeat interval apart when
+        this process runs) longer than this is a pause of this process, not of its peers."""
+        return max(3 * self.config.interval, self.config.timeout / 2)
+
     @classmethod
     def from_policy(cls, link: HeartbeatLink, peers: Iterable[int], policy: Any) -> Membership:
         """Read ``policy.cluster.heartbeat_interval`` / ``peer_timeout``."""
@@ -231,8 +237,17 @@ class Membership:
         try:
             task_status.started(self)
             next_beat = now
+            awake = now  # when this loop last ran: a longer gap is a pause of this process
             while True:
                 now = trio.current_time()
+                gap = now - awake
+                if gap > self._pause_limit:
+                    self._detector.excuse(gap - self.config.interval)
+                    log.warning(
+                        "this process was paused: peers' silence in that time not counted",
+                        seconds=round(gap, 3),
+                    )
+                awake = now
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.config.interval

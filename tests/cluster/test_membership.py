@@ -233,3 +233,29 @@ def test_a_peer_declared_lost_by_its_lease_comes_back_by_heartbeat() -> None:
     assert det.check(100.0) == []  # already lost: the timeout says nothing more
     assert det.heartbeat(1, 7, 101.0) == [PeerBack(1, 7, restarted=False)]
     assert det.lose(9, 3.0, LossCause.LEASE) == []  # not a watched peer
+
+
+async def test_a_pause_of_this_process_is_not_its_peers_silence(autojump_clock: Any) -> None:
+    """SIGSTOP of a node past the peer timeout: when it runs again its peers' heartbeats are
+    still on their way; it must not declare them lost (and lead alone on a stale view). A
+    peer that stays silent after the pause is lost one timeout later, as ever."""
+    cfg = DetectorConfig(interval=0.5, timeout=2)
+    async with trio.open_nursery() as nursery:
+        net = FakeNet(nursery)
+        m = Membership(FakeLink(net, 0), [0, 1], cfg, incarnation=1)
+        await nursery.start(m.run)
+        events = m.subscribe()
+        peer = FakeLink(net, 1)
+        for seq in range(4):
+            assert peer.try_send(0, Heartbeat(1, 7, seq))
+            await trio.sleep(0.5)
+        assert m.is_alive(1)
+        autojump_clock.jump(10.0)  # the whole process stopped for 10 s: nothing ran
+        await trio.sleep(0.3)  # running again; the peer's next heartbeat is on its way
+        assert m.is_alive(1)
+        assert peer.try_send(0, Heartbeat(1, 7, 4))
+        await trio.sleep(1.0)
+        assert m.is_alive(1)
+        with trio.fail_after(cfg.timeout + 1):  # silence after the pause counts again
+            assert await events.receive() == PeerLost(1, pytest.approx(2.0, abs=0.6))
+        nursery.cancel_scope.cancel()
