@@ -24,7 +24,7 @@ EVERY_STEP = (
     )
     + "[replication]\nreplicas = 2\n"
 )
-LOSSES = 4
+LOSSES = 3
 
 
 def status(c: Nodes) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def ready(c: Nodes, survivor: int, stored: int, restored: int) -> dict[str, Any]
     return doc if all(p is not None and p > restored for p in points) else None
 
 
-def test_four_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> None:
+def test_three_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> None:
     worker = [
         sys.executable,
         str(FAKE_WORKER),

@@ -386,7 +386,7 @@ def test_status_json_has_the_documented_fields_and_shows_workers_progress_and_la
         ), table
         assert re.search(r"^0 +0 +\d+ \(spare\) +\d+ +[\d.]+s +v\d+ +v\d+ on node 1 ", table, re.M)
         assert "guard pid" in table and "spares waiting" in table
-        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert c.stop() == {0: 143, 1: 143}  # (the end of training is other tests' business)
 
 
 def children_of(pid: int) -> set[int]:

@@ -62,40 +62,41 @@ def damage(path: Path, how: str) -> None:
     path.write_bytes(raw)
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_cluster_restarted_from_disk_falls_back_past_a_corrupt_newest_file(
-    tmp_path: Path, how: str
+def test_cluster_restarted_from_disk_falls_back_past_corrupt_newest_files(
+    tmp_path: Path,
 ) -> None:
+    """Rank 1's newest file flipped (found only when loaded) and rank 0's previous one
+    truncated: the cluster restarts from the third newest on every rank, bit-exact."""
     ckpt = tmp_path / "ckpt"
-    steps = 1000  # 20 s of training: still running when every node is killed
+    steps = 400  # 8 s of training: still running when every node is killed (at ~step 20)
     with nodes(tmp_path, 2, steps=steps, policy=PERSIST) as c:
         c.start_all()
         c.wait_resumed(1)
-        c.wait("three versions on disk for both ranks", lambda: len(common_steps(ckpt, 2)) >= 3)
+        c.wait("four versions on disk for both ranks", lambda: len(common_steps(ckpt, 2)) >= 4)
         for rank in (0, 1):
             c.kill_node(rank)  # every copy in RAM is gone: only the disk is left
         held = common_steps(ckpt, 2)
-        newest, previous = held[-1], held[-2]
-        bad = files(ckpt)[1, newest]
-        damage(bad, how)
+        newest, previous, third = held[-1], held[-2], held[-3]
+        flipped, truncated = files(ckpt)[1, newest], files(ckpt)[0, previous]
+        damage(flipped, "flip")
+        damage(truncated, "truncate")
 
         c.start_all()  # the cluster restarted from disk
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         sent = [e["step"] for e in c.events(0, "restart sent")]
-        assert sent[-1] == previous, sent
-        if how == "flip":
-            # The header is intact: the version was chosen once, failed to load, and is never
-            # chosen again (before the fix: the same version on every attempt, exit 3).
-            assert sent == [newest, previous], sent
+        # The flipped file's header is intact: its version was chosen once, failed to load,
+        # and is never chosen again (before the fix: the same version on every attempt).
+        assert sent[0] == newest and sent.count(newest) == 1 and sent[-1] == third, sent
         for node in (0, 1):
             loaded = c.events(node, "shard loaded from disk")
-            assert any(e["step"] == previous for e in loaded), loaded
+            assert any(e["step"] == third for e in loaded), loaded
             resumed = c.events(node, "training resumed")
-            assert resumed[-1]["step"] == previous, resumed
-        assert not bad.exists()
-        assert bad.with_name(bad.name + CORRUPT_SUFFIX).exists()
-        lines = [e["event"] for e in c.events(1) if "renamed to" in str(e.get("event"))]
-        assert lines and "fails verification" in lines[0], lines
+            assert resumed[-1]["step"] == third, resumed
+        for bad, node in ((flipped, 1), (truncated, 0)):
+            assert not bad.exists(), bad
+            assert bad.with_name(bad.name + CORRUPT_SUFFIX).exists(), bad
+            lines = [e["event"] for e in c.events(node) if "renamed to" in str(e.get("event"))]
+            assert lines and "fails verification" in lines[0], (node, lines)
         assert_exact(c.out, 2, steps)
         assert c.orphans() == []
 
