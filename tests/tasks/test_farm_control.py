@@ -12,6 +12,7 @@ from supervise._testing.poll import wait_until_async
 from supervise.cluster.errors import RequestTimeout
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_messages import (
+    RESULT_HOLD_MAX_S,
     STALE_FENCE,
     Ack,
     AttemptPhase,
@@ -648,4 +649,23 @@ async def test_a_moved_task_whose_new_node_refuses_it_is_placed_again(
             timeout_s=60,
         )
         assert (await info(f, "t"))["state"] == "assigned"  # the control plane still runs
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_held_result_query_is_answered_at_its_wait(autojump_clock: Any) -> None:
+    """A result query with a wait is held while its task runs: answered with the state then
+    (the client asks again); an unknown task and a wait over the bound are refused at once."""
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        t0 = trio.current_time()
+        res = await ask(f, ResultQuery("t", wait=2.0))
+        assert isinstance(res, ResultReply) and res.state in ("assigned", "running")
+        assert 2.0 <= trio.current_time() - t0 < 2.6
+        refused = await ask(f, ResultQuery("nope", wait=2.0))
+        assert isinstance(refused, FarmRefusal) and refused.unknown
+        assert not f.coordinator._held
+        with pytest.raises(ValueError, match="wait"):
+            ResultQuery("t", wait=RESULT_HOLD_MAX_S + 1)
         nursery.cancel_scope.cancel()
