@@ -257,7 +257,8 @@ class FarmControl:
     async def _sleep(self) -> None:
         wait = self._tick
         at = self._clock()
-        ready = self.table.next_ready(at)
+        # a follower never reads its replica here: it stays encoded (see `merge_encoded`)
+        ready = self.table.next_ready(at) if self._leading else None
         if ready is not None:
             wait = min(wait, ready - at)
         asleep = trio.current_time()
