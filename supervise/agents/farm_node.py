@@ -716,7 +716,7 @@ class FarmNode:
         # (leadership moved meanwhile) moves it at once, not after a live node's leases
         self._dropped[run.task_id] = run.fence
         if run.finished:  # its worker is gone; its end was taken, or the task moved on
-            log.info("attempt over and no longer current", task=run.task_id, fence=run.fence)
+            log.debug("attempt over and no longer current", task=run.task_id, fence=run.fence)
         else:
             log.warning("zombie attempt: killing its worker", task=run.task_id, fence=run.fence)
             run.halt(hard=True)

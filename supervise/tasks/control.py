@@ -56,7 +56,7 @@ from supervise.tasks.farm_messages import (
     Update,
 )
 from supervise.tasks.journal import CorruptRecord
-from supervise.tasks.resources import Resources
+from supervise.tasks.resources import MILLI, Resources
 from supervise.tasks.scheduler import NodeView, Request, Strategy, place, unschedulable
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import TERMINAL, TaskState
@@ -171,6 +171,9 @@ class FarmControl:
         self._disowned: set[str] = set()  # its node said it dropped the attempt
         self._deaf = 0.0  # seconds this process could not run its tasks (starved, stopped)
         self._due: float | None = None  # when the watchdog is due to wake
+        # result queries held until their task ends: task id -> [(query, deadline on trio's
+        # clock)]; answered after the save that holds the end (see `_answer_held`)
+        self._held: dict[str, list[tuple[Incoming[ResultQuery], float]]] = {}
 
     # -- who leads -------------------------------------------------------------------------
 
@@ -254,10 +257,14 @@ class FarmControl:
     async def _sleep(self) -> None:
         wait = self._tick
         at = self._clock()
-        ready = self.table.next_ready(at)
+        # a follower never reads its replica here: it stays encoded (see `merge_encoded`)
+        ready = self.table.next_ready(at) if self._leading else None
         if ready is not None:
             wait = min(wait, ready - at)
         asleep = trio.current_time()
+        if self._held:
+            due = min(d for held in self._held.values() for _, d in held)
+            wait = min(wait, max(0.0, due - asleep))
         with trio.move_on_after(wait):
             await self._wake.wait()
         if trio.current_time() - asleep > wait + self.lease_s / 2:
@@ -288,6 +295,7 @@ class FarmControl:
         self._schedule(now, at)
         self._count()
         await self._flush()
+        self._answer_held()
 
     def _step_down(self) -> None:
         self._leading = False
@@ -298,6 +306,10 @@ class FarmControl:
         self._recoveries.clear()
         replies, self._replies = self._replies, []
         refusal = self._refusal()
+        held, self._held = self._held, {}
+        for queries in held.values():  # ask the new coordinator
+            for query, _ in queries:
+                self._send_reply(query, refusal)
         for request, _ in replies:  # never made durable here: ask the new coordinator
             node_report = isinstance(request.body, Update)
             self._send_reply(request, Ack(False, refusal.reason) if node_report else refusal)
@@ -408,25 +420,35 @@ class FarmControl:
             pass
         self._recoveries[task_id] = recovery
 
-    def _views(self) -> list[NodeView]:
+    def _views(self, *, use: bool = True) -> list[NodeView]:
+        """The live nodes that offered; with ``use``, what their tasks use (summed in whole
+        units: one `Resources` per node, not one per task), else nothing used (a submit's
+        check looks only at capacity)."""
         live = set(self._live())
-        used: dict[int, Resources] = {}
-        running: dict[int, int] = {}
-        for rec in self.table.live_on_nodes():
-            if rec.node is not None:
-                used[rec.node] = used.get(rec.node, Resources(0.0)) + rec.needs
-                running[rec.node] = running.get(rec.node, 0) + 1
-        return [
-            NodeView(
-                rank,
-                offer.capacity,
-                used.get(rank, Resources(0.0)),
-                offer.labels,
-                running.get(rank, 0),
+        used: dict[int, list[int]] = {}  # node: [millicpu, memory, gpus, tasks]
+        if use:
+            for rec in self.table.live_on_nodes():
+                if rec.node is not None:
+                    u = used.get(rec.node)
+                    if u is None:
+                        u = used[rec.node] = [0, 0, 0, 0]
+                    needs = rec.needs
+                    u[0] += needs.millicpu
+                    u[1] += needs.memory
+                    u[2] += needs.gpus
+                    u[3] += 1
+        none = [0, 0, 0, 0]
+        views = []
+        for rank, offer in sorted(self.offers.items()):
+            if rank not in live:
+                continue
+            m, memory, gpus, running = used.get(rank, none)
+            views.append(
+                NodeView(
+                    rank, offer.capacity, Resources(m / MILLI, memory, gpus), offer.labels, running
+                )
             )
-            for rank, offer in sorted(self.offers.items())
-            if rank in live
-        ]
+        return views
 
     def _schedule(self, now: float, at: float) -> None:
         requests = self.table.requests(at, PLACE_WINDOW)
@@ -682,7 +704,7 @@ class FarmControl:
             labels = frozenset(s.labels)
         except (CorruptRecord, ValueError, TypeError) as exc:
             return FarmRefusal(f"bad task: {exc}")
-        views = self._views()
+        views = self._views(use=False)  # capacity only: no sum over the running tasks
         why = unschedulable(needs, labels, views) if views else None
         if why is not None:
             return FarmRefusal(why, self.rank, unschedulable=True)
@@ -748,11 +770,36 @@ class FarmControl:
             rec = self.table.get(q.task_id)
         except UnknownTask as exc:
             return FarmRefusal(str(exc), self.rank, unknown=True)
-        result = rec.result
-        if result is None or len(result) <= INLINE_BYTES:
-            return ResultReply(rec.task_id, str(rec.state), result, rec.error)
-        reply = ResultReply(rec.task_id, str(rec.state), None, rec.error)
-        return Reply(reply, frames=[result])  # a large result: the payload
+        if q.wait > 0 and rec.state not in TERMINAL:  # answered when it ends (or at wait)
+            due = trio.current_time() + q.wait
+            self._held.setdefault(rec.task_id, []).append((msg, due))
+            self.poke()  # the loop's sleep wakes for the deadline
+            return DEFERRED
+        return _result_reply(rec)
+
+    def _answer_held(self) -> None:
+        """Answer the held result queries whose task ended, its end saved (not dirty), and
+        those held past their wait (the task's state now: the client asks again)."""
+        if not self._held:
+            return
+        now = trio.current_time()
+        for task_id in list(self._held):
+            rec = self.table.find(task_id)
+            ended = rec is not None and rec.state in TERMINAL and self.table.saved(task_id)
+            keep = []
+            for query, due in self._held[task_id]:
+                if rec is None:
+                    self._send_reply(
+                        query, FarmRefusal(f"no task {task_id!r}", self.rank, unknown=True)
+                    )
+                elif ended or due <= now:
+                    self._send_reply(query, _result_reply(rec))
+                else:
+                    keep.append((query, due))
+            if keep:
+                self._held[task_id] = keep
+            else:
+                del self._held[task_id]
 
     # -- handlers: the replicated table ----------------------------------------------------
 
@@ -763,7 +810,7 @@ class FarmControl:
         return Ack(True)
 
     def _take_table(self, msg: Incoming[TableUpdate]) -> None:
-        self.table.merge(TaskRecord.from_bytes(b) for b in _records(msg))
+        self.table.merge_encoded(_records(msg))  # decoded when read (a take-over, a pull)
         self._take_offers(msg.body)
 
     def _take_offers(self, update: TableUpdate) -> None:
@@ -782,6 +829,15 @@ class FarmControl:
             recs = recs[: q.limit]
         frames = _pack_frames([r.to_bytes() for r in recs]) if recs else []
         return Reply(TableUpdate(self.rank, [], self._offer_list(), more), frames=frames)
+
+
+def _result_reply(rec: TaskRecord) -> object:
+    """A task's outcome for a client: a large result as the payload."""
+    result = rec.result
+    if result is None or len(result) <= INLINE_BYTES:
+        return ResultReply(rec.task_id, str(rec.state), result, rec.error)
+    reply = ResultReply(rec.task_id, str(rec.state), None, rec.error)
+    return Reply(reply, frames=[result])
 
 
 def _pack(items: list[Any]) -> bytes:

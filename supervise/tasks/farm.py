@@ -47,6 +47,9 @@ __all__ = ["Farm", "FarmError", "TaskCancelled", "TaskInfo", "TaskRef", "Unsched
 NODES_ENV = "SUPERVISE_NODES"
 _POLL_FIRST = 0.05
 _POLL_MAX = 1.0
+RESULT_HOLD_S = 1.0
+"""How long the coordinator may hold a result query for its task to end (at most a quarter
+of the client's timeout): the answer comes when the task ends, not at the next poll."""
 REQUEST_MIN_S = 2.0
 """The least one request waits for its answer before the client asks again or another node;
 at most it waits half the time left (a node that never answers leaves time to ask others)."""
@@ -369,8 +372,11 @@ class Farm:
 
     async def _wait_result(self, task_id: str, wait: bool) -> Any:
         pause = _POLL_FIRST
+        # the coordinator holds the query until the task ends (well within a request's wait)
+        hold = min(RESULT_HOLD_S, self.timeout / 4) if wait else 0.0
         while True:
-            got = await self._call(ResultQuery(task_id))
+            asked = trio.current_time()
+            got = await self._call(ResultQuery(task_id, hold))
             body = got.body
             if not isinstance(body, ResultReply):
                 raise FarmError(f"unexpected answer {type(body).__name__}")
@@ -385,7 +391,9 @@ class Farm:
                 raise TaskCancelled(f"task {task_id} was cancelled")
             if not wait:
                 raise FarmError(f"task {task_id} is {state}")
-            await trio.sleep(pause)
+            if trio.current_time() - asked >= hold / 2:
+                continue  # held as asked: ask again at once
+            await trio.sleep(pause)  # answered early (a node refusing, taking over)
             pause = min(pause * 1.5, _POLL_MAX)
 
     async def cancel(self, task_id: str) -> TaskInfo:

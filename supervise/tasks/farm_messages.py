@@ -34,6 +34,19 @@ def _ge0(_inst: object, attr: attrs.Attribute[Any], value: float | int) -> None:
         raise ValueError(f"{attr.name} = {value!r}: must be >= 0")
 
 
+#: The longest a coordinator holds a `ResultQuery` for a task to end.
+RESULT_HOLD_MAX_S = 5.0
+
+
+def _hold(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.0 <= value <= RESULT_HOLD_MAX_S
+    ):
+        raise ValueError(f"{attr.name} = {value!r}: must be in [0, {RESULT_HOLD_MAX_S:g}] seconds")
+
+
 def _non_empty(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{attr.name} = {value!r}: must be a non-empty string")
@@ -236,9 +249,12 @@ class Control:
 @message_kind("farm.result")
 @attrs.frozen(slots=True)
 class ResultQuery:
-    """Client -> coordinator: a task's outcome. Reply: `ResultReply`."""
+    """Client -> coordinator: a task's outcome. Reply: `ResultReply`. With ``wait`` > 0 the
+    coordinator holds the query of an unfinished task until it ends (answered once its end
+    is saved) or ``wait`` seconds pass (at most `RESULT_HOLD_MAX_S`; then its state now)."""
 
     task_id: str = attrs.field(validator=_non_empty)
+    wait: float = attrs.field(default=0.0, validator=_hold)
 
 
 @message_kind("farm.task")

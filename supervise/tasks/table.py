@@ -35,6 +35,16 @@ from supervise.tasks.states import (
 
 _LIVE_ON_NODE = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 
+#: The fields of an encoded record (`TaskRecord.to_bytes`).
+_FIELDS = frozenset(
+    {
+        "id", "spec", "target", "needs", "labels", "priority", "seq", "max_attempts",
+        "non_retryable", "history", "attempt", "fence", "node", "replicas", "progress",
+        "steps", "result", "error", "errors", "losses", "not_before", "avoid", "stop",
+        "resume_after", "rev",
+    }
+)  # fmt: skip
+
 
 class TableError(ValueError):
     """A request the table refuses (one line): unknown task, a state that does not allow it."""
@@ -200,6 +210,9 @@ class TaskTable:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskRecord] = {}
+        # records taken encoded (`merge_encoded`) and not decoded yet: task id -> (rev, seq,
+        # bytes), each newer than the decoded record of that task, if any
+        self._raw: dict[str, tuple[int, int, bytes]] = {}
         self._dirty: set[str] = set()
         self._seq = 0
         # indexes by state, kept by `_index` (the coordinator asks for these every round)
@@ -223,36 +236,53 @@ class TaskTable:
     # -- reading ---------------------------------------------------------------------------
 
     def __contains__(self, task_id: object) -> bool:
+        self._settle()
         return task_id in self._tasks
 
     def __len__(self) -> int:
+        self._settle()
         return len(self._tasks)
 
     def __iter__(self) -> Iterator[TaskRecord]:
+        self._settle()
         return iter(sorted(self._tasks.values(), key=lambda r: r.seq))
 
     def get(self, task_id: str) -> TaskRecord:
         """The task, or UnknownTask."""
+        self._settle()
         rec = self._tasks.get(task_id)
         if rec is None:
             raise UnknownTask(f"no task {task_id!r}")
         return rec
 
+    def find(self, task_id: str) -> TaskRecord | None:
+        """The task, or None."""
+        self._settle()
+        return self._tasks.get(task_id)
+
+    def saved(self, task_id: str) -> bool:
+        """Whether the task has no change since the last `flushed` (its record is durable)."""
+        return task_id not in self._dirty
+
     def counts(self) -> dict[TaskState, int]:
         """Tasks by state (every state listed)."""
+        self._settle()
         return dict(self._counts)
 
     def on_node(self, node: int) -> list[TaskRecord]:
         """The tasks assigned to or running on ``node``."""
+        self._settle()
         return [r for r in self.live_on_nodes() if r.node == node]
 
     def live_on_nodes(self) -> list[TaskRecord]:
         """Every task assigned or running somewhere."""
+        self._settle()
         return [self._tasks[t] for t in self._on_nodes]
 
     def requests(self, at: float, limit: int | None = None) -> list[Request]:
         """Placement requests of the pending tasks whose backoff is over at ``at``: the
         first ``limit`` by priority, then submission order (all: None)."""
+        self._settle()
         ready = [r for r in (self._tasks[t] for t in self._pending) if r.not_before <= at]
         if limit is not None and len(ready) > limit:
             ready = heapq.nsmallest(limit, ready, key=lambda r: (-r.priority, r.seq))
@@ -271,6 +301,7 @@ class TaskTable:
 
     def next_ready(self, at: float) -> float | None:
         """The earliest backoff end after ``at`` among pending tasks (None: none waiting)."""
+        self._settle()
         waits = [r.not_before for r in (self._tasks[t] for t in self._pending) if r.not_before > at]
         return min(waits, default=None)
 
@@ -279,10 +310,12 @@ class TaskTable:
     @property
     def dirty(self) -> list[TaskRecord]:
         """Records changed since the last `flushed`."""
+        self._settle()
         return [self._tasks[t] for t in sorted(self._dirty)]
 
     def flushed(self, revisions: Mapping[str, int]) -> None:
         """These tasks are durable at these revisions (a task changed since stays dirty)."""
+        self._settle()
         for task_id, rev in revisions.items():
             rec = self._tasks.get(task_id)
             if rec is not None and rec.rev == rev:
@@ -291,6 +324,7 @@ class TaskTable:
     def merge(self, records: Iterable[TaskRecord]) -> int:
         """Keep each task's highest revision (a replica's table, a new coordinator's pull);
         how many records were taken."""
+        self._settle()
         taken = 0
         for rec in records:
             mine = self._tasks.get(rec.task_id)
@@ -300,6 +334,38 @@ class TaskTable:
                 self._seq = max(self._seq, rec.seq)
                 taken += 1
         return taken
+
+    def merge_encoded(self, blobs: Iterable[bytes]) -> int:
+        """`merge` of records as `TaskRecord.to_bytes` wrote them (a peer's replica of the
+        coordinator's table): only each record's id, revision and sequence are read now; the
+        newest copy of each task is kept as bytes and decoded when the table is next read or
+        changed (a take-over, a pull, a query), so a peer spends next to nothing per update.
+        How many records were taken; TableError for bytes that are no task record."""
+        taken = 0
+        for data in blobs:
+            task_id, rev, seq = _peek(data)
+            held = self._raw.get(task_id)
+            mine = self._tasks.get(task_id)
+            newest = max(-1 if held is None else held[0], -1 if mine is None else mine.rev)
+            if rev > newest:
+                self._raw[task_id] = (rev, seq, data)
+                self._seq = max(self._seq, seq)
+                taken += 1
+        return taken
+
+    def _settle(self) -> None:
+        """Decode the records `merge_encoded` kept (a record whose fields do not decode is
+        left out: the copy decoded before, if any, stays)."""
+        if not self._raw:
+            return
+        raw, self._raw = self._raw, {}
+        for _rev, _seq, data in raw.values():
+            try:
+                rec = TaskRecord.from_bytes(data)
+            except TableError:
+                continue
+            self._tasks[rec.task_id] = rec
+            self._index(rec)
 
     def _touch(self, rec: TaskRecord) -> None:
         rec.rev += 1
@@ -328,6 +394,7 @@ class TaskTable:
     ) -> tuple[TaskRecord, bool]:
         """Queue a task; (its record, whether it is new). A second submit of the same id
         answers the task already there; with another target it is refused."""
+        self._settle()
         old = self._tasks.get(spec.task_id)
         if old is not None:
             if old.target != spec.target:
@@ -359,6 +426,7 @@ class TaskTable:
     ) -> TaskRecord:
         """pending -> assigned on ``node``: a new attempt under a new, higher fence
         (``next_fence(old)``, which must be greater)."""
+        self._settle()
         rec = self.get(task_id)
         fence = next_fence(rec.fence)
         if fence <= rec.fence:
@@ -373,12 +441,14 @@ class TaskTable:
     def bump(self, rec: TaskRecord) -> None:
         """A new revision of ``rec``, saved at the next flush (a new coordinator re-broadcasts
         its table above every older copy)."""
+        self._settle()
         self._touch(rec)
 
     def drop_unsaved(self, saved: Iterable[TaskRecord]) -> None:
         """Replace every change not saved yet by its saved version in ``saved`` (newest
         revision), or forget the task if none was saved: those changes were never
         acknowledged to anyone."""
+        self._settle()
         newest: dict[str, TaskRecord] = {}
         for rec in saved:
             if rec.task_id not in newest or rec.rev > newest[rec.task_id].rev:
@@ -408,6 +478,7 @@ class TaskTable:
     def current(self, task_id: str, fence: int, node: int | None = None) -> TaskRecord | None:
         """The task if ``fence`` (from ``node``) is its current attempt's, else None (a
         zombie's: an older fence, or a task no longer on a node)."""
+        self._settle()
         rec = self._tasks.get(task_id)
         if rec is None or rec.fence != fence or rec.state not in _LIVE_ON_NODE:
             return None
@@ -417,6 +488,7 @@ class TaskTable:
 
     def update(self, u: Update, at: float) -> UpdateVerdict:
         """Apply a node's report of an attempt; STALE when it is not the current attempt."""
+        self._settle()
         rec = self.current(u.task_id, u.fence, u.node)
         if rec is None:
             return UpdateVerdict.STALE
@@ -499,6 +571,7 @@ class TaskTable:
         """The task's node is gone (membership) or its lease ran out: back to pending
         (preferring the nodes holding its replica), or dead-lettered after too many losses;
         None if it was not on a node."""
+        self._settle()
         rec = self._tasks.get(task_id)
         if rec is None or rec.state not in _LIVE_ON_NODE or rec.node is None:
             return None
@@ -520,6 +593,7 @@ class TaskTable:
 
     def node_lost(self, node: int, at: float) -> list[Moved]:
         """Every task on ``node`` moved off it."""
+        self._settle()
         out = []
         for rec in sorted(self.on_node(node), key=lambda r: r.seq):
             moved = self.lost(rec.task_id, at, f"node {node} lost")
@@ -530,6 +604,7 @@ class TaskTable:
     def control(self, task_id: str, action: ControlAction, at: float) -> StopOrder | None:
         """Cancel, pause or resume; the `farm.stop` to send, if any. Refused (TableError)
         when the state does not allow it."""
+        self._settle()
         rec = self.get(task_id)
         state = rec.state
         try:
@@ -583,6 +658,22 @@ class TaskTable:
 
 _MAX_LOSSES = RetryPolicy().max_losses
 """Node losses (and start failures) a task survives before it is dead-lettered."""
+
+
+def _peek(data: bytes) -> tuple[str, int, int]:
+    """An encoded record's (task id, revision, sequence); TableError when it is none."""
+    try:
+        d = msgpack.unpackb(data, raw=False)
+    except (TypeError, ValueError) as e:
+        raise TableError(f"bad task record: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict) or not d.keys() >= _FIELDS:
+        raise TableError("bad task record: not a map of every field")
+    task_id, rev, seq = d["id"], d["rev"], d["seq"]
+    if not isinstance(task_id, str) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in (rev, seq)
+    ):
+        raise TableError("bad task record: id, rev or seq of the wrong type")
+    return task_id, rev, seq
 
 
 def record_json(rec: TaskRecord, *, history: bool = False) -> dict[str, Any]:

@@ -153,3 +153,26 @@ async def test_a_slow_coordinator_is_waited_for_and_a_submit_asked_again_is_one_
         assert again.body.info["id"] == ref.task_id
         assert len(f.coordinator.table) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_result_comes_when_the_task_ends_not_at_the_next_poll(autojump_clock: Any) -> None:
+    """The coordinator holds a result query until its task ends (its end saved on a peer), so
+    a client waiting for long learns the result at once, not up to a poll interval later."""
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        farm = client(f)
+        await farm.submit(TARGET, 3, cpu=0.5, task_id="t1")
+        got: list[float] = []
+
+        async def waiter() -> None:
+            assert await farm.result("t1", timeout=30) == 7
+            got.append(trio.current_time())
+
+        nursery.start_soon(waiter)
+        await trio.sleep(1.7)  # within the lease; a poll backing off would come 0.8 s later
+        done = trio.current_time()
+        await finish(f, "t1", AttemptPhase.COMPLETED, result=encode(7))
+        await trio.sleep(2.0)
+        assert got and got[0] - done < 0.1, got[0] - done
+        nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from supervise._testing.poll import wait_until_async
 from supervise.cluster.errors import RequestTimeout
 from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_messages import (
+    RESULT_HOLD_MAX_S,
     STALE_FENCE,
     Ack,
     AttemptPhase,
@@ -32,6 +33,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
+from supervise.tasks.table import TaskRecord
 from tests.tasks.farmkit import Farmlet, on_the_wire, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
@@ -648,4 +650,50 @@ async def test_a_moved_task_whose_new_node_refuses_it_is_placed_again(
             timeout_s=60,
         )
         assert (await info(f, "t"))["state"] == "assigned"  # the control plane still runs
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_held_result_query_is_answered_at_its_wait(autojump_clock: Any) -> None:
+    """A result query with a wait is held while its task runs: answered with the state then
+    (the client asks again); an unknown task and a wait over the bound are refused at once."""
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        await submit(f, "t")
+        t0 = trio.current_time()
+        res = await ask(f, ResultQuery("t", wait=2.0))
+        assert isinstance(res, ResultReply) and res.state in ("assigned", "running")
+        assert 2.0 <= trio.current_time() - t0 < 2.6
+        refused = await ask(f, ResultQuery("nope", wait=2.0))
+        assert isinstance(refused, FarmRefusal) and refused.unknown
+        assert not f.coordinator._held
+        with pytest.raises(ValueError, match="wait"):
+            ResultQuery("t", wait=RESULT_HOLD_MAX_S + 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_decodes_its_replica_only_when_it_reads_it(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Table updates cost a follower no record decoding, however many ticks pass; the new
+    coordinator decodes the whole replica when it takes over."""
+    decoded: list[bytes] = []
+    real = TaskRecord.from_bytes
+
+    def counting(data: bytes) -> TaskRecord:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(TaskRecord, "from_bytes", staticmethod(counting))
+    f = Farmlet(3)
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        for i in range(5):
+            await submit(f, f"t{i}")
+        await trio.sleep(5.0)  # many rounds: placed, leases renewed, saved on the peers
+        assert decoded == []
+        f.kill(0)
+        await wait_until_async(lambda: f.controls[1].leading, what="the takeover", timeout_s=30)
+        assert len(f.controls[1].table) == 5
+        assert len(decoded) >= 5
         nursery.cancel_scope.cancel()

@@ -42,6 +42,56 @@ def test_a_record_survives_its_encoding() -> None:
         TaskRecord.from_bytes(b"\x81\xa1x\x01")
 
 
+def test_a_replica_keeps_updates_encoded_until_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer decodes no record per table update: only the newest copy of each task, once,
+    when the table is read (a take-over, a pull); an older copy arriving late is ignored."""
+    leader, replica = _table("a", "b"), TaskTable()
+    updates = [[r.to_bytes() for r in leader]]
+    old_a = leader.get("a").to_bytes()
+    rec = leader.place("a", 1, 2.0)
+    updates.append([rec.to_bytes()])
+    leader.update(Update(1, "a", 1, rec.fence, AttemptPhase.STARTED), 3.0)
+    updates.append([leader.get("a").to_bytes()])
+    decoded: list[bytes] = []
+    real = TaskRecord.from_bytes
+
+    def counting(data: bytes) -> TaskRecord:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(TaskRecord, "from_bytes", staticmethod(counting))
+    for update in updates:
+        replica.merge_encoded(update)
+    assert replica.merge_encoded([old_a]) == 0  # late and older: not taken
+    assert decoded == []  # nothing decoded per update
+    assert len(replica) == 2 and replica.get("a").state is TaskState.RUNNING
+    assert len(decoded) == 2  # each task's newest copy, once
+    assert replica.counts()[TaskState.RUNNING] == 1 and replica.counts()[TaskState.PENDING] == 1
+    assert [r.to_bytes() for r in replica] == [r.to_bytes() for r in leader]
+    assert replica.merge_encoded([old_a]) == 0  # older than the decoded copy: not taken
+    assert replica.get("a").state is TaskState.RUNNING
+    with pytest.raises(TableError, match="bad task record"):
+        replica.merge_encoded([b"\x81\xa1x\x01"])
+    with pytest.raises(TableError, match="bad task record"):
+        replica.merge_encoded([b"\xc1"])
+
+
+def test_a_replica_taking_over_gets_the_whole_table_from_encoded_updates() -> None:
+    """Records kept encoded are the table a new coordinator works on: it places, moves and
+    re-saves them as if decoded on arrival (nothing committed dropped)."""
+    leader, replica = _table("a", "b", "c"), TaskTable()
+    replica.merge_encoded(r.to_bytes() for r in leader)
+    rec = leader.place("b", 0, 2.0)
+    replica.merge_encoded([rec.to_bytes()])
+    assert sorted(r.task_id for r in replica.requests(3.0)) == ["a", "c"]
+    assert [r.task_id for r in replica.on_node(0)] == ["b"]
+    moved = replica.node_lost(0, 4.0)
+    assert [m.task_id for m in moved] == ["b"] and replica.get("b").state is TaskState.PENDING
+    new, fresh = replica.submit(TaskSpec(TARGET, (1,), task_id="d"), Resources(1.0), 5.0)
+    assert fresh and new.seq == 4  # after every sequence it took, decoded or not
+    assert {r.task_id for r in replica.dirty} == {"b", "d"}
+
+
 def test_fences_only_grow_and_old_ones_are_stale() -> None:
     t = _table("a")
     first = t.place("a", 0, 1.0).fence
