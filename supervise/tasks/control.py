@@ -92,6 +92,9 @@ INLINE_BYTES = 16 * 1024
 #: Records per `TableUpdate` push and per `TablePull` page: however long the table, every
 #: request of a save or a takeover stays small and quick to answer.
 TABLE_CHUNK = 500
+#: Table pushes to one peer at a time at most: past that a slow peer skips a save (the
+#: others hold it; a new coordinator pulls from every live peer and merges by revision).
+MAX_PUSHES_IN_FLIGHT = 8
 #: The most bytes packed into one payload frame (the transport refuses frames over 64 MiB).
 FRAME_BYTES = 8 << 20
 #: A lease run out on a node that still shows signs of life (its messages arrive, its renewal
@@ -154,6 +157,7 @@ class FarmControl:
         self._clock = clock
         self.metrics = metrics if metrics is not None else FarmMetrics()
         self._timeout = request_timeout
+        self._in_flight: dict[int, int] = {}  # table pushes under way, per peer
         self._tick = min(tick, lease_s / 4)
         self.offers: dict[int, _Offer] = {}
         self._offers_dirty = False
@@ -534,28 +538,42 @@ class FarmControl:
         if not sent and not offered:
             return
         # bounded requests, the records as payload (never in the 64 KiB header); each chunk
-        # is held by at least one live peer before the next goes
+        # is held by at least one live peer before the next goes. The pushes run on their
+        # own: a dead peer not yet declared lost (or a slow one) holds up nothing once
+        # another peer took the chunk (the move of a lost node's tasks waited for its 5 s
+        # timeout); records merge by revision, so a late push does no harm.
         chunks = [sent[i : i + TABLE_CHUNK] for i in range(0, len(sent), TABLE_CHUNK)] or [[]]
         for i, chunk in enumerate(chunks):
             update = TableUpdate(self.rank, [], offered if i == 0 else [])
             frames = _pack_frames(chunk) if chunk else []
-            taken: list[int] = []
-            async with trio.open_nursery() as nursery:
-                for peer in peers:
-                    nursery.start_soon(self._push, peer, update, frames, taken)
-            if chunk and not taken:
+            pushes = _Pushes(len(peers))
+            assert self._nursery is not None  # saves run inside the control plane's run()
+            for peer in peers:
+                if self._in_flight.get(peer, 0) >= MAX_PUSHES_IN_FLIGHT:
+                    pushes.done(peer, taken=False)  # it holds the table via the others
+                    continue
+                self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+                self._spawn(self._push, peer, update, frames, pushes)
+            if not chunk:
+                continue  # offers only: nothing waits for them
+            await pushes.settled.wait()
+            if not pushes.taken:
                 raise _NotSaved(f"no reply from ranks {peers}")
 
     async def _push(
-        self, peer: int, update: TableUpdate, frames: list[bytes], taken: list[int]
+        self, peer: int, update: TableUpdate, frames: list[bytes], pushes: _Pushes
     ) -> None:
+        taken = False
         try:
             await self.link.request(peer, update, timeout=self._timeout, expect=Ack, frames=frames)
         except ClusterError as exc:  # a lost peer is requeued by membership, not here
             log.info("farm: table update not taken", peer=peer, error=str(exc))
         else:
-            taken.append(peer)
+            taken = True
             self._heard_from(peer)
+        finally:
+            self._in_flight[peer] -= 1
+            pushes.done(peer, taken=taken)
 
     def _offer_list(self) -> list[tuple[int, dict[str, Any], list[str]]]:
         return [
@@ -705,7 +723,10 @@ class FarmControl:
         except (CorruptRecord, ValueError, TypeError) as exc:
             return FarmRefusal(f"bad task: {exc}")
         views = self._views(use=False)  # capacity only: no sum over the running tasks
-        why = unschedulable(needs, labels, views) if views else None
+        # judged once every live node said what it offers: a node still starting may be the
+        # one that fits (a task submitted as the farm comes up was refused)
+        offered = all(rank in self.offers for rank in self._live())
+        why = unschedulable(needs, labels, views) if views and offered else None
         if why is not None:
             return FarmRefusal(why, self.rank, unschedulable=True)
         try:
@@ -899,6 +920,22 @@ def _records(msg: Incoming[TableUpdate]) -> list[bytes]:
         raise TableError("table update payload: not a list of records")
     out.extend(items)
     return out
+
+
+class _Pushes:
+    """One chunk's pushes to the peers: settled once a peer took it, or every push ended."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.taken: list[int] = []
+        self.settled = trio.Event()
+
+    def done(self, peer: int, *, taken: bool) -> None:
+        self.left -= 1
+        if taken:
+            self.taken.append(peer)
+        if self.taken or self.left <= 0:
+            self.settled.set()
 
 
 class _NotSaved(Exception):

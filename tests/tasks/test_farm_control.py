@@ -697,3 +697,44 @@ async def test_a_follower_decodes_its_replica_only_when_it_reads_it(
         assert len(f.controls[1].table) == 5
         assert len(decoded) >= 5
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_peer_not_yet_declared_lost_holds_up_no_save(autojump_clock: Any) -> None:
+    """Node 2 dead but still counted live (its loss not declared yet): a save another peer took
+    is acted on at once, not after the push to node 2 times out (a lost node's tasks moved
+    only once that push ran out: seconds of every takeover)."""
+    f = Farmlet(3, cpu=1.0)
+    for control in f.controls:
+        control._timeout = 30.0
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        f.net.down.add(2)  # dead; membership has not said so
+        start = trio.current_time()
+        got = await submit(f, "a")
+        assert isinstance(got, TaskReply), got
+        assert trio.current_time() - start < 1.0  # node 1 took the save: answered
+        f.kill(1)  # now no live peer but the dead one: nothing is acted on
+        with trio.move_on_after(3.0):
+            await submit(f, "b")
+            raise AssertionError("a save no live peer took was acted on")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_task_submitted_before_every_node_offered_waits_for_them(
+    autojump_clock: Any,
+) -> None:
+    """Node 1 still starting (no offer yet) may be the node that fits: the task is taken and
+    runs there once it offers; it was refused as unschedulable by node 0's offer alone."""
+    f = Farmlet(2, cpu=1.0)
+    async with trio.open_nursery() as nursery:
+        for control in f.controls:
+            await nursery.start(control.run)
+        await f.offer(0)
+        got = await submit(f, "big", cpu=2.0)
+        assert isinstance(got, TaskReply), got
+        await f.offer(1, cpu=4.0)
+        await trio.sleep(1.0)
+        assert [(r, a.task_id) for r, a in assigned(f)] == [(1, "big")]
+        too_big = await submit(f, "huge", cpu=64)  # every live node offered: judged now
+        assert isinstance(too_big, FarmRefusal) and too_big.unschedulable
+        nursery.cancel_scope.cancel()
