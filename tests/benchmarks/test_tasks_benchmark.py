@@ -1,4 +1,4 @@
-"""Keeps the farm part of `benchmarks/tasks.py` from rotting: a few tiny tasks and one node
+"""Keeps the farm part of `benchmarks/tasks.py` from rotting: 1,000 tiny tasks and one node
 loss through a real 3-node farm, measured by the benchmark's own code and rendered into its
 report. Nothing here asserts on speed: only that nothing was lost, duplicated or re-run."""
 
@@ -23,11 +23,13 @@ def test_only_the_farm_part_of_the_results_is_replaced() -> None:
 
 
 @pytest.mark.slow
-async def test_the_farm_benchmark_loses_nothing_through_a_node_loss(tmp_path: Path) -> None:
-    figures = await tasks.farm_bench(tmp_path, tasks=20)
-    assert (figures.tasks, figures.lost, figures.duplicated, figures.reran) == (20, 0, 0, 0)
+async def test_a_thousand_tiny_tasks_and_a_node_loss_lose_and_duplicate_nothing(
+    tmp_path: Path,
+) -> None:
+    figures = await tasks.farm_bench(tmp_path, tasks=1000)
+    assert (figures.tasks, figures.lost, figures.duplicated, figures.reran) == (1000, 0, 0, 0)
     assert figures.lost_node != 0 and figures.resumed_node != str(figures.lost_node)
     assert figures.resumed_step == figures.lost_step  # the lost step, not the task from scratch
     assert figures.takeover > 0 and figures.rate > 0
     report = tasks._farm_report(figures)
-    assert report.startswith(tasks.FARM_BEGIN) and "20 tiny tasks" in report
+    assert report.startswith(tasks.FARM_BEGIN) and "1000 tiny tasks" in report
