@@ -118,18 +118,7 @@ class WorkerRunner:
         order = Order(run.spec.to_bytes(), run.attempt, self.node, env)
 
         def started(worker: Assigned) -> None:
-            run.pid = worker.pid
-            run.spawned.set()
-            run.signal_worker = lambda hard: worker.stop(hard=hard)
-            log.info(
-                "task worker started", task=run.task_id, fence=run.fence, pid=worker.pid, warm=True
-            )
-            if self.on_pid is not None:
-                self.on_pid(run.task_id, worker.pid)
-            if run.zombie:
-                run.halt(hard=True)
-            elif run.stop is not None:
-                run.halt(hard=False)
+            self._started(run, worker.pid, lambda hard: worker.stop(hard=hard), warm=True)
 
         lost = await pool.run_attempt(order, started)
         outcome = await trio.to_thread.run_sync(self._outcome, run.shard)
@@ -137,23 +126,32 @@ class WorkerRunner:
             return AttemptEnd(outcome)
         return AttemptEnd(None, lost=lost or "task worker ended without an outcome")
 
+    def _started(
+        self, run: Running, pid: int, signal_worker: Callable[[bool], None], **extra: object
+    ) -> None:
+        """An attempt's worker runs (warm or fresh): book it, and stop it at once if the
+        attempt turned stale or was asked to stop while it started."""
+        run.pid = pid
+        run.spawned.set()
+        run.signal_worker = signal_worker
+        log.info("task worker started", task=run.task_id, fence=run.fence, pid=pid, **extra)
+        if self.on_pid is not None:
+            self.on_pid(run.task_id, pid)
+        if run.zombie:
+            run.halt(hard=True)
+        elif run.stop is not None:
+            run.halt(hard=False)
+
     def _outcome(self, shard: int) -> Any:
         return self.host.journal(shard).outcome()
 
     async def _fresh(self, run: Running) -> AttemptEnd:
         def started(_attempt: int, handle: Any) -> None:
-            run.pid = handle.pid
-            run.spawned.set()
-            run.signal_worker = lambda hard: handle.signal(
-                signal.SIGKILL if hard else signal.SIGTERM
+            self._started(
+                run,
+                handle.pid,
+                lambda hard: handle.signal(signal.SIGKILL if hard else signal.SIGTERM),
             )
-            log.info("task worker started", task=run.task_id, fence=run.fence, pid=handle.pid)
-            if self.on_pid is not None:
-                self.on_pid(run.task_id, handle.pid)
-            if run.zombie:
-                run.halt(hard=True)
-            elif run.stop is not None:
-                run.halt(hard=False)
 
         launcher = WorkerProcess(
             run.spec,
