@@ -156,13 +156,14 @@ class FailureDetector:
         p.alive = False
         return [PeerLost(rank, max(0.0, now - p.last), cause=cause)]
 
-    def excuse(self, seconds: float) -> None:
+    def excuse(self, seconds: float, now: float) -> None:
         """This process could not listen for ``seconds`` (it was stopped or starved): that
         time counts towards no peer's silence, since their heartbeats could not be taken in.
         A node frozen past ``timeout`` must not wake up to declare every peer lost (and then
-        lead, alone, on a stale view); a peer that is really gone is lost one timeout later."""
+        lead, alone, on a stale view); a peer that is really gone is lost one timeout later.
+        A peer heard since (``last`` already past the pause) gets no more than ``now``."""
         for p in self._peers.values():
-            p.last += seconds
+            p.last = min(p.last + seconds, now)
 
     def silence(self, rank: int, now: float) -> float:
         """Seconds since ``rank``'s last heartbeat (or since watching began; inf: unknown)."""

@@ -242,7 +242,7 @@ class Membership:
                 now = trio.current_time()
                 gap = now - awake
                 if gap > self._pause_limit:
-                    self._detector.excuse(gap - self.config.interval)
+                    self._detector.excuse(gap - self.config.interval, now)
                     log.warning(
                         "this process was paused: peers' silence in that time not counted",
                         seconds=round(gap, 3),

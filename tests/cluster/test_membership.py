@@ -259,3 +259,15 @@ async def test_a_pause_of_this_process_is_not_its_peers_silence(autojump_clock: 
         with trio.fail_after(cfg.timeout + 1):  # silence after the pause counts again
             assert await events.receive() == PeerLost(1, pytest.approx(2.0, abs=0.6))
         nursery.cancel_scope.cancel()
+
+
+def test_an_excused_pause_gives_a_peer_heard_since_no_extra_time() -> None:
+    det = FailureDetector(DetectorConfig(interval=0.5, timeout=2), [1, 2], now=0.0)
+    det.heartbeat(1, 7, 0.0)
+    det.heartbeat(2, 8, 0.0)
+    det.heartbeat(2, 8, 10.0)  # heard as this process woke from a 10 s pause
+    det.excuse(9.5, now=10.0)
+    assert det.silence(1, 10.0) == pytest.approx(0.5)  # the pause is no silence of rank 1
+    assert det.silence(2, 10.0) == 0.0
+    assert det.check(11.6) == [PeerLost(1, pytest.approx(2.1))]
+    assert det.check(12.1) == [PeerLost(2, pytest.approx(2.1))]  # not 9.5 s later
