@@ -541,35 +541,9 @@ async def test_with_the_farms_control_plane_a_lost_nodes_task_resumes_and_comple
 
     async with trio.open_nursery() as nursery:
         for rank in range(3):
-            wire = net.link(rank)
-            flink = FarmLink(wire)  # type: ignore[arg-type]
-            control = FarmControl(
-                flink,
-                leader=leader,
-                live=lambda: sorted(live),
-                lease_s=LEASE,
-                clock=trio.current_time,
-                request_timeout=1.0,
+            control, node = _member(
+                tmp_path, net, rank, leader=leader, live=lambda: sorted(live), cpu=2.0
             )
-            runner = InProcessRunner()
-            node = FarmNode(
-                rank=rank,
-                link=flink,
-                wire=wire,
-                arenas=ArenaService(
-                    tmp_path / f"shm{rank}",
-                    rule=RetentionRule(keep_last=2),
-                    budget=MemoryBudget(1 << 28),
-                    node=f"c{rank}",
-                    anonymous=True,
-                ),
-                peers=[r for r in range(3) if r != rank],
-                coordinator=control.coordinator,
-                capacity=Resources(2.0, 1 << 30, 0).to_json(),
-                runner=runner,
-                live=lambda: sorted(live),
-            )
-            runner.node = node
             nodes[rank] = node
             scope = scopes[rank] = trio.CancelScope()
 
@@ -760,6 +734,49 @@ async def test_a_workers_commit_is_answered_once_the_group_peer_holds_it(
         nursery.cancel_scope.cancel()
 
 
+def _member(
+    tmp_path: Path,
+    net: FakeNet,
+    rank: int,
+    *,
+    leader: Callable[[], int | None],
+    live: Callable[[], list[int]],
+    cpu: float,
+) -> tuple[FarmControl, FarmNode]:
+    """Farm node ``rank`` of three on ``net``: the real control plane and node side, tasks
+    run in-process, its arenas under ``tmp_path``."""
+    wire = net.link(rank)
+    flink = FarmLink(wire)  # type: ignore[arg-type]
+    control = FarmControl(
+        flink,
+        leader=leader,
+        live=live,
+        lease_s=LEASE,
+        clock=trio.current_time,
+        request_timeout=1.0,
+    )
+    runner = InProcessRunner()
+    node = FarmNode(
+        rank=rank,
+        link=flink,
+        wire=wire,
+        arenas=ArenaService(
+            tmp_path / f"shm{rank}",
+            rule=RetentionRule(keep_last=2),
+            budget=MemoryBudget(1 << 28),
+            node=f"n{rank}",
+            anonymous=True,
+        ),
+        peers=[r for r in range(3) if r != rank],
+        coordinator=control.coordinator,
+        capacity=Resources(cpu, 1 << 30, 0).to_json(),
+        runner=runner,
+        live=live,
+    )
+    runner.node = node
+    return control, node
+
+
 async def _slow_farm(
     tmp_path: Path, nursery: trio.Nursery, net: FakeNet
 ) -> tuple[dict[int, FarmControl], FarmLink]:
@@ -768,35 +785,10 @@ async def _slow_farm(
     and a client's link."""
     controls: dict[int, FarmControl] = {}
     for rank in range(3):
-        wire = net.link(rank)
-        flink = FarmLink(wire)  # type: ignore[arg-type]
-        control = controls[rank] = FarmControl(
-            flink,
-            leader=lambda: 0,
-            live=lambda: [0, 1, 2],
-            lease_s=LEASE,
-            clock=trio.current_time,
-            request_timeout=1.0,
+        control, node = _member(
+            tmp_path, net, rank, leader=lambda: 0, live=lambda: [0, 1, 2], cpu=2.0 if rank else 0.5
         )
-        runner = InProcessRunner()
-        node = FarmNode(
-            rank=rank,
-            link=flink,
-            wire=wire,
-            arenas=ArenaService(
-                tmp_path / f"shm{rank}",
-                rule=RetentionRule(keep_last=2),
-                budget=MemoryBudget(1 << 28),
-                node=f"l{rank}",
-                anonymous=True,
-            ),
-            peers=[r for r in range(3) if r != rank],
-            coordinator=control.coordinator,
-            capacity=Resources(2.0 if rank else 0.5, 1 << 30, 0).to_json(),
-            runner=runner,
-            live=lambda: [0, 1, 2],
-        )
-        runner.node = node
+        controls[rank] = control
         await nursery.start(control.run)
         await nursery.start(node.run)
     return controls, FarmLink(net.link(7))  # type: ignore[arg-type]

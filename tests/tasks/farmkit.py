@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import msgpack
+import pytest
 import trio
 import zmq
 
@@ -22,6 +23,7 @@ from supervise.tasks.control import FarmControl
 from supervise.tasks.farm_link import FarmLink
 from supervise.tasks.farm_messages import KINDS, Ack, Assign, Offer, ResultReply, Stop, TaskList
 from supervise.tasks.resources import Resources
+from supervise.tasks.table import TaskRecord
 
 _IDS = itertools.count(1)
 _FRAMING = Framing(0, TransportLimits(), None, KindRegistry(KINDS))
@@ -220,3 +222,17 @@ def unwrap(got: Incoming[Any]) -> Any:
     if isinstance(body, ResultReply) and blob is not None:
         return attrs.evolve(body, result=blob)
     return body
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every record `TaskRecord.from_bytes` decodes from now on (the test's monkeypatch
+    undoes it), for tests of what a replica decodes and when."""
+    decoded: list[bytes] = []
+    real = TaskRecord.from_bytes
+
+    def counting(data: bytes) -> TaskRecord:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(TaskRecord, "from_bytes", staticmethod(counting))
+    return decoded

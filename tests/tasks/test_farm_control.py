@@ -33,8 +33,7 @@ from supervise.tasks.farm_messages import (
 from supervise.tasks.resources import Resources
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
-from supervise.tasks.table import TaskRecord
-from tests.tasks.farmkit import Farmlet, on_the_wire, unwrap
+from tests.tasks.farmkit import Farmlet, count_decodes, on_the_wire, unwrap
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -677,14 +676,7 @@ async def test_a_follower_decodes_its_replica_only_when_it_reads_it(
 ) -> None:
     """Table updates cost a follower no record decoding, however many ticks pass; the new
     coordinator decodes the whole replica when it takes over."""
-    decoded: list[bytes] = []
-    real = TaskRecord.from_bytes
-
-    def counting(data: bytes) -> TaskRecord:
-        decoded.append(data)
-        return real(data)
-
-    monkeypatch.setattr(TaskRecord, "from_bytes", staticmethod(counting))
+    decoded = count_decodes(monkeypatch)
     f = Farmlet(3)
     async with trio.open_nursery() as nursery:
         await f.start(nursery)

@@ -19,7 +19,7 @@ from supervise.tasks.spec import TaskSpec
 from supervise.tasks.states import Reason, TaskState
 from supervise.tasks.table import TableError, TaskRecord, TaskTable, UnknownTask, UpdateVerdict
 from supervise.telemetry import Telemetry, TelemetryConfig
-from tests.tasks.farmkit import Farmlet
+from tests.tasks.farmkit import Farmlet, count_decodes
 
 TARGET = "tests.tasks.taskfuncs:ticks"
 
@@ -52,14 +52,7 @@ def test_a_replica_keeps_updates_encoded_until_read(monkeypatch: pytest.MonkeyPa
     updates.append([rec.to_bytes()])
     leader.update(Update(1, "a", 1, rec.fence, AttemptPhase.STARTED), 3.0)
     updates.append([leader.get("a").to_bytes()])
-    decoded: list[bytes] = []
-    real = TaskRecord.from_bytes
-
-    def counting(data: bytes) -> TaskRecord:
-        decoded.append(data)
-        return real(data)
-
-    monkeypatch.setattr(TaskRecord, "from_bytes", staticmethod(counting))
+    decoded = count_decodes(monkeypatch)
     for update in updates:
         replica.merge_encoded(update)
     assert replica.merge_encoded([old_a]) == 0  # late and older: not taken
