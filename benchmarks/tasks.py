@@ -11,7 +11,9 @@ Side by side in one run, attempts in real worker processes (`run_local`):
    the journal, against restarting from scratch (the same task with no step replayed).
 3. The farm (3 `supervise node --tasks` agents on loopback, policies/demo.toml): scheduling
    throughput (1,000 tiny tasks from the first submit to the last completion, nothing lost or
-   duplicated), then the takeover after a node loss: kill -9 of a node (agent and every process
+   duplicated; measured once the farm has settled: every node's warm task workers started and
+   the farm idle, as a long-lived farm is; with the CPU each task cost, by process), then the
+   takeover after a node loss: kill -9 of a node (agent and every process
    under it) in the middle of a task's step, to that step running again on another node.
 
     .venv/bin/python benchmarks/tasks.py              # prints, updates RESULTS.md
@@ -40,6 +42,7 @@ from supervise._testing.cluster import LocalCluster, kill_node
 from supervise._testing.procs import descendants
 from supervise.policy import Policy
 from supervise.runtime import ProcessHandle
+from supervise.runtime.procfs import cpu_seconds
 from supervise.tasks import Manual, TaskContext, TaskPolicy, TaskSpec, run_local, unwrap
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +57,8 @@ TINY_CPU = 0.25  # a tiny task's need: 16 at once per node
 TAKEOVER_STEPS = 12
 TAKEOVER_STEP_S = 0.3
 READY_S = 90.0  # agents starting, offering their capacity to the coordinator
+SETTLED_CPU = 0.05  # the farm is idle below this share of a core (over SETTLE_S)
+SETTLE_S = 0.5
 IN_FLIGHT = 8  # client requests at a time
 STATE_MIB = 10
 COMMIT_STEPS = 20
@@ -198,6 +203,7 @@ class FarmFigures:
 
     tasks: int
     seconds: float  # first submit to the last completion seen
+    cpu_ms: dict[str, float]  # CPU per task by process kind (agents, task workers, client)
     submit_seconds: float  # first submit to the last submit answered
     lost: int  # tasks without their right result
     duplicated: int  # executions beyond one per task
@@ -236,10 +242,37 @@ async def _ready(farm: Any) -> None:
                 await trio.sleep(0.5)
 
 
-async def _throughput(farm: Any, n: int, log: Path) -> tuple[float, float, int, int]:
+def _farm_cpu(agents: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the farm's agents, the processes under them (task workers)
+    and this client."""
+    out = {"agents": 0.0, "task workers": 0.0, "client": cpu_seconds(os.getpid()) or 0.0}
+    for agent in agents:
+        out["agents"] += cpu_seconds(agent) or 0.0
+        out["task workers"] += sum(cpu_seconds(pid) or 0.0 for pid in descendants(agent))
+    return out
+
+
+async def _settled(agents: list[int], workers: int) -> None:
+    """Wait until ``workers`` task workers run under the agents and the farm is idle (what a
+    long-lived farm is when tasks arrive; a farm still starting spends its CPU on imports)."""
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        before = sum(_farm_cpu(agents).values())
+        await trio.sleep(SETTLE_S)
+        busy = (sum(_farm_cpu(agents).values()) - before) / SETTLE_S
+        started = sum(len(descendants(a)) for a in agents)
+        if started >= workers and busy < SETTLED_CPU:
+            return
+    raise RuntimeError(f"the farm did not settle within {READY_S:g} s")
+
+
+async def _throughput(
+    farm: Any, agents: list[int], n: int, log: Path
+) -> tuple[float, float, int, int, dict[str, float]]:
     """Submit ``n`` tiny tasks and wait for each one's result (IN_FLIGHT requests at a time);
     (seconds from the first submit to the last result, submit seconds, lost: tasks without
-    their right result, duplicated: executions beyond one per task)."""
+    their right result, duplicated: executions beyond one per task, CPU ms per task by
+    process kind)."""
     ids = [f"tiny-{i}" for i in range(n)]
     limiter = trio.CapacityLimiter(IN_FLIGHT)
     values: dict[int, Any] = {}
@@ -261,6 +294,7 @@ async def _throughput(farm: Any, n: int, log: Path) -> tuple[float, float, int, 
             except (TaskFailed, FarmError, TimeoutError) as exc:
                 failures.append(str(exc))
 
+    cpu0 = _farm_cpu(agents)
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for i in range(n):
@@ -271,12 +305,13 @@ async def _throughput(farm: Any, n: int, log: Path) -> tuple[float, float, int, 
         submit_seconds = time.perf_counter() - t0
         submitted.set()
     seconds = time.perf_counter() - t0
+    cpu = {k: (v - cpu0[k]) * 1000 / n for k, v in _farm_cpu(agents).items()}
     lost = sum(1 for i in range(n) if values.get(i) != i)
     runs = log.read_text().split() if log.exists() else []
     duplicated = len(runs) - len(set(runs))
     if failures:
         print(f"{len(failures)} tiny tasks did not complete; the first: {failures[0]}")
-    return seconds, submit_seconds, lost, duplicated
+    return seconds, submit_seconds, lost, duplicated, cpu
 
 
 async def _takeover(farm: Any, cluster: LocalCluster, tmp: Path) -> dict[str, Any]:
@@ -339,13 +374,16 @@ async def farm_bench(tmp: Path, tasks: int = FARM_TASKS) -> FarmFigures:
     workdir.mkdir()
     with LocalCluster(workdir, FARM_NODES, command=[], policy=FARM_POLICY, env=env) as cluster:
         cluster.options = ["--tasks", "--cpus", str(FARM_CPUS)]
-        cluster.start_all()
+        agents = [agent.pid for agent in cluster.start_all()]
         async with Farm(nodes=cluster.endpoints, timeout=120.0) as farm:
             await _ready(farm)
-            seconds, submitted, lost, duplicated = await _throughput(farm, tasks, tmp / "tiny.log")
+            await _settled(agents, FARM_NODES * FARM_CPUS)  # one warm worker per core
+            seconds, submitted, lost, duplicated, cpu = await _throughput(
+                farm, agents, tasks, tmp / "tiny.log"
+            )
             takeover = await _takeover(farm, cluster, tmp)
         cluster.stop(grace_s=30.0)
-    return FarmFigures(tasks, seconds, submitted, lost, duplicated, peer_timeout, **takeover)
+    return FarmFigures(tasks, seconds, cpu, submitted, lost, duplicated, peer_timeout, **takeover)
 
 
 def _farm_report(f: FarmFigures) -> str:
@@ -358,8 +396,9 @@ def _farm_report(f: FarmFigures) -> str:
             "",
             "| measure | result | target |",
             "| --- | --- | --- |",
-            f"| scheduling throughput: {f.tasks} tiny tasks (cpu {TINY_CPU:g} each), first submit"
-            f" to the last result ({IN_FLIGHT} requests in flight) | {f.rate:.1f} tasks/s"
+            f"| scheduling throughput: {f.tasks} tiny tasks (cpu {TINY_CPU:g} each) on the settled"
+            f" farm, first submit to the last result ({IN_FLIGHT} requests in flight) |"
+            f" {f.rate:.1f} tasks/s"
             f" ({f.seconds:.1f} s; submits answered"
             f" in {f.submit_seconds:.1f} s); lost {f.lost}, duplicated {f.duplicated} | >= 200"
             " tasks/s |",
@@ -368,6 +407,10 @@ def _farm_report(f: FarmFigures) -> str:
             f" to that step running on node {f.resumed_node} | {f.takeover:.2f} s (resumed at"
             f" step {f.resumed_step}; finished steps run again: {f.reran}) | <= peer_timeout"
             f" + 1 s = {target:g} s |",
+            "",
+            "CPU per tiny task (all of the farm's processes, ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in f.cpu_ms.items())
+            + f"; {sum(f.cpu_ms.values()):.2f} in all.",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other engineers'"
             f" test runs (load average {os.getloadavg()[0]:.1f} at the end).",

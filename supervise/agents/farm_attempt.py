@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ import trio
 from supervise.tasks._pool_wire import Order
 from supervise.tasks.farm_messages import AttemptPhase, StopWhy
 from supervise.tasks.host import JournalHost
+from supervise.tasks.journal import Outcome
 from supervise.tasks.layout import FENCE_ENV
 from supervise.tasks.pool import Assigned, PoolUnavailable, TaskPool
 from supervise.tasks.runner import AttemptEnd, WorkerProcess, journal_env, pythonpath
@@ -29,6 +30,9 @@ log = structlog.get_logger("supervise.agents.farm_node")
 GPU_ENV = "CUDA_VISIBLE_DEVICES"
 LEASE_MARGIN = 0.9
 """A node deems its lease lapsed at this fraction of ``lease_s`` without a renewal."""
+INLINE_FINISH_BYTES = 256 << 10
+"""A journal up to this size takes a pooled attempt's outcome on the agent's loop (larger:
+in a thread, as the whole journal is rewritten with it)."""
 
 
 @attrs.define(eq=False)
@@ -82,7 +86,9 @@ class AttemptRunner(Protocol):
 class WorkerRunner:
     """Attempts in worker processes writing their journal to ``host``: a warm one of
     ``pool`` (None: none), else (GPU attempts: CUDA_VISIBLE_DEVICES must be set before
-    anything imports CUDA) a fresh `WorkerProcess`."""
+    anything imports CUDA) a fresh `WorkerProcess`. ``may_finish``: why an attempt's outcome
+    handed back by a warm worker may not be committed now (None: it may), as for a worker's
+    own commits."""
 
     def __init__(
         self,
@@ -93,8 +99,10 @@ class WorkerRunner:
         shutdown: float = 5.0,
         on_pid: Callable[[str, int], None] | None = None,
         pool: TaskPool | None = None,
+        may_finish: Callable[[Running], Awaitable[str | None]] | None = None,
     ) -> None:
         self.host = host
+        self.may_finish = may_finish
         self.task_dirs = task_dirs
         self.node = node
         self.shutdown = shutdown
@@ -111,20 +119,42 @@ class WorkerRunner:
 
     async def _pooled(self, pool: TaskPool, run: Running) -> AttemptEnd:
         """The attempt in a warm worker: the same environment a fresh one would get, for
-        this attempt only; its end read from the journal, as for a fresh worker."""
+        this attempt only; its end as its worker handed it back (committed here, past the
+        same gate as a worker's commit), else read from the journal as for a fresh worker."""
         host = _FencedHost(self.host, run.fence)
         env = {FENCE_ENV: str(run.fence), **devices(run.gpus), **trace_env()}
         env.update(journal_env(host, run.shard, run.attempt))
-        order = Order(run.spec.to_bytes(), run.attempt, self.node, env)
+        held = self.host.service.versions(run.shard)
+        order = Order(run.spec.to_bytes(), run.attempt, self.node, env, fresh=not held)
 
         def started(worker: Assigned) -> None:
             self._started(run, worker.pid, lambda hard: worker.stop(hard=hard), warm=True)
 
-        lost = await pool.run_attempt(order, started)
+        ended = await pool.run_attempt(order, started)
+        if ended.outcome is not None and ended.outcome.attempt == run.attempt:
+            why = None if self.may_finish is None else await self.may_finish(run)
+            if why is not None:
+                return AttemptEnd(None, lost=f"task journal commit refused: {why}")
+            await self._finish(run, ended.outcome)
+            return AttemptEnd(ended.outcome)
         outcome = await trio.to_thread.run_sync(self._outcome, run.shard)
         if outcome is not None and outcome.attempt == run.attempt:
             return AttemptEnd(outcome)
-        return AttemptEnd(None, lost=lost or "task worker ended without an outcome")
+        return AttemptEnd(None, lost=ended.lost or "task worker ended without an outcome")
+
+    async def _finish(self, run: Running, outcome: Outcome) -> None:
+        """Commit ``outcome`` to the task's journal as its attempt's fence (in a thread when
+        the journal, rewritten whole with it, is large)."""
+
+        def write() -> None:
+            self.host.journal(run.shard, run.fence).finish(outcome)
+
+        held = self.host.service.versions(run.shard)
+        size = len(outcome.value or b"") + max((v.nbytes for v in held), default=0)
+        if size <= INLINE_FINISH_BYTES:
+            write()
+        else:
+            await trio.to_thread.run_sync(write)
 
     def _started(
         self, run: Running, pid: int, signal_worker: Callable[[bool], None], **extra: object

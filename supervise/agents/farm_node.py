@@ -227,6 +227,7 @@ class FarmNode:
             shutdown=self.worker_shutdown,
             on_pid=self.on_pid,
             pool=self.pool,
+            may_finish=self._may_finish,
         )
 
     async def handle_worker(self, frame: bytes) -> bytes | None:
@@ -243,6 +244,15 @@ class FarmNode:
         if run is not None and commit:
             await self._sync(run)
         return reply
+
+    async def _may_finish(self, run: Running) -> str | None:
+        """Why the outcome a warm worker handed back for ``run`` may not be committed now
+        (None: it may): the gate of a worker's own commits (`handle_worker`)."""
+        await self._fresh_lease(run)
+        why = self.may_commit(run.shard, run.fence)
+        if why is not None:
+            log.warning("refused a task commit", shard=run.shard, why=why)
+        return why
 
     async def _fresh_lease(self, run: Running) -> None:
         """Wait until ``run``'s lease is renewed (asking at once), it turns out a zombie, or a

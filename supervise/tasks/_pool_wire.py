@@ -1,6 +1,7 @@
 """The messages between a task pool and its warm workers, on a socket pair: each a msgpack
 map behind a 4-byte length. The worker says `Ready` once its imports are done and after each
-attempt it ran (`Done`); the pool sends one `Order` at a time."""
+attempt it ran (`Done`); the pool sends one `Order` at a time. A small outcome travels back in
+`Done` for the agent to commit (no round trips to the journal endpoint for a step-less task)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import attrs
 import msgpack
 
 from supervise._validation import InvalidValue
+from supervise.tasks.journal import Outcome, outcome_from_wire, outcome_to_wire
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 << 20
@@ -35,12 +37,14 @@ def _env(value: Mapping[str, str]) -> dict[str, str]:
 @attrs.frozen(slots=True)
 class Order:
     """Run attempt ``attempt`` of the task ``spec`` (`TaskSpec.to_bytes`) as node ``node``,
-    with ``env`` set in the worker's environment for the attempt only."""
+    with ``env`` set in the worker's environment for the attempt only. ``fresh``: the task's
+    journal holds nothing yet (the worker need not read it)."""
 
     spec: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
     attempt: int = attrs.field(validator=_attempt)
     node: str = attrs.field(validator=attrs.validators.instance_of(str))
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_env)
+    fresh: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 @attrs.frozen(slots=True)
@@ -53,9 +57,13 @@ class Ready:
 
 @attrs.frozen(slots=True)
 class Done:
-    """The attempt ended in the worker: ``code`` 0 returned, 1 raised (the journal has it)."""
+    """The attempt ended in the worker: ``code`` 0 returned, 1 raised; its ``outcome`` for the
+    agent to commit (None: the worker committed it to the journal itself)."""
 
     code: int
+    outcome: Outcome | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Outcome))
+    )
 
 
 Message = Order | Ready | Done
@@ -70,11 +78,13 @@ def encode(msg: Message) -> bytes:
             "attempt": msg.attempt,
             "node": msg.node,
             "env": dict(msg.env),
+            "fresh": msg.fresh,
         }
     elif isinstance(msg, Ready):
         body = {"ready": msg.pid, "ran": msg.ran}
     else:
-        body = {"done": msg.code}
+        outcome = None if msg.outcome is None else outcome_to_wire(msg.outcome)
+        body = {"done": msg.code, "outcome": outcome}
     payload: bytes = msgpack.packb(body, use_bin_type=True)
     return _LEN.pack(len(payload)) + payload
 
@@ -92,10 +102,11 @@ def decode(payload: bytes) -> Message:
     try:
         d = msgpack.unpackb(payload, raw=False)
         if "order" in d:
-            return Order(d["spec"], d["attempt"], d["node"], d["env"])
+            return Order(d["spec"], d["attempt"], d["node"], d["env"], bool(d.get("fresh")))
         if "ready" in d:
             return Ready(int(d["ready"]), int(d["ran"]))
-        return Done(int(d["done"]))
+        outcome = d.get("outcome")
+        return Done(int(d["done"]), None if outcome is None else outcome_from_wire(outcome, "Done"))
     except (KeyError, TypeError, ValueError, InvalidValue, msgpack.ExtraData) as exc:
         raise ValueError(f"not a task pool message: {exc}") from None
 

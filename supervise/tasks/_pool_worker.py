@@ -4,7 +4,10 @@ Started by a `TaskPool` with its end of a socket pair as descriptor FD. It impor
 in PRELOAD (comma-separated) once, says `Ready`, then runs one attempt per `Order` — each in
 a trio run of its own, with its own `TaskContext` and journal handle (the task's shard on the
 host named by the order's environment, under the attempt's token and fence) and the order's
-environment variables set for that attempt only — and says `Done` after each. Module state
+environment variables set for that attempt only — and says `Done` after each (with the
+attempt's outcome when it is small: the agent commits it, so a task that commits no step
+never reaches the journal endpoint; nor is the journal read when the order says it is empty).
+Module state
 (globals, caches, imported modules) carries over from one attempt to the next, as in Celery's
 prefork pool: a task must not rely on a fresh interpreter.
 
@@ -29,13 +32,52 @@ import trio
 from supervise.snapshot.errors import SnapshotError
 from supervise.tasks._pool_wire import Done, Order, Ready, encode, recv_blocking
 from supervise.tasks._worker import agent_journal, run_one
-from supervise.tasks.journal import CorruptRecord
+from supervise.tasks.arena_journal import ArenaJournal
+from supervise.tasks.journal import Commit, CorruptRecord, JournalView, Outcome
 from supervise.tasks.spec import TaskSpec
 from supervise.tasks.telemetry import parent_from_env
 from supervise.telemetry import TelemetryError, setup_telemetry, shutdown_telemetry, using
 
 CANNOT_RUN = 2
 """Exit code when an order could not be run at all (its journal, its spec)."""
+INLINE_OUTCOME = 1 << 20
+"""The largest outcome value handed back in `Done` (larger ones go through the journal's RAM)."""
+
+
+class _AttemptJournal:
+    """The journal as one pooled attempt sees it: opened on first use (never, for an order
+    on an empty journal whose task commits no step), and a small outcome kept for `Done`."""
+
+    def __init__(self, fresh: bool) -> None:
+        self._fresh = fresh
+        self._journal: ArenaJournal | None = None
+        self.outcome_for_agent: Outcome | None = None
+
+    def _open(self) -> ArenaJournal:
+        if self._journal is None:
+            self._journal = agent_journal()
+        return self._journal
+
+    def read(self) -> JournalView:
+        return JournalView() if self._fresh and self._journal is None else self._open().read()
+
+    def commit(self, commit: Commit) -> None:
+        self._open().commit(commit)
+
+    def finish(self, outcome: Outcome) -> None:
+        if len(outcome.value or b"") <= INLINE_OUTCOME:
+            self.outcome_for_agent = outcome
+        else:
+            self._open().finish(outcome)
+
+    def outcome(self) -> Outcome | None:
+        if self.outcome_for_agent is not None:
+            return self.outcome_for_agent
+        return None if self._fresh and self._journal is None else self._open().outcome()
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.owner.close()  # its socket and the arena mappings of this attempt
 
 
 def _preload(modules: str) -> None:
@@ -46,15 +88,21 @@ def _preload(modules: str) -> None:
             print(f"supervise task worker: could not preload {name!r}: {exc!r}", file=sys.stderr)
 
 
-def _attempt(order: Order) -> int:
-    """Run ``order``'s attempt with its environment; the `_worker` exit code it ended with."""
+def _attempt(order: Order) -> tuple[int, Outcome | None]:
+    """Run ``order``'s attempt with its environment; the `_worker` exit code it ended with and
+    the outcome the agent is to commit (None: in the journal, or none)."""
     os.environ.update(order.env)
     try:
         spec = TaskSpec.from_bytes(order.spec, "task spec")
-        journal = agent_journal()
     except (CorruptRecord, SnapshotError, OSError) as exc:
         print(f"supervise task worker: {exc}", file=sys.stderr)
-        return CANNOT_RUN
+        return CANNOT_RUN, None
+    journal = _AttemptJournal(order.fresh)
+    code = _run(order, spec, journal)
+    return code, journal.outcome_for_agent if code in (0, 1) else None
+
+
+def _run(order: Order, spec: TaskSpec, journal: _AttemptJournal) -> int:
     try:
         with using(parent_from_env(os.environ)):  # steps: children of the runner's attempt
             return trio.run(run_one, spec, order.attempt, order.node, journal)
@@ -71,7 +119,7 @@ def _attempt(order: Order) -> int:
         print(f"supervise task worker: {first}", file=sys.stderr)
         return CANNOT_RUN
     finally:
-        journal.owner.close()  # its socket and the arena mappings of this attempt
+        journal.close()
 
 
 def _restore(baseline: dict[str, str]) -> None:
@@ -103,7 +151,7 @@ def serve(sock: socket.socket) -> int:
             print(f"supervise task worker: unexpected {type(msg).__name__}", file=sys.stderr)
             return CANNOT_RUN
         try:
-            code = _attempt(msg)
+            code, outcome = _attempt(msg)
         finally:  # the next attempt starts from the worker's own environment
             _restore(baseline)
             with contextlib.suppress(OSError):
@@ -113,7 +161,7 @@ def serve(sock: socket.socket) -> int:
         ran += 1
         if code not in (0, 1):  # stopped (STOPPED) or could not run: not reused
             return code
-        sock.sendall(encode(Done(code)))
+        sock.sendall(encode(Done(code, outcome)))
 
 
 def main(argv: list[str]) -> int:

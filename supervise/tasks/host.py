@@ -45,11 +45,11 @@ class JournalHost:
         serves it for that shard only, and the shard's previous token stops working."""
         return self._tokens.issue(shard, attempt)
 
-    def journal(self, shard: int) -> ArenaJournal:
-        """The journal of ``shard``, read in this process — only while no worker writes it
-        (e.g. the outcome, after the worker exited): greeting the shard frees the slots a
-        previous writer left half-written."""
-        return ArenaJournal(LocalOwner(self.service, shard))
+    def journal(self, shard: int, generation: int = 0) -> ArenaJournal:
+        """The journal of ``shard``, read (and written, as ``generation``) in this process —
+        only while no worker writes it (e.g. the outcome, after the worker ended its attempt):
+        greeting the shard frees the slots a previous writer left half-written."""
+        return ArenaJournal(LocalOwner(self.service, shard), generation=generation)
 
 
 @asynccontextmanager

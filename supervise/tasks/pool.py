@@ -34,6 +34,7 @@ import trio
 from supervise._validation import InvalidValue
 from supervise.runtime.osprocess import OsProcess
 from supervise.tasks._pool_wire import HEADER, Done, Order, Ready, decode, encode, length
+from supervise.tasks.journal import Outcome
 
 log = structlog.get_logger("supervise.tasks.pool")
 
@@ -151,6 +152,15 @@ class _Worker:
     exited: trio.Event = attrs.field(factory=trio.Event)
 
 
+@attrs.frozen(slots=True)
+class Ended:
+    """How a pooled attempt ended: ``lost`` "" once its worker said `Done`, else why it ended
+    without; ``outcome``: the one its worker handed back to commit (None: in the journal)."""
+
+    lost: str
+    outcome: Outcome | None = None
+
+
 @attrs.define(eq=False)
 class _Job:
     """An attempt handed to a worker; ``lost`` says why it ended without a `Done`."""
@@ -160,10 +170,11 @@ class _Job:
     done: trio.Event = attrs.field(factory=trio.Event)
     code: int | None = None
     lost: str = ""
+    outcome: Outcome | None = None
 
-    def end(self, code: int | None = None, lost: str = "") -> None:
+    def end(self, code: int | None = None, lost: str = "", outcome: Outcome | None = None) -> None:
         if not self.done.is_set():
-            self.code, self.lost = code, lost
+            self.code, self.lost, self.outcome = code, lost, outcome
             self.done.set()
 
 
@@ -246,9 +257,9 @@ class TaskPool:
             self._nursery = None
             self._announce()  # nobody waits for a worker from a stopped pool
 
-    async def run_attempt(self, order: Order, on_started: Callable[[Assigned], None]) -> str:
-        """Run ``order`` in a worker; "" once it said `Done` (the journal has the outcome),
-        else why it ended without (its worker exited: the reason). ``on_started`` gets the
+    async def run_attempt(self, order: Order, on_started: Callable[[Assigned], None]) -> Ended:
+        """Run ``order`` in a worker; how it ended (`Ended`: its worker said `Done`, with the
+        outcome to commit or none, or why not: its exit's reason). ``on_started`` gets the
         worker as it takes the order. `PoolUnavailable` when workers cannot be started now.
         Cancelled: the worker is stopped (SIGTERM) and not reused."""
         frame = encode(order)
@@ -271,8 +282,8 @@ class TaskPool:
             assigned.stop(hard=False)
             raise
         if job.code is not None:
-            return ""
-        return job.lost or "task worker exited"
+            return Ended("", job.outcome)
+        return Ended(job.lost or "task worker exited")
 
     async def _acquire(self) -> _Worker:
         while True:
@@ -449,10 +460,11 @@ class TaskPool:
             self._failures = 0
             self._retry_at = -math.inf
             self._idle_again(w)
+            self._poke()  # the refill starts the next ones (at most SPAWN_AT_ONCE at a time)
         elif isinstance(msg, Done) and w.job is not None:
             job, w.job = w.job, None
             w.ran += 1
-            job.end(code=msg.code)
+            job.end(code=msg.code, outcome=msg.outcome)
             limit = self.settings.max_tasks
             if w.doomed or (limit and w.ran >= limit):
                 self._retire(w)

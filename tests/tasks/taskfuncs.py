@@ -70,3 +70,9 @@ async def tick(i: int) -> int:
 async def ticks(ctx: TaskContext, n: int) -> list[Any]:
     """``n`` async steps of 1 s (virtual time in tests)."""
     return [await ctx.step(f"s{i}", tick, i) for i in range(n)]
+
+
+async def plain(ctx: TaskContext, x: int) -> int:
+    """No step, no state: all an attempt leaves is its outcome."""
+    CALLS["plain"] += 1
+    return 3 * x

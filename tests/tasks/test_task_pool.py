@@ -19,10 +19,13 @@ import trio
 
 from supervise._testing.poll import wait_until_async
 from supervise._validation import InvalidValue
+from supervise.tasks import decode as decode_value
 from supervise.tasks._pool_wire import HEADER, Done, Order, Ready, decode, encode, length
+from supervise.tasks.journal import MemoryJournal, Outcome
 from supervise.tasks.pool import (
     BROKEN_AFTER,
     LONG_S,
+    SPAWN_AT_ONCE,
     Assigned,
     PoolSettings,
     PoolUnavailable,
@@ -155,7 +158,7 @@ async def test_workers_are_kept_warm_and_reused(autojump_clock: Any) -> None:
         await _until(lambda: pool.idle == 2)
         pids: list[int] = []
         for i in range(20):
-            assert await pool.run_attempt(_order(i), lambda a: pids.append(a.pid)) == ""
+            assert (await pool.run_attempt(_order(i), lambda a: pids.append(a.pid))).lost == ""
         assert fakes.started == 2  # no start per attempt
         assert len(set(pids)) <= 2 and sum(len(h.ran) for h in fakes.handles) == 20
         nursery.cancel_scope.cancel()
@@ -170,7 +173,7 @@ async def test_tiny_attempts_queue_for_busy_workers_instead_of_growing_the_pool(
         ends: list[str] = []
 
         async def one(i: int) -> None:
-            ends.append(await pool.run_attempt(_order(i, SLEEP="0.05"), lambda a: None))
+            ends.append((await pool.run_attempt(_order(i, SLEEP="0.05"), lambda a: None)).lost)
 
         async with trio.open_nursery() as attempts:
             for i in range(40):
@@ -211,11 +214,11 @@ async def test_a_worker_dying_mid_attempt_is_a_loss_and_is_replaced(
     async with trio.open_nursery() as nursery:
         pool, fakes = await _started_pool(nursery, PoolSettings(workers=2))
         await _until(lambda: pool.idle == 2)
-        lost = await pool.run_attempt(_order(1, CRASH="1"), lambda a: None)
+        lost = (await pool.run_attempt(_order(1, CRASH="1"), lambda a: None)).lost
         assert "killed by signal 9" in lost
         await _until(lambda: pool.idle == 2)  # replaced
         assert fakes.started == 3
-        assert await pool.run_attempt(_order(2), lambda a: None) == ""
+        assert (await pool.run_attempt(_order(2), lambda a: None)).lost == ""
         nursery.cancel_scope.cancel()
 
 
@@ -228,7 +231,7 @@ async def test_a_signalled_worker_is_never_reused(autojump_clock: Any) -> None:
 
         async def attempt() -> None:
             nonlocal lost
-            lost = await pool.run_attempt(_order(1, SLEEP="50"), held.append)
+            lost = (await pool.run_attempt(_order(1, SLEEP="50"), held.append)).lost
 
         async with trio.open_nursery() as attempts:
             attempts.start_soon(attempt)
@@ -237,7 +240,7 @@ async def test_a_signalled_worker_is_never_reused(autojump_clock: Any) -> None:
         first = fakes.handles[0]
         assert first.signals == [signal.SIGTERM] and "signal" in lost
         await _until(lambda: pool.idle == 1)
-        assert await pool.run_attempt(_order(2), lambda a: None) == ""
+        assert (await pool.run_attempt(_order(2), lambda a: None)).lost == ""
         assert len(first.ran) == 1 and fakes.started == 2
         held[0].stop(hard=True)  # too late: that attempt is over, nothing is signalled
         assert first.signals == [signal.SIGTERM]
@@ -249,7 +252,7 @@ async def test_workers_are_replaced_after_max_tasks(autojump_clock: Any) -> None
         pool, fakes = await _started_pool(nursery, PoolSettings(workers=1, max_tasks=3))
         await _until(lambda: pool.idle == 1)
         for i in range(7):
-            assert await pool.run_attempt(_order(i), lambda a: None) == ""
+            assert (await pool.run_attempt(_order(i), lambda a: None)).lost == ""
         assert [len(h.ran) for h in fakes.handles] == [3, 3, 1]
         assert [h.reason for h in fakes.handles[:2]] == ["exit code 0"] * 2  # retired cleanly
         nursery.cancel_scope.cancel()
@@ -266,7 +269,7 @@ async def test_failed_starts_make_the_pool_unavailable_then_it_recovers(
         with pytest.raises(PoolUnavailable):
             await pool.run_attempt(_order(), lambda a: None)
         await _until(lambda: pool.idle == 1)  # it kept trying, backing off
-        assert await pool.run_attempt(_order(), lambda a: None) == ""
+        assert (await pool.run_attempt(_order(), lambda a: None)).lost == ""
         nursery.cancel_scope.cancel()
 
 
@@ -298,12 +301,17 @@ def test_a_refused_commit_ends_the_warm_worker_in_one_line(
     from supervise.snapshot.errors import SnapshotError
     from supervise.tasks import TaskSpec, _pool_worker
 
-    async def refused(*_args: Any) -> int:
+    async def refused(_spec: Any, _attempt: int, _node: str, journal: Any) -> int:
+        journal.read()
         async with trio.open_nursery():
             raise SnapshotError("agent refused 'begin': task journal commit refused: lease lapsed")
 
     class Journal:
         closed = False
+
+        @staticmethod
+        def read() -> None:
+            return None
 
         class owner:  # what ArenaJournal.owner is: an AgentClient
             @staticmethod
@@ -313,6 +321,66 @@ def test_a_refused_commit_ends_the_warm_worker_in_one_line(
     monkeypatch.setattr(_pool_worker, "run_one", refused)
     monkeypatch.setattr(_pool_worker, "agent_journal", lambda: Journal)
     order = Order(TaskSpec("m:f").to_bytes(), 1, "0")
-    assert _pool_worker._attempt(order) == _pool_worker.CANNOT_RUN
+    assert _pool_worker._attempt(order) == (_pool_worker.CANNOT_RUN, None)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lease lapsed" in err and Journal.closed
+
+
+class _Held(MemoryJournal):
+    """A journal standing in for the agent's (`agent_journal`), counting how often it opens."""
+
+    opened = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        _Held.opened += 1
+        self.owner = self  # what ArenaJournal.owner is: closed after the attempt
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_warm_worker_hands_a_small_outcome_back_and_opens_only_the_journals_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An order on an empty journal whose task commits no step never reaches the journal
+    endpoint: its outcome rides `Done` for the agent to commit. A task that commits a step,
+    an order on a journal that holds something, or an outcome too large for `Done` go
+    through the journal."""
+    from supervise.tasks import TaskSpec, _pool_worker
+
+    _Held.opened = 0
+    monkeypatch.setattr(_pool_worker, "agent_journal", _Held)
+    plain = TaskSpec("taskfuncs:plain", (7,)).to_bytes()
+    code, outcome = _pool_worker._attempt(Order(plain, 1, "0", fresh=True))
+    assert code == 0 and outcome is not None and decode_value(outcome.value) == 21
+    assert _Held.opened == 0
+    # the same task on a journal that holds something: read first
+    code, outcome = _pool_worker._attempt(Order(plain, 2, "0"))
+    assert (code, _Held.opened) == (0, 1) and outcome is not None and outcome.attempt == 2
+    # a task that commits a step opens its journal even when it starts empty
+    steps = TaskSpec("taskfuncs:two_steps", (2,)).to_bytes()
+    code, outcome = _pool_worker._attempt(Order(steps, 1, "0", fresh=True))
+    assert (code, _Held.opened) == (0, 2) and outcome is not None and outcome.ok
+    # an outcome too large for Done is committed by the worker itself
+    monkeypatch.setattr(_pool_worker, "INLINE_OUTCOME", 0)
+    code, outcome = _pool_worker._attempt(Order(plain, 1, "0", fresh=True))
+    assert (code, outcome, _Held.opened) == (0, None, 3)
+    done = Done(0, Outcome(1, value=b"\x01"))
+    assert decode(encode(done)[HEADER:]) == done
+    fresh = Order(b"spec", 1, "0", fresh=True)
+    assert decode(encode(fresh)[HEADER:]) == fresh
+
+
+async def test_a_pool_fills_to_its_floor_as_soon_as_its_first_workers_are_ready(
+    autojump_clock: Any,
+) -> None:
+    """Workers start `SPAWN_AT_ONCE` at a time: the next ones start as the first say Ready,
+    not after the idle check's period (``idle_s / 2``)."""
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        pool, fakes = await _started_pool(nursery, PoolSettings(workers=3 * SPAWN_AT_ONCE))
+        await _until(lambda: pool.idle == 3 * SPAWN_AT_ONCE)
+        assert trio.current_time() - t0 < 4 * START_S < PoolSettings().idle_s / 2
+        assert fakes.started == 3 * SPAWN_AT_ONCE
+        nursery.cancel_scope.cancel()
