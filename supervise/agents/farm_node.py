@@ -81,7 +81,8 @@ the commit holding its outcome is not reported as progress: a tiny task reports 
 (each report is a table change the coordinator saves on every farm node)."""
 TASK_SHARD_BASE = 50_000
 """Task journals are shards ``TASK_SHARD_BASE + n`` of the agent's arenas (training ranks are
-below; arena file names hold five digits)."""
+below; arena file names hold five digits). A shard given back when its task ended is used
+again: the cap bounds the journals held at once, not the tasks a node runs in its life."""
 _SHARD_LIMIT = 100_000
 PROGRESS_EVERY_S = 0.5
 """Progress updates to the coordinator at most this often per attempt."""
@@ -172,6 +173,7 @@ class FarmNode:
         self._by_shard: dict[int, Running] = {}
         self._shards: dict[str, int] = {}  # task -> its shard here (kept across attempts)
         self._next_shard = TASK_SHARD_BASE
+        self._free_shards: list[int] = []  # given back by finished tasks: used again first
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._offered: int | None = None  # the coordinator the offer was acked by
@@ -391,18 +393,29 @@ class FarmNode:
         run.gpus = ()
 
     def _forget(self, run: Running) -> None:
-        """The task is over: its journal shard goes (the arena back to the budget)."""
+        """The task is over: its journal shard goes (the arena back to the budget, the
+        shard's token revoked, the number free for the next task)."""
         if self.arenas.release(run.shard):
             self._shards.pop(run.task_id, None)
             self._by_shard.pop(run.shard, None)
+            if self.arenas.tokens is not None:
+                self.arenas.tokens.revoke(run.shard)
+            self._free_shards.append(run.shard)
 
     def _shard(self, task_id: str) -> int:
         shard = self._shards.get(task_id)
         if shard is None:
-            if self._next_shard >= _SHARD_LIMIT:
-                raise SnapshotError("this agent ran out of task journal shards: restart it")
-            shard = self._shards[task_id] = self._next_shard
-            self._next_shard += 1
+            if self._free_shards:
+                shard = self._free_shards.pop()
+            elif self._next_shard < _SHARD_LIMIT:
+                shard = self._next_shard
+                self._next_shard += 1
+            else:
+                raise SnapshotError(
+                    f"this agent holds {_SHARD_LIMIT - TASK_SHARD_BASE} task journals at once:"
+                    " no shard left for another"
+                )
+            self._shards[task_id] = shard
         return shard
 
     def _committed(self, event: CommitEvent) -> None:

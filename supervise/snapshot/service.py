@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 FRESH = -1
 """Restore target meaning "start from scratch": the worker's restore finds nothing."""
 
-_ARENA_NAME = re.compile(r"^supervise-(?P<node>.+)-r(?P<rank>\d{5})-(?P<n>\d{4})\.arena$")
+_ARENA_NAME = re.compile(r"^supervise-(?P<node>.+)-r(?P<rank>\d{5,})-(?P<n>\d{4,})\.arena$")
+_NAME_TRIES = 10_000  # names tried past a rank's last one (taken by files of another run)
 
 
 @attrs.frozen(slots=True)
@@ -338,7 +339,8 @@ class ArenaService:
         private_dirs(self.directory)
         # A name is never reused while this service lives: a worker keeps arenas mapped by
         # name, and a new arena under a dropped one's name would be the old mapping to it.
-        for n in range(self._next_name.get(rank, 0), 10_000):
+        first = self._next_name.get(rank, 0)
+        for n in range(first, first + _NAME_TRIES):
             name = f"supervise-{self.node}-r{rank:05d}-{n:04d}.arena"
             if self._anonymous:
                 name = f"supervise-{self.node}-{os.getpid()}-r{rank:05d}-{n:04d}.arena"

@@ -51,6 +51,13 @@ class RankTokens:
             self._grants[key] = Grant(rank, generation)
         return token
 
+    def revoke(self, rank: int) -> None:
+        """``rank``'s token stops working (a farm node gives a finished task's shard back)."""
+        with self._lock:
+            old = self._tokens.pop(rank, None)
+            if old is not None:
+                self._grants.pop(old, None)
+
     def grant(self, token: str) -> Grant | None:
         """Whom ``token`` speaks for (None: no valid token). Looked up by its SHA-256 digest:
         a lookup's timing tells nothing usable about a token, and it costs the same however

@@ -23,11 +23,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import supervise.telemetry.lifecycle as telemetry_setup
 from supervise._testing import free_ports
+from supervise.agents import farm_node
 from supervise.agents.config import NodeConfig
 from supervise.agents.farm_attempt import WorkerRunner, devices
 from supervise.agents.farm_journals import PEER_BACKOFF_S, REQUEST_TIMEOUT_S
 from supervise.agents.farm_node import (
     LAPSED,
+    TASK_SHARD_BASE,
     FarmNode,
     Running,
     group_peers,
@@ -894,4 +896,28 @@ async def test_an_attempt_ended_by_refused_commits_is_said_dropped(
         del farm.net.delays.delay[None, Renew]
         await _until(lambda: any(("d", 4) in r.dropped for r in farm.coord.renewals))
         await _until(lambda: not a._dropped)  # said once heard
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_finished_tasks_journal_shard_is_used_again(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node runs any number of tasks in its life: a shard given back when its task ended
+    goes to the next task (its token revoked meanwhile), not only fresh numbers up to a cap."""
+    monkeypatch.setattr(farm_node, "_SHARD_LIMIT", TASK_SHARD_BASE + 2)
+    async with trio.open_nursery() as nursery:
+        farm = Farm(tmp_path, nursery, {0: []})
+        tokens = RankTokens()
+        a = await farm.start(0, tokens)
+        await _until(lambda: len(farm.coord.offers) == 1)
+        shards = []
+        for i in range(5):
+            spec = _spec(f"r{i}", 2)
+            assert (await farm.assign(0, spec, fence=1)).ok
+            shards.append(a.running[spec.task_id].shard)
+            token = tokens.issue(shards[-1], 1)
+            await _until(lambda s=spec: bool(farm.coord.completed(s.task_id)))
+            await _until(lambda: not a.arenas.ranks)  # the shard given back
+            assert tokens.grant(token) is None  # its last worker's token no longer works
+        assert set(shards) <= {TASK_SHARD_BASE, TASK_SHARD_BASE + 1}
         nursery.cancel_scope.cancel()

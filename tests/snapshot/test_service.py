@@ -317,3 +317,28 @@ def test_release_forgets_a_rank_and_gives_its_arenas_back_unless_in_use(tmp_path
     assert svc.budget.held == 0
     assert not any(f.exists() for f in files)
     assert svc.release(1)  # unknown: nothing to do
+
+
+def test_a_rank_released_and_used_again_gets_fresh_arena_names_without_end(
+    tmp_path: Path,
+) -> None:
+    """A farm node gives a finished task's shard to the next task: the rank's arena names
+    keep counting (a worker may still map an old one by name), with no cap on how often."""
+    svc = make_service(tmp_path, keep_last=1)
+    names = []
+    for i in range(3):
+        if i == 1:
+            svc._next_name[1] = 9_999  # the rank's ten-thousandth arena comes next
+        owner = LocalOwner(svc, 1)
+        owner.hello(hello(1))
+        commit_version(owner, 2)
+        names.append(sorted(p.name for p in tmp_path.glob("*.arena")))
+        assert svc.release(1)
+    assert len({n for ns in names for n in ns}) == 3  # never the same name twice
+    assert any("-10000.arena" in n for n in names[2])
+    # an agent started again adopts such a name too (as its arena, not another node's)
+    from supervise.snapshot.service import _ARENA_NAME
+
+    m = _ARENA_NAME.match(names[2][0])
+    assert m is not None and (m.group("rank"), m.group("n")) == ("00001", "10000")
+    svc.close()
