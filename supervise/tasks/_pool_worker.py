@@ -31,7 +31,7 @@ import trio
 
 from supervise.snapshot.errors import SnapshotError
 from supervise.tasks._pool_wire import Done, Order, Ready, encode, recv_blocking
-from supervise.tasks._worker import agent_journal, run_one
+from supervise.tasks._worker import agent_journal, journal_error, run_one
 from supervise.tasks.arena_journal import ArenaJournal
 from supervise.tasks.journal import Commit, CorruptRecord, JournalView, Outcome
 from supervise.tasks.spec import TaskSpec
@@ -106,17 +106,11 @@ def _run(order: Order, spec: TaskSpec, journal: _AttemptJournal) -> int:
     try:
         with using(parent_from_env(os.environ)):  # steps: children of the runner's attempt
             return trio.run(run_one, spec, order.attempt, order.node, journal)
-    except (OSError, CorruptRecord, SnapshotError) as exc:
-        print(f"supervise task worker: {exc}", file=sys.stderr)
-        return CANNOT_RUN
-    except BaseExceptionGroup as group:  # from the attempt's nursery: e.g. a refused commit
-        journal_errors, rest = group.split((OSError, CorruptRecord, SnapshotError))
-        if rest is not None or journal_errors is None:
+    except BaseException as exc:  # e.g. a refused commit, out of the attempt's nursery
+        error = journal_error(exc)
+        if error is None:
             raise
-        first: BaseException = journal_errors
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        print(f"supervise task worker: {first}", file=sys.stderr)
+        print(f"supervise task worker: {error}", file=sys.stderr)
         return CANNOT_RUN
     finally:
         journal.close()

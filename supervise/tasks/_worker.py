@@ -97,6 +97,26 @@ def agent_journal() -> ArenaJournal:
     raise SnapshotError(f"{AGENT_ENV} is not set: no journal host to write to")
 
 
+JOURNAL_ERRORS = (OSError, CorruptRecord, SnapshotError)
+"""What leaves an attempt in doubt about its journal (it could not be read or written)."""
+
+
+def journal_error(exc: BaseException) -> BaseException | None:
+    """The first journal error ``exc`` is or holds when it holds nothing else (an attempt's
+    nursery wraps e.g. a refused commit in an ExceptionGroup); None otherwise."""
+    if isinstance(exc, JOURNAL_ERRORS):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    found, rest = exc.split(JOURNAL_ERRORS)
+    if rest is not None or found is None:
+        return None
+    first: BaseException = found
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 def main(argv: list[str]) -> int:
     """Run one attempt; the exit code says how it ended."""
     if len(argv) != 3 or not argv[1].isdigit() or int(argv[1]) < 1:
@@ -109,8 +129,11 @@ def main(argv: list[str]) -> int:
     try:
         with using(parent_from_env(os.environ)):  # steps: children of the runner's attempt
             return trio.run(_main, Path(argv[0]), int(argv[1]), argv[2])
-    except (OSError, CorruptRecord, SnapshotError) as exc:
-        print(f"supervise task worker: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        error = journal_error(exc)
+        if error is None:
+            raise
+        print(f"supervise task worker: {error}", file=sys.stderr)
         return 2
     finally:
         shutdown_telemetry(5.0)  # flush its step spans before the exit

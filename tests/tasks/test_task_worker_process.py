@@ -5,6 +5,7 @@ a new process, and no finished step ever runs twice."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -103,3 +104,30 @@ async def test_a_disk_journal_is_used_even_under_a_node_agents_environment(
         "commit-00000002.rec",
         "outcome.rec",
     ]
+
+
+def test_a_refused_commit_ends_a_fresh_worker_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A journal error out of the attempt's nursery (an ExceptionGroup) is one line and exit
+    2, as for a warm worker; anything else stays a traceback."""
+    from supervise.snapshot.errors import SnapshotError
+    from supervise.tasks import _worker
+
+    async def refused(*_args: Any) -> int:
+        async with trio.open_nursery():
+            raise SnapshotError("agent refused 'begin': task journal commit refused: lease lapsed")
+
+    monkeypatch.setattr(_worker, "_main", refused)
+    assert _worker.main([str(tmp_path), "1", "n"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lease lapsed" in err
+
+    async def bug(*_args: Any) -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refused)
+            raise KeyError("a bug of ours, not the journal's")
+
+    monkeypatch.setattr(_worker, "_main", bug)
+    with pytest.raises(BaseExceptionGroup):
+        _worker.main([str(tmp_path), "1", "n"])
