@@ -7,9 +7,8 @@ host named by the order's environment, under the attempt's token and fence) and 
 environment variables set for that attempt only — and says `Done` after each (with the
 attempt's outcome when it is small: the agent commits it, so a task that commits no step
 never reaches the journal endpoint; nor is the journal read when the order says it is empty).
-Module state
-(globals, caches, imported modules) carries over from one attempt to the next, as in Celery's
-prefork pool: a task must not rely on a fresh interpreter.
+Module state (globals, caches, imported modules) carries over from one attempt to the next,
+as in Celery's prefork pool: a task must not rely on a fresh interpreter.
 
 It exits instead of answering when the attempt leaves it in doubt: SIGTERM during an attempt
 (a pause, a cancel: it commits the finished steps first; exit 3, `_worker.STOPPED`), a journal
