@@ -30,8 +30,10 @@ from supervise.agents.monitor import Beat, blame, hang_evidence
 from supervise.agents.roles import Executing
 from supervise.agents.seat import SeatNews
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
+from supervise.agents.standbys import Standbys
 from supervise.cluster import Incoming, RemoteError
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
+from supervise.cluster.transport import normalize_endpoint
 from supervise.snapshot.service import FRESH
 from supervise.store import FencedWriteRefused, StoreUnavailable
 from supervise.telemetry import (
@@ -88,6 +90,8 @@ class Coordinator:
         )
         self._no_quorum = False  # --store: a recovery is held for want of a quorum (said once)
         self._recovery: RecoveryTrace | None = None  # the recovery this node runs, if any
+        # hot standby agents heard lately, and the lost ranks given to them
+        self.standbys = Standbys(ctx.policy.cluster.peer_timeout)
         if ctx.seat is not None:
             ctx.seat.observer = self._seat_news
 
@@ -139,6 +143,45 @@ class Coordinator:
                 raise ValueError(f"node {node} did not answer: {exc}") from None
             out[node] = reply.body.holdings()
         return out
+
+    # -- hot standbys -----------------------------------------------------------------------
+
+    def standby_hello(self, hello: m.StandbyHello) -> m.StandbyOrder:
+        """A standby's hello: noted; the coordinator of a started cluster gives it a lost
+        rank (the oldest standby takes the lowest lost rank) and moves that rank's peer link
+        to it, here and on every live node."""
+        now = trio.current_time()
+        self.standbys.heard(hello.name, hello.endpoint, hello.since, now, hello.ranks)
+        if not self.is_coordinator or self.node.known_generation() == 0 or self.node.state.ended:
+            return m.StandbyOrder(-1)
+        plan = self.standbys.assign(self._missing(), now)
+        rank = next((r for r, e in plan.items() if e.name == hello.name), -1)
+        if rank < 0:
+            return m.StandbyOrder(-1)
+        self._move(rank, hello.endpoint)
+        return m.StandbyOrder(rank, self._endpoints())
+
+    def _move(self, rank: int, endpoint: str) -> None:
+        """Node ``rank`` is served at ``endpoint`` from now on (said once per move)."""
+        transport = self.ctx.transport
+        if transport.peers.get(rank) == normalize_endpoint(endpoint):
+            return
+        transport.set_peer(rank, endpoint)
+        for node in self.ctx.membership.live():
+            if node != self.rank:
+                transport.try_send(node, m.RankMoved(rank, endpoint))
+        log.warning("a standby takes over a lost node", node=rank, standby=endpoint)
+        if self._recovery is not None:
+            self._recovery.event("standby_assigned", reason=f"node {rank}: standby {endpoint}")
+
+    def _endpoints(self) -> list[str]:
+        """Every node's endpoint as this node knows them now (moved ranks included)."""
+        peers = self.ctx.transport.peers
+        config = self.ctx.config
+        return [
+            config.endpoint if r == self.rank else peers.get(r, config.nodes[r])
+            for r in range(self.n_nodes)
+        ]
 
     # -- the loop --------------------------------------------------------------------------
 
