@@ -49,6 +49,10 @@ from supervise.telemetry import (
 log = structlog.get_logger("supervise.agents.coordinator")
 
 _HELD = 64  # reports kept while not elected (--store); older ones are dropped first
+# A node whose agent just started (a replacement, a standby taking over) heartbeats before
+# its executor handles requests: such a refusal is asked again soon, not an attempt failed.
+_NO_HANDLER = "no handler for message kind"
+_STARTING_RETRY = 0.02
 
 
 @attrs.frozen(slots=True)
@@ -746,7 +750,8 @@ class Coordinator:
         ``cluster.peer_timeout`` while the node refuses it because it does not see this node
         as the coordinator yet: views converge within that time (a leader's key reaching it,
         a lower peer declared lost, a rejoined peer's state), and a refusal in that moment
-        must not cost a recovery attempt."""
+        must not cost a recovery attempt. A node whose agent is still starting (no handler
+        yet) is asked again within milliseconds."""
         cluster = self.ctx.policy.cluster
         deadline = trio.current_time() + cluster.peer_timeout
         while True:
@@ -755,11 +760,21 @@ class Coordinator:
                     node, message, trace=carrier, timeout=timeout, expect=expect
                 )
             except RemoteError as exc:
-                if m.NOT_COORDINATOR not in exc.reason or trio.current_time() >= deadline:
+                starting = _NO_HANDLER in exc.reason  # a new agent, its executor not up yet
+                if (
+                    m.NOT_COORDINATOR not in exc.reason and not starting
+                ) or trio.current_time() >= deadline:
                     raise
                 log.info(
-                    "not the coordinator in that node's view yet", node=node, reason=exc.reason
+                    "that node is starting"
+                    if starting
+                    else "not the coordinator in that node's view yet",
+                    node=node,
+                    reason=exc.reason,
                 )
+                if starting:
+                    await trio.sleep(_STARTING_RETRY)
+                    continue
             await trio.sleep(cluster.heartbeat_interval)
 
     async def _await_resumed(

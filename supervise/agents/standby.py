@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -70,9 +70,11 @@ async def run_standby(
     *,
     hello_key: CurveKeys | None = None,
     node_keys: Mapping[int, CurveKeys] | None = None,
+    on_rank: Callable[[int], None] | None = None,
 ) -> int:
-    """Wait as a standby, then run the node whose rank it was given; returns the process
-    exit code (128 + N: stopped by signal N while waiting)."""
+    """Wait as a standby, then run the node whose rank it was given (``on_rank(rank)`` first:
+    telemetry set up for that rank); returns the process exit code (128 + N: stopped by
+    signal N while waiting; 0: the nodes stopped answering, the job is over)."""
     policy = config.template.policy
     run_dir = claim_run_dir(len(config.nodes))
     since = time.time()
@@ -95,6 +97,8 @@ async def run_standby(
                 return taken
             rank, nodes = taken
             node = config.take(rank, nodes, run_dir)
+            if on_rank is not None:
+                on_rank(rank)
             log.warning("standby takes over", node=rank, endpoint=node.endpoint)
             curve = None if node_keys is None else node_keys[rank]
             code = await run_node(node, curve=curve, spares=spares)

@@ -282,12 +282,19 @@ def _run_standby(endpoint: str, nodes: list[str], template: Any) -> int:
                 f"{policy.replication.curve_keys} (a standby takes a rank with that node's key)"
             )
     config = StandbyConfig(endpoint, tuple(nodes), template)
-    try:
-        setup_telemetry()  # the rank is known only once it takes one
+    try:  # checked now; set up once the standby knows its rank
+        setup_telemetry()
     except TelemetryError as exc:
         return _fail(str(exc))
+    shutdown_telemetry()
+
+    def took(rank: int) -> None:
+        setup_telemetry(rank=rank)
+
     try:
-        run = functools.partial(run_standby, config, hello_key=hello_key, node_keys=node_keys)
+        run = functools.partial(
+            run_standby, config, hello_key=hello_key, node_keys=node_keys, on_rank=took
+        )
         return trio.run(run)
     except (StartupError, FinishedJob) as exc:
         return _fail(str(exc))
