@@ -290,7 +290,12 @@ class LocalCluster:
 
     def wait_took_over(self, standby: Agent, timeout: float | None = None) -> int:
         """Wait until ``standby`` took a rank over; returns that rank."""
-        return self.wait("a standby to take over a rank", lambda: self.took_over(standby), timeout)
+
+        def taken() -> tuple[int] | None:
+            rank = self.took_over(standby)
+            return None if rank is None else (rank,)  # rank 0 is a rank taken, not a miss
+
+        return self.wait("a standby to take over a rank", taken, timeout)[0]
 
     def start_all(self) -> list[Agent]:
         return [self.start(rank) for rank in range(self.n)]

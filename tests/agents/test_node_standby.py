@@ -5,11 +5,15 @@ bit for bit as a failure-free run."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from nodekit import nodes
+from nodekit import FAST_POLICY, nodes
 from test_node_recovery import LONG, assert_exact
+
+from supervise.cluster import generate_keys
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +83,76 @@ def test_a_lost_standby_is_dropped_and_another_takes_the_rank(tmp_path: Path) ->
         c.wait_resumed(2)
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, LONG)
+
+
+def test_with_curve_keys_the_standby_takes_over_with_the_lost_node_s_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    generate_keys(keys, 2, clients=("client", "standby"))
+    policy = FAST_POLICY + f'[replication]\ncurve = true\ncurve_keys = "{keys}"\n'
+    with nodes(tmp_path, 2, policy=policy, steps=LONG) as c:
+        c.start_all()
+        standby = c.start_standby()
+        c.wait_resumed(1)
+        c.wait("the standby waiting", lambda: standby.events("standby waiting"))
+        c.wait("node 1's shard replicated", lambda: len(c.events(0, "replica stored")) >= 2)
+        c.agents[1].proc.send_signal(signal.SIGKILL)
+        assert c.wait_took_over(standby) == 1
+        c.wait_resumed(2)
+        assert c.events(1, "shard fetched from a peer")
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        # nothing was refused on the way: the standby spoke as node 1, with node 1's key
+        assert not [x for _, x in c.all_events() if "refused" in str(x.get("event"))]
+
+
+def test_with_curve_keys_a_standby_without_a_node_key_pair_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys"
+    generate_keys(keys, 2, clients=("client", "standby"))
+    for secret in keys.glob("node-*.key_secret"):
+        secret.unlink()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(FAST_POLICY + f'[replication]\ncurve = true\ncurve_keys = "{keys}"\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervise",
+            "node",
+            "--standby",
+            "127.0.0.1:7999",
+            "--nodes",
+            "127.0.0.1:7998,127.0.0.1:7997",
+            "--policy",
+            str(policy),
+            "--shm-dir",
+            str(tmp_path),
+            "--",
+            sys.executable,
+            "-c",
+            "pass",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "node-R.key_secret" in done.stderr
+
+
+def test_a_lost_coordinator_is_taken_over_and_the_survivor_assigns_it(tmp_path: Path) -> None:
+    with nodes(tmp_path, 2, steps=LONG) as c:
+        c.start_all()
+        standby = c.start_standby()
+        c.wait_resumed(1)
+        c.wait("the standby waiting", lambda: standby.events("standby waiting"))
+        c.wait("node 0's shard replicated", lambda: len(c.events(1, "replica stored")) >= 2)
+        c.agents[0].proc.send_signal(signal.SIGKILL)  # node 0: the coordinator
+        assert c.wait_took_over(standby) == 0
+        c.wait_resumed(2)
+        assert c.events(1, "a standby takes over a lost node"), "node 1 did not assign it"
+        assert c.events(0, "shard fetched from a peer")
+        assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
+        assert_exact(c.out, 2, LONG)
+        assert c.orphans() == []
