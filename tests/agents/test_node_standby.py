@@ -114,29 +114,15 @@ def test_with_curve_keys_a_standby_without_a_node_key_pair_refuses_to_start(
         secret.unlink()
     policy = tmp_path / "policy.toml"
     policy.write_text(FAST_POLICY + f'[replication]\ncurve = true\ncurve_keys = "{keys}"\n')
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "supervise",
-            "node",
-            "--standby",
-            "127.0.0.1:7999",
-            "--nodes",
-            "127.0.0.1:7998,127.0.0.1:7997",
-            "--policy",
-            str(policy),
-            "--shm-dir",
-            str(tmp_path),
-            "--",
-            sys.executable,
-            "-c",
-            "pass",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    argv = [
+        sys.executable, "-m", "supervise", "node",
+        "--standby", "127.0.0.1:7999",
+        "--nodes", "127.0.0.1:7998,127.0.0.1:7997",
+        "--policy", str(policy),
+        "--shm-dir", str(tmp_path),
+        "--", sys.executable, "-c", "pass",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert "node-R.key_secret" in done.stderr
 
