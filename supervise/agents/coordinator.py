@@ -156,14 +156,15 @@ class Coordinator:
         to it, here and on every live node."""
         now = trio.current_time()
         self.standbys.heard(hello.name, hello.endpoint, hello.since, now, hello.ranks)
+        lead = self.node.coordinator_rank()
         if not self.is_coordinator or self.node.known_generation() == 0 or self.node.state.ended:
-            return m.StandbyOrder(-1)
+            return m.StandbyOrder(-1, coordinator=lead)
         plan = self.standbys.assign(self._missing(), now)
         rank = next((r for r, e in plan.items() if e.name == hello.name), -1)
         if rank < 0:
-            return m.StandbyOrder(-1)
+            return m.StandbyOrder(-1, coordinator=self.rank)
         self._move(rank, hello.endpoint)
-        return m.StandbyOrder(rank, self._endpoints())
+        return m.StandbyOrder(rank, self._endpoints(), coordinator=self.rank)
 
     def _move(self, rank: int, endpoint: str) -> None:
         """Node ``rank`` is served at ``endpoint`` from now on (said once per move)."""

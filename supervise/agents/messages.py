@@ -244,10 +244,12 @@ class StandbyHello:
 @attrs.frozen(slots=True)
 class StandbyOrder:
     """Reply to StandbyHello: ``rank`` to take over now (-1: keep waiting), and every node's
-    endpoint as the coordinator knows them (the taken rank's: the standby's own)."""
+    endpoint as the coordinator knows them (the taken rank's: the standby's own); the
+    standby greets ``coordinator`` more often (it alone hands out ranks)."""
 
     rank: int
     nodes: list[str] = attrs.field(factory=list)
+    coordinator: int = -1  # the coordinator in the answering node's view (-1: unknown)
 
 
 @message_kind("agent.rank_moved")

@@ -31,6 +31,9 @@ log = structlog.get_logger("supervise.agents.standby")
 
 #: The CURVE key a standby greets the nodes with, before it has a node's key.
 STANDBY_KEY = "standby"
+#: Seconds between two greetings of the coordinator (the others: each heartbeat interval):
+#: a lost node's rank is handed out at the first greeting after its loss.
+_FAST_HELLO = 0.05
 
 
 @attrs.frozen(slots=True)
@@ -128,6 +131,7 @@ async def _wait_for_rank(
     transport = Transport(rank=None, peers=peers, curve=curve, kinds=m.ALL_KINDS)
     found: list[tuple[int, list[str]]] = []
     ended: list[int] = []  # the exit code when it ends without a rank
+    lead = [-1]  # the coordinator, as the nodes last said
     quiet_limit = config.template.policy.cluster.rejoin_timeout
     answered = [trio.current_time(), False]  # when a node last answered; whether one ever did
     async with trio.open_nursery() as nursery:
@@ -152,7 +156,8 @@ async def _wait_for_rank(
                     return
 
         async def greet(node: int) -> None:
-            """Say hello to ``node`` each interval (a node that does not answer: next time)."""
+            """Say hello to ``node`` each interval, to the coordinator every `_FAST_HELLO`
+            (it alone hands out ranks); a node that does not answer: next time."""
             while True:
                 try:
                     reply = await transport.request(
@@ -162,11 +167,13 @@ async def _wait_for_rank(
                     log.debug("no answer to a standby hello", node=node, error=str(exc))
                 else:
                     answered[:] = [trio.current_time(), True]
+                    if reply.body.coordinator >= 0:
+                        lead[0] = reply.body.coordinator
                     if reply.body.rank >= 0 and not found and not ended:
                         found.append((reply.body.rank, list(reply.body.nodes)))
                         nursery.cancel_scope.cancel()
                         return
-                await trio.sleep(interval)
+                await trio.sleep(min(interval, _FAST_HELLO) if node == lead[0] else interval)
 
         nursery.start_soon(signals)
         nursery.start_soon(watch)
