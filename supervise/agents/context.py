@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 
+from supervise.agents._restore_gate import RestoreGate
 from supervise.agents.config import NodeConfig
 from supervise.agents.keeper import PointKeeper
 from supervise.agents.monitor import Monitor
@@ -43,6 +44,8 @@ class NodeContext:
     monitor: Callable[[], Monitor | None]  # the current Monitor (a child: it may restart)
     keeper: PointKeeper  # the recoverable point's pins and the replicas' lag
     seat: StoreSeat | None = None  # with --store etcd://...: the elected coordinator's seat
+    # restores held while their shard is fetched (the workers start meanwhile)
+    restore_gate: RestoreGate = attrs.field(factory=RestoreGate)
 
     @property
     def policy(self) -> Policy:

@@ -301,7 +301,14 @@ class NodeRuntime:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_requests, self.context.agent_endpoint, self.arenas.handle)
+            await nursery.start(
+                functools.partial(
+                    serve_requests,
+                    self.context.agent_endpoint,
+                    self.arenas.handle,
+                    hold=self.context.restore_gate.hold,
+                )
+            )
             task_status.started()
 
     async def serve_monitor(
