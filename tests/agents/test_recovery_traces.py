@@ -695,31 +695,36 @@ def test_sigterm_during_a_recovery_ends_it_failed_and_flushes(
     check_snapshot_spans(otel_collector, agents, ("capture", "replicate"))
 
 
-def test_a_standby_takeover_is_the_same_recovery_trace(cluster_factory, otel_collector) -> None:
-    """kill -9 of node 1's agent with a hot standby waiting (no replacement started): the
-    standby takes rank 1, fetches its shard from node 0; one trace across the coordinator and
-    the standby, with the phases of DESIGN §4 and a ``standby_assigned`` event."""
+@pytest.mark.parametrize("lost", [1, 0], ids=["a node", "the coordinator"])
+def test_a_standby_takeover_is_the_same_recovery_trace(
+    cluster_factory, otel_collector, lost: int
+) -> None:
+    """kill -9 of a node's agent (node 1, or node 0: the coordinator) with a hot standby
+    waiting (no replacement started): the standby takes the rank, fetches its shard from the
+    survivor; one trace across the (surviving) coordinator and the standby, with the phases of
+    DESIGN §4 and a ``standby_assigned`` event, in one attempt."""
+    kept = 1 - lost
     cluster = cluster_factory(2, steps=UNENDING)
     agents = [cluster.start(0), cluster.start(1)]
     standby = cluster.start_standby()
-    cluster.worker_pid(1, generation=1)
+    cluster.worker_pid(lost, generation=1)
     cluster.wait("the standby waiting", lambda: standby.events("standby waiting"))
     cluster.wait(
-        f"node 0 holding rank 1's shard at version >= {EVERY}",
-        lambda: cluster.replicated(agents[0], 1, EVERY),
+        f"node {kept} holding rank {lost}'s shard at version >= {EVERY}",
+        lambda: cluster.replicated(agents[kept], lost, EVERY),
     )
-    cluster.kill_agent(agents[1])
-    assert cluster.wait_took_over(standby) == 1
+    cluster.kill_agent(agents[lost])
+    assert cluster.wait_took_over(standby) == lost
     cluster.wait(
         "the standby's first capture after the recovery, replicated",
         lambda: any(
-            re.fullmatch(r"rank 1 v\d+ g[2-9]", str(x.get("shard")))
+            re.fullmatch(rf"rank {lost} v\d+ g[2-9]", str(x.get("shard")))
             for x in standby.events("pushed")
         ),
     )
-    for agent in (agents[0], standby):
+    for agent in (agents[kept], standby):
         os.kill(agent.pid, signal.SIGTERM)
-    codes = [cluster.wait_exit(a) for a in (agents[0], standby)]
+    codes = [cluster.wait_exit(a) for a in (agents[kept], standby)]
     assert codes == [128 + signal.SIGTERM] * 2, cluster.dump()
 
     root = _the_recovery(
@@ -727,13 +732,13 @@ def test_a_standby_takeover_is_the_same_recovery_trace(cluster_factory, otel_col
         {"peer_lost", "worker_exit"},
         "completed",
         phases={
-            "detect": [agents[0]],
-            "select_checkpoint": [agents[0]],
+            "detect": [agents[kept]],
+            "select_checkpoint": [agents[kept]],
             "fetch": [standby],
-            "restore": [agents[0], standby],
-            "resume": [agents[0], standby],
+            "restore": [agents[kept], standby],
+            "resume": [agents[kept], standby],
         },
-        agents=[agents[0], standby],
+        agents=[agents[kept], standby],
         ops=("capture", "replicate"),
     )
     assert root.attributes[A + "snapshot.source"] == "peer"
@@ -741,8 +746,8 @@ def test_a_standby_takeover_is_the_same_recovery_trace(cluster_factory, otel_col
     check_recovery_trace(
         otel_collector,
         root,
-        coordinator=agents[0],
-        restarted={0: agents[0], 1: standby},
-        sources={0: "local", 1: "peer"},
-        fetched={1: standby},
+        coordinator=agents[kept],
+        restarted={kept: agents[kept], lost: standby},
+        sources={kept: "local", lost: "peer"},
+        fetched={lost: standby},
     )
