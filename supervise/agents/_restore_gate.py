@@ -1,6 +1,7 @@
-"""Restores held while their shard is fetched (`RestoreGate`): a node's workers start while
-the shards they will restore still come from a peer or from disk, and a worker's restore (or
-versions) request waits for its rank's shard instead of finding none."""
+"""Workers' requests held while their rank's shard is fetched (`RestoreGate`): a node's
+workers start while the shards they will restore still come from a peer, and a worker's first
+request (its hello, which may set up its arena, then its restore) waits until its rank's shard
+is in that arena, instead of racing the fetch's writes or finding nothing to restore."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import trio
 from supervise.snapshot import protocol as p
 from supervise.snapshot.errors import ProtocolError
 
-_HELD = (p.Restore, p.Versions)  # the requests that read what the fetch brings
-
 
 class RestoreGate:
-    """Ranks whose shard is being fetched; a local request that reads one of them waits."""
+    """Ranks whose shard is being fetched; a local request about one of them waits."""
 
     def __init__(self) -> None:
         self._open: dict[int, trio.Event] = {}
@@ -42,7 +41,5 @@ class RestoreGate:
             req = p.decode_request(frame).request
         except ProtocolError:
             return None  # the handler refuses it
-        if not isinstance(req, _HELD):
-            return None
-        event = self._open.get(req.rank)
+        event = self._open.get(getattr(req, "rank", -1))
         return None if event is None else event.wait()

@@ -132,6 +132,7 @@ async def _wait_for_rank(
     found: list[tuple[int, list[str]]] = []
     ended: list[int] = []  # the exit code when it ends without a rank
     lead = [-1]  # the coordinator, as the nodes last said
+    lead_down = [False]  # it did not answer its last greeting
     quiet_limit = config.template.policy.cluster.rejoin_timeout
     answered = [trio.current_time(), False]  # when a node last answered; whether one ever did
     async with trio.open_nursery() as nursery:
@@ -165,15 +166,21 @@ async def _wait_for_rank(
                     )
                 except Exception as exc:
                     log.debug("no answer to a standby hello", node=node, error=str(exc))
+                    if node == lead[0]:
+                        lead_down[0] = True  # its successor hands out ranks: greet all often
                 else:
                     answered[:] = [trio.current_time(), True]
-                    if reply.body.coordinator >= 0:
+                    if node == lead[0]:
+                        lead_down[0] = False
+                    if reply.body.coordinator >= 0 and reply.body.coordinator != lead[0]:
                         lead[0] = reply.body.coordinator
+                        lead_down[0] = False
                     if reply.body.rank >= 0 and not found and not ended:
                         found.append((reply.body.rank, list(reply.body.nodes)))
                         nursery.cancel_scope.cancel()
                         return
-                await trio.sleep(min(interval, _FAST_HELLO) if node == lead[0] else interval)
+                fast = node == lead[0] or lead_down[0]
+                await trio.sleep(min(interval, _FAST_HELLO) if fast else interval)
 
         nursery.start_soon(signals)
         nursery.start_soon(watch)

@@ -1,6 +1,6 @@
-"""A restore held while its rank's shard is fetched: the workers start during the fetch, a
-restore (or versions) request of a fetched rank is answered once the shard is here, the other
-requests (another rank's, a heartbeat) go on meanwhile."""
+"""A worker's requests held while its rank's shard is fetched: the workers start during the
+fetch, a request about a fetched rank (its hello, which may set up the arena the fetch writes,
+its restore) is answered once the shard is here; another rank's requests go on meanwhile."""
 
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ async def test_a_restore_of_a_fetched_rank_waits_for_its_shard_the_rest_goes_on(
     endpoint = ipc_endpoint(tmp_path, "agent")
     held = p.encode_request(p.Restore(1, 5), 1)
     other = p.encode_request(p.Restore(0, 5), 2)
-    listing = p.encode_request(p.Versions(1), 3)
+    hello = p.encode_request(p.Hello(1, 0, 2, 2, 4321), 3)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda **kw: serve_requests(endpoint, handler, hold=gate.hold, **kw))
-        got = await trio.to_thread.run_sync(_ask, endpoint, [held, other, listing], 1000)
-        assert got == [b"Restore 0"]  # rank 1's restore and versions wait for its fetch
+        got = await trio.to_thread.run_sync(_ask, endpoint, [held, other, hello], 1000)
+        assert got == [b"Restore 0"]  # rank 1's restore and hello wait for its fetch
         gate.open([1])
         later = await trio.to_thread.run_sync(_ask, endpoint, [held], 5000)
         assert later == [b"Restore 1"]
@@ -73,7 +73,7 @@ def test_nothing_is_decoded_while_nothing_is_fetched() -> None:
     assert gate.hold(b"not even msgpack") is None
     gate.close([0])
     assert gate.hold(b"not even msgpack") is None  # the handler refuses it
-    assert gate.hold(p.encode_request(p.Heartbeat(0, 3, {}), 1)) is None
+    assert gate.hold(p.encode_request(p.Heartbeat(1, 3, {}), 1)) is None  # another rank
     waits = gate.hold(p.encode_request(p.Restore(0, "latest"), 1))
     assert waits is not None
     waits.close()  # type: ignore[attr-defined]  # a coroutine never awaited here
