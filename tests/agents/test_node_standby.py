@@ -143,3 +143,20 @@ def test_a_lost_coordinator_is_taken_over_and_the_survivor_assigns_it(tmp_path: 
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, LONG)
         assert c.orphans() == []
+
+
+@pytest.mark.parametrize(
+    "flags", [[], ["--rank", "0", "--standby", "127.0.0.1:7999"]], ids=["neither", "both"]
+)
+def test_a_node_is_given_either_a_rank_or_a_standby_address(
+    tmp_path: Path, flags: list[str]
+) -> None:
+    argv = [
+        sys.executable, "-m", "supervise", "node", *flags,
+        "--nodes", "127.0.0.1:7998,127.0.0.1:7997",
+        "--shm-dir", str(tmp_path),
+        "--", sys.executable, "-c", "pass",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "either --rank R (a node) or --standby H:P" in done.stderr
