@@ -142,7 +142,7 @@ class LocalRestart:
             nproc=config.nproc_per_node,
             n_nodes=config.n_nodes,
             generation=msg.generation,
-            master_addr=config.master_addr,
+            master_addr=ctx.master_addr,
             master_port=msg.master_port,
             agent=ctx.agent_endpoint,
             env={**config.env, JOB_ENV: config.job_id},

@@ -148,3 +148,16 @@ def test_a_standby_takes_only_the_ranks_it_holds_keys_for() -> None:
     standbys.heard("a", "127.0.0.1:1", 1.0, 0.0, ranks=[2])
     standbys.heard("b", "127.0.0.1:2", 2.0, 0.0, ranks=None)
     assert {r: e.name for r, e in standbys.assign([1, 2], 0.0).items()} == {1: "b", 2: "a"}
+
+
+def test_workers_rendezvous_where_node_0_is_now_served() -> None:
+    from supervise.agents.config import NodeConfig
+    from supervise.agents.context import NodeContext
+
+    config = NodeConfig(rank=1, nodes=["10.0.0.1:7100", "10.0.0.2:7100"], command=["true"])
+    transport: Any = SimpleNamespace(peers={0: "tcp://10.0.0.1:7100"})
+    none: Any = None
+    ctx = NodeContext(config, transport, none, none, none, {}, none, "", none, none, none)
+    assert ctx.master_addr == "10.0.0.1"
+    transport.peers[0] = "tcp://10.0.0.9:7200"  # a standby on another host took node 0 over
+    assert ctx.master_addr == "10.0.0.9"
