@@ -14,7 +14,9 @@ all-reduce, deterministic) on the same machine in the same run, one worker per n
 Failures: worker crash (``kill -9`` of a worker), hang (``SIGSTOP`` of a worker), node loss
 (``kill -9`` of an agent and its worker, a replacement agent with an empty snapshot directory
 started at once; status quo: ``kill -9`` of the worker, its checkpoint read back cold from
-disk), NaN (the demo's fault injection makes one rank's loss NaN).
+disk), node loss with a standby (the same kill, no replacement started: a hot standby agent,
+``supervise node --standby``, waiting with a warm spare takes the rank over; status quo: as
+node loss), NaN (the demo's fault injection makes one rank's loss NaN).
 
     python benchmarks/recovery.py            # the full run (~40 min on 2 shared cores)
     python benchmarks/recovery.py --quick    # one trial per kind, short goodput windows
@@ -58,7 +60,8 @@ from _recovery_harness import Event, ProgressLog, TorchrunLike  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- recovery:begin -->", "<!-- recovery:end -->"
-KINDS = ("crash", "hang", "node_loss", "nan")
+KINDS = ("crash", "hang", "node_loss", "node_loss_standby", "nan")
+NODE_LOSSES = ("node_loss", "node_loss_standby")
 SUPERVISE, BASELINE = "supervise", "torchrun + torch.save"
 ROOT_SPAN = "supervise.recovery"
 
@@ -220,7 +223,7 @@ class Run:
     def wait_finished(self, timeout: float) -> bool:
         raise NotImplementedError
 
-    def node_loss(self, rank: int, pid: int) -> None:
+    def node_loss(self, rank: int, pid: int, *, standby: bool = False) -> None:
         raise NotImplementedError
 
     def pids(self) -> set[int]:
@@ -254,8 +257,8 @@ class Run:
             send_signal(pid, signal.SIGKILL)
         elif kind == "hang":
             send_signal(pid, signal.SIGSTOP)
-        elif kind == "node_loss":
-            self.node_loss(rank, pid)
+        elif kind in NODE_LOSSES:
+            self.node_loss(rank, pid, standby=kind == "node_loss_standby")
         else:
             raise ValueError(kind)
         return t
@@ -300,15 +303,26 @@ class SuperviseRun(Run):
             shm_root=self.shm,
         )
         self.cluster.start_all()
+        if "node_loss_standby" in self.cfg.kinds:
+            self.cluster.start_standby()  # waits with a warm spare until a node is lost
 
-    def node_loss(self, rank: int, pid: int) -> None:
+    def adopt_standbys(self) -> None:
+        """A standby that took a rank over is that rank's agent from then on."""
         assert self.cluster is not None
+        for standby in list(self.cluster.standbys):
+            self.cluster.took_over(standby)
+
+    def node_loss(self, rank: int, pid: int, *, standby: bool = False) -> None:
+        assert self.cluster is not None
+        self.adopt_standbys()
         self.cluster.kill_agent(rank)
         send_signal(pid, signal.SIGKILL)
-        self.cluster.start(rank)
+        if not standby:
+            self.cluster.start(rank)  # else: the standby takes the rank over
 
     def wait_finished(self, timeout: float) -> bool:
         assert self.cluster is not None
+        self.adopt_standbys()
         codes = self.cluster.wait_all_exit(timeout)
         return all(c == 0 for c in codes.values())
 
@@ -352,7 +366,8 @@ class SuperviseRun(Run):
                     newest[agent.pid] = int(line["pid"])
                 elif line.get("event") == "spare worker ready":
                     done.add(int(line["pid"]))
-            live = {a.pid for a in cluster.agents.values()}
+            self.adopt_standbys()
+            live = {a.pid for a in [*cluster.agents.values(), *cluster.standbys]}
             return live <= newest.keys() and all(newest[a] in done for a in live)
 
         try:
@@ -405,7 +420,8 @@ class BaselineRun(Run):
                     os.close(fd)
         self.evictions.append((t0, time.time()))
 
-    def node_loss(self, rank: int, pid: int) -> None:
+    def node_loss(self, rank: int, pid: int, *, standby: bool = False) -> None:
+        # No standby here (torchrun has none): as a node loss.
         # The replacement node reads the checkpoint from (shared) storage, not its page cache.
         self._cold_next = True
         send_signal(pid, signal.SIGKILL)

@@ -62,6 +62,30 @@ def node_argv(
     ]  # fmt: skip
 
 
+def standby_argv(
+    *,
+    endpoint: str,
+    endpoints: Sequence[str],
+    policy: Path,
+    shm_dir: Path,
+    worker_shutdown: float,
+    command: Sequence[str],
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The command line of a hot standby agent at ``endpoint``: ``supervise node --standby
+    ... -- command``."""
+    return [
+        sys.executable, "-m", "supervise", "node",
+        "--standby", endpoint,
+        "--nodes", ",".join(endpoints),
+        "--policy", str(policy),
+        "--shm-dir", str(shm_dir),
+        "--worker-shutdown", str(worker_shutdown),
+        *options,
+        "--", *command,
+    ]  # fmt: skip
+
+
 def kill_node(agent_pid: int, workers: Iterable[int], shm_dir: Path | None) -> None:
     """A node loss: SIGKILL its agent and its workers at once, drop its RAM (the shm dir)."""
     for pid in [agent_pid, *workers]:
@@ -180,6 +204,7 @@ class LocalCluster:
         self.wait_s = wait_s
         self.options: list[str] = []  # more ``supervise node`` options for the next starts
         self.agents: dict[int, Agent] = {}  # rank -> its newest incarnation
+        self.standbys: list[Agent] = []  # standby agents not (yet) seen taking a rank
         self.started: list[Agent] = []  # every incarnation, in start order
         self.book = PidBook()
 
@@ -223,6 +248,54 @@ class LocalCluster:
         self.started.append(agent)
         self.book.add(proc.pid, f"agent (node {rank}, incarnation {incarnation})")
         return agent
+
+    def start_standby(self) -> Agent:
+        """Start a hot standby agent (``--standby``, rank -1 until it takes one) on a free
+        port, with a shm dir of its own."""
+        index = sum(1 for a in self.started if a.log.name.startswith("standby-"))
+        shm_dir = self.shm_root / f"standby-{index}"
+        shm_dir.mkdir(parents=True)
+        log = self.workdir / f"standby-{index}.log"
+        argv = standby_argv(
+            endpoint=f"127.0.0.1:{free_ports(1)[0]}",
+            endpoints=self.endpoints,
+            policy=self.policy,
+            shm_dir=shm_dir,
+            worker_shutdown=self.worker_shutdown,
+            command=self.command,
+            options=self.options,
+        )
+        env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            )
+        agent = Agent(-1, 0, proc, log, shm_dir)
+        self.standbys.append(agent)
+        self.started.append(agent)
+        self.book.add(proc.pid, f"standby agent {index}")
+        return agent
+
+    def took_over(self, standby: Agent) -> int | None:
+        """The rank ``standby`` took over (it is then that rank's newest agent), or None."""
+        lines = standby.events("standby takes over")
+        if not lines:
+            return None
+        rank = int(lines[-1]["node"])
+        if standby in self.standbys:
+            self.standbys.remove(standby)
+            standby.rank = rank
+            self.agents[rank] = standby
+        return rank
+
+    def wait_took_over(self, standby: Agent, timeout: float | None = None) -> int:
+        """Wait until ``standby`` took a rank over; returns that rank."""
+
+        def taken() -> tuple[int] | None:
+            rank = self.took_over(standby)
+            return None if rank is None else (rank,)  # rank 0 is a rank taken, not a miss
+
+        return self.wait("a standby to take over a rank", taken, timeout)[0]
 
     def start_all(self) -> list[Agent]:
         return [self.start(rank) for rank in range(self.n)]
@@ -375,9 +448,12 @@ class LocalCluster:
     def stop(self, grace_s: float = AGENT_GRACE_S) -> dict[int, int]:
         """SIGTERM every node's newest agent (each stops its workers in order), SIGKILL the
         ones still running after ``grace_s``; rank -> exit code."""
-        for a in self.agents.values():
+        for a in [*self.agents.values(), *self.standbys]:
             if a.running:
                 send_signal(a.pid, signal.SIGTERM)
+        for a in self.standbys:  # never needed: they only wait
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                a.proc.wait(grace_s)
         codes = {}
         for rank, a in self.agents.items():
             try:

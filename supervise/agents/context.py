@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 
+from supervise.agents._restore_gate import RestoreGate
 from supervise.agents.config import NodeConfig
 from supervise.agents.keeper import PointKeeper
 from supervise.agents.monitor import Monitor
@@ -17,7 +18,7 @@ from supervise.agents.selection import Holdings
 from supervise.cluster.membership import Membership
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.shard import ShardMeta
-from supervise.cluster.transport import Transport
+from supervise.cluster.transport import Transport, normalize_endpoint
 from supervise.policy import Policy
 from supervise.snapshot.manifest import Manifest
 from supervise.snapshot.persist import PersistTier
@@ -43,10 +44,21 @@ class NodeContext:
     monitor: Callable[[], Monitor | None]  # the current Monitor (a child: it may restart)
     keeper: PointKeeper  # the recoverable point's pins and the replicas' lag
     seat: StoreSeat | None = None  # with --store etcd://...: the elected coordinator's seat
+    # restores held while their shard is fetched (the workers start meanwhile)
+    restore_gate: RestoreGate = attrs.field(factory=RestoreGate)
 
     @property
     def policy(self) -> Policy:
         return self.config.policy
+
+    @property
+    def master_addr(self) -> str:
+        """Where rank 0's rendezvous runs: node 0's host as this node knows it now (a standby
+        on another host may have taken node 0 over)."""
+        endpoint = None if self.config.rank == 0 else self.transport.peers.get(0)
+        if endpoint is None:
+            return self.config.master_addr
+        return normalize_endpoint(endpoint).removeprefix("tcp://").rpartition(":")[0]
 
     def holdings(self) -> Holdings:
         """Every shard version this node holds: its ranks' arenas and the replicas it keeps

@@ -30,8 +30,10 @@ from supervise.agents.monitor import Beat, blame, hang_evidence
 from supervise.agents.roles import Executing
 from supervise.agents.seat import SeatNews
 from supervise.agents.selection import Holdings, NoVersion, Selection, select
+from supervise.agents.standbys import Standbys
 from supervise.cluster import Incoming, RemoteError
 from supervise.cluster.failure_detector import Event, PeerBack, PeerLost
+from supervise.cluster.transport import normalize_endpoint
 from supervise.snapshot.service import FRESH
 from supervise.store import FencedWriteRefused, StoreUnavailable
 from supervise.telemetry import (
@@ -47,6 +49,10 @@ from supervise.telemetry import (
 log = structlog.get_logger("supervise.agents.coordinator")
 
 _HELD = 64  # reports kept while not elected (--store); older ones are dropped first
+# A node whose agent just started (a replacement, a standby taking over) heartbeats before
+# its executor handles requests: such a refusal is asked again soon, not an attempt failed.
+_NO_HANDLER = "no handler for message kind"
+_STARTING_RETRY = 0.02
 
 
 @attrs.frozen(slots=True)
@@ -88,6 +94,8 @@ class Coordinator:
         )
         self._no_quorum = False  # --store: a recovery is held for want of a quorum (said once)
         self._recovery: RecoveryTrace | None = None  # the recovery this node runs, if any
+        # hot standby agents heard lately, and the lost ranks given to them
+        self.standbys = Standbys(ctx.policy.cluster.peer_timeout)
         if ctx.seat is not None:
             ctx.seat.observer = self._seat_news
 
@@ -139,6 +147,46 @@ class Coordinator:
                 raise ValueError(f"node {node} did not answer: {exc}") from None
             out[node] = reply.body.holdings()
         return out
+
+    # -- hot standbys -----------------------------------------------------------------------
+
+    def standby_hello(self, hello: m.StandbyHello) -> m.StandbyOrder:
+        """A standby's hello: noted; the coordinator of a started cluster gives it a lost
+        rank (the oldest standby takes the lowest lost rank) and moves that rank's peer link
+        to it, here and on every live node."""
+        now = trio.current_time()
+        self.standbys.heard(hello.name, hello.endpoint, hello.since, now, hello.ranks)
+        lead = self.node.coordinator_rank()
+        if not self.is_coordinator or self.node.known_generation() == 0 or self.node.state.ended:
+            return m.StandbyOrder(-1, coordinator=lead)
+        plan = self.standbys.assign(self._missing(), now)
+        rank = next((r for r, e in plan.items() if e.name == hello.name), -1)
+        if rank < 0:
+            return m.StandbyOrder(-1, coordinator=self.rank)
+        self._move(rank, hello.endpoint)
+        return m.StandbyOrder(rank, self._endpoints(), coordinator=self.rank)
+
+    def _move(self, rank: int, endpoint: str) -> None:
+        """Node ``rank`` is served at ``endpoint`` from now on (said once per move)."""
+        transport = self.ctx.transport
+        if transport.peers.get(rank) == normalize_endpoint(endpoint):
+            return
+        transport.set_peer(rank, endpoint)
+        for node in self.ctx.membership.live():
+            if node != self.rank:
+                transport.try_send(node, m.RankMoved(rank, endpoint))
+        log.warning("a standby takes over a lost node", node=rank, standby=endpoint)
+        if self._recovery is not None:
+            self._recovery.event("standby_assigned", reason=f"node {rank}: standby {endpoint}")
+
+    def _endpoints(self) -> list[str]:
+        """Every node's endpoint as this node knows them now (moved ranks included)."""
+        peers = self.ctx.transport.peers
+        config = self.ctx.config
+        return [
+            config.endpoint if r == self.rank else peers.get(r, config.nodes[r])
+            for r in range(self.n_nodes)
+        ]
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -703,7 +751,8 @@ class Coordinator:
         ``cluster.peer_timeout`` while the node refuses it because it does not see this node
         as the coordinator yet: views converge within that time (a leader's key reaching it,
         a lower peer declared lost, a rejoined peer's state), and a refusal in that moment
-        must not cost a recovery attempt."""
+        must not cost a recovery attempt. A node whose agent is still starting (no handler
+        yet) is asked again within milliseconds."""
         cluster = self.ctx.policy.cluster
         deadline = trio.current_time() + cluster.peer_timeout
         while True:
@@ -712,11 +761,21 @@ class Coordinator:
                     node, message, trace=carrier, timeout=timeout, expect=expect
                 )
             except RemoteError as exc:
-                if m.NOT_COORDINATOR not in exc.reason or trio.current_time() >= deadline:
+                starting = _NO_HANDLER in exc.reason  # a new agent, its executor not up yet
+                if (
+                    m.NOT_COORDINATOR not in exc.reason and not starting
+                ) or trio.current_time() >= deadline:
                     raise
                 log.info(
-                    "not the coordinator in that node's view yet", node=node, reason=exc.reason
+                    "that node is starting"
+                    if starting
+                    else "not the coordinator in that node's view yet",
+                    node=node,
+                    reason=exc.reason,
                 )
+                if starting:
+                    await trio.sleep(_STARTING_RETRY)
+                    continue
             await trio.sleep(cluster.heartbeat_interval)
 
     async def _await_resumed(

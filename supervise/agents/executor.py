@@ -50,6 +50,8 @@ class Executor:
         self.state = ExecutorState.JOINING
         self.generation = generation  # the previous incarnation's, when this one restarts
         self.coordinator: Coordinating | None = None  # attached by the node
+        # spares started before this executor (a standby's warm ones); None: its own pool
+        self.spares: SparePool | None = None
         self.finished_nodes: set[int] = set()
         self.rewinds: list[tuple[int, int]] = []
         self._local: LocalRestart | None = None  # made by run()
@@ -240,10 +242,12 @@ class Executor:
             (m.Recover, self._on_recover, None),
             (m.Failure, self._on_failure, itself),
             (m.Progress, self._on_progress, itself),
+            (m.StandbyHello, self._on_standby_hello, None),  # a standby is a client till then
+            (m.RankMoved, self._on_rank_moved, coordinator),
         ]
         for kind, handler, allow in routes:
             transport.handle(kind, handler, allow=allow)
-        spares = SparePool(
+        spares = self.spares or SparePool(
             config.command,
             ctx.policy.recovery.preload,
             ctx.run_dir,
@@ -535,6 +539,17 @@ class Executor:
 
     async def _on_finished(self, msg: Incoming[m.Finished]) -> None:
         self.finished_nodes.add(msg.body.node)
+
+    async def _on_standby_hello(self, msg: Incoming[m.StandbyHello]) -> object:
+        if self.coordinator is None:
+            return m.StandbyOrder(-1)
+        return self.coordinator.standby_hello(msg.body)
+
+    async def _on_rank_moved(self, msg: Incoming[m.RankMoved]) -> None:
+        """A standby took over a lost node: talk to that rank at its endpoint from now on."""
+        if msg.body.rank != self.rank:
+            self.ctx.transport.set_peer(msg.body.rank, msg.body.endpoint)
+            log.info("node moved to a standby", node=msg.body.rank, endpoint=msg.body.endpoint)
 
     async def _on_status(self, msg: Incoming[m.StatusQuery]) -> object:
         return self.status()

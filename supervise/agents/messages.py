@@ -227,6 +227,41 @@ class Status:
         return _holdings(self.node, self.ram, self.disk)
 
 
+@message_kind("agent.standby_hello")
+@attrs.frozen(slots=True)
+class StandbyHello:
+    """Standby agent (a client) -> every node, each heartbeat interval: here I am, waiting.
+
+    ``name``: the standby's identity (its endpoint); ``since``: its start (wall clock)."""
+
+    name: str
+    endpoint: str
+    since: float
+    ranks: list[int] | None = None  # the ranks it can take (None: any; CURVE: its node keys)
+
+
+@message_kind("agent.standby_order")
+@attrs.frozen(slots=True)
+class StandbyOrder:
+    """Reply to StandbyHello: ``rank`` to take over now (-1: keep waiting), and every node's
+    endpoint as the coordinator knows them (the taken rank's: the standby's own); the
+    standby greets ``coordinator`` more often (it alone hands out ranks)."""
+
+    rank: int
+    nodes: list[str] = attrs.field(factory=list)
+    coordinator: int = -1  # the coordinator in the answering node's view (-1: unknown)
+
+
+@message_kind("agent.rank_moved")
+@attrs.frozen(slots=True)
+class RankMoved:
+    """Coordinator -> every live node: node ``rank`` is now served at ``endpoint`` (a standby
+    took it over)."""
+
+    rank: int
+    endpoint: str
+
+
 ALL_KINDS = (
     Failure,
     Prepare,
@@ -239,4 +274,7 @@ ALL_KINDS = (
     RecoverReply,
     StatusQuery,
     Status,
+    StandbyHello,
+    StandbyOrder,
+    RankMoved,
 )

@@ -43,6 +43,7 @@ from supervise.agents.preflight import StartupError
 from supervise.agents.replica_holder import REPLICAS, LocalCommit, ReplicaHolder
 from supervise.agents.rundir import NodeLock, claim_run_dir, dead_nodes_arenas
 from supervise.agents.seat import StoreSeat
+from supervise.agents.workers import SparePool
 from supervise.cluster import CurveKeys, Transport, TransportLimits
 from supervise.cluster.failure_detector import DetectorConfig, LossCause
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
@@ -89,8 +90,15 @@ def transport_limits(peer_timeout: float) -> TransportLimits:
 class NodeRuntime:
     """What a node owns across its children's restarts, and the references between them."""
 
-    def __init__(self, config: NodeConfig, *, curve: CurveKeys | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        curve: CurveKeys | None = None,
+        spares: SparePool | None = None,
+    ) -> None:
         self.config = config
+        self.spares = spares  # warm spares started before the node (a standby's), if any
         self.policy = config.policy
         self.exit_code: int | None = None  # how the executor ended (None: it did not)
         self.generation = 0
@@ -293,7 +301,14 @@ class NodeRuntime:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_requests, self.context.agent_endpoint, self.arenas.handle)
+            await nursery.start(
+                functools.partial(
+                    serve_requests,
+                    self.context.agent_endpoint,
+                    self.arenas.handle,
+                    hold=self.context.restore_gate.hold,
+                )
+            )
             task_status.started()
 
     async def serve_monitor(
@@ -317,6 +332,7 @@ class NodeRuntime:
     ) -> None:
         executor = Executor(self.context, generation=self.generation)
         executor.coordinator = Coordinator(self.context, executor)
+        executor.spares = self.spares
         self.executor = executor
         try:
             ended = await executor.run(task_status=task_status)
@@ -500,10 +516,12 @@ def _port_of(endpoint: str) -> str:
     return normalize_endpoint(endpoint).rpartition(":")[2]
 
 
-async def run_node(config: NodeConfig, *, curve: CurveKeys | None = None) -> int:
+async def run_node(
+    config: NodeConfig, *, curve: CurveKeys | None = None, spares: SparePool | None = None
+) -> int:
     """Run one node agent until training finished, recovery gave up, or a signal; returns
-    the process exit code."""
-    rt = NodeRuntime(config, curve=curve)
+    the process exit code. ``spares``: warm spare workers already started (a standby's)."""
+    rt = NodeRuntime(config, curve=curve, spares=spares)
     stopped_by: int | None = None
     unusable: OSError | None = None
     try:

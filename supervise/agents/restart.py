@@ -89,59 +89,20 @@ class LocalRestart:
         )
         # The recovery is current while this node restarts (log lines carry its trace id).
         with active(recovery):
-            sources: set[str] = set()
-            if msg.fetch:
-                nbytes = 0
-                with maybe_phase(recovery, Phase.FETCH, snapshot_version=msg.step) as ph:
-                    for rank, source, holder in sorted(msg.fetch):
-                        nbytes += await self._fetch(rank, msg.step, source, holder)
-                        sources.add(source)
-                    if ph is not None:
-                        ph.set(
-                            bytes=nbytes,
-                            snapshot_source=slowest_source(sources),
-                            snapshot_step=msg.step,
-                        )
-            for rank in ranks:
-                ctx.arenas.set_restore_target(rank, msg.step)  # FRESH: nothing to restore
-            # each worker's credential at this agent: the previous generation's stop working
-            tokens = {rank: ctx.tokens.issue(rank, msg.generation) for rank in ranks}
-            launch = Launch(
-                command=config.command,
-                node_rank=config.rank,
-                nproc=config.nproc_per_node,
-                n_nodes=config.n_nodes,
-                generation=msg.generation,
-                master_addr=config.master_addr,
-                master_port=msg.master_port,
-                agent=ctx.agent_endpoint,
-                env={**config.env, JOB_ENV: config.job_id},
-                cwd=config.cwd,
-                tokens=tokens,
-            )
-            group = WorkerGroup(
-                launch,
-                on_exit=self._on_exit,
-                shutdown=config.worker_shutdown,
-                spares=self._spares,
-            )
-            self.workers = group
-            with untraced():  # the workers' output is not part of the recovery
-                await nursery.start(group.run)
-            for rank, pid in group.pids.items():
-                monitor = ctx.monitor()
-                if monitor is not None:
-                    monitor.arm(rank, pid)
-            log.info(
-                "workers started",
-                generation=msg.generation,
-                step=msg.step,
-                pids=group.pids,
-                warm=sorted(group.warm),
-                forked=sorted(group.forked),
-                master_port=msg.master_port,
-            )
-            self._report(msg.generation, RestartProgress.STARTED)
+            sources = {source for _, source, _ in msg.fetch}
+            gate = ctx.restore_gate
+            gate.close(rank for rank, _, _ in msg.fetch)
+            try:
+                if sources - {Source.PEER.value}:  # from disk: maybe slower than a worker's
+                    await self._fetch_all(msg, recovery)  # restore waits (its client timeout)
+                    await self._start_workers(msg, nursery)
+                else:  # from peers' RAM while the workers start: their restores wait (gate)
+                    async with trio.open_nursery() as fetching:
+                        if msg.fetch:
+                            fetching.start_soon(self._fetch_all, msg, recovery)
+                        await self._start_workers(msg, nursery)
+            finally:
+                gate.open()
             if msg.step != FRESH:
                 await self._wait_local(lambda: len(self._restore_asked) >= len(ranks))
                 started_ns = min(self._restore_asked.values())
@@ -165,6 +126,69 @@ class LocalRestart:
                 await self._wait_local(lambda: len(self._stepped) >= len(ranks))
             self._report(msg.generation, RestartProgress.RESUMED)
             log.info("training resumed", generation=msg.generation, step=msg.step)
+
+    async def _start_workers(self, msg: m.Restart, nursery: trio.Nursery) -> None:
+        """Start this generation's workers (a warm spare each where one waits) in ``nursery``."""
+        ctx = self._ctx
+        config = ctx.config
+        ranks = list(config.ranks)
+        for rank in ranks:
+            ctx.arenas.set_restore_target(rank, msg.step)  # FRESH: nothing to restore
+        # each worker's credential at this agent: the previous generation's stop working
+        tokens = {rank: ctx.tokens.issue(rank, msg.generation) for rank in ranks}
+        launch = Launch(
+            command=config.command,
+            node_rank=config.rank,
+            nproc=config.nproc_per_node,
+            n_nodes=config.n_nodes,
+            generation=msg.generation,
+            master_addr=ctx.master_addr,
+            master_port=msg.master_port,
+            agent=ctx.agent_endpoint,
+            env={**config.env, JOB_ENV: config.job_id},
+            cwd=config.cwd,
+            tokens=tokens,
+        )
+        group = WorkerGroup(
+            launch,
+            on_exit=self._on_exit,
+            shutdown=config.worker_shutdown,
+            spares=self._spares,
+        )
+        self.workers = group
+        with untraced():  # the workers' output is not part of the recovery
+            await nursery.start(group.run)
+        for rank, pid in group.pids.items():
+            monitor = ctx.monitor()
+            if monitor is not None:
+                monitor.arm(rank, pid)
+        log.info(
+            "workers started",
+            generation=msg.generation,
+            step=msg.step,
+            pids=group.pids,
+            warm=sorted(group.warm),
+            forked=sorted(group.forked),
+            master_port=msg.master_port,
+        )
+        self._report(msg.generation, RestartProgress.STARTED)
+
+    async def _fetch_all(self, msg: m.Restart, recovery: RecoveryTrace | None) -> None:
+        """Fetch the shards this node lacks (the fetch phase); each fetched rank's restores are
+        let through as soon as its shard is here."""
+        nbytes = 0
+        sources: set[str] = set()
+        with maybe_phase(recovery, Phase.FETCH, snapshot_version=msg.step) as ph:
+            for rank, source, holder in sorted(msg.fetch):
+                nbytes += await self._fetch(rank, msg.step, source, holder)
+                sources.add(source)
+                self._ctx.restore_gate.open([rank])
+            if ph is not None:
+                ph.set(
+                    bytes=nbytes,
+                    snapshot_source=slowest_source(sources),
+                    snapshot_step=msg.step,
+                )
 
     @property
     def spare_pids(self) -> list[int]:

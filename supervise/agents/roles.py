@@ -29,6 +29,10 @@ class Coordinating(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
         """Act on the triggers while this node is the coordinator, until cancelled."""
 
+    def standby_hello(self, hello: m.StandbyHello) -> m.StandbyOrder:
+        """A standby agent's hello; the order says whether it takes a lost rank now."""
+        ...
+
 
 class Executing(Protocol):
     """This node's executor as the coordinator sees it."""

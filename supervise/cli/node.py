@@ -26,7 +26,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "again without --resume-finished), 1 internal error, "
         "128+N stopped by signal N.",
     )
-    node.add_argument("--rank", type=int, required=True, help="this node's index in --nodes")
+    node.add_argument("--rank", type=int, help="this node's index in --nodes")
+    node.add_argument(
+        "--standby",
+        metavar="H:P",
+        help="instead of --rank: a hot standby agent listening at H:P (not in --nodes), with "
+        "warm spare workers and empty RAM; it takes over the rank of the first node lost",
+    )
     node.add_argument(
         "--nodes", required=True, metavar="H:P,H:P,...", help="every node agent's host:port"
     )
@@ -191,6 +197,13 @@ def _run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if (args.rank is None) == (args.standby is None):
+        return _fail("give either --rank R (a node) or --standby H:P (a hot standby agent)")
+    if args.standby is not None and farm is not None:
+        return _fail("--standby is for training nodes, not farm nodes (--tasks)")
+    # a standby is checked as the node it would be: one more entry, its own endpoint
+    rank = len(nodes) if args.standby is not None else args.rank
+    entries = [*nodes, args.standby] if args.standby is not None else nodes
     if args.job is not None:
         try:
             check_job(args.job)
@@ -202,8 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"--{exc}")
     try:
         config = NodeConfig(
-            rank=args.rank,
-            nodes=nodes,
+            rank=rank,
+            nodes=entries,
             command=command,
             policy=policy,
             nproc_per_node=args.nproc_per_node,
@@ -226,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
             trio.run(_probe, config.store)
         except StoreError as exc:
             return _fail(f"--store {args.store}: {exc}")
+    if args.standby is not None:
+        return _run_standby(args.standby, nodes, config)
     curve = None
     if policy.replication.curve:
         try:
@@ -239,6 +254,49 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return trio.run(functools.partial(run_node, config, curve=curve))
     except (StartupError, FinishedJob) as exc:  # a port taken since the checks; a finished job
+        return _fail(str(exc))
+    finally:
+        shutdown_telemetry()
+
+
+def _run_standby(endpoint: str, nodes: list[str], template: Any) -> int:
+    """``--standby H:P``: wait with warm spares, then run the lost node given to it."""
+    import trio
+
+    from supervise.agents.preflight import StartupError
+    from supervise.agents.standby import StandbyConfig, run_standby, standby_keys
+    from supervise.cluster.errors import CurveKeyError
+    from supervise.snapshot.errors import FinishedJob
+    from supervise.telemetry import TelemetryError, setup_telemetry, shutdown_telemetry
+
+    policy = template.policy
+    hello_key = node_keys = None
+    if policy.replication.curve:
+        try:
+            hello_key, node_keys = standby_keys(policy.replication.curve_keys)
+        except CurveKeyError as exc:
+            return _fail(str(exc))
+        if not node_keys:
+            return _fail(
+                f"--standby with replication.curve: no node-R.key_secret in "
+                f"{policy.replication.curve_keys} (a standby takes a rank with that node's key)"
+            )
+    config = StandbyConfig(endpoint, tuple(nodes), template)
+    try:  # checked now; set up once the standby knows its rank
+        setup_telemetry()
+    except TelemetryError as exc:
+        return _fail(str(exc))
+    shutdown_telemetry()
+
+    def took(rank: int) -> None:
+        setup_telemetry(rank=rank)
+
+    try:
+        run = functools.partial(
+            run_standby, config, hello_key=hello_key, node_keys=node_keys, on_rank=took
+        )
+        return trio.run(run)
+    except (StartupError, FinishedJob) as exc:
         return _fail(str(exc))
     finally:
         shutdown_telemetry()

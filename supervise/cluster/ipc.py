@@ -23,6 +23,7 @@ log = structlog.get_logger("supervise.cluster.ipc")
 
 Handler = Callable[[bytes], bytes | None]
 AsyncHandler = Callable[[bytes], Awaitable[bytes | None]]
+Hold = Callable[[bytes], Awaitable[None] | None]
 
 
 def ipc_endpoint(directory: str | os.PathLike[str], name: str) -> str:
@@ -39,27 +40,51 @@ async def serve_requests(
     handler: Handler,
     *,
     max_frame: int = 64 << 20,
+    hold: Hold | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind ``endpoint`` and answer requests until cancelled; reports the bound endpoint.
 
     A message that is not ``[identity, request]`` is dropped; a handler exception is logged
     and the request goes unanswered (the client times out), never ending the loop.
+    ``hold(frame)``: None to handle the request now, in arrival order (the rule), or an
+    awaitable to handle it once that is done, in a task of its own (a restore waiting for
+    its shard's fetch) while the other requests go on.
     """
-    async with _bound(endpoint, max_frame) as (sock, bound):
+    async with _bound(endpoint, max_frame) as (sock, bound), trio.open_nursery() as nursery:
+        sending = trio.Lock()
+
+        async def send(identity: bytes, reply: bytes | None) -> None:
+            if reply is not None:
+                async with sending:
+                    await _send(sock, identity, reply)
+
+        async def later(identity: bytes, frame: bytes, until: Awaitable[None]) -> None:
+            await until
+            try:
+                reply = handler(frame)
+            except Exception:
+                log.exception("local request handler failed")
+                return
+            await send(identity, reply)
+
         task_status.started(bound)
         while True:
             parts = await sock.recv_multipart()
             if len(parts) != 2:
                 log.warning("dropping malformed local request", frames=len(parts))
                 continue
+            frame = parts[1].bytes
+            until = None if hold is None else hold(frame)
+            if until is not None:
+                nursery.start_soon(later, parts[0].bytes, frame, until)
+                continue
             try:
-                reply = handler(parts[1].bytes)
+                reply = handler(frame)
             except Exception:
                 log.exception("local request handler failed")
                 continue
-            if reply is not None:
-                await _send(sock, parts[0].bytes, reply)
+            await send(parts[0].bytes, reply)
 
 
 async def serve_deferred(

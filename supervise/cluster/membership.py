@@ -32,6 +32,8 @@ from supervise.cluster.messages import message_kind
 from supervise.cluster.transport import Incoming
 
 log = structlog.get_logger("supervise.cluster.membership")
+# A new agent whose first heartbeat found a peer's link still connecting beats again this soon.
+_EARLY_RETRY = 0.02
 
 __all__ = ["Heartbeat", "Membership", "PeerBack", "PeerLost", "RootChanged"]
 
@@ -217,15 +219,18 @@ class Membership:
             self._emit(events)
             self._update_root()
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """One heartbeat to every peer; False when a peer's link took none (not connected)."""
         self._seq += 1
         info = dict(self._info()) if self._info is not None else {}
         hb = Heartbeat(self.rank, self.incarnation, self._seq, info)
+        sent = True
         for peer in self._peers:
             try:
-                self._link.try_send(peer, hb)
+                sent = self._link.try_send(peer, hb) is not False and sent
             except trio.ClosedResourceError:
-                return
+                return True
+        return sent
 
     async def run(
         self, *, task_status: trio.TaskStatus[Membership] = trio.TASK_STATUS_IGNORED
@@ -237,6 +242,7 @@ class Membership:
         try:
             task_status.started(self)
             next_beat = now
+            early = now + 2 * self.config.interval  # a new agent's links are connecting
             awake = now  # when this loop last ran: a longer gap is a pause of this process
             while True:
                 now = trio.current_time()
@@ -249,8 +255,13 @@ class Membership:
                     )
                 awake = now
                 if now >= next_beat:
-                    self._beat()
-                    next_beat = now + self.config.interval
+                    sent = self._beat()
+                    # a new agent's first beats that found a link still connecting go again
+                    # soon: its peers hear it (a replacement, a standby taking over) at once
+                    soon = not sent and now < early
+                    next_beat = now + (
+                        min(_EARLY_RETRY, self.config.interval) if soon else self.config.interval
+                    )
                 events = self._detector.check(now)
                 if events:
                     self._emit(events)

@@ -161,3 +161,24 @@ async def test_a_node_replaced_during_the_prepare_is_prepared_again_in_the_same_
     coordinator.ctx.transport = _DiesOnce(lambda: None)
     with pytest.raises(AttemptFailed, match="node 1 went away"):
         await _attempt_once(coordinator)
+
+
+async def test_a_node_whose_agent_is_still_starting_is_asked_again_not_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a replacement (or a standby taking over) heartbeats before its executor handles requests
+    transport = _Transport(2, "")
+    transport.reason = "no handler for message kind 'agent.prepare'"
+
+    async def request(node: int, message: object, **_kw: object) -> Any:
+        transport.asked += 1
+        if transport.asked <= 2:
+            raise RemoteError("agent.prepare", transport.reason)
+        return SimpleNamespace(body=f"holding of node {node}")
+
+    transport.request = request  # type: ignore[method-assign]
+    started = trio.current_time()
+    replies: dict[int, Any] = dict(await _coordinator(transport)._prepare_all(7, {}))
+    assert replies == {0: "holding of node 0", 1: "holding of node 1"}
+    assert transport.asked == 3
+    assert trio.current_time() - started < 0.5  # within milliseconds, not a heartbeat each

@@ -693,3 +693,61 @@ def test_sigterm_during_a_recovery_ends_it_failed_and_flushes(
     assert {s.name for s in phases} >= {PHASE["detect"], PHASE["select_checkpoint"]}
     assert all(s.end_unix_nano <= root.end_unix_nano for s in phases)
     check_snapshot_spans(otel_collector, agents, ("capture", "replicate"))
+
+
+@pytest.mark.parametrize("lost", [1, 0], ids=["a node", "the coordinator"])
+def test_a_standby_takeover_is_the_same_recovery_trace(
+    cluster_factory, otel_collector, lost: int
+) -> None:
+    """kill -9 of a node's agent (node 1, or node 0: the coordinator) with a hot standby
+    waiting (no replacement started): the standby takes the rank, fetches its shard from the
+    survivor; one trace across the (surviving) coordinator and the standby, with the phases of
+    DESIGN §4 and a ``standby_assigned`` event, in one attempt."""
+    kept = 1 - lost
+    cluster = cluster_factory(2, steps=UNENDING)
+    agents = [cluster.start(0), cluster.start(1)]
+    standby = cluster.start_standby()
+    cluster.worker_pid(lost, generation=1)
+    cluster.wait("the standby waiting", lambda: standby.events("standby waiting"))
+    cluster.wait(
+        f"node {kept} holding rank {lost}'s shard at version >= {EVERY}",
+        lambda: cluster.replicated(agents[kept], lost, EVERY),
+    )
+    cluster.kill_agent(agents[lost])
+    assert cluster.wait_took_over(standby) == lost
+    cluster.wait(
+        "the standby's first capture after the recovery, replicated",
+        lambda: any(
+            re.fullmatch(rf"rank {lost} v\d+ g[2-9]", str(x.get("shard")))
+            for x in standby.events("pushed")
+        ),
+    )
+    for agent in (agents[kept], standby):
+        os.kill(agent.pid, signal.SIGTERM)
+    codes = [cluster.wait_exit(a) for a in (agents[kept], standby)]
+    assert codes == [128 + signal.SIGTERM] * 2, cluster.dump()
+
+    root = _the_recovery(
+        otel_collector,
+        {"peer_lost", "worker_exit"},
+        "completed",
+        phases={
+            "detect": [agents[kept]],
+            "select_checkpoint": [agents[kept]],
+            "fetch": [standby],
+            "restore": [agents[kept], standby],
+            "resume": [agents[kept], standby],
+        },
+        agents=[agents[kept], standby],
+        ops=("capture", "replicate"),
+    )
+    assert root.attributes[A + "snapshot.source"] == "peer"
+    assert "standby_assigned" in root.event_names
+    check_recovery_trace(
+        otel_collector,
+        root,
+        coordinator=agents[kept],
+        restarted={kept: agents[kept], lost: standby},
+        sources={kept: "local", lost: "peer"},
+        fetched={lost: standby},
+    )
