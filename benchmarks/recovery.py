@@ -238,6 +238,9 @@ class Run:
         they were not by then. The status quo keeps nothing warm: always True."""
         return True
 
+    def prepare(self, kind: str) -> None:
+        """Set up what a trial of ``kind`` needs before its failure (nothing by default)."""
+
     # common
     def current_pid(self, rank: int) -> int:
         gen = max(e.gen for e in self.progress.of("step"))
@@ -303,8 +306,14 @@ class SuperviseRun(Run):
             shm_root=self.shm,
         )
         self.cluster.start_all()
-        if "node_loss_standby" in self.cfg.kinds:
-            self.cluster.start_standby()  # waits with a warm spare until a node is lost
+
+    def prepare(self, kind: str) -> None:
+        """A standby only for the trial that measures one (started before it, warm by
+        `spares_ready`): one waiting during a plain node loss would take that rank over."""
+        assert self.cluster is not None
+        self.adopt_standbys()
+        if kind == "node_loss_standby" and not self.cluster.standbys:
+            self.cluster.start_standby()
 
     def adopt_standbys(self) -> None:
         """A standby that took a rank over is that rank's agent from then on."""
@@ -624,6 +633,7 @@ def trial_run(
     with running(run, steps, out=True):
         for i, kind in enumerate(kinds):
             run.wait_step(warmup + i * cfg.settle_steps, timeout=300)
+            run.prepare(kind)
             warm = run.spares_ready(cfg.spares_wait)
             step_s = step_time(run.progress, run.ranks)
             time.sleep(rng.uniform(0, step_s))

@@ -48,6 +48,7 @@ from supervise.cluster import CurveKeys, Transport, TransportLimits
 from supervise.cluster.failure_detector import DetectorConfig, LossCause
 from supervise.cluster.ipc import ipc_endpoint, serve_requests
 from supervise.cluster.membership import Membership
+from supervise.cluster.probe import refuses
 from supervise.cluster.recovery_point import PINNED_VERSIONS
 from supervise.cluster.replica_store import ReplicaStore
 from supervise.cluster.transport import normalize_endpoint
@@ -184,7 +185,11 @@ class NodeRuntime:
                 timeout=self.policy.cluster.peer_timeout,
             ),
             info=self._info,
+            probe=self._refuses,
+            advertise=config.endpoint,
+            on_endpoint=self._peer_serves_at,
         )
+        self.transport.on_rank_closed(self.membership.link_closed)
         self.keeper = PointKeeper(
             config,
             self.arenas,
@@ -274,6 +279,24 @@ class NodeRuntime:
                 self._token.run_sync_soon(_logged, fn, arg)
             return
         fn(arg)
+
+    def _peer_serves_at(self, rank: int, endpoint: str) -> None:
+        """Node ``rank`` says it listens at ``endpoint`` (a standby that took the rank over,
+        or a replacement back at the rank's own address): send to it there from now on."""
+        try:
+            moved = normalize_endpoint(endpoint) != self.transport.peers.get(rank)
+        except ValueError:
+            log.warning("a peer advertised an unusable endpoint", node=rank, endpoint=endpoint)
+            return
+        if moved:
+            self.transport.set_peer(rank, endpoint)
+            log.info("peer serves at a new endpoint", node=rank, endpoint=endpoint)
+
+    async def _refuses(self, rank: int) -> bool:
+        """Whether peer ``rank``'s endpoint refuses connections now (its agent is gone)."""
+        endpoint = self.transport.peers.get(rank)
+        timeout = self.policy.cluster.peer_timeout / 2
+        return endpoint is not None and await refuses(endpoint, timeout)
 
     def _info(self) -> Mapping[str, Any]:
         point = self.keeper.tick(trio.current_time())

@@ -76,6 +76,7 @@ class Router:
         self._sock: ZSocket | None = None
         self._monitor: ZSocket | None = None
         self.endpoint: str | None = None
+        self.on_rank_closed: Callable[[int], None] | None = None  # a rank's connection closed
 
     # ---- handlers ------------------------------------------------------------------------
 
@@ -183,6 +184,8 @@ class Router:
             for rank, link in list(self._links.items()):
                 if link.fd == fd:
                     del self._links[rank]
+                    if self.on_rank_closed is not None:
+                        self.on_rank_closed(rank)
             f.note_closed(peer)
 
     def _speaks_for(self, rank: int, route: bytes, fd: int) -> str | None:

@@ -26,6 +26,7 @@ class LossCause(enum.StrEnum):
 
     HEARTBEAT = "heartbeat"  # silent for too long
     LEASE = "lease"  # its lease in the coordination store ended (``--store``)
+    REFUSED = "refused"  # its connection closed and its endpoint refuses connections
 
 
 @attrs.frozen(slots=True)

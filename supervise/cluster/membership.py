@@ -32,6 +32,8 @@ from supervise.cluster.messages import message_kind
 from supervise.cluster.transport import Incoming
 
 log = structlog.get_logger("supervise.cluster.membership")
+ENDPOINT_INFO = "endpoint"
+"""The heartbeat info key a node says where it listens under (``advertise``)."""
 # A new agent whose first heartbeat found a peer's link still connecting beats again this soon.
 _EARLY_RETRY = 0.02
 
@@ -87,6 +89,9 @@ class Membership:
         *,
         info: Callable[[], Mapping[str, Any]] | None = None,
         incarnation: int | None = None,
+        probe: Callable[[int], Awaitable[bool]] | None = None,
+        advertise: str | None = None,
+        on_endpoint: Callable[[int, str], None] | None = None,
     ) -> None:
         if link.rank is None:
             raise ValueError("membership needs a transport with a rank (not a client)")
@@ -101,6 +106,15 @@ class Membership:
         self._root = min([self.rank, *self._peers])
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
         self._seq = 0
+        # after a peer's connection closed: whether its endpoint refuses connections now
+        self._probe = probe
+        self._probing: set[int] = set()
+        self._nursery: trio.Nursery | None = None
+        # where each node says it listens: a rank served elsewhere now (a standby took it, a
+        # replacement came back at the rank's own address) is sent to there (`on_endpoint`)
+        self._advertise = advertise
+        self._on_endpoint = on_endpoint
+        self._endpoints: dict[int, str] = {}
 
     @property
     def _pause_limit(self) -> float:
@@ -186,6 +200,37 @@ class Membership:
             self._emit(events)
             self._update_root()
 
+    def link_closed(self, rank: int) -> None:
+        """The connection peer ``rank`` spoke on closed: unless it is heard again within a
+        heartbeat interval (messages it sent before are read meanwhile), its endpoint is
+        probed, and a refused connect declares it lost at once (`LossCause.REFUSED`): its
+        process is gone. A host that went down answers nothing: its heartbeats' timeout
+        says it, as before."""
+        if self._probe is None or self._nursery is None or rank not in self._peers:
+            return
+        if rank not in self._probing:
+            self._probing.add(rank)
+            self._nursery.start_soon(self._probe_closed, rank, trio.current_time())
+
+    async def _probe_closed(self, rank: int, closed_at: float) -> None:
+        assert self._probe is not None
+        try:
+            await trio.sleep(self.config.interval)
+            if self._settled(rank, closed_at):
+                return
+            refused = await self._probe(rank)
+            if refused and not self._settled(rank, closed_at):
+                log.warning("peer's connection closed and its endpoint refuses", peer=rank)
+                self.lose(rank, LossCause.REFUSED)
+        finally:
+            self._probing.discard(rank)
+
+    def _settled(self, rank: int, t: float) -> bool:
+        """Whether ``rank`` was heard since ``t``, or is lost already: nothing to probe."""
+        det = self._detector
+        now = trio.current_time()
+        return det is None or not det.is_alive(rank) or now - det.silence(rank, now) > t
+
     # ---- running -------------------------------------------------------------------------
 
     def _emit(self, events: list[Event]) -> None:
@@ -214,6 +259,11 @@ class Membership:
         if msg.sender != hb.rank:  # (the transport refuses it first: `_beats_for_itself`)
             return
         self._infos[hb.rank] = hb.info
+        endpoint = hb.info.get(ENDPOINT_INFO)
+        if isinstance(endpoint, str) and endpoint != self._endpoints.get(hb.rank):
+            self._endpoints[hb.rank] = endpoint
+            if self._on_endpoint is not None:
+                self._on_endpoint(hb.rank, endpoint)
         events = det.heartbeat(hb.rank, hb.incarnation, trio.current_time())
         if events:
             self._emit(events)
@@ -223,6 +273,8 @@ class Membership:
         """One heartbeat to every peer; False when a peer's link took none (not connected)."""
         self._seq += 1
         info = dict(self._info()) if self._info is not None else {}
+        if self._advertise is not None:
+            info[ENDPOINT_INFO] = self._advertise
         hb = Heartbeat(self.rank, self.incarnation, self._seq, info)
         sent = True
         for peer in self._peers:
@@ -240,37 +292,45 @@ class Membership:
         self._detector = FailureDetector(self.config, self._peers, now)
         self._link.handle(Heartbeat, self._on_heartbeat, allow=_beats_for_itself)
         try:
-            task_status.started(self)
-            next_beat = now
-            early = now + 2 * self.config.interval  # a new agent's links are connecting
-            awake = now  # when this loop last ran: a longer gap is a pause of this process
-            while True:
-                now = trio.current_time()
-                gap = now - awake
-                if gap > self._pause_limit:
-                    self._detector.excuse(gap - self.config.interval, now)
-                    log.warning(
-                        "this process was paused: peers' silence in that time not counted",
-                        seconds=round(gap, 3),
-                    )
-                awake = now
-                if now >= next_beat:
-                    sent = self._beat()
-                    # a new agent's first beats that found a link still connecting go again
-                    # soon: its peers hear it (a replacement, a standby taking over) at once
-                    soon = not sent and now < early
-                    next_beat = now + (
-                        min(_EARLY_RETRY, self.config.interval) if soon else self.config.interval
-                    )
-                events = self._detector.check(now)
-                if events:
-                    self._emit(events)
-                    self._update_root()
-                wake_at = min(next_beat, self._detector.next_deadline(now))
-                await trio.sleep_until(wake_at)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await self._watch(now)
         finally:
+            self._nursery = None
             self._link.unhandle(Heartbeat, self._on_heartbeat)
             self._detector = None
             for ch in self._subscribers:
                 ch.close()
             self._subscribers.clear()
+
+    async def _watch(self, now: float) -> None:
+        """Beat and check, for good."""
+        assert self._detector is not None
+        next_beat = now
+        early = now + 2 * self.config.interval  # a new agent's links are connecting
+        awake = now  # when this loop last ran: a longer gap is a pause of this process
+        while True:
+            now = trio.current_time()
+            gap = now - awake
+            if gap > self._pause_limit:
+                self._detector.excuse(gap - self.config.interval, now)
+                log.warning(
+                    "this process was paused: peers' silence in that time not counted",
+                    seconds=round(gap, 3),
+                )
+            awake = now
+            if now >= next_beat:
+                sent = self._beat()
+                # a new agent's first beats that found a link still connecting go again
+                # soon: its peers hear it (a replacement, a standby taking over) at once
+                soon = not sent and now < early
+                next_beat = now + (
+                    min(_EARLY_RETRY, self.config.interval) if soon else self.config.interval
+                )
+            events = self._detector.check(now)
+            if events:
+                self._emit(events)
+                self._update_root()
+            wake_at = min(next_beat, self._detector.next_deadline(now))
+            await trio.sleep_until(wake_at)

@@ -138,6 +138,11 @@ class Transport:
         """A copy of the peers' endpoints by rank."""
         return dict(self._dealers.peers)
 
+    def on_rank_closed(self, callback: Callable[[int], None] | None) -> None:
+        """Call ``callback(rank)`` when the connection a peer rank spoke on to this node
+        closes (its process may be gone: `Membership` checks)."""
+        self._router.on_rank_closed = callback
+
     def set_peer(self, rank: int, endpoint: str) -> None:
         """Add or move a peer; an open connection to its old endpoint is closed."""
         self._dealers.set_peer(rank, endpoint)

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 def test_a_standby_takes_over_a_killed_node_and_training_finishes_exactly(
     tmp_path: Path,
 ) -> None:
+    """...and when the standby (now node 1) is lost in turn, a replacement agent at node 1's
+    own address takes the rank back: its heartbeats say where it listens."""
     with nodes(tmp_path, 2, steps=LONG) as c:
         c.start_all()
         standby = c.start_standby()
@@ -40,6 +42,11 @@ def test_a_standby_takes_over_a_killed_node_and_training_finishes_exactly(
         # the standby's spare, started while it waited, ran the worker (no cold start)
         started = [x for x in c.events(1, "workers started") if x.get("generation", 0) >= 2]
         assert started and started[0]["warm"] == [1], started
+        c.wait("node 1's shard replicated again", lambda: len(c.events(0, "replica stored")) >= 4)
+        standby.proc.send_signal(signal.SIGKILL)
+        c.start(1)  # at node 1's address, where node 0 no longer sends
+        c.wait_resumed(3)
+        assert c.events(0, "peer serves at a new endpoint")
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, LONG)
         assert c.orphans() == []

@@ -271,3 +271,106 @@ def test_an_excused_pause_gives_a_peer_heard_since_no_extra_time() -> None:
     assert det.silence(2, 10.0) == 0.0
     assert det.check(11.6) == [PeerLost(1, pytest.approx(2.1))]
     assert det.check(12.1) == [PeerLost(2, pytest.approx(2.1))]  # not 9.5 s later
+
+
+async def test_a_peer_whose_connection_closed_and_whose_port_refuses_is_lost_at_once() -> None:
+    """Its agent killed, a peer's connection closes and its endpoint refuses connections:
+    that says it is gone (`LossCause.REFUSED`), long before its heartbeats' timeout. A peer
+    whose endpoint still answers (only the connection went) is left to its heartbeats."""
+    from supervise.cluster.probe import refuses
+
+    cfg = DetectorConfig(interval=0.05, timeout=60.0)  # the timeout never decides here
+    probed: list[int] = []
+    a = Transport(rank=0, endpoint="127.0.0.1:0")
+
+    async def probe(rank: int) -> bool:
+        probed.append(rank)
+        endpoint = a.peers.get(rank)
+        return endpoint is not None and await refuses(endpoint, 5.0)
+
+    b = Transport(rank=1, endpoint="127.0.0.1:0")
+    async with a.running():
+        assert a.endpoint
+        ma = Membership(a, [0, 1], cfg, probe=probe)
+        a.on_rank_closed(ma.link_closed)
+        async with trio.open_nursery() as n:
+            b_scope = trio.CancelScope()
+            endpoint = a.endpoint
+
+            async def run_b() -> None:
+                with b_scope:
+                    async with b.running():
+                        b.set_peer(0, endpoint)
+                        await Membership(b, [0, 1], cfg).run()
+
+            n.start_soon(run_b)
+            await eventually(lambda: b.endpoint is not None)
+            assert b.endpoint is not None
+            a.set_peer(1, b.endpoint)
+            await n.start(ma.run)
+            events = ma.subscribe()
+            await eventually(lambda: ma.peer_info(1) is not None)
+            assert not await refuses(b.endpoint, 5.0)  # b listens
+            b_scope.cancel()  # b's process gone: its sockets closed, its port free
+            with trio.fail_after(20):
+                lost = await events.receive()
+            assert isinstance(lost, PeerLost) and lost.cause is LossCause.REFUSED, lost
+            assert probed == [1] and ma.live() == [0]
+            n.cancel_scope.cancel()
+
+
+async def test_a_closed_connection_alone_loses_no_peer(autojump_clock: Any) -> None:
+    """A probe that finds the endpoint answering, or a heartbeat meanwhile: no loss. Only a
+    silent peer whose endpoint refuses is lost at once."""
+    cfg = DetectorConfig(interval=1.0, timeout=30.0)
+    answers = [False]
+
+    async def probe(rank: int) -> bool:
+        return answers[0]
+
+    async with trio.open_nursery() as n:
+        net = FakeNet(n)
+        m0 = Membership(FakeLink(net, 0), [0, 1], cfg, probe=probe)
+        await n.start(m0.run)
+        await n.start(Membership(FakeLink(net, 1), [0, 1], cfg).run)
+        events = m0.subscribe()
+        await trio.sleep(3 * cfg.interval)
+        m0.link_closed(1)
+        await trio.sleep(3 * cfg.interval)
+        assert m0.live() == [0, 1]  # its endpoint answers: left to its heartbeats
+        answers[0] = True
+        m0.link_closed(1)
+        await trio.sleep(3 * cfg.interval)
+        assert m0.live() == [0, 1]  # it beat again before the probe: connected anew
+        net.down.add(1)
+        m0.link_closed(1)
+        with trio.fail_after(3 * cfg.interval):
+            lost = await events.receive()
+        assert isinstance(lost, PeerLost) and lost.cause is LossCause.REFUSED, lost
+        n.cancel_scope.cancel()
+
+
+async def test_a_node_says_where_it_listens_and_a_move_is_told_once(autojump_clock: Any) -> None:
+    cfg = DetectorConfig(interval=1.0, timeout=30.0)
+    moved: list[tuple[int, str]] = []
+    async with trio.open_nursery() as n:
+        net = FakeNet(n)
+        m0 = Membership(
+            FakeLink(net, 0), [0, 1], cfg, on_endpoint=lambda r, e: moved.append((r, e))
+        )
+        await n.start(m0.run)
+        scope = trio.CancelScope()
+
+        async def one(advertise: str) -> None:
+            with scope:
+                await Membership(FakeLink(net, 1), [0, 1], cfg, advertise=advertise).run()
+
+        n.start_soon(one, "tcp://standby:7")
+        await trio.sleep(5 * cfg.interval)
+        assert moved == [(1, "tcp://standby:7")]  # said once, however many beats
+        scope.cancel()
+        scope = trio.CancelScope()
+        n.start_soon(one, "tcp://home:1")  # node 1 again, at its own address
+        await trio.sleep(5 * cfg.interval)
+        assert moved == [(1, "tcp://standby:7"), (1, "tcp://home:1")]
+        n.cancel_scope.cancel()
