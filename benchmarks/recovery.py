@@ -630,9 +630,11 @@ def trial_run(
     warmup = warmup_steps(cfg)
     steps = trial_steps(cfg)
     trials: list[Trial] = []
+    settled = 0  # the next failure waits for this step: the last recovery's workers have a
+    # step history by then (a hang detector judging a fresh worker uses the timeout alone)
     with running(run, steps, out=True):
         for i, kind in enumerate(kinds):
-            run.wait_step(warmup + i * cfg.settle_steps, timeout=300)
+            run.wait_step(max(warmup + i * cfg.settle_steps, settled), timeout=300)
             run.prepare(kind)
             warm = run.spares_ready(cfg.spares_wait)
             step_s = step_time(run.progress, run.ranks)
@@ -685,6 +687,7 @@ def trial_run(
                 + "  ".join(f"{k} {v:.3f}" for k, v in trial.phases.items())
             )
             floors.sample(idle=False)
+            settled = (run.progress.current_step(run.ranks) or 0) + cfg.settle_steps // 2
         finished = run.wait_finished(timeout=600)
     run.progress.poll()
     ended = run.ended
