@@ -238,16 +238,19 @@ class LocalCluster:
             command=self.command,
             options=self.options,
         )
-        env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
-            )
-        agent = Agent(rank, incarnation, proc, log, shm_dir)
+        agent = Agent(rank, incarnation, self._spawn(argv, log), log, shm_dir)
         self.agents[rank] = agent
         self.started.append(agent)
-        self.book.add(proc.pid, f"agent (node {rank}, incarnation {incarnation})")
+        self.book.add(agent.pid, f"agent (node {rank}, incarnation {incarnation})")
         return agent
+
+    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        """Start an agent process, its output to ``log``."""
+        env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+            )
 
     def start_standby(self) -> Agent:
         """Start a hot standby agent (``--standby``, rank -1 until it takes one) on a free
@@ -265,15 +268,10 @@ class LocalCluster:
             command=self.command,
             options=self.options,
         )
-        env = {**os.environ, **self.env} if self.inherit_env else dict(self.env)
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
-            )
-        agent = Agent(-1, 0, proc, log, shm_dir)
+        agent = Agent(-1, 0, self._spawn(argv, log), log, shm_dir)
         self.standbys.append(agent)
         self.started.append(agent)
-        self.book.add(proc.pid, f"standby agent {index}")
+        self.book.add(agent.pid, f"standby agent {index}")
         return agent
 
     def took_over(self, standby: Agent) -> int | None:
