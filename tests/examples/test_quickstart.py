@@ -76,7 +76,9 @@ def test_quickstart_survives_a_worker_crash_under_two_agents(tmp_path: Path) -> 
         rec = c.events(0, "recovery")[0]
         assert rec["trigger"] == "worker_exit", rec
         restart = next(e for e in c.events(0, "restart sent") if e["generation"] >= 2)
-        assert restart["step"] >= SNAPSHOTTED, restart  # from a snapshot taken mid-run
+        # from a snapshot taken mid-run: the recoverable point, which the nodes agree on in
+        # heartbeat rounds and may trail the newest replica (v50 here) on a fast machine
+        assert restart["step"] >= 10 and restart["step"] % 10 == 0, restart
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         for rank in (0, 1):
             lines = _output(c, rank)
