@@ -40,7 +40,8 @@ NOISY_EVENTS = ('"replica stored"', '"pushed"')
 
 def node_argv(
     *,
-    rank: int,
+    rank: int | None = None,
+    standby: str | None = None,
     endpoints: Sequence[str],
     policy: Path,
     shm_dir: Path,
@@ -48,41 +49,21 @@ def node_argv(
     command: Sequence[str],
     options: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of node ``rank``'s agent: ``supervise node ... [options] -- command``
-    (no ``--`` when ``command`` is empty: a farm node, ``--tasks`` among the options)."""
+    """The command line of node ``rank``'s agent, or of a hot standby agent listening at
+    ``standby`` (give one): ``supervise node ... [options] -- command`` (no ``--`` when
+    ``command`` is empty: a farm node, ``--tasks`` among the options)."""
+    if (rank is None) == (standby is None):
+        raise ValueError("node_argv: give either rank or standby")
+    seat = ["--rank", str(rank)] if standby is None else ["--standby", standby]
     return [
         sys.executable, "-m", "supervise", "node",
-        "--rank", str(rank),
+        *seat,
         "--nodes", ",".join(endpoints),
         "--policy", str(policy),
         "--shm-dir", str(shm_dir),
         "--worker-shutdown", str(worker_shutdown),
         *options,
         *(("--", *command) if command else ()),  # no command: a farm node (--tasks)
-    ]  # fmt: skip
-
-
-def standby_argv(
-    *,
-    endpoint: str,
-    endpoints: Sequence[str],
-    policy: Path,
-    shm_dir: Path,
-    worker_shutdown: float,
-    command: Sequence[str],
-    options: Sequence[str] = (),
-) -> list[str]:
-    """The command line of a hot standby agent at ``endpoint``: ``supervise node --standby
-    ... -- command``."""
-    return [
-        sys.executable, "-m", "supervise", "node",
-        "--standby", endpoint,
-        "--nodes", ",".join(endpoints),
-        "--policy", str(policy),
-        "--shm-dir", str(shm_dir),
-        "--worker-shutdown", str(worker_shutdown),
-        *options,
-        "--", *command,
     ]  # fmt: skip
 
 
@@ -259,8 +240,8 @@ class LocalCluster:
         shm_dir = self.shm_root / f"standby-{index}"
         shm_dir.mkdir(parents=True)
         log = self.workdir / f"standby-{index}.log"
-        argv = standby_argv(
-            endpoint=f"127.0.0.1:{free_ports(1)[0]}",
+        argv = node_argv(
+            standby=f"127.0.0.1:{free_ports(1)[0]}",
             endpoints=self.endpoints,
             policy=self.policy,
             shm_dir=shm_dir,

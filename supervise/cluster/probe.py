@@ -31,12 +31,14 @@ async def refuses(endpoint: str, timeout: float) -> bool:  # noqa: ASYNC109
             infos = await trio.socket.getaddrinfo(*where, type=socket.SOCK_STREAM)
         except OSError:
             return False
-        for family, kind, proto, _, address in infos[:1]:
-            sock = trio.socket.socket(family, kind, proto)
-            try:
-                await sock.connect(address)
-            except OSError as exc:
-                return exc.errno == errno.ECONNREFUSED
-            finally:
-                sock.close()
+        if not infos:
+            return False
+        family, kind, proto, _, address = infos[0]
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            await sock.connect(address)
+        except OSError as exc:
+            return exc.errno == errno.ECONNREFUSED
+        finally:
+            sock.close()
     return False
