@@ -10,10 +10,10 @@ of load on the shared machine hits all cases alike; ratios are taken within a re
   cost of the guarantees without any protocol: a sink that hashes (XXH3-64) each message in
   libzmq's buffer, one that receives each into its place in a buffer (``recv_into``, a
   256 MiB ring mapped like the holders' buffers) and hashes it there, and one that hashes each
-  in libzmq's buffer and copies it into the ring block by block (what replication does);
+  in libzmq's buffer and copies it into the ring block by block (what fetch does);
 - replication: ``push_shard`` to 1 or 2 holder processes (``ReplicaEndpoint`` +
-  ``ReplicaStore``): chunks with credits and acks, each verified (XXH3-64 per tensor) and
-  copied into a recycled buffer on receipt. The very first push maps fresh
+  ``ReplicaStore``): chunks with credits and acks, each verified (XXH3-64 per tensor) in
+  libzmq's buffer, which the holder keeps as the replica. The very first push maps fresh
   memory (reported once); every repetition after that is the steady state;
 - fetch: ``fetch_shard`` from a holder into a preallocated buffer and into fresh memory,
   verified.
@@ -487,13 +487,13 @@ medians, ratios are the median of the per-repetition ratios (same load for both 
 
 Replication = `push_shard` from this process to holder processes (`ReplicaEndpoint`): an ack
 every {every} chunks returns credits; every chunk is hashed in libzmq's buffer (XXH3-64, verified
-per tensor) and copied into the holder's recycled buffer block by block while the block is in
-cache (one trip through memory) before the next one; a shard is servable only once complete
-and verified. Raw pyzmq moves the same bytes with no acks, no copy and no checksum; ratios in
-parentheses are against raw pyzmq to 1 peer and show what the allocator setting alone, the
-checksum alone, and the copy plus checksum cost or gain without any protocol (received in place
-with `recv_into` then hashed, or hashed in libzmq's buffer and copied block by block as
-replication does): the floor any protocol that verifies on receipt pays here. Fetch =
+per tensor) and kept there as the replica (no copy; superseded versions' buffers are reused by
+malloc for the next one); a shard is servable only once complete and verified. Raw pyzmq moves
+the same bytes with no acks and no checksum; ratios in parentheses are against raw pyzmq to 1
+peer and show what the allocator setting alone, the checksum alone (what replication pays on
+the holder), and the copy plus checksum cost or gain without any protocol (received in place
+with `recv_into` then hashed, or hashed in libzmq's buffer and copied block by block as fetch
+does). Fetch =
 `fetch_shard` (pipelined ranged requests, each reply hashed and copied into the destination
 the same way) into the destination; "fresh memory" maps a new buffer (transparent huge pages).
 

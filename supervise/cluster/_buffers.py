@@ -1,8 +1,7 @@
-"""Recycled page-aligned buffers for replicas.
+"""Page-aligned buffers for fetched shards.
 
 Fresh anonymous memory costs a page fault per page on first touch (0.15-3 GB/s on the
-project's virtual machines, often slower than the network), so buffers of superseded replicas
-are kept and reused for the next version, which almost always has the same size; every buffer
+project's virtual machines, often slower than the network), so every buffer
 asks for transparent huge pages (fewer faults, fewer TLB misses when copying and hashing); and
 a fresh one can be faulted in ahead of the data by another thread (:meth:`Slab.prefault`,
 ``MADV_POPULATE_WRITE``: the kernel maps the pages without touching their contents, so data
@@ -112,43 +111,3 @@ class Slab:
         # a view still exported (a zero-copy send in flight): the memory goes with it
         with contextlib.suppress(BufferError):
             self._mm.close()
-
-
-class SlabPool:
-    """Free slabs kept for reuse; the caller accounts for their bytes in its budget."""
-
-    __slots__ = ("_free",)
-
-    def __init__(self) -> None:
-        self._free: list[Slab] = []
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(s.capacity for s in self._free)
-
-    def take(self, nbytes: int) -> Slab | None:
-        """The smallest free slab that fits ``nbytes`` and wastes at most a quarter of itself."""
-        fits = [
-            s for s in self._free if nbytes <= s.capacity <= max(round_up(nbytes) * 5 // 4, PAGE)
-        ]
-        if not fits:
-            return None
-        best = min(fits, key=lambda s: s.capacity)
-        self._free.remove(best)
-        return best
-
-    def give(self, slab: Slab) -> None:
-        self._free.append(slab)
-
-    def shrink(self, need: int) -> int:
-        """Release free slabs (largest first) until ``need`` bytes were freed; returns freed."""
-        freed = 0
-        self._free.sort(key=lambda s: s.capacity)
-        while self._free and freed < need:
-            slab = self._free.pop()
-            freed += slab.capacity
-            slab.release()
-        return freed
-
-    def clear(self) -> None:
-        self.shrink(self.free_bytes + 1)

@@ -6,7 +6,8 @@ the kernel) as soon as a few MiB of it are free, so the buffer of the next messa
 memory again: a page fault every 4 KiB inside libzmq's I/O thread, ~0.3 CPU-s per GiB received
 on the project's machines, more than the copy and the checksum together. Pinning the mmap
 threshold above the chunk sizes and raising the trim threshold keeps those buffers in the
-arena for reuse (what stays cached is bounded by the peak of messages in flight: credits).
+arena for reuse: a replica holder keeps the buffers of each version it holds (they *are* the
+replica) and receives the next version into those of the one it supersedes.
 libzmq's I/O thread allocates from its own arena, made of 64 MiB heaps that glibc unmaps as
 soon as one is entirely free, whatever the trim threshold: a top pad of a whole heap keeps
 them (without it, every fetch faulted one or two chunk buffers in afresh).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 
 import structlog
 
@@ -73,3 +75,25 @@ def keep_receive_buffers() -> bool:
     ok = mallopt(M_TOP_PAD, TOP_PAD) == 1 and ok
     log.debug("malloc tuned for bulk receives", ok=ok, mmap_threshold=MMAP_THRESHOLD)
     return ok
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not _is_glibc():
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim
+
+
+def give_back_free_memory() -> None:
+    """Return the free memory of every malloc arena to the kernel now (glibc's
+    ``malloc_trim``): after dropping received buffers that are not about to be reused."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -11,19 +11,20 @@ Rules (each one tested):
 - a *protected* version (`protect`: the cluster's recoverable point and its candidate) is kept
   whatever ``keep_last`` says and never evicted for room, and a push of it is taken even when
   a newer replica of the rank is held already;
-- every byte of every buffer (in use or kept for reuse) counts against ``budget``; a push that
+- chunks are kept in the buffers they arrived in (verified there, never copied: `Held`);
+- every byte announced for a reception counts against ``budget`` from its start; a push that
   cannot fit even after evicting older replicas is refused, and what is held stays intact;
 - with a ``shared`` :class:`MemoryBudget` (the node's, which its own arenas reserve from too)
-  the buffers are reserved there as well, and a local arena that does not fit may reclaim the
-  spare buffers, older replicas and any reception in flight (a push never starves the node's
-  own snapshots), never a rank's newest replica;
+  the bytes are reserved there as well, and a local arena that does not fit may reclaim
+  older replicas and any reception in flight (a push never starves the node's own
+  snapshots), never a rank's newest replica;
 - an announced size must be plausible: at most `GROWTH` times the rank's newest held replica
   (plus `SLACK`) or the rank's fair share of the budget (the budget over the ranks held),
   whichever is larger, so one small header cannot reserve the budget for a rank of a known
   size, while a rank whose state legitimately grows (optimizer state appearing) is never
   locked out;
-- an expired reception's memory, or one from a peer found lost, goes back to the system at
-  once (not kept for reuse).
+- an expired reception's memory, one from a peer found lost, or what the node's arenas
+  reclaimed goes back to the system at once (``malloc_trim``: not kept by malloc for reuse).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from collections.abc import Iterator
 
 import attrs
 
-from supervise.cluster._buffers import Slab, SlabPool, round_up
+from supervise.cluster._buffers import round_up
+from supervise.cluster._held import Held
+from supervise.cluster._malloc import give_back_free_memory
 from supervise.cluster.errors import ChecksumMismatch, Declined, ProtocolError
 from supervise.cluster.shard import ShardMeta, StreamVerifier
 from supervise.snapshot.budget import MemoryBudget
@@ -59,22 +62,27 @@ class Replica:
     """A complete, verified shard of a peer, servable to fetchers."""
 
     meta: ShardMeta
-    slab: Slab = attrs.field(repr=False)
+    held: Held = attrs.field(repr=False)
     source: int | None
     completed_at: float
     pins: int = 0
     retired: bool = False  # evicted while pinned: released on the last unpin
 
-    def data(self) -> memoryview:
-        return self.slab.view[: self.meta.nbytes]
+    def pieces(self) -> list[memoryview]:
+        """The data region as the buffers it arrived in, in order (zero-copy)."""
+        return self.held.pieces()
 
-    def view(self, offset: int, length: int) -> memoryview:
-        """Bytes ``[offset, offset+length)`` of the data region (zero-copy)."""
+    def data(self) -> bytes:
+        """The data region in one piece (a copy: for checks and tools, not the data path)."""
+        return b"".join(self.held.pieces())
+
+    def view(self, offset: int, length: int) -> list[memoryview]:
+        """Bytes ``[offset, offset+length)`` of the data region, as views (zero-copy)."""
         if offset < 0 or length < 0 or offset + length > self.meta.nbytes:
             raise ValueError(
                 f"range {offset}+{length} outside {self.meta.label} ({self.meta.nbytes} bytes)"
             )
-        return self.slab.view[offset : offset + length]
+        return self.held.ranges(offset, length)
 
 
 @attrs.define(slots=True, eq=False)
@@ -83,7 +91,7 @@ class Reception:
 
     id: int
     meta: ShardMeta
-    slab: Slab = attrs.field(repr=False)
+    held: Held = attrs.field(repr=False)
     source: int | None
     started_at: float
     last_activity: float
@@ -99,34 +107,15 @@ class Reception:
         return self.verifier.complete
 
     def accept(self, offset: int, data: memoryview, now: float) -> None:
-        """Copy and verify the next chunk; ProtocolError / ChecksumMismatch on bad input."""
+        """Verify the next chunk where it lies and keep it; ProtocolError / ChecksumMismatch
+        on bad input."""
         pos = self.verifier.position
         if offset != pos:
             raise ProtocolError(f"{self.meta.label}: chunk at {offset}, expected {pos}")
-        n = len(data)
-        if pos + n > self.meta.nbytes:
+        if len(data) > self.meta.nbytes - pos:
             raise ProtocolError(f"{self.meta.label}: chunk runs past {self.meta.nbytes} bytes")
-        self.verifier.feed_into(data, self.slab.view[pos : pos + n])
-        self.chunks += 1
-        self.last_activity = now
-
-    def destination(self, offset: int, limit: int) -> memoryview | None:
-        """Where the chunk at ``offset`` (at most ``limit`` bytes) can be received in place;
-        None unless it is the next chunk expected.
-        """
-        pos = self.verifier.position
-        if offset != pos or pos >= self.meta.nbytes or limit <= 0:
-            return None
-        return self.slab.view[pos : min(self.meta.nbytes, pos + limit)]
-
-    def accept_placed(self, offset: int, nbytes: int, now: float) -> None:
-        """Verify the next ``nbytes``, already received in place (into :meth:`destination`)."""
-        pos = self.verifier.position
-        if offset != pos:
-            raise ProtocolError(f"{self.meta.label}: chunk at {offset}, expected {pos}")
-        if nbytes > self.meta.nbytes - pos:
-            raise ProtocolError(f"{self.meta.label}: chunk runs past {self.meta.nbytes} bytes")
-        self.verifier.feed(self.slab.view[pos : pos + nbytes])
+        self.verifier.feed(data)
+        self.held.append(data)
         self.chunks += 1
         self.last_activity = now
 
@@ -154,8 +143,7 @@ class ReplicaStore:
         self.keep_last = keep_last
         self._replicas: dict[int, list[Replica]] = {}  # rank -> newest first
         self._receptions: dict[int, Reception] = {}
-        self._pool = SlabPool()
-        self._in_use = 0  # slab bytes of replicas (incl. retired but pinned) and receptions
+        self._in_use = 0  # bytes budgeted for replicas (incl. retired but pinned), receptions
         self._ids = itertools.count(1)
         self._protected: frozenset[tuple[int, int]] = frozenset()  # (generation, version)
 
@@ -163,8 +151,8 @@ class ReplicaStore:
 
     @property
     def held_bytes(self) -> int:
-        """Every byte this store keeps mapped: replicas, receptions and reusable buffers."""
-        return self._in_use + self._pool.free_bytes
+        """Every byte this store holds: replicas and receptions."""
+        return self._in_use
 
     @property
     def free_bytes(self) -> int:
@@ -242,20 +230,24 @@ class ReplicaStore:
         if rep.pins:
             rep.retired = True
             return
-        self._in_use -= rep.slab.capacity
-        self._pool.give(rep.slab)
+        self._free(rep.held)
 
-    def _allocate(self, nbytes: int, label: str) -> Slab:
+    def _free(self, held: Held) -> int:
+        """Let ``held``'s buffers go and take them off the budgets; returns the bytes."""
+        held.release()
+        self._in_use -= held.capacity
+        if self.shared is not None:
+            self.shared.release(held.capacity)
+        return held.capacity
+
+    def _allocate(self, nbytes: int, label: str) -> Held:
+        """Budget ``nbytes`` for a reception, evicting older replicas when needed."""
         need = round_up(max(nbytes, 1))
         if need > self.budget:
             raise Refused(
                 "too_big", f"{label} needs {need} bytes, the replica budget is {self.budget}"
             )
-        slab = self._pool.take(nbytes)
-        while slab is None and not self._room_for(need):
-            if self._pool.free_bytes:
-                self._shrink_pool(need - self.free_bytes)
-                continue
+        while not self._room_for(need):
             victim = next(self._evictable(), None)
             if victim is None:
                 raise Refused(
@@ -264,16 +256,8 @@ class ReplicaStore:
                     "free and nothing older to evict",
                 )
             self._drop_replica(victim)
-            slab = self._pool.take(nbytes)
-        if slab is None:
-            try:
-                slab = Slab(need)
-            except BaseException:
-                if self.shared is not None:
-                    self.shared.release(need)
-                raise
-        self._in_use += slab.capacity
-        return slab
+        self._in_use += need
+        return Held(need)
 
     def _room_for(self, need: int) -> bool:
         """Whether a new buffer of ``need`` bytes fits; reserves it in the shared budget."""
@@ -281,43 +265,39 @@ class ReplicaStore:
             return False
         return self.shared is None or self.shared.try_reserve(need)
 
-    def _shrink_pool(self, need: int) -> int:
-        freed = self._pool.shrink(max(need, 1))
-        if self.shared is not None and freed:
-            self.shared.release(freed)
-        return freed
-
     def reclaim(self, need: int) -> int:
         """Free up to ``need`` bytes for the node's own arenas (a :class:`MemoryBudget`
-        reclaimer): spare buffers first, then older replicas; never a rank's newest replica,
-        nothing pinned, and nothing when called from another thread."""
+        reclaimer): older replicas first, then pushes in flight; never a rank's newest
+        replica, nothing pinned, and nothing when called from another thread. The freed
+        buffers go back to the system at once (not kept by malloc for the next reception)."""
         if threading.get_ident() != self._thread:
             return 0
-        freed = self._shrink_pool(need)
+        freed = 0
         while freed < need:
             victim = next(self._evictable(), None)
             if victim is None:
                 break
+            before = self._in_use
             self._drop_replica(victim)
-            freed += self._shrink_pool(need - freed)
+            freed += before - self._in_use
         # a push in flight gives way too: its sender is refused and offers it again later
-        for rec in sorted(self._receptions.values(), key=lambda r: -r.slab.capacity):
+        for rec in sorted(self._receptions.values(), key=lambda r: -r.held.capacity):
             if freed >= need:
                 break
-            freed += self.release(rec.id)
+            freed += self._free(self._receptions.pop(rec.id).held)
+        if freed:
+            give_back_free_memory()
         return freed
 
     def release(self, rid: int) -> int:
-        """Drop a reception and give its memory back to the system (not kept for reuse: its
-        sender died, or its size was a lie); returns the bytes."""
+        """Drop a reception and give its memory back to the system at once (not kept by
+        malloc for reuse: its sender died, or its size was a lie); returns the bytes."""
         rec = self._receptions.pop(rid, None)
         if rec is None:
             return 0
-        self._in_use -= rec.slab.capacity
-        rec.slab.release()
-        if self.shared is not None:
-            self.shared.release(rec.slab.capacity)
-        return rec.slab.capacity
+        freed = self._free(rec.held)
+        give_back_free_memory()
+        return freed
 
     # ---- transfers -----------------------------------------------------------------------
 
@@ -352,17 +332,12 @@ class ReplicaStore:
             if rec.meta.order > meta.order:
                 raise Refused("stale", f"{meta.label} is older than {rec.meta.label} in flight")
             self.abort(rec.id)  # superseded (or the same version pushed again)
-        slab = self._allocate(meta.nbytes, meta.label)
-        try:
-            verifier = StreamVerifier.for_shard(meta)
-        except ChecksumMismatch:
-            self._in_use -= slab.capacity
-            self._pool.give(slab)
-            raise
+        verifier = StreamVerifier.for_shard(meta)  # a bad manifest fails before any budget
+        held = self._allocate(meta.nbytes, meta.label)
         rec = Reception(
             id=next(self._ids),
             meta=meta,
-            slab=slab,
+            held=held,
             source=source,
             started_at=now,
             last_activity=now,
@@ -372,32 +347,15 @@ class ReplicaStore:
         return rec
 
     def chunk(self, rid: int, offset: int, data: memoryview, now: float) -> Reception:
-        """Add a chunk to a reception; a bad chunk aborts the whole reception and raises."""
+        """Add a chunk to a reception; a bad chunk aborts the whole reception and raises.
+
+        ``data`` is kept, not copied (a received frame's buffer): it must never change after.
+        """
         rec = self._receptions.get(rid)
         if rec is None:
             raise ProtocolError(f"no reception {rid} (superseded, expired or never begun)")
         try:
             rec.accept(offset, data, now)
-        except (ProtocolError, ChecksumMismatch):
-            self.abort(rid)
-            raise
-        return rec
-
-    def destination(self, rid: int, offset: int, limit: int) -> memoryview | None:
-        """Where reception ``rid``'s chunk at ``offset`` may be received in place (at most
-        ``limit`` bytes), or None (no such reception, or not the chunk expected next). The
-        bytes count only once :meth:`placed` verified them.
-        """
-        rec = self._receptions.get(rid)
-        return None if rec is None else rec.destination(offset, limit)
-
-    def placed(self, rid: int, offset: int, nbytes: int, now: float) -> Reception:
-        """Verify a chunk received into :meth:`destination`; a bad one aborts the reception."""
-        rec = self._receptions.get(rid)
-        if rec is None:
-            raise ProtocolError(f"no reception {rid} (superseded, expired or never begun)")
-        try:
-            rec.accept_placed(offset, nbytes, now)
         except (ProtocolError, ChecksumMismatch):
             self.abort(rid)
             raise
@@ -414,7 +372,7 @@ class ReplicaStore:
                 f"{rec.meta.label}: finished after {rec.received} of {rec.meta.nbytes} bytes"
             )
         del self._receptions[rid]
-        rep = Replica(meta=rec.meta, slab=rec.slab, source=rec.source, completed_at=now)
+        rep = Replica(meta=rec.meta, held=rec.held, source=rec.source, completed_at=now)
         reps = self._replicas.setdefault(rec.meta.rank, [])
         reps.append(rep)
         reps.sort(key=lambda r: r.meta.order, reverse=True)
@@ -422,11 +380,10 @@ class ReplicaStore:
         return rep
 
     def abort(self, rid: int) -> Reception | None:
-        """Drop a reception and reuse its buffer; what it had received is never served."""
+        """Drop a reception; what it had received is never served."""
         rec = self._receptions.pop(rid, None)
         if rec is not None:
-            self._in_use -= rec.slab.capacity
-            self._pool.give(rec.slab)
+            self._free(rec.held)
         return rec
 
     def expire(self, now: float, idle: float) -> list[Reception]:
@@ -454,8 +411,7 @@ class ReplicaStore:
         rep.pins = max(0, rep.pins - 1)
         if rep.pins == 0 and rep.retired:
             rep.retired = False
-            self._in_use -= rep.slab.capacity
-            self._pool.give(rep.slab)
+            self._free(rep.held)
 
     def close(self) -> None:
         """Release every buffer (the store is unusable afterwards)."""
@@ -465,7 +421,5 @@ class ReplicaStore:
             for r in list(reps):
                 r.pins = 0
                 self._drop_replica(r)
-        self._shrink_pool(self._pool.free_bytes + 1)
         if self.shared is not None:
             self.shared.remove_reclaimer(self.reclaim)
-            self.shared.release(self._in_use)  # buffers still lent out (pinned) go with them

@@ -8,19 +8,18 @@ Push (the owner of a shard -> a group peer)::
 
 The receiver grants ``window`` credits; each ack returns one, so a slow receiver slows the
 sender down instead of buffering. Each chunk is hashed (XXH3-64 per tensor) in libzmq's
-receive buffer and copied into its place in a recycled buffer block by block, while the block
-is still in cache: one trip through memory (receiving it in place with ``recv_into`` and then
-hashing the copy measured ~20% more CPU on the receiver). Only a complete, verified shard
-becomes servable.
+receive buffer and kept there: the replica is the list of buffers its chunks arrived in, with
+no copy (`Held`). Only a complete, verified shard becomes servable.
 
 Fetch (a replacement node <- a holder)::
 
     FetchOpen(rank, version)            -> FetchMeta(lease, meta) + [manifest]  (pins the replica)
-    FetchRange(lease, offset, length)   -> FetchData(lease, offset) + [data]   (pipelined)
+    FetchRange(lease, offset, length)   -> FetchData(lease, offset) + [data...] (pipelined)
     FetchClose(lease)                   -> FetchClosed
 
-Ranges are verified and copied into the destination the same way, in order, as they arrive;
-the holder sends views of its replica (zero-copy).
+The holder sends views of its replica's buffers (zero-copy: one frame per buffer a range
+spans); ranges are hashed in the fetcher's receive buffers and copied into the destination
+block by block, while each block is still in cache, in order, as they arrive.
 
 Timeouts fit the transfer: a wait for bytes (an ack of the chunks sent since the last one, a
 fetched range, room on the link for a chunk) gets the per-message ``timeout`` as a floor plus
@@ -324,7 +323,6 @@ class ReplicaEndpoint:
             raise
         if rec is None:
             return PushReady(transfer=0, window=0)
-        rec.slab.prefault_soon()  # a fresh buffer: mapped ahead of the chunks, off this thread
         self._sources[rec.id] = msg.sender
         return PushReady(transfer=rec.id, window=max(1, min(b.window, self.max_window)))
 
@@ -423,7 +421,8 @@ class ReplicaEndpoint:
         if b.length > self.max_chunk:
             raise ValueError(f"range of {b.length} bytes exceeds {self.max_chunk}")
         lease.last_used = trio.current_time()
-        return Reply(FetchData(b.lease, b.offset), frames=[lease.replica.view(b.offset, b.length)])
+        # one frame per received buffer the range spans (zero-copy)
+        return Reply(FetchData(b.lease, b.offset), frames=lease.replica.view(b.offset, b.length))
 
     async def _fetch_close(self, msg: Incoming[FetchClose]) -> object:
         lease = self._leases.get(msg.body.lease)
@@ -443,7 +442,9 @@ class ReplicaEndpoint:
 
         def verify() -> str:
             try:
-                StreamVerifier.for_shard(meta).feed(rep.data())
+                verifier = StreamVerifier.for_shard(meta)
+                for piece in rep.pieces():
+                    verifier.feed(piece)
             except ChecksumMismatch as exc:
                 return str(exc)
             return ""
@@ -632,10 +633,13 @@ async def _take_range(
 ) -> None:
     off, length, pending = inflight.popleft()
     reply = await pending.wait(transfer_timeout(length, timeout, min_rate), expect=FetchData)
-    if reply.body.offset != off or [len(f) for f in reply.frames] != [length]:
+    if reply.body.offset != off or sum(len(f) for f in reply.frames) != length:
         raise ProtocolError(f"fetch: bad reply for range {off}+{length}")
-    # hashed in libzmq's buffer and copied into place block by block: one trip through memory
-    verifier.feed_into(reply.frames[0].buffer, dest[off : off + length])
+    # hashed in libzmq's buffers and copied into place block by block: one trip through memory
+    for frame in reply.frames:
+        n = len(frame)
+        verifier.feed_into(frame.buffer, dest[off : off + n])
+        off += n
 
 
 async def inventory(transport: Transport, peer: int, timeout: float = 5.0) -> InventoryReply:  # noqa: ASYNC109

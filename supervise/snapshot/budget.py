@@ -48,8 +48,8 @@ class MemoryBudget:
     """Host RAM that arenas and peers' replicas may hold together (``retention.memory_budget``).
 
     Thread-safe; shared by everything on a node that keeps snapshots in RAM. When a reservation
-    does not fit, the registered reclaimers (e.g. the replica store's spare buffers and older
-    replicas) are asked to give memory back before it is refused.
+    does not fit, the registered reclaimers (e.g. the replica store's older replicas and pushes
+    in flight) are asked to give memory back before it is refused.
     """
 
     def __init__(self, limit: int, *, source: str = "retention.memory_budget") -> None:

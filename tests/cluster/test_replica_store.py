@@ -165,7 +165,11 @@ def test_complete_and_verified_replica_is_servable() -> None:
     push(store, meta, data)
     rep = store.get(1)
     assert rep is not None and bytes(rep.data()) == data
-    assert bytes(rep.view(3000, 10)) == data[3000:3010]
+    # a range spanning pieces: one view per piece (the default chunk of `push` is 7 KiB)
+    assert [bytes(v) for v in rep.view(7000, 300)] == [data[7000:7168], data[7168:7300]]
+    assert b"".join(rep.view(3000, 10)) == data[3000:3010]
+    with pytest.raises(ValueError, match="range 8000\\+100 outside rank 1 v10"):
+        rep.view(8000, 100)
     assert store.inventory() == {1: [(10, 0)]}
     assert store.begin(meta, source=1, now=2.0) is None  # already held: no transfer
 
@@ -195,47 +199,23 @@ def test_out_of_order_chunk_aborts() -> None:
     assert store.receptions() == []
 
 
-def test_chunks_received_in_place_are_verified_there() -> None:
-    store = ReplicaStore(budget=1 << 20)
-    meta, data = make_shard(4, 7, [3000, 5000])
+def test_chunks_are_kept_where_they_arrived_not_copied() -> None:
+    """A large chunk (a received frame) becomes a piece of the replica as it is: its bytes
+    are verified in place and served from there; small ones are copied (compact)."""
+    store = ReplicaStore(budget=4 * MiB)
+    meta, data = make_shard(4, 7, [MiB - 5, 1005])
+    frames = [bytearray(data[:MiB]), bytearray(data[MiB:])]
     rec = store.begin(meta, source=4, now=0.0)
     assert rec is not None
-    assert store.destination(rec.id, 1000, 4096) is None  # not the next chunk
-    assert store.destination(rec.id + 1, 0, 4096) is None  # no such reception
-    for off in range(0, meta.nbytes, 4096):
-        dest = store.destination(rec.id, off, 4096)
-        assert dest is not None and len(dest) == min(4096, meta.nbytes - off)
-        dest[:] = data[off : off + len(dest)]
-        assert store.get(4) is None  # nothing servable before the end
-        store.placed(rec.id, off, len(dest), now=1.0)
-    assert store.destination(rec.id, meta.nbytes, 4096) is None  # past the end
-    rep = store.finish(rec.id, now=2.0)
-    assert bytes(rep.data()) == data and rec.chunks == 2
-
-
-def test_a_corrupt_chunk_received_in_place_aborts_the_reception() -> None:
-    store = ReplicaStore(budget=1 << 20)
-    meta, data = make_shard(4, 8, [4096, 4096])
-    rec = store.begin(meta, source=4, now=0.0)
-    assert rec is not None
-    dest = store.destination(rec.id, 0, 8192)
-    assert dest is not None
-    dest[:] = data
-    dest[6000] ^= 0x10
-    with pytest.raises(ChecksumMismatch, match="tensor 't1'"):
-        store.placed(rec.id, 0, 8192, now=1.0)
-    assert store.get(4) is None and store.receptions() == []
-    with pytest.raises(ProtocolError, match="no reception"):
-        store.placed(rec.id, 0, 8192, now=1.0)
-    rec = store.begin(meta, source=4, now=2.0)
-    assert rec is not None
-    with pytest.raises(ProtocolError, match="chunk at 4096, expected 0"):
-        store.placed(rec.id, 4096, 4096, now=2.0)
-    rec = store.begin(meta, source=4, now=3.0)
-    assert rec is not None
-    with pytest.raises(ProtocolError, match="runs past 8192 bytes"):
-        store.placed(rec.id, 0, 9000, now=3.0)
-    assert store.receptions() == []
+    store.chunk(rec.id, 0, memoryview(frames[0]), now=0.0)
+    store.chunk(rec.id, MiB, memoryview(frames[1]), now=0.0)
+    rep = store.finish(rec.id, now=1.0)
+    big, small = rep.pieces()
+    frames[0][10] ^= 0xFF  # the replica *is* the first frame: it sees the change
+    frames[1][0] ^= 0xFF  # the small piece was copied: it does not
+    assert big[10] == frames[0][10] != data[10]
+    assert small[0] == data[MiB] and len(small) == 1000
+    assert rep.data()[MiB:] == data[MiB:]
 
 
 def test_newer_version_supersedes_in_flight_and_stale_is_refused() -> None:
@@ -292,15 +272,14 @@ def test_budget_never_evicts_a_ranks_newest_replica() -> None:
         store.begin(make_shard(4, 1, [3 * size])[0], source=4, now=0.0)
 
 
-def test_buffers_are_reused() -> None:
+def test_a_superseded_replicas_bytes_leave_the_budget() -> None:
     size = 256 * KiB
     store = ReplicaStore(budget=8 * size)
     push(store, *make_shard(1, 1, [size]))
-    slab = store.get(1).slab  # type: ignore[union-attr]
+    first = store.get(1)
+    assert first is not None
     push(store, *make_shard(1, 2, [size]))
-    push(store, *make_shard(1, 3, [size]))  # v1's slab came back from the pool for v3
-    assert store.get(1).slab is slab  # type: ignore[union-attr]
-    assert store.held_bytes == 2 * size
+    assert store.held_bytes == size and first.pieces() == []  # let go of at once
 
 
 def test_pinned_replica_survives_eviction_until_unpinned() -> None:
@@ -313,8 +292,9 @@ def test_pinned_replica_survives_eviction_until_unpinned() -> None:
     push(store, meta2, data2)  # keep_last=1: v1 retired, but still readable while pinned
     assert bytes(rep.data()) == make_shard(1, 1, [size])[1]
     assert store.get(1, version=1) is None
+    assert store.held_bytes == 2 * size
     store.unpin(rep)
-    assert store.held_bytes == 2 * size  # v1's buffer now waits in the pool
+    assert store.held_bytes == size and rep.pieces() == []  # v1's buffers went with the pin
 
 
 def test_idle_receptions_expire() -> None:
@@ -355,7 +335,7 @@ def test_shared_budget_counts_replicas_and_arenas_together() -> None:
     assert shared.held == 2 * size  # the arena's share stays reserved
 
 
-def test_an_arena_reclaims_spare_buffers_and_older_replicas_never_a_newest() -> None:
+def test_an_arena_reclaims_older_replicas_never_a_newest() -> None:
     size = 64 * KiB
     shared = MemoryBudget(5 * size)
     store = ReplicaStore(budget=5 * size, shared=shared, keep_last=2)
@@ -363,8 +343,8 @@ def test_an_arena_reclaims_spare_buffers_and_older_replicas_never_a_newest() -> 
     push(store, *make_shard(1, 2, [size]))
     push(store, *make_shard(2, 1, [size]))
     store.abort(store.begin(make_shard(2, 2, [size])[0], source=2, now=0.0).id)  # type: ignore[union-attr]
-    assert store.held_bytes == 4 * size  # three replicas and one spare buffer
-    shared.reserve(3 * size, "arena for rank 0")  # takes the spare buffer and rank 1's v1
+    assert store.held_bytes == 3 * size and shared.held == 3 * size  # an abort frees at once
+    shared.reserve(3 * size, "arena for rank 0")  # takes rank 1's v1
     assert store.inventory() == {1: [(2, 0)], 2: [(1, 0)]}
     assert shared.held == 5 * size and store.held_bytes == 2 * size
     shared.release(size)
@@ -488,3 +468,25 @@ def test_the_nodes_own_arenas_reclaim_a_push_in_flight() -> None:
     assert rec is not None
     shared.reserve(16 * MiB, "arena rank 0")  # the worker's arena still fits
     assert store.reception(rec.id) is None and store.held_bytes == 0
+
+
+def test_memory_a_push_lost_or_reclaimed_goes_back_to_the_system_a_superseded_one_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """malloc keeps a superseded replica's buffers for the next version (no page faults); a
+    reception whose sender was lost, or what the node's arenas reclaim, is trimmed at once."""
+    trims: list[int] = []
+    monkeypatch.setattr(
+        "supervise.cluster.replica_store.give_back_free_memory", lambda: trims.append(1)
+    )
+    size = 64 * KiB
+    shared = MemoryBudget(3 * size)
+    store = ReplicaStore(budget=3 * size, shared=shared, keep_last=2)
+    for v in (1, 2, 3):
+        push(store, *make_shard(1, v, [size]))
+    assert trims == []  # v1 superseded: its buffers wait in malloc's arena for the next one
+    rec = store.begin(make_shard(2, 1, [size])[0], source=2, now=0.0)
+    assert rec is not None
+    assert store.release(rec.id) == size and trims == [1]
+    shared.reserve(2 * size, "arena for rank 0")  # reclaims rank 1's v2
+    assert store.inventory() == {1: [(3, 0)]} and trims == [1, 1]

@@ -92,7 +92,7 @@ async def test_replica_corrupted_in_ram_is_dropped_after_a_failed_fetch(
     assert await push_shard(owner, 1, new, memoryview(new_data))
     rep = store.get(0, 20)
     assert rep is not None
-    rep.data()[777] ^= 0xFF  # flipped in the holder's RAM after it was verified
+    rep.pieces()[0][777] ^= 0xFF  # flipped in the holder's RAM after it was verified
     with pytest.raises(ChecksumMismatch):
         await fetch_shard(owner, 1, 0, version=20)
     # The holder checked its copy, found it bad and dropped it: never served or offered
