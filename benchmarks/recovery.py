@@ -824,6 +824,7 @@ class Goodput:
     interval_steps: list[int]  # steps gained in each failure interval
     recoveries: int
     every: int
+    settled_rates: list[float]  # steps/s in each interval from SETTLE s after its failure on
 
     @property
     def useful_steps(self) -> int:
@@ -847,6 +848,18 @@ class Goodput:
     @property
     def goodput(self) -> float:
         return self.useful_steps / sum(self.expected_steps)
+
+    @property
+    def goodput_settled(self) -> float:
+        """Steps gained / the steps each interval would have gained at its own rate once the
+        recovery had settled: no failure-free window enters, so load from other work that
+        changes within a minute (a shared machine) does not either; a slowdown that outlasts
+        ``SETTLE`` s after a failure is not charged."""
+        return self.useful_steps / sum(self.interval * r for r in self.settled_rates)
+
+
+#: Seconds after a failure from which a failure interval's own step rate is its settled rate.
+SETTLE = 10.0
 
 
 def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
@@ -879,6 +892,7 @@ def goodput_run(cfg: Config, run: Run, interval: float, every: int) -> Goodput:
         interval_steps=[at(t + n, ranks) - at(t, ranks) for t in fails],
         recoveries=len(gens - {before}),  # generations that trained in the intervals
         every=every,
+        settled_rates=[(at(t + n, ranks) - at(t + SETTLE, ranks)) / (n - SETTLE) for t in fails],
     )
 
 
@@ -1057,11 +1071,12 @@ def report(
     if g60:
         g = g60[0]
         add(
-            f"- Goodput >= 95% with a failure (worker crash) every 60 s: "
-            f"**{'met' if g.goodput >= 0.95 else 'missed'}** — supervise "
-            f"**{g.goodput:.1%}**"
+            f"- Goodput >= 97% with a failure (worker crash) every 60 s: "
+            f"**{'met' if g.goodput >= 0.97 else 'missed'}** — supervise "
+            f"**{g.goodput:.1%}** against the failure-free windows, "
+            f"**{g.goodput_settled:.1%}** against each interval's own settled rate"
             + "".join(
-                f", status quo {x.goodput:.1%}"
+                f"; status quo {x.goodput:.1%} and {x.goodput_settled:.1%}"
                 for x in goodputs
                 if x.system == BASELINE and x.interval == 60.0
             )
@@ -1091,14 +1106,17 @@ def report(
         "drifting over minutes cancels out). The checkpointing overhead is not in that "
         "figure; the last column charges it too: steps gained / (time in the failure "
         "intervals / the bare training's step time from the references above), which mixes "
-        "two moments of a shared machine (noisier)."
+        "two moments of a shared machine (noisier). *Settled*: steps gained / the steps each "
+        f"interval would have gained at its own rate from {SETTLE:g} s after its failure on "
+        "(no failure-free window enters: other work's load that changes within a minute "
+        "does not either; a slowdown that outlasts those seconds is not charged)."
     )
     add("")
     add(
         "| N | system | checkpoint every | failure-free steps/s (range) | recoveries | "
-        "steps gained | in | per interval | goodput | vs bare training |"
+        "steps gained | in | per interval | goodput | settled | vs bare training |"
     )
-    add("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    add("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for g in goodputs:
         vs_bare = g.useful_steps * bare.step_s / g.window
         rates = f"{min(g.ff_rates):.2f}-{max(g.ff_rates):.2f}"
@@ -1106,7 +1124,8 @@ def report(
         add(
             f"| {g.interval:g} s | {'supervise' if g.system == SUPERVISE else 'status quo'} | "
             f"{g.every} steps | {rates} | {g.recoveries} | {g.useful_steps} | "
-            f"{g.window:.0f} s | {each} | **{g.goodput:.1%}** | {vs_bare:.1%} |"
+            f"{g.window:.0f} s | {each} | **{g.goodput:.1%}** | {g.goodput_settled:.1%} | "
+            f"{vs_bare:.1%} |"
         )
     add("")
     add("### Notes")
@@ -1392,7 +1411,12 @@ def measure(cfg: Config, args: argparse.Namespace, argv: Sequence[str] | None) -
                         "fresh": floors.fresh,
                     },
                     "goodput": [
-                        {**asdict(g), "goodput": g.goodput, "per_interval": g.per_interval}
+                        {
+                            **asdict(g),
+                            "goodput": g.goodput,
+                            "goodput_settled": g.goodput_settled,
+                            "per_interval": g.per_interval,
+                        }
                         for g in goodputs
                     ],
                 },

@@ -70,10 +70,12 @@ def test_goodput_compares_each_interval_with_the_windows_around_it() -> None:
         interval_steps=[600, 650],
         recoveries=2,
         every=5,
+        settled_rates=[10.5, 11.0],
     )
     assert g.expected_steps == [660.0, 780.0]  # 60 s x (10 + 12) / 2, 60 s x (12 + 14) / 2
     assert g.per_interval == pytest.approx([600 / 660, 650 / 780])
     assert g.goodput == pytest.approx(1250 / 1440)
+    assert g.goodput_settled == pytest.approx(1250 / (60 * 10.5 + 60 * 11.0))
     assert (g.useful_steps, g.window) == (1250, 120.0)
 
 
@@ -179,10 +181,10 @@ def test_a_crash_trial_per_system_is_measured_and_reported(tmp_path: Path) -> No
         "notes": recovery.notes(cfg, sv_trials + bl_trials, floors),
         "argv": "",
     }
-    g = recovery.Goodput(recovery.SUPERVISE, 60.0, [10.0, 10.0], [597], 1, 5)
+    g = recovery.Goodput(recovery.SUPERVISE, 60.0, [10.0, 10.0], [597], 1, 5, [10.05])
     text = recovery.report(cfg, info, refs, sv_trials + bl_trials, floors, [g], cfg.bl_every)
     assert text.startswith("## Recovery")
     assert "| crash |" in text
     assert "restore phase <= 1.5x a plain copy" in text
-    row = "| 60 s | supervise | 5 steps | 10.00-10.00 | 1 | 597 | 60 s | 100% | **99.5%** |"
+    row = "| 60 s | supervise | 5 steps | 10.00-10.00 | 1 | 597 | 60 s | 100% | **99.5%** | 99.0% |"
     assert row in text
