@@ -277,9 +277,8 @@ class ReplicaStore:
             victim = next(self._evictable(), None)
             if victim is None:
                 break
-            before = self._in_use
-            self._drop_replica(victim)
-            freed += before - self._in_use
+            self._drop_replica(victim)  # never pinned (see _evictable): freed at once
+            freed += victim.held.capacity
         # a push in flight gives way too: its sender is refused and offers it again later
         for rec in sorted(self._receptions.values(), key=lambda r: -r.held.capacity):
             if freed >= need:
