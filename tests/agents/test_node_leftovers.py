@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,10 @@ def test_kill_9_leaves_nothing_that_the_next_start_does_not_clear(
     tmp_path: Path, short_tmp: Path
 ) -> None:
     with nodes(tmp_path, 1, steps=100_000, env={"TMPDIR": str(short_tmp)}) as c:
-        c.start_all()
+        with hangup(signal.SIG_IGN):  # started under nohup: a hang-up is left to be ignored
+            c.start_all()
         c.wait_resumed(1)
+        assert _sighup(c.agents[0].pid) == "ignored"
         c.wait("a committed snapshot", lambda: _committed(c.shm(0)))
         [first] = run_dirs(short_tmp)
         assert (first / OWNER_FILE).read_text().split()[0] == str(c.agents[0].pid)
@@ -60,8 +63,10 @@ def test_kill_9_leaves_nothing_that_the_next_start_does_not_clear(
         assert _arenas(c.shm(0))
         assert list(c.shm(0).glob("supervise-node0-*.lock"))
 
-        c.start(0, keep_ram=True)  # the same node restarted in place: same port, same RAM
+        with hangup(signal.SIG_DFL):  # started from a shell: a hang-up stops it
+            c.start(0, keep_ram=True)  # the same node restarted in place: same port, same RAM
         c.wait_resumed(1)
+        assert _sighup(c.agents[0].pid) == "caught"
         assert not first.exists(), "the next start did not remove the dead agent's run dir"
         assert len(run_dirs(short_tmp)) == 1
         assert any("adopted arenas for ranks [0]" in str(e.get("event")) for e in c.events(0))
@@ -71,6 +76,27 @@ def test_kill_9_leaves_nothing_that_the_next_start_does_not_clear(
         assert run_dirs(short_tmp) == [], "a clean stop left its run dir"
         assert list(c.shm(0).iterdir()) == [], "a clean stop left arenas or its lock"
         assert c.orphans() == []
+
+
+@contextmanager
+def hangup(disposition: signal.Handlers) -> Iterator[None]:
+    """SIGHUP's disposition for the agents started inside (a child inherits SIG_IGN/SIG_DFL),
+    whatever this test run inherited (``nohup make test`` ignores it)."""
+    before = signal.signal(signal.SIGHUP, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def _sighup(pid: int) -> str:
+    """What process ``pid`` does with SIGHUP, read from its /proc status masks."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    masks = {k: v.strip() for k, _, v in (line.partition(":") for line in status)}
+    bit = 1 << (signal.SIGHUP - 1)
+    if int(masks["SigIgn"], 16) & bit:
+        return "ignored"
+    return "caught" if int(masks["SigCgt"], 16) & bit else "default"
 
 
 def _arenas(shm: Path) -> list[Path]:
