@@ -74,6 +74,7 @@ class Config:
     nodes: int = 2
     sv_every: int = 5
     sv_preload: tuple[str, ...] | None = None  # None: the policy's default
+    sv_replication: str = "replicas = 2"  # the `[replication]` lines of supervise's policy
     bl_every: int = 0  # 0: Young's interval from the measured save time, for N = 60 s
     hang_timeout: float = 10.0
     hang_detection: str = "adaptive"  # supervise's recovery.hang_detection ("timeout": before)
@@ -178,7 +179,7 @@ every_steps = {cfg.sv_every}
 [retention]
 keep_last = 2
 [replication]
-replicas = 2
+{cfg.sv_replication}
 [recovery]
 {preload_line(cfg)}max_attempts = 10
 heartbeat_timeout = {cfg.hang_timeout}

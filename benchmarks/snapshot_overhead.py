@@ -42,10 +42,22 @@ from recovery import (  # type: ignore[import-not-found]
 
 TICK = os.sysconf("SC_CLK_TCK")
 FIRST = 10  # the steady state starts here
+ROLES = ("agents", "workers", "other")
 
 
-def descendants_cpu() -> float:
-    """User + system CPU seconds of every live descendant of this process."""
+def role(pid: int) -> str:
+    """What a descendant process is, from its command line: agent, worker or other."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "other"
+    if b"node" in argv and any(a.endswith(b"supervise") for a in argv):
+        return "agents"
+    return "workers" if any(b"train" in a for a in argv) else "other"
+
+
+def descendants_cpu() -> dict[str, float]:
+    """User + system CPU seconds of every live descendant of this process, by role."""
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for d in Path("/proc").iterdir():
@@ -58,18 +70,18 @@ def descendants_cpu() -> float:
         parent[int(d.name)] = int(fields[1])
         cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / TICK
     me = os.getpid()
-    total = 0.0
+    total = dict.fromkeys(ROLES, 0.0)
     for pid, seconds in cpu.items():
         p = parent.get(pid)
         while p is not None and p not in (me, 0, 1):
             p = parent.get(p)
         if p == me:
-            total += seconds
+            total[role(pid)] += seconds
     return total
 
 
-def one(run: Run, steps: int) -> tuple[float, float]:
-    """Wall and CPU seconds per step of one run's steady state."""
+def one(run: Run, steps: int) -> tuple[float, dict[str, float]]:
+    """Wall and CPU seconds (by role) per step of one run's steady state."""
     last = steps - 5
     with running(run, steps, out=False):
         run.progress.wait(
@@ -82,7 +94,7 @@ def one(run: Run, steps: int) -> tuple[float, float]:
         c1, t1, s1 = descendants_cpu(), time.monotonic(), run.progress.current_step(run.ranks)
         run.wait_finished(timeout=600)
     n = (s1 or 0) - (s0 or 0)
-    return (t1 - t0) / n, (c1 - c0) / n
+    return (t1 - t0) / n, {r: (c1[r] - c0[r]) / n for r in ROLES}
 
 
 def main() -> int:
@@ -91,6 +103,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument(
+        "--replication",
+        default="replicas = 2",
+        help="the [replication] policy lines of the supervise runs, ';'-separated",
+    )
     ap.add_argument("--spares", action="store_true", help="keep the policy's spare workers")
     args = ap.parse_args()
     from supervise._testing import OtlpSink
@@ -101,13 +118,17 @@ def main() -> int:
     names = ["bare", "supervise, no snapshots", f"supervise, every {args.every} steps"]
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    split: dict[str, dict[str, list[float]]] = {n: {r: [] for r in ROLES} for n in names}
     try:
         for rnd in range(args.rounds):
             order = names[rnd % 3 :] + names[: rnd % 3]
             for name in order:
                 every = 0 if "no snapshots" in name else args.every
                 cfg = Config(
-                    hidden=args.hidden, sv_every=every, sv_preload=None if args.spares else ()
+                    hidden=args.hidden,
+                    sv_every=every,
+                    sv_preload=None if args.spares else (),
+                    sv_replication=args.replication.replace(";", "\n"),
                 )
                 cfg.workdir = workdir
                 tag = f"r{rnd}-{names.index(name)}"
@@ -116,23 +137,29 @@ def main() -> int:
                     if name == "bare"
                     else SuperviseRun(cfg, tag, sink)
                 )
-                w, c = one(run, args.steps)
+                w, by_role = one(run, args.steps)
+                c = sum(by_role.values())
                 wall[name].append(w)
                 cpu[name].append(c)
+                for r in ROLES:
+                    split[name][r].append(by_role[r])
+                roles = ", ".join(f"{r} {by_role[r] * 1000:.1f}" for r in ROLES)
                 print(
-                    f"  {name:28} {w * 1000:7.1f} ms/step wall, {c * 1000:7.1f} ms CPU/step; "
-                    f"load {os.getloadavg()[0]:.1f}",
+                    f"  {name:28} {w * 1000:7.1f} ms/step wall, {c * 1000:7.1f} ms CPU/step "
+                    f"({roles}); load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     finally:
         sink.stop()
     base_w, base_c = statistics.median(wall["bare"]), statistics.median(cpu["bare"])
     print(f"\nmedians over {args.rounds} round(s), {args.steps} steps each:")
+    print("| run | wall/step | vs bare | CPU/step | vs bare | " + " | ".join(ROLES) + " |")
     for name in names:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        roles = " | ".join(f"{statistics.median(split[name][r]) * 1000:.1f} ms" for r in ROLES)
         print(
             f"| {name} | {w * 1000:.1f} ms | {w / base_w - 1:+.1%} | {c * 1000:.1f} ms | "
-            f"{c / base_c - 1:+.1%} |"
+            f"{c / base_c - 1:+.1%} | {roles} |"
         )
     return 0
 

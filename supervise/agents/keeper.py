@@ -53,6 +53,7 @@ class PointKeeper:
             range(config.n_nodes),
             interval=policy.cluster.heartbeat_interval,
             stride=max(policy.snapshot.every_steps, 1),
+            spacing=policy.replication.every_seconds,
         )
         self._applied: frozenset[Mark] | None = None
 

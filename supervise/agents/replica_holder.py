@@ -158,6 +158,7 @@ class ReplicaHolder(Server):
             node=node,
             tuning=tuning,
             ranks_per_node=ranks_per_node,
+            every=policy.replication.every_seconds,
         )
         events: trio.MemoryReceiveChannel[Event] | None = (
             membership.subscribe() if membership is not None else None

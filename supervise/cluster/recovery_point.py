@@ -95,14 +95,21 @@ class RecoveryPoint:
         *,
         interval: float,
         stride: int = 1,
+        spacing: float = 0.0,
         round_timeout: float | None = None,
     ) -> None:
-        if interval <= 0 or stride < 1:
-            raise ValueError(f"interval {interval} must be > 0 and stride {stride} >= 1")
+        """``interval``: the heartbeat interval; ``stride``: the capture stride in steps;
+        ``spacing``: seconds of training at least between targets (`Replication.every_seconds`:
+        the nodes push the targets and little else)."""
+        if interval <= 0 or stride < 1 or spacing < 0:
+            raise ValueError(
+                f"interval {interval} must be > 0, stride {stride} >= 1, spacing {spacing} >= 0"
+            )
         self.node = node
         self.nodes = sorted(nodes)
         self.interval = interval
         self.stride = stride
+        self.spacing = spacing
         # how long a round may last once the training reached its target
         self.round_timeout = round_timeout if round_timeout is not None else 10 * interval
         self.point: Mark | None = None
@@ -176,8 +183,8 @@ class RecoveryPoint:
 
     def _next(self, newest: Mark, now: float) -> None:
         """The next target: ahead of the newest step by what the nodes do in two heartbeats
-        (doubled per miss in a row, up to 8 times), on the capture stride."""
-        ahead = self._rate * self.interval * 2 * (2**self._misses)
+        (doubled per miss in a row, up to 8 times) or in ``spacing``, on the capture stride."""
+        ahead = self._rate * max(self.interval * 2 * (2**self._misses), self.spacing)
         step = newest[1] + max(self.stride, math.ceil(ahead))
         step = -(-step // self.stride) * self.stride
         self.target = (newest[0], step)

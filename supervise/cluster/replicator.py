@@ -8,7 +8,10 @@
   takes longer than a step, and would release the arena slot while libzmq may still read the
   chunks queued from it (zero-copy). *Priority* versions (`prioritize`: the cluster's
   recoverable point and its target) go before the newest, so every rank's peers get the same
-  version. Failed pushes are retried with backoff; a peer that membership reports lost is
+  version. With ``every`` (`Replication.every_seconds`) the newest goes at most once per
+  ``every`` seconds, and only when twice as late while a priority version ahead of it is
+  still to come: the recoverable point's rounds (spaced by as much) are then what is
+  replicated. Failed pushes are retried with backoff; a peer that membership reports lost is
   skipped until it is back, and one that restarted (new incarnation, RAM gone) gets the
   latest shard again.
 - :meth:`fetch` pulls a shard this node should own but lacks (a replacement node) from the
@@ -68,7 +71,16 @@ class ReplicationTuning:
 class _Pusher:
     """State of the pushes of one local rank to one peer."""
 
-    __slots__ = ("acked", "delivered", "failures", "inflight", "refused", "scope", "wake")
+    __slots__ = (
+        "acked",
+        "delivered",
+        "failures",
+        "inflight",
+        "last",
+        "refused",
+        "scope",
+        "wake",
+    )
 
     def __init__(self) -> None:
         self.delivered: tuple[int, int] | None = None  # newest order the peer is known to hold
@@ -79,6 +91,7 @@ class _Pusher:
         self.scope: trio.CancelScope | None = None
         self.wake = trio.Event()
         self.failures = 0
+        self.last = -math.inf  # when the last push started (trio time)
 
     def poke(self) -> None:
         self.wake.set()
@@ -116,12 +129,17 @@ class ReplicationService:
         node: int,
         tuning: ReplicationTuning | None = None,
         ranks_per_node: int | None = None,
+        every: float = 0.0,
     ) -> None:
         """``ranks_per_node``: the training ranks each node runs (rank R on node
         R // ranks_per_node); given, pushes and fetches are checked against the placement
-        (`ReplicaAccess`), as a node agent does; None serves anyone (tests)."""
+        (`ReplicaAccess`), as a node agent does; None serves anyone (tests). ``every``: seconds
+        at least between a rank's pushes of its newest version to a peer (0: every commit)."""
         if not 0 <= node < len(placement):
             raise ValueError(f"node {node} is not in a placement of {len(placement)} nodes")
+        if not every >= 0:
+            raise ValueError(f"every must be >= 0 seconds, got {every}")
+        self.every = every
         self.transport = transport
         self.store = store
         self.local = local
@@ -271,11 +289,16 @@ class ReplicationService:
 
     async def _push_loop(self, peer: int, rank: int, p: _Pusher) -> None:
         t = self.tuning
+        wait = math.inf  # until poked, or until the newest is due
         while True:
-            await p.wake.wait()
+            with trio.move_on_after(wait):
+                await p.wake.wait()
             p.wake = trio.Event()
-            meta = self._next(rank, p)
-            if meta is None or peer in self._down:
+            meta, wait = self._next(rank, p, trio.current_time())
+            if meta is None:
+                continue
+            if peer in self._down:
+                wait = math.inf  # poked when it is back
                 continue
             ok = await self._push_once(peer, meta, p)
             if ok:
@@ -289,10 +312,10 @@ class ReplicationService:
                 await p.wake.wait()
             p.poke()
 
-    def _next(self, rank: int, p: _Pusher) -> ShardMeta | None:
+    def _next(self, rank: int, p: _Pusher, now: float) -> tuple[ShardMeta | None, float]:
         """What to push next: a priority version the peer lacks (oldest first), else the
-        newest local version if the peer does not hold it."""
-        now = trio.current_time()
+        newest local version if the peer does not hold it and it is due (`every`); and the
+        seconds until the next look when nothing is (inf: when poked)."""
         for gen, version in sorted(self._priority):
             if (gen, version) in p.acked:
                 continue
@@ -300,15 +323,19 @@ class ReplicationService:
                 continue
             meta = self.local.meta(rank, version)
             if meta is not None and meta.order == (gen, version):
-                return meta
+                return meta, 0.0
         meta = self.local.latest(rank)
         if meta is None or meta.order in p.acked or p.delivered == meta.order:
-            return None
-        return meta
+            return None, math.inf
+        due = p.last + self.every
+        if self.every and any(g == meta.generation and v > meta.version for g, v in self._priority):
+            due += self.every  # a target ahead is what goes: the newest only if it is late
+        return (meta, 0.0) if now >= due else (None, due - now)
 
     async def _push_once(self, peer: int, meta: ShardMeta, p: _Pusher) -> bool:
         t = self.tuning
         p.inflight = meta.order
+        p.last = trio.current_time()
         try:
             with trio.CancelScope() as scope:
                 p.scope = scope

@@ -98,6 +98,10 @@ def _curve_keys_rule(r: Replication) -> InvalidValue | None:
 class Replication:
     """Where copies of each snapshot live: groups (Gemini) or a ring of ``replicas`` nodes.
 
+    ``every_seconds``: at most one push per rank and peer in that many seconds, the cluster's
+    recoverable point moving at that pace (0: every snapshot as it commits). Replication is
+    most of a snapshot's cost on the failure-free path; a node loss then goes back to a
+    version up to about twice that old (crashes, hangs and NaNs restore the newest local one).
     ``curve`` authenticates and encrypts peer links with zmq CURVE, using the key files in the
     ``curve_keys`` directory (required with ``curve``; checked on the nodes, not here).
     """
@@ -106,6 +110,7 @@ class Replication:
     placement: Literal["group", "ring"] = attrs.field(
         default="group", validator=choice("group", "ring")
     )
+    every_seconds: float = attrs.field(default=0.0, converter=to_seconds, validator=seconds(ge=0))
     curve: bool = attrs.field(default=False, validator=boolean)
     curve_keys: str = attrs.field(default="", validator=path_text(optional=True))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,4 +99,55 @@ def test_three_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> N
             step = next(r["step"] for r in restarts if r["generation"] == gen)
             assert step > restored, f"loss {loss + 1} of node {victim}: back to step {step}"
             restored = step
+        c.stop()
+
+
+EVERY_SECOND = EVERY_STEP + "every_seconds = 1.0\n"
+
+
+def newest(doc: dict[str, Any], rank: int) -> int:
+    return next(r["newest"] for r in doc["ranks"] if r["rank"] == rank) or 0
+
+
+def test_replication_every_seconds_pushes_that_often_and_a_node_loss_goes_back_to_the_point(
+    tmp_path: Path,
+) -> None:
+    # snapshots every step (about 100 a second), replication.every_seconds = 1: the peers get
+    # about one version a second, the recoverable point's, and a node loss restores it
+    worker = [
+        sys.executable,
+        str(FAKE_WORKER),
+        "--faults",
+        str(tmp_path / "faults"),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "10000000",
+        "--delay",
+        "0.01",
+    ]
+    with nodes(tmp_path, 2, policy=EVERY_SECOND, worker=worker) as c:
+        c.start_all()
+        gen = c.wait_resumed(1)
+        first = c.wait("a recoverable point", lambda: status(c)["nodes"][0]["recoverable"])
+        t0, pushed0 = time.monotonic(), len(c.events(0, "pushed"))
+        doc = c.wait(
+            "200 steps more and a newer recoverable point",
+            lambda: (
+                d
+                if newest(d := status(c), 0) >= first + 200
+                and all((n["recoverable"] or 0) > first for n in d["nodes"])
+                else None
+            ),
+            interval_s=0.5,
+        )
+        pushes = len(c.events(0, "pushed")) - pushed0
+        elapsed = time.monotonic() - t0
+        assert 1 <= pushes <= elapsed / 1.0 + 3, (pushes, elapsed, newest(doc, 0) - first)
+        point = min(n["recoverable"] for n in doc["nodes"])
+        c.kill_node(1)
+        c.start(1)  # the replacement: same rank, empty RAM
+        gen = c.wait_resumed(gen + 1)
+        restarts = [e for _, e in c.all_events("restart sent") if e["generation"] == gen]
+        assert restarts and all(r["step"] >= point for r in restarts), (point, restarts)
         c.stop()

@@ -99,3 +99,21 @@ def test_targets_fall_on_the_capture_stride() -> None:
     lead = RecoveryPoint(0, range(1), interval=0.2, stride=10)
     lead.lead({0: Report(newest=(1, 33))}, now=0.0)
     assert lead.target is not None and lead.target[1] % 10 == 0 and lead.target[1] > 33
+
+
+def test_spaced_rounds_name_targets_that_far_ahead_in_training_time() -> None:
+    # replication.every_seconds: the targets are what the nodes push, so they come that far
+    # apart; the heartbeat lead (two intervals) stays the floor
+    def first_lead(spacing: float) -> int:
+        lead = RecoveryPoint(0, range(2), interval=0.2, spacing=spacing)
+        lead.lead({0: Report(newest=(1, 100)), 1: Report(newest=(1, 100))}, now=0.0)
+        first = lead.target
+        held = Report(None, first, True, False, (1, 200))
+        lead.lead({0: held, 1: held}, now=1.0)  # the round is done; 100 steps/s
+        target = lead.target
+        assert lead.point == first and target is not None
+        return target[1] - 200
+
+    assert first_lead(0.0) == 40  # two heartbeats
+    assert first_lead(0.1) == 40
+    assert first_lead(3.0) == 300

@@ -3,11 +3,13 @@ priority versions, lag, fetch-back."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import pytest
 import structlog.testing
 import trio
+import trio.testing
 from clusterkit import eventually
 from test_replica_store import make_shard
 
@@ -16,7 +18,7 @@ from supervise.cluster.failure_detector import PeerBack, PeerLost
 from supervise.cluster.local import MemoryShards
 from supervise.cluster.placement import place
 from supervise.cluster.replica_store import ReplicaStore
-from supervise.cluster.replicator import ReplicationService, ReplicationTuning
+from supervise.cluster.replicator import ReplicationService, ReplicationTuning, _Pusher
 
 MiB = 1 << 20
 
@@ -194,6 +196,66 @@ async def test_a_priority_version_the_peer_declines_is_no_warning_and_offered_ag
         await eventually(lambda: (nodes[0].service.committed(0), store.get(0, 10))[1])
     assert nodes[0].service.acked(0, (0, 10))
     assert [x for x in logs if x["log_level"] not in ("debug", "info")] == []
+
+
+async def test_with_every_the_newest_waits_its_turn_and_priority_versions_do_not(
+    cluster: tuple[trio.Nursery, list[Node]],
+) -> None:
+    # replication.every_seconds: the first commit goes at once, the next newest only when
+    # its turn comes; a priority version (the recoverable point's target) goes at once
+    _, nodes = cluster
+    svc = nodes[0].service
+    svc.every = 3600.0
+    nodes[0].local = svc.local = MemoryShards([0], keep=4)
+    store = nodes[1].service.store
+    store.protect({(0, 11)})
+    for v in (10, 11, 12):
+        meta, data = make_shard(0, v, [MiB])
+        nodes[0].local.commit(meta, data)
+        svc.committed(0)
+        if v == 10:
+            await eventually(lambda: svc.acked(0, (0, 10)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert svc.status()["pushing"] == [] and store.inventory()[0] == [(10, 0)]
+    svc.prioritize({(0, 11)})
+    await eventually(lambda: svc.acked(0, (0, 11)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert svc.status()["pushing"] == [] and store.get(0, 12) is None
+    assert svc.lag(0) == 1  # the newest (12) waits for its turn
+
+
+def test_the_newest_is_due_every_seconds_after_the_last_push_twice_that_before_a_target() -> None:
+    local = MemoryShards([0], keep=4)
+    svc = ReplicationService(
+        Transport(rank=0, endpoint="127.0.0.1:0"),
+        ReplicaStore(budget=64 * MiB),
+        local,
+        place(2, 2),
+        node=0,
+        every=10.0,
+    )
+    p = _Pusher()
+    assert svc._next(0, p, 0.0) == (None, math.inf)  # nothing committed: wait to be poked
+    meta, data = make_shard(0, 10, [4096])
+    local.commit(meta, data)
+    assert svc._next(0, p, 0.0) == (meta, 0.0)  # the first push goes at once
+    p.last = 100.0
+    assert svc._next(0, p, 104.0) == (None, 6.0)
+    assert svc._next(0, p, 110.0) == (meta, 0.0)
+    svc.prioritize({(0, 5), (0, 20)})  # the point, and a target ahead: it is what goes
+    assert svc._next(0, p, 110.0) == (None, 10.0)
+    assert svc._next(0, p, 120.0) == (meta, 0.0)  # unless it is late
+    target, data = make_shard(0, 20, [4096])
+    local.commit(target, data)
+    assert svc._next(0, p, 101.0) == (target, 0.0)  # a priority version never waits
+    p.ack(target.order)
+    assert svc._next(0, p, 101.0) == (None, math.inf)  # the peer holds the newest
+    svc.every = 0.0
+    newest, data = make_shard(0, 21, [4096])
+    local.commit(newest, data)
+    assert svc._next(0, p, 101.0) == (newest, 0.0)  # every commit by default
+    with pytest.raises(ValueError, match="every must be >= 0 seconds"):
+        ReplicationService(svc.transport, svc.store, local, place(2, 2), node=0, every=-1)
 
 
 def test_every_local_rank_goes_to_the_nodes_group_peers() -> None:

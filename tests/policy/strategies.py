@@ -71,6 +71,7 @@ def replication(draw: st.DrawFn) -> sv.Replication:
     return sv.Replication(
         replicas=draw(st.integers(min_value=1, max_value=16)),
         placement=draw(st.sampled_from(["group", "ring"])),
+        every_seconds=draw(st.sampled_from([0.0, 0.25, 2.0, 60.0])),
         curve=curve,
         curve_keys=keys,
     )

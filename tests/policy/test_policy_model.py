@@ -30,7 +30,13 @@ DESIGN_DEFAULTS = {
         "best_mode": "min",
         "memory_budget": "50%",
     },
-    "replication": {"replicas": 2, "placement": "group", "curve": False, "curve_keys": ""},
+    "replication": {
+        "replicas": 2,
+        "placement": "group",
+        "every_seconds": 0.0,
+        "curve": False,
+        "curve_keys": "",
+    },
     "persist": {"every_snapshots": 0, "path": "supervise-checkpoints", "keep": 2},
     "recovery": {
         "max_attempts": 3,

@@ -63,6 +63,8 @@ CASES: list[tuple[str, str, str]] = [
     ('[retention]\nmemory_budget = "150%"', "retention.memory_budget", "between 0% and 100%"),
     ("[replication]\nreplicas = 0", "replication.replicas", "integer >= 1"),
     ('[replication]\nplacement = "star"', "replication.placement", "'group', 'ring'"),
+    ("[replication]\nevery_seconds = -1", "replication.every_seconds", "duration >= 0"),
+    ('[replication]\nevery_seconds = "soon"', "replication.every_seconds", "'30s'"),
     ('[replication]\ncurve = "yes"', "replication.curve", "true or false"),
     ("[replication]\ncurve = true", "replication.curve_keys", "required when curve = true"),
     ('[replication]\ncurve_keys = "/etc/keys"', "replication.curve_keys", "only used with"),
