@@ -172,6 +172,12 @@ def preload_line(cfg: Config) -> str:
     return "preload = [" + ", ".join(json.dumps(m) for m in cfg.sv_preload) + "]\n"
 
 
+def _replicated(cfg: Config) -> str:
+    """How often the supervise policy replicates, in words."""
+    every = float(cfg.sv_replication.partition("every_seconds =")[2] or 0)
+    return f"at most every {every:g} s (`replication.every_seconds`)" if every else "every one"
+
+
 def policy_text(cfg: Config) -> str:
     return f"""\
 [snapshot]
@@ -952,8 +958,8 @@ def report(
     bare, sv_ref, bl_ref = refs["bare"], refs[SUPERVISE], refs[BASELINE]
     add(
         f"Settings: supervise snapshots every {cfg.sv_every} steps (RAM, replicated to the "
-        f"peer; keep_last 2), heartbeat_timeout {cfg.hang_timeout:g} s (hang_detection "
-        f"{cfg.hang_detection}), peer_timeout "
+        f"peer: {_replicated(cfg)}; keep_last 2), heartbeat_timeout {cfg.hang_timeout:g} s "
+        f"(hang_detection {cfg.hang_detection}), peer_timeout "
         f"{cfg.peer_timeout:g} s (heartbeats every {cfg.heartbeat_interval:g} s), first "
         "restart without backoff (`recovery.backoff.initial = 0`; the default policy's 1 s "
         "would add 1 s to every recovery). Status quo: `torch.save` every "
@@ -1216,6 +1222,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         help="supervise: recovery.preload as a comma-separated list ('' = no spare workers)",
     )
     ap.add_argument(
+        "--sv-replicate-every",
+        type=float,
+        default=0.0,
+        help="supervise: replication.every_seconds (0: every snapshot is replicated)",
+    )
+    ap.add_argument(
         "--bl-every", type=int, default=0, help="status quo: checkpoint every K steps (0: Young)"
     )
     ap.add_argument("--hang-timeout", type=float, default=10.0)
@@ -1240,6 +1252,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         sv_preload=None
         if args.sv_preload is None
         else tuple(m.strip() for m in args.sv_preload.split(",") if m.strip()),
+        sv_replication=f"replicas = 2\nevery_seconds = {args.sv_replicate_every}",
         bl_every=args.bl_every,
         hang_timeout=args.hang_timeout,
         hang_detection=args.sv_hang_detection,

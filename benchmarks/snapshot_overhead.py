@@ -4,7 +4,9 @@ side by side in one run, interleaved round by round:
 
 - bare: the training alone, started by a torchrun-style launcher (no checkpoints);
 - supervise, no snapshots: the same under two node agents, ``snapshot.every_steps = 0``;
-- supervise, every K steps: snapshots every K steps (RAM, replicated to the peer).
+- supervise, every K steps: snapshots every K steps (RAM, replicated to the peer);
+- with ``--replicate-every S``: the same, replicated at most every S seconds
+  (`replication.every_seconds`).
 
 Both are measured over the steady state (from step 10 to 5 steps before the end, process
 starts and imports excluded): CPU time = user + system seconds of every descendant process of
@@ -15,6 +17,7 @@ On a machine shared with other work the wall time moves with the load; the CPU t
 is what the snapshots take from the training when every core is busy, and moves much less.
 
     python benchmarks/snapshot_overhead.py [--steps 150] [--rounds 2] [--every 5]
+        [--replicate-every SECONDS ...]
 
 Prints the figures (no RESULTS.md section of its own: the recovery benchmark's "failure-free
 overhead" is the figure of record; this one is for iterating on it quickly).
@@ -104,9 +107,11 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument(
-        "--replication",
-        default="replicas = 2",
-        help="the [replication] policy lines of the supervise runs, ';'-separated",
+        "--replicate-every",
+        action="append",
+        type=float,
+        default=[],
+        help="also a snapshot run with replication.every_seconds = this (repeatable)",
     )
     ap.add_argument("--spares", action="store_true", help="keep the policy's spare workers")
     args = ap.parse_args()
@@ -115,20 +120,25 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="snapoverhead-"))
     print(f"work directory {workdir}; load {os.getloadavg()}", flush=True)
     sink = OtlpSink().start()
-    names = ["bare", "supervise, no snapshots", f"supervise, every {args.every} steps"]
+    snapshots = f"supervise, every {args.every} steps"
+    # each snapshot run's replication.every_seconds (0: every snapshot replicated)
+    spacing = {snapshots: 0.0} | {
+        f"{snapshots}, replicated every {s:g} s": s for s in args.replicate_every
+    }
+    names = ["bare", "supervise, no snapshots", *spacing]
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     split: dict[str, dict[str, list[float]]] = {n: {r: [] for r in ROLES} for n in names}
     try:
         for rnd in range(args.rounds):
-            order = names[rnd % 3 :] + names[: rnd % 3]
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
                 every = 0 if "no snapshots" in name else args.every
                 cfg = Config(
                     hidden=args.hidden,
                     sv_every=every,
                     sv_preload=None if args.spares else (),
-                    sv_replication=args.replication.replace(";", "\n"),
+                    sv_replication=f"replicas = 2\nevery_seconds = {spacing.get(name, 0.0)}",
                 )
                 cfg.workdir = workdir
                 tag = f"r{rnd}-{names.index(name)}"
@@ -145,7 +155,7 @@ def main() -> int:
                     split[name][r].append(by_role[r])
                 roles = ", ".join(f"{r} {by_role[r] * 1000:.1f}" for r in ROLES)
                 print(
-                    f"  {name:28} {w * 1000:7.1f} ms/step wall, {c * 1000:7.1f} ms CPU/step "
+                    f"  {name:50} {w * 1000:7.1f} ms/step wall, {c * 1000:7.1f} ms CPU/step "
                     f"({roles}); load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
