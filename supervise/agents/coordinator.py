@@ -486,6 +486,9 @@ class Coordinator:
                 except _Deposed as exc:
                     log.warning("deposed: the new coordinator recovers", error=str(exc))
                     recovery.end(Outcome.FAILED, reason=f"deposed: {exc}")
+                    # nodes this attempt prepared wait at a new generation, where the new
+                    # coordinator counts older reports stale: it must hear the trigger
+                    self.node.hand_over(trigger.value, since, evidence)
                     return
                 except _GiveUp as exc:
                     recovery.end(Outcome.FAILED, reason=str(exc))

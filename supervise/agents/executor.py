@@ -65,6 +65,7 @@ class Executor:
         self._recovering = False  # a `supervise recover` request is being answered
         self._reported: set[int] = set()
         self._unresolved: m.Failure | None = None  # this node's last report (--store: resent)
+        self._handed_over: m.Failure | None = None  # a deposed recovery's trigger (resent)
         self._prepared = -1  # the generation of the last Prepare answered
         # --store: restarts come from the store's decisions (a restart message is a nudge)
         self._follower: DecisionFollower | None = None  # made by run()
@@ -329,13 +330,33 @@ class Executor:
         self._unresolved = failure
         self.send_to_coordinator(failure)
 
+    def hand_over(self, trigger: str, since: float, evidence: Mapping[str, Any]) -> None:
+        """A recovery this node coordinated was deposed, maybe after it prepared nodes (their
+        workers stopped, their generation raised): only a recovery restarts them, and the
+        reports of the generation before are stale to the new coordinator. So report the
+        trigger at this node's generation (raised by its own prepare) until a restart moves
+        the node past it (`_resend_unresolved`)."""
+        failure = m.Failure(
+            self.rank, self.generation, trigger, since, time.time(), {**evidence, "node": self.rank}
+        )
+        self._handed_over = failure
+        log.info("recovery handed over", generation=failure.generation, trigger=trigger)
+        self.send_to_coordinator(failure)
+
     async def _resend_unresolved(self) -> None:
         """With ``--store``: a report sent while no coordinator was elected (or to one deposed
         since) would be lost; send it again every ``cluster.peer_timeout`` until a restart
-        moves this node past its generation (the coordinator drops what it already handled)."""
+        moves this node past its generation (the coordinator drops what it already handled).
+        A deposed recovery's trigger (`hand_over`) goes again whatever this node's state."""
         period = self.ctx.policy.cluster.peer_timeout
         while True:
             await trio.sleep(period)
+            handed = self._handed_over
+            if handed is not None and handed.generation == self.generation:
+                if not self.state.ended:
+                    log.info("handed-over recovery reported again", generation=handed.generation)
+                    self.send_to_coordinator(handed)
+                continue
             failure = self._unresolved
             if failure is None or failure.generation != self.generation or self.state.ended:
                 continue

@@ -4,7 +4,7 @@ these protocols, so neither module imports the other (the node wires them togeth
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Set
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -65,3 +65,7 @@ class Executing(Protocol):
 
     def give_up(self, reason: str, exit_code: int) -> None:
         """Stop for good: workers stopped, the node exits with ``exit_code``."""
+
+    def hand_over(self, trigger: str, since: float, evidence: Mapping[str, Any]) -> None:
+        """A recovery this node coordinated was cut short (deposed, ``--store``): tell the
+        new coordinator its trigger until a restart moves this node past its generation."""

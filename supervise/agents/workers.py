@@ -55,6 +55,9 @@ _PRELOAD_POLL = 0.1  # seconds between looks for a spare's "preloaded" marker
 # seconds and spares are spawned for the rest of the agent's life.
 _TEMPLATE_RESTARTS = (3, 300.0)
 _TEMPLATE_BACKOFF = Backoff(initial=1.0, max=30.0)
+# How long a restart waits for the spare being made (the template still importing) before it
+# starts a worker cold: the cold import would compete with the template's for the same cores.
+SPARE_WAIT = 30.0
 # A spare runs supervise/_warm.py by its path: ``-m supervise._warm`` would first import the
 # ``supervise`` package (0.4 s of CPU) in the main thread, at normal priority, while training
 # runs; the warm-up imports it later, in its idle-class thread. Through ``-c``, not ``python
@@ -152,7 +155,11 @@ class WorkerGroup:
             async with trio.open_nursery() as nursery:
                 for local_rank, rank in enumerate(self.launch.ranks()):
                     label = f"worker rank {rank} gen {self.launch.generation}"
-                    spare = self._spares.take() if self._spares is not None else None
+                    spare = (
+                        await self._spares.take_soon(SPARE_WAIT)
+                        if self._spares is not None
+                        else None
+                    )
                     if spare is not None:
                         try:
                             spare.wake(self.launch.environment(local_rank), label)
@@ -312,6 +319,7 @@ class SparePool:
         self._on_output = on_output
         self._shutdown = shutdown
         self._ready: list[Spare] = []
+        self._changed = trio.Event()  # set (and replaced) when a spare is added or a fill ends
         self._ids = itertools.count()
         self._prefix = f"spare-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -333,42 +341,67 @@ class SparePool:
                 return spare
         return None
 
+    async def take_soon(self, limit: float) -> Spare | None:
+        """`take`, but while a spare is being made (the first fill waits for the template's
+        imports) wait for it, up to ``limit`` seconds: a worker started cold meanwhile would
+        import the same modules beside the template, on the same cores, and be ready no
+        sooner (a replacement node's first restart comes while its template imports)."""
+        with trio.move_on_after(limit):
+            while self._filling.locked():
+                changed = self._changed
+                spare = self.take()
+                if spare is not None:
+                    return spare
+                await changed.wait()
+        return self.take()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     async def fill(self, nursery: trio.Nursery, count: int) -> None:
         """Start spares until ``count`` wait (a spawn failure is logged: cold starts then)."""
         async with self._filling:
-            while self.enabled and len(self._ready) < count:
-                go_file = self._run_dir / f"{self._prefix}-{next(self._ids)}.go"
-                spec = OsProcess(
-                    [*self._argv, str(go_file), self._preload, "--", *self._target],
-                    env={**self._env, "PYTHONUNBUFFERED": "1"},
-                    cwd=self._cwd,
-                    on_output=self._on_output,
-                )
-                via = await self._fork_from_template(nursery, go_file)
-                handle = None
-                if via is not None:
-                    started = trio.current_time()
-                    try:
-                        handle = await nursery.start(self._run_spare, spec, via)
-                    except OSError as exc:
-                        log.warning("spare not forked: spawning it", error=str(exc))
-                        via = None
-                    else:
-                        ms = round((trio.current_time() - started) * 1000, 1)
-                        assert self.template is not None
-                        log.info(
-                            "spare worker forked", pid=handle.pid, template=self.template.pid, ms=ms
-                        )
-                if handle is None:
-                    try:
-                        handle = await nursery.start(self._run_spare, spec, None)
-                    except OSError as exc:
-                        log.warning("could not start a spare worker", error=str(exc))
-                        return
-                spare = Spare(handle, go_file, forked=via is not None)
-                self._ready.append(spare)
-                nursery.start_soon(self._forget_when_gone, spare)
-                nursery.start_soon(self._report_preloaded, spare)
+            try:
+                await self._fill(nursery, count)
+            finally:
+                self._notify()
+
+    async def _fill(self, nursery: trio.Nursery, count: int) -> None:
+        while self.enabled and len(self._ready) < count:
+            go_file = self._run_dir / f"{self._prefix}-{next(self._ids)}.go"
+            spec = OsProcess(
+                [*self._argv, str(go_file), self._preload, "--", *self._target],
+                env={**self._env, "PYTHONUNBUFFERED": "1"},
+                cwd=self._cwd,
+                on_output=self._on_output,
+            )
+            via = await self._fork_from_template(nursery, go_file)
+            handle = None
+            if via is not None:
+                started = trio.current_time()
+                try:
+                    handle = await nursery.start(self._run_spare, spec, via)
+                except OSError as exc:
+                    log.warning("spare not forked: spawning it", error=str(exc))
+                    via = None
+                else:
+                    ms = round((trio.current_time() - started) * 1000, 1)
+                    assert self.template is not None
+                    log.info(
+                        "spare worker forked", pid=handle.pid, template=self.template.pid, ms=ms
+                    )
+            if handle is None:
+                try:
+                    handle = await nursery.start(self._run_spare, spec, None)
+                except OSError as exc:
+                    log.warning("could not start a spare worker", error=str(exc))
+                    return
+            spare = Spare(handle, go_file, forked=via is not None)
+            self._ready.append(spare)
+            self._notify()
+            nursery.start_soon(self._forget_when_gone, spare)
+            nursery.start_soon(self._report_preloaded, spare)
 
     async def _run_spare(
         self,

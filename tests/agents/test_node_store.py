@@ -100,7 +100,9 @@ def test_an_elected_coordinator_recovers_a_crash_is_succeeded_when_killed_and_ou
         leader = int(keys["leader"].value)
         c.fault("crash", 1 - leader)  # recoveries resume after etcd returns
         c.wait_resumed(4, timeout=60)
-        assert json.loads(read_job(etcd.url, "crash")["decision"].value)["generation"] == 4
+        # >= 4: a recovery under way when the leases lapsed is deposed and handed over to the
+        # new coordinator, which restarts at a generation past the one it prepared
+        assert json.loads(read_job(etcd.url, "crash")["decision"].value)["generation"] >= 4
         assert c.wait_exit(0) == 0 and c.wait_exit(1) == 0
         assert_exact(c.out, 2, steps)
         assert c.orphans() == []

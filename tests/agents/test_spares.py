@@ -98,6 +98,35 @@ async def test_a_spare_becomes_the_worker_and_exits_like_one(tmp_path: Path) -> 
     assert list(tmp_path.glob("*.go")) == []
 
 
+async def test_a_restart_while_the_template_imports_waits_for_its_spare_not_a_cold_start(
+    tmp_path: Path,
+) -> None:
+    # a replacement node's first restart comes while its template still imports: a worker
+    # started cold would import beside it on the same cores; the restart takes the spare the
+    # template forks once ready
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "slowimport.py").write_text("import time\ntime.sleep(1.0)\n")
+    spec = launch(script, 2)
+    env = {**spec.env, "PYTHONPATH": str(tmp_path)}
+    pool = SparePool(spec.command, ("slowimport",), tmp_path, env=env, shutdown=2.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.fill, nursery, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.ready == 0 and pool.template is not None and not pool.template.up
+        group = WorkerGroup(spec, on_exit=lambda *_: None, spares=pool, shutdown=2.0)
+        await nursery.start(group.run)
+        assert group.forked == {2}, "rank 2 did not get the template's spare"
+        assert group.warm == {2}  # rank 3 cold: the fill made one spare and ended
+        with trio.fail_after(60):
+            await group.wait()
+        nursery.cancel_scope.cancel()
+    # nothing is made: no wait, a cold start at once
+    idle = SparePool(spec.command, ("slowimport",), tmp_path, env=env, shutdown=2.0)
+    with trio.fail_after(1):
+        assert await idle.take_soon(30.0) is None
+
+
 async def test_a_spare_reports_when_its_preload_is_done(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
