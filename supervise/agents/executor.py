@@ -336,9 +336,7 @@ class Executor:
         reports of the generation before are stale to the new coordinator. So report the
         trigger at this node's generation (raised by its own prepare) until a restart moves
         the node past it (`_resend_unresolved`)."""
-        failure = m.Failure(
-            self.rank, self.generation, trigger, since, time.time(), {**evidence, "node": self.rank}
-        )
+        failure = m.Failure(self.rank, self.generation, trigger, since, time.time(), dict(evidence))
         self._handed_over = failure
         log.info("recovery handed over", generation=failure.generation, trigger=trigger)
         self.send_to_coordinator(failure)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodekit import FAKE_WORKER, FAST_POLICY, Nodes, nodes
+from nodekit import FAST_POLICY, Nodes, nodes
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,11 @@ EVERY_STEP = (
     + "[replication]\nreplicas = 2\n"
 )
 LOSSES = 3
+
+
+def endless(*, delay: str) -> dict[str, Any]:
+    """`nodes` arguments for fake workers that step until stopped, ``delay`` seconds a step."""
+    return {"steps": 10_000_000, "worker_args": ["--delay", delay]}
 
 
 def status(c: Nodes) -> dict[str, Any]:
@@ -55,19 +60,7 @@ def ready(c: Nodes, survivor: int, stored: int, restored: int) -> dict[str, Any]
 
 
 def test_three_node_losses_in_a_row_never_go_back_to_step_0(tmp_path: Path) -> None:
-    worker = [
-        sys.executable,
-        str(FAKE_WORKER),
-        "--faults",
-        str(tmp_path / "faults"),
-        "--out",
-        str(tmp_path / "out"),
-        "--steps",
-        "10000000",
-        "--delay",
-        "0",
-    ]
-    with nodes(tmp_path, 2, policy=EVERY_STEP, worker=worker) as c:
+    with nodes(tmp_path, 2, policy=EVERY_STEP, **endless(delay="0")) as c:
         c.start_all()
         gen = c.wait_resumed(1)
         restored = 0
@@ -114,19 +107,7 @@ def test_replication_every_seconds_pushes_that_often_and_a_node_loss_goes_back_t
 ) -> None:
     # snapshots every step (about 100 a second), replication.every_seconds = 1: the peers get
     # about one version a second, the recoverable point's, and a node loss restores it
-    worker = [
-        sys.executable,
-        str(FAKE_WORKER),
-        "--faults",
-        str(tmp_path / "faults"),
-        "--out",
-        str(tmp_path / "out"),
-        "--steps",
-        "10000000",
-        "--delay",
-        "0.01",
-    ]
-    with nodes(tmp_path, 2, policy=EVERY_SECOND, worker=worker) as c:
+    with nodes(tmp_path, 2, policy=EVERY_SECOND, **endless(delay="0.01")) as c:
         c.start_all()
         gen = c.wait_resumed(1)
         first = c.wait("a recoverable point", lambda: status(c)["nodes"][0]["recoverable"])
