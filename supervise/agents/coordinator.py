@@ -405,6 +405,11 @@ class Coordinator:
             await self._attempt(Trigger.MANUAL, None, attempt=1, version=None, start=True)
         except _Deposed as exc:
             log.warning("deposed before the start: the new coordinator starts", error=str(exc))
+            # nodes already prepared count as started (generation 1) to the new coordinator,
+            # which then waits for a trigger: the failed start's own (as below) is handed over
+            self.node.hand_over(
+                Trigger.WORKER_EXIT.value, time.time(), {"start": f"deposed: {exc}"}
+            )
         except AttemptFailed as exc:
             log.error("cluster start failed", error=str(exc))
             f = exc.failure

@@ -331,12 +331,13 @@ class Executor:
         self.send_to_coordinator(failure)
 
     def hand_over(self, trigger: str, since: float, evidence: Mapping[str, Any]) -> None:
-        """A recovery this node coordinated was deposed, maybe after it prepared nodes (their
-        workers stopped, their generation raised): only a recovery restarts them, and the
-        reports of the generation before are stale to the new coordinator. So report the
-        trigger at this node's generation (raised by its own prepare) until a restart moves
-        the node past it (`_resend_unresolved`)."""
-        failure = m.Failure(self.rank, self.generation, trigger, since, time.time(), dict(evidence))
+        """A recovery (or the start) this node coordinated was deposed, maybe after it
+        prepared nodes (their workers stopped, their generation raised): only a recovery
+        restarts them, and the reports of the generation before are stale to the new
+        coordinator. So report the trigger at the newest generation this node knows of until
+        a restart moves this node past it (`_resend_unresolved`)."""
+        generation = self.known_generation()
+        failure = m.Failure(self.rank, generation, trigger, since, time.time(), dict(evidence))
         self._handed_over = failure
         log.info("recovery handed over", generation=failure.generation, trigger=trigger)
         self.send_to_coordinator(failure)
@@ -350,7 +351,7 @@ class Executor:
         while True:
             await trio.sleep(period)
             handed = self._handed_over
-            if handed is not None and handed.generation == self.generation:
+            if handed is not None and self.generation <= handed.generation:
                 if not self.state.ended:
                     log.info("handed-over recovery reported again", generation=handed.generation)
                     self.send_to_coordinator(handed)

@@ -59,14 +59,32 @@ async def test_a_deposed_recovery_hands_its_trigger_over() -> None:
     assert node.handed == [("peer_lost", since, {"peer": 1, "restarted": True})]
 
 
-async def test_the_handed_over_trigger_goes_at_the_prepared_generation_until_a_restart(
+async def test_a_deposed_start_hands_over_as_a_failed_start_does() -> None:
+    # nodes prepared for the start count as started (generation 1) to the new coordinator
+    ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0, n_nodes=2), policy=POLICY)
+    ctx.seat = None
+    node = _Prepared()
+    coordinator = Coordinator(ctx, node)  # type: ignore[arg-type]
+
+    async def attempt(*args: object, **kwargs: object) -> int:
+        raise _Deposed("lost the seat")
+
+    coordinator._attempt = attempt  # type: ignore[method-assign,assignment]
+    await coordinator._start()
+    assert [(t, e) for t, _, e in node.handed] == [
+        ("worker_exit", {"start": "deposed: lost the seat"})
+    ]
+
+
+async def test_the_handed_over_trigger_goes_at_the_newest_generation_until_a_restart(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0), policy=POLICY)
+    # a peer prepared at generation 4 says so in its heartbeats; this node is still at 3
+    membership = SimpleNamespace(live=lambda: [1], peer_info=lambda r: {m.INFO_GENERATION: 4})
+    ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0), policy=POLICY, membership=membership)
     executor = Executor(ctx, generation=3)
     sent: list[m.Failure] = []
     executor.send_to_coordinator = sent.append  # type: ignore[method-assign,assignment]
-    executor.generation = 4  # its own prepare raised it
     executor.state = ExecutorState.RECOVERING  # no restart came: the report is not "heard"
     executor.hand_over("peer_lost", 1.0, {"peer": 1})
     async with trio.open_nursery() as nursery:
