@@ -44,16 +44,22 @@ class _Prepared:
         self.handed.append((trigger, since, dict(evidence)))
 
 
-async def test_a_deposed_recovery_hands_its_trigger_over() -> None:
+def _deposed(why: str) -> tuple[Coordinator, _Prepared]:
+    """A coordinator whose every attempt finds it deposed, and its node's executor."""
     ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0, n_nodes=2), policy=POLICY)
     ctx.seat = None
     node = _Prepared()
     coordinator = Coordinator(ctx, node)  # type: ignore[arg-type]
 
     async def attempt(*args: object, **kwargs: object) -> int:
-        raise _Deposed("node 0 does not hold the coordinator's seat")
+        raise _Deposed(why)
 
     coordinator._attempt = attempt  # type: ignore[method-assign,assignment]
+    return coordinator, node
+
+
+async def test_a_deposed_recovery_hands_its_trigger_over() -> None:
+    coordinator, node = _deposed("node 0 does not hold the coordinator's seat")
     since = time.time()
     await coordinator._recover(Trigger.PEER_LOST, since, {"peer": 1, "restarted": True})
     assert node.handed == [("peer_lost", since, {"peer": 1, "restarted": True})]
@@ -61,15 +67,7 @@ async def test_a_deposed_recovery_hands_its_trigger_over() -> None:
 
 async def test_a_deposed_start_hands_over_as_a_failed_start_does() -> None:
     # nodes prepared for the start count as started (generation 1) to the new coordinator
-    ctx: Any = SimpleNamespace(config=SimpleNamespace(rank=0, n_nodes=2), policy=POLICY)
-    ctx.seat = None
-    node = _Prepared()
-    coordinator = Coordinator(ctx, node)  # type: ignore[arg-type]
-
-    async def attempt(*args: object, **kwargs: object) -> int:
-        raise _Deposed("lost the seat")
-
-    coordinator._attempt = attempt  # type: ignore[method-assign,assignment]
+    coordinator, node = _deposed("lost the seat")
     await coordinator._start()
     assert [(t, e) for t, _, e in node.handed] == [
         ("worker_exit", {"start": "deposed: lost the seat"})
