@@ -74,7 +74,7 @@ class Config:
     nodes: int = 2
     sv_every: int = 5
     sv_preload: tuple[str, ...] | None = None  # None: the policy's default
-    sv_replication: str = "replicas = 2"  # the `[replication]` lines of supervise's policy
+    sv_replicate_every: float = 0.0  # supervise's replication.every_seconds (0: every one)
     bl_every: int = 0  # 0: Young's interval from the measured save time, for N = 60 s
     hang_timeout: float = 10.0
     hang_detection: str = "adaptive"  # supervise's recovery.hang_detection ("timeout": before)
@@ -174,7 +174,7 @@ def preload_line(cfg: Config) -> str:
 
 def _replicated(cfg: Config) -> str:
     """How often the supervise policy replicates, in words."""
-    every = float(cfg.sv_replication.partition("every_seconds =")[2] or 0)
+    every = cfg.sv_replicate_every
     return f"at most every {every:g} s (`replication.every_seconds`)" if every else "every one"
 
 
@@ -185,7 +185,8 @@ every_steps = {cfg.sv_every}
 [retention]
 keep_last = 2
 [replication]
-{cfg.sv_replication}
+replicas = 2
+every_seconds = {cfg.sv_replicate_every}
 [recovery]
 {preload_line(cfg)}max_attempts = 10
 heartbeat_timeout = {cfg.hang_timeout}
@@ -1252,7 +1253,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
         sv_preload=None
         if args.sv_preload is None
         else tuple(m.strip() for m in args.sv_preload.split(",") if m.strip()),
-        sv_replication=f"replicas = 2\nevery_seconds = {args.sv_replicate_every}",
+        sv_replicate_every=args.sv_replicate_every,
         bl_every=args.bl_every,
         hang_timeout=args.hang_timeout,
         hang_detection=args.sv_hang_detection,

@@ -138,7 +138,7 @@ def main() -> int:
                     hidden=args.hidden,
                     sv_every=every,
                     sv_preload=None if args.spares else (),
-                    sv_replication=f"replicas = 2\nevery_seconds = {spacing.get(name, 0.0)}",
+                    sv_replicate_every=spacing.get(name, 0.0),
                 )
                 cfg.workdir = workdir
                 tag = f"r{rnd}-{names.index(name)}"
