@@ -535,9 +535,17 @@ def resumed_of(run: Run, trial: Trial) -> tuple[int, dict[int, Event]]:
 def analyse_supervise(run: SuperviseRun, trial: Trial, root: Any) -> None:
     spans = run.sink.spans(trace_id=root.trace_id)
     kids = [s for s in spans if s.parent_span_id == root.span_id]
-    attempts = max((int(s.attributes.get("supervise.attempt", 1)) for s in kids), default=1)
-    kids = [s for s in kids if int(s.attributes.get("supervise.attempt", 1)) == attempts]
-    trial.detail["attempts"] = attempts
+    # supervise.attempt counts on across recoveries until recovery.backoff.reset_after (the
+    # backoff's count): this recovery's attempts are the distinct numbers its phases carry
+    numbers = {int(s.attributes.get("supervise.attempt", 1)) for s in kids}
+    last = max(numbers, default=1)
+    kids = [
+        s
+        for s in kids
+        if int(s.attributes.get("supervise.attempt", 1)) == last
+        or s.name == "supervise.recovery.detect"  # once per recovery, in its first attempt
+    ]
+    trial.detail["attempts"] = max(1, len(numbers))
     trial.detail["trigger"] = root.attributes.get("supervise.trigger")
 
     def named(phase: str) -> list[Any]:

@@ -8,6 +8,9 @@ creates GO_FILE with the suffix ``.warm`` to say so, then waits for GO_FILE: a J
 ...). It then runs the training command in this process as ``python -m MODULE`` or ``python
 SCRIPT`` would, so a restart skips the interpreter start and the heavy imports. This module
 uses the standard library only (it must configure nothing the job configures itself).
+A rank other than 0 first waits (0.25 s at most) for MASTER_PORT to accept connections: a
+spare can otherwise reach it before rank 0's rendezvous store listens, and torch's client then
+backs off 250-750 ms.
 
 The imports run in a thread of Linux's idle scheduling class (SCHED_IDLE, that thread only):
 the spare is started right after a restart, while training runs on every core, and must not
@@ -39,12 +42,19 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 _POLL = 0.005  # seconds between looks for GO_FILE (a stat call: nothing while training runs)
 _ADOPTION_WAIT = 5.0  # seconds a forked spare waits to become the agent's child, then exits
 _MAX_ORDER = 65536  # bytes of one order on the template's socket
 _PR_SET_PDEATHSIG = 1
+# A rank other than 0 waits this long at most for rank 0's rendezvous store to listen at
+# MASTER_PORT (torch's store client backs off 250-750 ms after a refused connection: the wait
+# is never longer than its shortest backoff); SUPERVISE_MASTER_WAIT overrides it, 0 is off.
+_MASTER_WAIT = 0.25
+_MASTER_WAIT_ENV = "SUPERVISE_MASTER_WAIT"
+_MASTER_POLL = 0.002  # seconds between two connection attempts
 
 
 def _usage(message: str) -> int:
@@ -122,6 +132,7 @@ def _run_target(target: list[str], env: dict[str, str]) -> None:
     """Become the training process: ``python -m MODULE`` or ``python SCRIPT`` in place."""
     _match_threads(env)
     os.environ.update(env)
+    _await_master(os.environ)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         sys.path[0] = str(Path.cwd())
@@ -131,6 +142,53 @@ def _run_target(target: list[str], env: dict[str, str]) -> None:
         sys.argv = [target[0], *target[1:]]
         sys.path[0] = str(script.parent)
         runpy.run_path(target[0], run_name="__main__")
+
+
+def _master_wait(env: Mapping[str, str]) -> float:
+    """Seconds to wait for the master (``SUPERVISE_MASTER_WAIT`` or the default)."""
+    value = env.get(_MASTER_WAIT_ENV)
+    if value is None:
+        return _MASTER_WAIT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        print(
+            f"supervise: {_MASTER_WAIT_ENV}={value!r} is not a number of seconds >= 0; "
+            f"waiting {_MASTER_WAIT} s for the master",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _MASTER_WAIT
+    return seconds
+
+
+def _await_master(env: Mapping[str, str]) -> bool | None:
+    """A spare starts in milliseconds, and a rank other than 0 can reach MASTER_PORT before
+    rank 0's rendezvous store listens there: torch's client then sleeps 250-750 ms before it
+    tries again (most of a warm restart). Connect first, every 2 ms, until the port accepts
+    or the wait runs out (torch takes over then, as it would have). Returns whether the port
+    accepted; None when there is nothing to wait for (rank 0, one process, no master)."""
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT", "")
+    if not addr or not port.isdigit() or env.get("RANK", "0") == "0":
+        return None
+    if env.get("WORLD_SIZE", "1") in ("0", "1"):
+        return None
+    limit = _master_wait(env)
+    if limit <= 0:
+        return None
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            socket.create_connection((addr, int(port)), timeout=left).close()
+        except OSError:  # refused (not listening yet), unreachable, a name that resolves not
+            time.sleep(_MASTER_POLL)
+            continue
+        return True
 
 
 def _match_threads(env: dict[str, str]) -> None:

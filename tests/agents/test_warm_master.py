@@ -1,0 +1,102 @@
+"""A spare of a rank other than 0 waits for rank 0's rendezvous port before it runs the
+training command (torch's store client would back off 250-750 ms after a refused connect)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from supervise import _warm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(port: int, rank: int = 1, **extra: str) -> dict[str, str]:
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        **extra,
+    }
+
+
+@pytest.fixture
+def late_listener() -> Iterator[tuple[int, threading.Event, list[float]]]:
+    """A port that starts listening once ``go`` is set; ``accepted`` records when."""
+    port = _free_port()
+    go = threading.Event()
+    accepted: list[float] = []
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def serve() -> None:
+        go.wait(10)
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        srv.settimeout(10)
+        with contextlib.suppress(OSError):  # no connection came (the test failed anyway)
+            conn, _ = srv.accept()
+            accepted.append(time.monotonic())
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield port, go, accepted
+    go.set()
+    t.join(10)
+    srv.close()
+
+
+def test_a_rank_other_than_0_waits_until_the_master_port_listens(
+    late_listener: tuple[int, threading.Event, list[float]],
+) -> None:
+    port, go, accepted = late_listener
+    # refused at first: the master is not listening yet; it starts once the wait is under way
+    threading.Timer(0.05, go.set).start()
+    assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="10")) is True
+    deadline = time.monotonic() + 10
+    while not accepted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accepted, "the wait connected to the master once it listened"
+
+
+def test_the_wait_is_bounded_when_the_master_never_listens() -> None:
+    port = _free_port()  # nothing listens there
+    assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="0.05")) is False
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        _env(1, rank=0),  # rank 0 hosts the store
+        {**_env(1), "WORLD_SIZE": "1"},  # nobody to meet
+        {k: v for k, v in _env(1).items() if k != "MASTER_PORT"},  # no master given
+        {**_env(1), "MASTER_PORT": "not-a-port"},
+        _env(1, SUPERVISE_MASTER_WAIT="0"),  # turned off
+    ],
+)
+def test_nothing_to_wait_for(env: dict[str, str]) -> None:
+    assert _warm._await_master(env) is None
+
+
+def test_the_default_wait_is_shorter_than_torchs_shortest_backoff() -> None:
+    assert _warm._master_wait({}) == 0.25
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_a_malformed_wait_says_so_in_one_line_and_keeps_the_default(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _warm._master_wait({"SUPERVISE_MASTER_WAIT": value}) == 0.25
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SUPERVISE_MASTER_WAIT" in err[0] and repr(value) in err[0]
