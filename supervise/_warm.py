@@ -8,9 +8,9 @@ creates GO_FILE with the suffix ``.warm`` to say so, then waits for GO_FILE: a J
 ...). It then runs the training command in this process as ``python -m MODULE`` or ``python
 SCRIPT`` would, so a restart skips the interpreter start and the heavy imports. This module
 uses the standard library only (it must configure nothing the job configures itself).
-A rank other than 0 first waits (0.25 s at most) for MASTER_PORT to accept connections: a
-spare can otherwise reach it before rank 0's rendezvous store listens, and torch's client then
-backs off 250-750 ms.
+A rank other than 0 first waits for MASTER_PORT to accept connections (0.25 s at most, or
+SUPERVISE_MASTER_WAIT seconds): a spare can otherwise reach it before rank 0's rendezvous store
+listens, and torch's client then backs off 250-750 ms, longer after each refusal.
 
 The imports run in a thread of Linux's idle scheduling class (SCHED_IDLE, that thread only):
 the spare is started right after a restart, while training runs on every core, and must not
@@ -53,8 +53,12 @@ _PR_SET_PDEATHSIG = 1
 # MASTER_PORT (torch's store client backs off 250-750 ms after a refused connection: the wait
 # is never longer than its shortest backoff); SUPERVISE_MASTER_WAIT overrides it, 0 is off.
 _MASTER_WAIT = 0.25
-_MASTER_WAIT_ENV = "SUPERVISE_MASTER_WAIT"
-_MASTER_POLL = 0.002  # seconds between two connection attempts
+MASTER_WAIT_ENV = "SUPERVISE_MASTER_WAIT"
+# The agent sets MASTER_WAIT_ENV to this once it saw the job's processes meet at MASTER_PORT:
+# rank 0 will listen there again, if later (a replacement node's worker imports for seconds).
+MASTER_WAIT_MET = 60.0
+_MASTER_POLL = 0.002  # seconds between two connection attempts for the first _MASTER_WAIT,
+_MASTER_POLL_LATER = 0.02  # then between two later ones (a remote master is asked gently)
 
 
 def _usage(message: str) -> int:
@@ -146,7 +150,7 @@ def _run_target(target: list[str], env: dict[str, str]) -> None:
 
 def _master_wait(env: Mapping[str, str]) -> float:
     """Seconds to wait for the master (``SUPERVISE_MASTER_WAIT`` or the default)."""
-    value = env.get(_MASTER_WAIT_ENV)
+    value = env.get(MASTER_WAIT_ENV)
     if value is None:
         return _MASTER_WAIT
     try:
@@ -155,7 +159,7 @@ def _master_wait(env: Mapping[str, str]) -> float:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
         print(
-            f"supervise: {_MASTER_WAIT_ENV}={value!r} is not a number of seconds >= 0; "
+            f"supervise: {MASTER_WAIT_ENV}={value!r} is not a number of seconds >= 0; "
             f"waiting {_MASTER_WAIT} s for the master",
             file=sys.stderr,
             flush=True,
@@ -178,15 +182,16 @@ def _await_master(env: Mapping[str, str]) -> bool | None:
     limit = _master_wait(env)
     if limit <= 0:
         return None
-    deadline = time.monotonic() + limit
+    start = time.monotonic()
     while True:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = start + limit - now
         if left <= 0:
             return False
         try:
             socket.create_connection((addr, int(port)), timeout=left).close()
         except OSError:  # refused (not listening yet), unreachable, a name that resolves not
-            time.sleep(_MASTER_POLL)
+            time.sleep(_MASTER_POLL if now - start < _MASTER_WAIT else _MASTER_POLL_LATER)
             continue
         return True
 

@@ -7,6 +7,7 @@ the node running the restart) and traces the fetch, restore and resume phases.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from supervise._warm import MASTER_WAIT_ENV, MASTER_WAIT_MET
 from supervise.agents import messages as m
 from supervise.agents._tracing import active, maybe_phase, slowest_source
 from supervise.agents.context import NodeContext
@@ -21,6 +23,7 @@ from supervise.agents.lifecycle import CLUSTER_START, RestartProgress
 from supervise.agents.replica_holder import REPLICAS, fetch_shard_via
 from supervise.agents.workers import ExitCallback, Launch, SparePool, WorkerGroup
 from supervise.runtime import whereis
+from supervise.runtime.procfs import tcp_port_met
 from supervise.snapshot import protocol as p
 from supervise.snapshot.persist import JOB_ENV
 from supervise.snapshot.service import FRESH
@@ -57,6 +60,8 @@ class LocalRestart:
         self._restore_asked: dict[int, int] = {}  # rank -> time_ns of its restore request
         self._restored: dict[int, int] = {}  # rank -> step restored
         self._stepped: set[int] = set()
+        # whether the last generation's workers met at its MASTER_PORT (None: not known yet)
+        self.met_at_master: bool | None = None
 
     def local_request(self, req: p.Request) -> None:
         """The arena service's request hook: follow each worker's restore and first step."""
@@ -125,6 +130,7 @@ class LocalRestart:
             else:
                 await self._wait_local(lambda: len(self._stepped) >= len(ranks))
             self._report(msg.generation, RestartProgress.RESUMED)
+            self.met_at_master = tcp_port_met(msg.master_port)
             log.info("training resumed", generation=msg.generation, step=msg.step)
 
     async def _start_workers(self, msg: m.Restart, nursery: trio.Nursery) -> None:
@@ -145,7 +151,7 @@ class LocalRestart:
             master_addr=ctx.master_addr,
             master_port=msg.master_port,
             agent=ctx.agent_endpoint,
-            env={**config.env, JOB_ENV: config.job_id},
+            env={**config.env, JOB_ENV: config.job_id, **self._master_wait(config.env)},
             cwd=config.cwd,
             tokens=tokens,
         )
@@ -172,6 +178,14 @@ class LocalRestart:
             master_port=msg.master_port,
         )
         self._report(msg.generation, RestartProgress.STARTED)
+
+    def _master_wait(self, env: Mapping[str, str]) -> dict[str, str]:
+        """A job seen meeting at MASTER_PORT: its spares wait for rank 0 there as long as it
+        takes (a replacement node's rank 0 starts seconds later; torch's own retries would
+        then come up to a second late). A wait the user set stays."""
+        if not self.met_at_master or MASTER_WAIT_ENV in env or MASTER_WAIT_ENV in os.environ:
+            return {}
+        return {MASTER_WAIT_ENV: str(MASTER_WAIT_MET)}
 
     async def _fetch_all(self, msg: m.Restart, recovery: RecoveryTrace | None) -> None:
         """Fetch the shards this node lacks (the fetch phase); each fetched rank's restores are

@@ -25,3 +25,29 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
     except (OSError, IndexError, ValueError):
         return None
+
+
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+_LISTEN, _ESTABLISHED = "0A", "01"
+
+
+def tcp_port_met(port: int, tables: tuple[str, ...] = _TCP_TABLES) -> bool:
+    """Whether a TCP socket of this network namespace listens on ``port`` or is connected to
+    it (a remote ``port``): a rendezvous store that a job's processes met at. False when the
+    tables cannot be read."""
+    want = f"{port:04X}"
+    for table in tables:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl, local addr:port, remote addr:port, state, ...
+            if len(fields) < 4:
+                continue
+            local, remote, state = fields[1], fields[2], fields[3]
+            if (state == _LISTEN and local.endswith(f":{want}")) or (
+                state == _ESTABLISHED and remote.endswith(f":{want}")
+            ):
+                return True
+    return False

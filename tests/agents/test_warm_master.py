@@ -8,10 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from supervise import _warm
+from supervise.agents.restart import LocalRestart
+from supervise.runtime.procfs import tcp_port_met
 
 
 def _free_port() -> int:
@@ -100,3 +104,59 @@ def test_a_malformed_wait_says_so_in_one_line_and_keeps_the_default(
     assert _warm._master_wait({"SUPERVISE_MASTER_WAIT": value}) == 0.25
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SUPERVISE_MASTER_WAIT" in err[0] and repr(value) in err[0]
+
+
+def test_a_listening_or_connected_port_counts_as_met_an_unused_one_does_not(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert tcp_port_met(port)  # rank 0's store listens
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, _ = srv.accept()
+            with conn:
+                srv.close()
+                assert tcp_port_met(port)  # another rank's client is connected to it
+    assert not tcp_port_met(_free_port())
+    assert not tcp_port_met(port, tables=(str(tmp_path / "absent"),))
+
+
+@pytest.mark.parametrize(
+    ("met", "env", "agent_env", "want"),
+    [
+        (None, {}, {}, {}),  # nothing known yet (the first generation): the spare's default
+        (False, {}, {}, {}),  # the job meets elsewhere
+        (True, {}, {}, {_warm.MASTER_WAIT_ENV: str(_warm.MASTER_WAIT_MET)}),
+        (True, {_warm.MASTER_WAIT_ENV: "0"}, {}, {}),  # the user's choice stays
+        (True, {}, {_warm.MASTER_WAIT_ENV: "1"}, {}),
+    ],
+)
+def test_spares_wait_for_rank_0_as_long_as_it_takes_once_the_job_met_at_master_port(
+    monkeypatch: pytest.MonkeyPatch,
+    met: bool | None,
+    env: dict[str, str],
+    agent_env: dict[str, str],
+    want: dict[str, str],
+) -> None:
+    monkeypatch.delenv(_warm.MASTER_WAIT_ENV, raising=False)
+    for k, v in agent_env.items():
+        monkeypatch.setenv(k, v)
+    restart = LocalRestart(cast(Any, None), spares=None, on_exit=_ignore, report=_ignore)
+    restart.met_at_master = met
+    assert restart._master_wait(env) == want
+
+
+def _ignore(*_: object, **__: object) -> None:
+    return None
+
+
+def test_a_long_wait_asks_a_slow_master_gently(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    clock = iter(range(10_000))
+    monkeypatch.setattr(_warm.time, "monotonic", lambda: next(clock) * 0.01)
+    monkeypatch.setattr(_warm.time, "sleep", sleeps.append)
+    port = _free_port()
+    assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="1")) is False
+    assert sleeps[0] == _warm._MASTER_POLL and sleeps[-1] == _warm._MASTER_POLL_LATER
