@@ -175,7 +175,9 @@ def _await_master(env: Mapping[str, str]) -> bool | None:
     or the wait runs out (torch takes over then, as it would have). Returns whether the port
     accepted; None when there is nothing to wait for (rank 0, one process, no master)."""
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT", "")
-    if not addr or not port.isdigit() or env.get("RANK", "0") == "0":
+    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if env.get("RANK", "0") == "0":
         return None
     if env.get("WORLD_SIZE", "1") in ("0", "1"):
         return None

@@ -86,6 +86,7 @@ def test_the_wait_is_bounded_when_the_master_never_listens() -> None:
         {**_env(1), "WORLD_SIZE": "1"},  # nobody to meet
         {k: v for k, v in _env(1).items() if k != "MASTER_PORT"},  # no master given
         {**_env(1), "MASTER_PORT": "not-a-port"},
+        {**_env(1), "MASTER_PORT": "70000"},  # torch refuses it with a message of its own
         _env(1, SUPERVISE_MASTER_WAIT="0"),  # turned off
     ],
 )
