@@ -130,7 +130,8 @@ class LocalRestart:
             else:
                 await self._wait_local(lambda: len(self._stepped) >= len(ranks))
             self._report(msg.generation, RestartProgress.RESUMED)
-            self.met_at_master = tcp_port_met(msg.master_port)
+            # /proc/net/tcp of a busy host is long: read off the event loop
+            self.met_at_master = await trio.to_thread.run_sync(tcp_port_met, msg.master_port)
             log.info("training resumed", generation=msg.generation, step=msg.step)
 
     async def _start_workers(self, msg: m.Restart, nursery: trio.Nursery) -> None:
