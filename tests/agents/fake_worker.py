@@ -50,12 +50,21 @@ class Lockstep:
         if rank == 0:
             with socket.create_server(addr) as srv:
                 srv.settimeout(60)
-                self.conns = [srv.accept()[0] for _ in range(world - 1)]
+                while len(self.conns) < world - 1:
+                    conn = srv.accept()[0]
+                    # a peer says its rank first; a connection that closes without a word (a
+                    # spare probing whether the port listens yet) is no peer
+                    conn.settimeout(60)
+                    if len(conn.recv(8, socket.MSG_WAITALL)) == 8:
+                        self.conns.append(conn)
+                    else:
+                        conn.close()
         else:
             deadline = time.monotonic() + 60
             while True:
                 try:
                     self.conns = [socket.create_connection(addr, timeout=5)]
+                    self.conns[0].sendall(rank.to_bytes(8, "little"))
                     break
                 except OSError:
                     if time.monotonic() > deadline:
