@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -161,3 +162,15 @@ def test_a_long_wait_asks_a_slow_master_gently(monkeypatch: pytest.MonkeyPatch) 
     port = _free_port()
     assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="1")) is False
     assert sleeps[0] == _warm._MASTER_POLL and sleeps[-1] == _warm._MASTER_POLL_LATER
+
+
+def test_torchs_store_takes_a_probe_for_nothing_and_serves_the_rank_that_follows() -> None:
+    torch_dist = pytest.importorskip("torch.distributed")
+    port = _free_port()
+    master = torch_dist.TCPStore(
+        "127.0.0.1", port, 2, True, timeout=timedelta(seconds=10), wait_for_workers=False
+    )
+    assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="5")) is True
+    client = torch_dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=10))
+    client.set("after", "the probe")
+    assert master.get("after") == b"the probe"
