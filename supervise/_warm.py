@@ -174,12 +174,10 @@ def _await_master(env: Mapping[str, str]) -> bool | None:
     tries again (most of a warm restart). Connect first, every 2 ms, until the port accepts
     or the wait runs out (torch takes over then, as it would have). Returns whether the port
     accepted; None when there is nothing to wait for (rank 0, one process, no master)."""
-    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT", "")
-    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    if env.get("RANK", "0") == "0":
-        return None
-    if env.get("WORLD_SIZE", "1") in ("0", "1"):
+    addr, raw = env.get("MASTER_ADDR"), env.get("MASTER_PORT", "")
+    port = int(raw) if raw.isdigit() else 0
+    alone = env.get("RANK", "0") == "0" or env.get("WORLD_SIZE", "1") in ("0", "1")
+    if not addr or not 0 < port < 65536 or alone:
         return None
     limit = _master_wait(env)
     if limit <= 0:
@@ -191,7 +189,7 @@ def _await_master(env: Mapping[str, str]) -> bool | None:
         if left <= 0:
             return False
         try:
-            socket.create_connection((addr, int(port)), timeout=left).close()
+            socket.create_connection((addr, port), timeout=left).close()
         except OSError:  # refused (not listening yet), unreachable, a name that resolves not
             time.sleep(_MASTER_POLL if now - start < _MASTER_WAIT else _MASTER_POLL_LATER)
             continue

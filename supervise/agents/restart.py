@@ -152,7 +152,7 @@ class LocalRestart:
             master_addr=ctx.master_addr,
             master_port=msg.master_port,
             agent=ctx.agent_endpoint,
-            env={**config.env, JOB_ENV: config.job_id, **self._master_wait(config.env)},
+            env={**config.env, JOB_ENV: config.job_id, **self._master_wait_env(config.env)},
             cwd=config.cwd,
             tokens=tokens,
         )
@@ -180,7 +180,7 @@ class LocalRestart:
         )
         self._report(msg.generation, RestartProgress.STARTED)
 
-    def _master_wait(self, env: Mapping[str, str]) -> dict[str, str]:
+    def _master_wait_env(self, env: Mapping[str, str]) -> dict[str, str]:
         """A job seen meeting at MASTER_PORT: its spares wait for rank 0 there as long as it
         takes (a replacement node's rank 0 starts seconds later; torch's own retries would
         then come up to a second late). A wait the user set stays."""

@@ -35,7 +35,7 @@ def tcp_port_met(port: int, tables: tuple[str, ...] = _TCP_TABLES) -> bool:
     """Whether a TCP socket of this network namespace listens on ``port`` or is connected to
     it (a remote ``port``): a rendezvous store that a job's processes met at. False when the
     tables cannot be read."""
-    want = f"{port:04X}"
+    want = f":{port:04X}"
     for table in tables:
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -46,8 +46,8 @@ def tcp_port_met(port: int, tables: tuple[str, ...] = _TCP_TABLES) -> bool:
             if len(fields) < 4:
                 continue
             local, remote, state = fields[1], fields[2], fields[3]
-            if (state == _LISTEN and local.endswith(f":{want}")) or (
-                state == _ESTABLISHED and remote.endswith(f":{want}")
+            if (state == _LISTEN and local.endswith(want)) or (
+                state == _ESTABLISHED and remote.endswith(want)
             ):
                 return True
     return False

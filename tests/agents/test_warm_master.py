@@ -15,14 +15,9 @@ from typing import Any, cast
 import pytest
 
 from supervise import _warm
+from supervise._testing.procs import free_port
 from supervise.agents.restart import LocalRestart
 from supervise.runtime.procfs import tcp_port_met
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(port: int, rank: int = 1, **extra: str) -> dict[str, str]:
@@ -38,7 +33,7 @@ def _env(port: int, rank: int = 1, **extra: str) -> dict[str, str]:
 @pytest.fixture
 def late_listener() -> Iterator[tuple[int, threading.Event, list[float]]]:
     """A port that starts listening once ``go`` is set; ``accepted`` records when."""
-    port = _free_port()
+    port = free_port()
     go = threading.Event()
     accepted: list[float] = []
     srv = socket.socket()
@@ -76,7 +71,7 @@ def test_a_rank_other_than_0_waits_until_the_master_port_listens(
 
 
 def test_the_wait_is_bounded_when_the_master_never_listens() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="0.05")) is False
 
 
@@ -121,7 +116,7 @@ def test_a_listening_or_connected_port_counts_as_met_an_unused_one_does_not(
             with conn:
                 srv.close()
                 assert tcp_port_met(port)  # another rank's client is connected to it
-    assert not tcp_port_met(_free_port())
+    assert not tcp_port_met(free_port())
     assert not tcp_port_met(port, tables=(str(tmp_path / "absent"),))
 
 
@@ -147,7 +142,7 @@ def test_spares_wait_for_rank_0_as_long_as_it_takes_once_the_job_met_at_master_p
         monkeypatch.setenv(k, v)
     restart = LocalRestart(cast(Any, None), spares=None, on_exit=_ignore, report=_ignore)
     restart.met_at_master = met
-    assert restart._master_wait(env) == want
+    assert restart._master_wait_env(env) == want
 
 
 def _ignore(*_: object, **__: object) -> None:
@@ -159,14 +154,14 @@ def test_a_long_wait_asks_a_slow_master_gently(monkeypatch: pytest.MonkeyPatch) 
     clock = iter(range(10_000))
     monkeypatch.setattr(_warm.time, "monotonic", lambda: next(clock) * 0.01)
     monkeypatch.setattr(_warm.time, "sleep", sleeps.append)
-    port = _free_port()
+    port = free_port()
     assert _warm._await_master(_env(port, SUPERVISE_MASTER_WAIT="1")) is False
     assert sleeps[0] == _warm._MASTER_POLL and sleeps[-1] == _warm._MASTER_POLL_LATER
 
 
 def test_torchs_store_takes_a_probe_for_nothing_and_serves_the_rank_that_follows() -> None:
     torch_dist = pytest.importorskip("torch.distributed")
-    port = _free_port()
+    port = free_port()
     master = torch_dist.TCPStore(
         "127.0.0.1", port, 2, True, timeout=timedelta(seconds=10), wait_for_workers=False
     )
